@@ -1,0 +1,166 @@
+"""Face crop and augmentation as TensorFlow ops (host side, inside tf.data).
+
+All geometry (face box -> crop, box perturbation, non-uniform scaling, shear, rotation,
+flip) is composed into ONE 3x3 affine matrix from image to crop coordinates; the pixels
+are warped once with it (bilinear) and the landmarks are multiplied by the same matrix,
+so they cannot drift apart. Coordinates: pixel centres at integers (face_frame), which is
+also what `ImageProjectiveTransformV3` uses.
+
+Randomness is stateless: every draw comes from `key` (a [2] int64 seed) folded with a
+fixed id per draw, so an example's augmentation is a pure function of its key.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import config as config_lib
+from musica_jax import face_frame
+
+CROP = face_frame.CROP_SIZE
+_CENTRE = (CROP - 1) / 2.0
+
+# Draw ids (fold-in constants) so adding a draw never changes the others.
+_ROT, _ROT_P, _SHEAR, _SHEAR_P, _SCALE, _SCALE_AX, _SCALE_P = range(1, 8)
+_FLIP_P, _BOX_S, _BOX_T, _BOX_P, _COLOR, _COLOR_P, _GREY_P, _OCC, _OCC_P = range(8, 17)
+
+
+def _uniform(key, draw, shape=(), lo=0.0, hi=1.0):
+  seed = tf.random.experimental.stateless_fold_in(key, draw)
+  return tf.random.stateless_uniform(shape, seed=seed, minval=lo, maxval=hi, dtype=tf.float32)
+
+
+def _coin(key, draw, prob):
+  return _uniform(key, draw) < prob
+
+
+def crop_matrix(box):
+  """Image -> crop affine (3x3) for a face box [4] (same formula as face_frame)."""
+  box = tf.cast(box, tf.float32)
+  centre = (box[:2] + box[2:]) / 2.0
+  longer = tf.reduce_max(box[2:] - box[:2])
+  scale = face_frame.BOX_SIZE / longer
+  offset = _CENTRE - centre * scale
+  return tf.stack([[scale, 0.0, offset[0]], [0.0, scale, offset[1]], [0.0, 0.0, 1.0]])
+
+
+def _about_centre(m2):
+  """A 2x2 linear map applied about the crop centre, as 3x3."""
+  c = tf.constant(_CENTRE, tf.float32)
+  t = tf.stack([c - m2[0, 0] * c - m2[0, 1] * c, c - m2[1, 0] * c - m2[1, 1] * c])
+  return tf.concat([tf.concat([m2, t[:, None]], 1), [[0.0, 0.0, 1.0]]], 0)
+
+
+def sample_geometry(cfg: config_lib.DataConfig, key, box, landmark_box):
+  """Returns (image->crop 3x3 matrix, flip bool) for one training example."""
+  # Bounding-box perturbation: the landmark box scaled U(1, sx) x U(1, sy) and shifted up to
+  # box_shift_max of its size (reference notes); otherwise the dataset's face box.
+  lb = tf.cast(landmark_box, tf.float32)
+  size = lb[2:] - lb[:2]
+  scales = 1.0 + _uniform(key, _BOX_S, [2]) * tf.constant(
+      [cfg.box_scale_x_max - 1.0, cfg.box_scale_y_max - 1.0], tf.float32)
+  shift = _uniform(key, _BOX_T, [2], -cfg.box_shift_max, cfg.box_shift_max) * size
+  centre = (lb[:2] + lb[2:]) / 2.0 + shift
+  half = size * scales / 2.0
+  perturbed = tf.concat([centre - half, centre + half], 0)
+  use_box = _coin(key, _BOX_P, cfg.box_prob)
+  base = crop_matrix(tf.where(use_box, perturbed, tf.cast(box, tf.float32)))
+
+  # Linear part about the crop centre: flip * rotation * shear * axis scale.
+  theta = tf.where(_coin(key, _ROT_P, cfg.rotation_prob),
+                   _uniform(key, _ROT, (), -cfg.rotation_max_deg, cfg.rotation_max_deg),
+                   0.0) * (math.pi / 180.0)
+  rot = tf.stack([[tf.cos(theta), -tf.sin(theta)], [tf.sin(theta), tf.cos(theta)]])
+  sh = tf.where(_coin(key, _SHEAR_P, cfg.shear_prob),
+                _uniform(key, _SHEAR, [2], -cfg.shear_max, cfg.shear_max), 0.0)
+  shear = tf.stack([[1.0, sh[0]], [sh[1], 1.0]])
+  s = tf.where(_coin(key, _SCALE_P, cfg.scale_prob),
+               _uniform(key, _SCALE, (), cfg.scale_min, cfg.scale_max), 1.0)
+  x_axis = _uniform(key, _SCALE_AX) < 0.5
+  scale = tf.linalg.diag(tf.where(x_axis, tf.stack([s, 1.0]), tf.stack([1.0, s])))
+  flip = _coin(key, _FLIP_P, cfg.flip_prob)
+  mirror = tf.linalg.diag(tf.stack([tf.where(flip, -1.0, 1.0), 1.0]))
+  linear = mirror @ rot @ shear @ scale
+  return _about_centre(linear) @ base, flip
+
+
+def transform_points(matrix, points):
+  """points [N, 2] -> matrix applied (affine)."""
+  return points @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
+
+
+def warp(image, matrix, out_size: int = CROP):
+  """Bilinear warp of image [H, W, C] (any dtype) into [out, out, C] float32.
+
+  `matrix` maps image -> output coordinates; the op wants output -> input.
+  """
+  inv = tf.linalg.inv(matrix)
+  inv = inv / inv[2, 2]
+  transform = tf.reshape(inv, [9])[:8][None]
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(image, tf.float32)[None], transforms=transform,
+      output_shape=tf.constant([out_size, out_size], tf.int32),
+      fill_value=tf.constant(0.0, tf.float32), interpolation="BILINEAR", fill_mode="CONSTANT")
+  return out[0]
+
+
+def colour_jitter(key, image, clip_max):
+  """Per-channel "jetting": clip a random part off both ends of each channel's range, then
+  stretch back to [0, 255]."""
+  lo_v = tf.reduce_min(image, axis=[0, 1])
+  hi_v = tf.reduce_max(image, axis=[0, 1])
+  fr = _uniform(key, _COLOR, [2, 3], 0.0, clip_max)
+  rng = tf.maximum(hi_v - lo_v, 1e-3)
+  lo = lo_v + fr[0] * rng
+  hi = hi_v - fr[1] * rng
+  return tf.clip_by_value((image - lo) / tf.maximum(hi - lo, 1e-3), 0.0, 1.0) * 255.0
+
+
+def greyscale(image):
+  g = 0.2989 * image[..., 0] + 0.587 * image[..., 1] + 0.114 * image[..., 2]
+  return tf.stack([g, g, g], -1)
+
+
+def occlude(key, image, max_frac):
+  """A rectangle of uniform noise, sides up to max_frac of the crop, anywhere."""
+  u = _uniform(key, _OCC, [5])
+  size = tf.cast(tf.shape(image)[0], tf.float32)
+  w, h = u[0] * max_frac * size, u[1] * max_frac * size
+  x0, y0 = u[2] * (size - w), u[3] * (size - h)
+  xs = tf.range(size)
+  inside = ((xs[None, :] >= x0) & (xs[None, :] < x0 + w)
+            & (xs[:, None] >= y0) & (xs[:, None] < y0 + h))
+  noise = tf.random.stateless_uniform(tf.shape(image), seed=tf.random.experimental
+                                      .stateless_fold_in(key, _OCC + 100), maxval=255.0)
+  return tf.where(inside[..., None], noise, image)
+
+
+def standardise(image):
+  """Zero mean, unit std per image (as tf.image.per_image_standardization)."""
+  return tf.image.per_image_standardization(image)
+
+
+def augment_example(cfg: config_lib.DataConfig, key, image, landmarks, box, flip_perm):
+  """Training crop: (image float32 [228, 228, 3] in 0..255 before standardisation is
+  applied by the caller, landmarks [N, 2] crop pixels)."""
+  landmarks = tf.cast(landmarks, tf.float32)
+  landmark_box = tf.concat([tf.reduce_min(landmarks, 0), tf.reduce_max(landmarks, 0)], 0)
+  matrix, flip = sample_geometry(cfg, key, box, landmark_box)
+  crop = warp(image, matrix)
+  points = transform_points(matrix, landmarks)
+  points = tf.where(flip, tf.gather(points, flip_perm), points)
+  crop = tf.where(_coin(key, _COLOR_P, cfg.color_prob),
+                  colour_jitter(key, crop, cfg.color_clip_max), crop)
+  if cfg.occlusion_prob > 0:
+    crop = tf.where(_coin(key, _OCC_P, cfg.occlusion_prob),
+                    occlude(key, crop, cfg.occlusion_max_frac), crop)
+  crop = tf.where(_coin(key, _GREY_P, cfg.greyscale_prob), greyscale(crop), crop)
+  return crop, points
+
+
+def eval_example(image, landmarks, box):
+  """Evaluation crop, no augmentation: (image [228, 228, 3], landmarks, matrix)."""
+  matrix = crop_matrix(box)
+  return warp(image, matrix), transform_points(matrix, tf.cast(landmarks, tf.float32)), matrix

@@ -1,0 +1,74 @@
+"""The data flags, defined once: one absl flag per DataConfig field, same name and default.
+
+Usage (trainer, experiments):
+    from data_pipelines import flags as data_flags   # defines the flags on import
+    ...
+    cfg = data_flags.config_from_flags()            # after absl parsed argv
+
+Importing twice is harmless (flags are defined once per process). Do not define flags
+with these names elsewhere: --dataset, --data_dir, --tfds_dir, --num_points,
+--train_split, --eval_split, --batch_size, --eval_batch_size, --seed, --balancing, and the
+rest of DataConfig's fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from data_pipelines import config as config_lib
+
+FLAGS = flags.FLAGS
+
+_HELP = {
+    "dataset": "ibug300w | wflw | pts_folder | synthetic_faces.",
+    "data_dir": "Source folder in the official layout (the TFDS manual dir); unused for "
+                "synthetic_faces.",
+    "tfds_dir": "Where prepared data, skip reports and statistics go; empty = "
+                "$TFDS_DATA_DIR or ~/tensorflow_datasets.",
+    "num_points": "Landmarks per face (68: iBUG/300W, 98: WFLW).",
+    "train_split": "Training split (pts_folder: all).",
+    "eval_split": "Evaluation split: common/challenging/full (300W), test or test_<attr> "
+                  "(WFLW), test (synthetic), all (pts_folder).",
+    "batch_size": "GLOBAL training batch; each host gets batch_size // process_count.",
+    "eval_batch_size": "GLOBAL evaluation batch.",
+    "seed": "Seed of the sampling and augmentation stream.",
+    "balancing": "gdb (Mahalanobis, paper 3.4) | pdb (first principal axis) | none.",
+    "gdb_components": "GDB: PCA components K of the Mahalanobis distance.",
+    "gdb_mapping": "GDB: weight = d (linear, default) | d**2 (square) | d**0.5 (sqrt).",
+    "skip_bad": "Skip (count and report) bad annotations/images instead of failing.",
+    "num_parallel_calls": "tf.data parallel map calls; -1 = AUTOTUNE.",
+}
+
+_DEFINED = False
+
+
+def _define():
+  global _DEFINED
+  if _DEFINED or "dataset" in FLAGS:
+    _DEFINED = True
+    return
+  for f in dataclasses.fields(config_lib.DataConfig):
+    default = f.default
+    help_ = _HELP.get(f.name, f"DataConfig.{f.name} (see data_pipelines/config.py).")
+    if isinstance(default, bool):
+      flags.DEFINE_boolean(f.name, default, help_)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(f.name, default, help_)
+    elif isinstance(default, float):
+      flags.DEFINE_float(f.name, default, help_)
+    elif isinstance(default, str):
+      flags.DEFINE_string(f.name, default, help_)
+    else:
+      raise TypeError(f"DataConfig.{f.name}: no flag type for {type(default)}")
+  _DEFINED = True
+
+
+_define()
+
+
+def config_from_flags(**overrides) -> config_lib.DataConfig:
+  """DataConfig from the parsed absl flags (plus keyword overrides), validated."""
+  values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(config_lib.DataConfig)}
+  values.update(overrides)
+  return config_lib.validate(config_lib.DataConfig(**values))

@@ -1,0 +1,231 @@
+"""The training and evaluation input pipelines (tf.data, host side) -> numpy batches.
+
+Training stream. Global sample position p = step * batch_size + row. Position p belongs to
+epoch e = p // M and slot s = p % M (M faces in the train split). Which face it shows:
+  balancing none:     index_shuffle(s; seed, e), an exact permutation of the faces per epoch
+                      (this is the "shuffle" and the "repeat" of the pipeline);
+  balancing gdb/pdb:  inverse-CDF sampling of the balancing weights with a uniform drawn
+                      statelessly from (seed, p).
+Its augmentation key is folded from (seed, epoch, face index, slot) (the slot separates two
+draws of one face in an epoch). Every piece is a pure function of (seed, p), so the batch
+of step k is the same whether the iterator starts at 0 or at k, on any host layout with
+the same global batch size. Host h of H takes rows [h * B/H, (h + 1) * B/H) of each
+global batch. Then: parallel map (decode, augment, crop, standardise) -> batch(B/H,
+drop_remainder) -> prefetch.
+
+Evaluation: every face exactly once, in file_id order; global batches of eval_batch_size,
+the last one padded (with mask False) so no face is dropped; host h takes its rows of each
+batch, so every host sees the same number of batches.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import augment
+from data_pipelines import balancing as balancing_lib
+from data_pipelines import config as config_lib
+from data_pipelines import datasets
+from musica_jax import face_frame
+from musica_jax import schemes
+
+AUTOTUNE = tf.data.AUTOTUNE
+_SEED_MIX = 0x5DEECE66  # separates the sampling seed from the augmentation seed
+
+
+def _local_batch(global_batch: int, process_count: int, flag: str) -> int:
+  if process_count < 1 or global_batch % process_count:
+    raise ValueError(f"--{flag}={global_batch} must be divisible by the number of "
+                     f"processes ({process_count})")
+  return global_batch // process_count
+
+
+def _options(cfg) -> tf.data.Options:
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.experimental_optimization.map_parallelization = True
+  return opts
+
+
+def _parallel(cfg) -> int:
+  return AUTOTUNE if cfg.num_parallel_calls in (-1, None) else cfg.num_parallel_calls
+
+
+def _decode(image_bytes):
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics and sizes.
+
+
+def dataset_statistics(cfg: config_lib.DataConfig) -> dict:
+  """Statistics of the TRAIN split, cached on disk next to the prepared data.
+
+  Returns {"mean_shape": float32 [N, 2] mean landmarks in the 228-px crop frame (the
+  cascade's initial shape), "std_shape": float32 [N, 2], "num_faces": int,
+  "split": str, "crop_size": 228, "box_size": 142.0}.
+  """
+  path = datasets.stats_path(cfg, cfg.train_split)
+  if os.path.exists(path):
+    with np.load(path) as z:
+      stats = {k: z[k] for k in z.files}
+  else:
+    stats = datasets.compute_statistics(datasets.load_split(cfg, cfg.train_split))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **stats)
+    os.replace(tmp, path)
+  return {"mean_shape": stats["mean_shape"].astype(np.float32),
+          "std_shape": stats["std_shape"].astype(np.float32),
+          "num_faces": int(stats["num_faces"]), "split": cfg.train_split,
+          "crop_size": face_frame.CROP_SIZE, "box_size": face_frame.BOX_SIZE}
+
+
+def split_sizes(cfg: config_lib.DataConfig) -> dict:
+  """Named split -> number of faces."""
+  return {s: datasets.split_size(cfg, s) for s in datasets.available_splits(cfg)}
+
+
+def sampling_weights(cfg: config_lib.DataConfig, data=None) -> balancing_lib.Balancing:
+  data = data if data is not None else datasets.load_split(cfg, cfg.train_split)
+  return balancing_lib.compute(cfg, data.landmarks)
+
+
+# ---------------------------------------------------------------------------------------
+# Training.
+
+
+def sample_index_fn(cfg: config_lib.DataConfig, num_faces: int, weights: np.ndarray | None):
+  """tf function: global position p (int64 scalar) -> (face index, augmentation key [2])."""
+  m = tf.constant(num_faces, tf.int64)
+  seed = tf.constant(cfg.seed, tf.int64)
+  cdf = None
+  if weights is not None:
+    c = np.cumsum(np.asarray(weights, np.float64))
+    cdf = tf.constant((c / c[-1]).astype(np.float64))
+
+  def fn(p):
+    p = tf.cast(p, tf.int64)
+    epoch, slot = p // m, p % m
+    if cdf is None:
+      idx = tf.random.experimental.index_shuffle(
+          slot, seed=tf.stack([seed, epoch]), max_index=m - 1)
+    else:
+      u = tf.random.stateless_uniform([], seed=tf.stack([seed + _SEED_MIX, p]),
+                                      dtype=tf.float64)
+      idx = tf.minimum(tf.searchsorted(cdf, u[None], side="right", out_type=tf.int64)[0],
+                       m - 1)
+    key = tf.stack([seed, epoch])
+    key = tf.random.experimental.stateless_fold_in(key, idx)
+    key = tf.random.experimental.stateless_fold_in(key, slot)
+    return idx, key
+
+  return fn
+
+
+def make_train_dataset(cfg: config_lib.DataConfig, start_step: int = 0,
+                       process_index: int = 0, process_count: int = 1,
+                       data: datasets.SplitData | None = None) -> tf.data.Dataset:
+  config_lib.validate(cfg)
+  local = _local_batch(cfg.batch_size, process_count, "batch_size")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  data = data if data is not None else datasets.load_split(cfg, cfg.train_split)
+  bal = balancing_lib.compute(cfg, data.landmarks)
+  index_fn = sample_index_fn(cfg, len(data), bal.weights)
+  images = tf.constant(data.images, tf.string)
+  landmarks = tf.constant(data.landmarks)
+  boxes = tf.constant(data.boxes)
+  perm = tf.constant(schemes.get_scheme(cfg.num_points).flip_permutation, tf.int32)
+  global_b, host_off = cfg.batch_size, process_index * local
+
+  def position(j):
+    return (j // local) * global_b + host_off + j % local
+
+  def load(j):
+    idx, key = index_fn(position(j))
+    image = _decode(tf.gather(images, idx))
+    if cfg.augment:
+      crop, points = augment.augment_example(cfg, key, image, tf.gather(landmarks, idx),
+                                             tf.gather(boxes, idx), perm)
+    else:
+      crop, points, _ = augment.eval_example(image, tf.gather(landmarks, idx),
+                                             tf.gather(boxes, idx))
+    return {"image": augment.standardise(crop), "landmarks": points}
+
+  ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)
+  ds = ds.map(load, num_parallel_calls=_parallel(cfg), deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.prefetch(cfg.prefetch)
+  return ds.with_options(_options(cfg))
+
+
+def train_iterator(cfg: config_lib.DataConfig, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+  """Endless numpy batches: "image" float32 [B_local, 228, 228, 3] (per-image
+  standardised), "landmarks" float32 [B_local, N, 2] (crop pixels). Batch k is a pure
+  function of (cfg, k): start_step=k resumes exactly."""
+  ds = make_train_dataset(cfg, start_step, process_index, process_count)
+  return ds.as_numpy_iterator()
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_eval_dataset(cfg: config_lib.DataConfig, split: str, process_index: int = 0,
+                      process_count: int = 1,
+                      data: datasets.SplitData | None = None) -> tf.data.Dataset:
+  config_lib.validate(cfg)
+  local = _local_batch(cfg.eval_batch_size, process_count, "eval_batch_size")
+  data = data if data is not None else datasets.load_split(cfg, split)
+  m = len(data)
+  steps = -(-m // cfg.eval_batch_size)
+  scale_np, offset_np = datasets.crop_frames(data.boxes)
+  images = tf.constant(data.images, tf.string)
+  landmarks = tf.constant(data.landmarks)
+  boxes = tf.constant(data.boxes)
+  scales = tf.constant(scale_np)
+  offsets = tf.constant(offset_np)
+  file_ids = tf.constant(data.file_ids.astype(str))
+  global_b, host_off = cfg.eval_batch_size, process_index * local
+
+  def load(j):
+    p = (j // local) * global_b + host_off + j % local
+    valid = p < m
+    idx = tf.where(valid, p, 0)
+    s, o = tf.gather(scales, idx), tf.gather(offsets, idx)
+    matrix = tf.stack([[s, 0.0, o[0]], [0.0, s, o[1]], [0.0, 0.0, 1.0]])
+    image = _decode(tf.gather(images, idx))
+    crop = augment.warp(image, matrix)
+    box = tf.gather(boxes, idx)
+    return {
+        "image": augment.standardise(crop),
+        "landmarks": augment.transform_points(matrix, tf.gather(landmarks, idx)),
+        "mask": valid,
+        "box": tf.concat([box[:2] * s + o, box[2:] * s + o], 0),
+        "file_id": tf.where(valid, tf.gather(file_ids, idx), ""),
+        "crop_scale": s,
+        "crop_offset": o,
+    }
+
+  ds = tf.data.Dataset.range(steps * local)
+  ds = ds.map(load, num_parallel_calls=_parallel(cfg), deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)   # exact: steps * local rows
+  ds = ds.prefetch(cfg.prefetch)
+  return ds.with_options(_options(cfg))
+
+
+def eval_iterator(cfg: config_lib.DataConfig, split: str, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """One pass over `split`, no augmentation. Batches of eval_batch_size // process_count:
+  "image", "landmarks" (crop pixels), "mask" bool [B] (False on padding), "box" float32
+  [B, 4] (crop coords), "file_id" (bytes; b"" on padding), "crop_scale" [B],
+  "crop_offset" [B, 2] (image_xy = (crop_xy - crop_offset) / crop_scale)."""
+  return make_eval_dataset(cfg, split, process_index, process_count).as_numpy_iterator()

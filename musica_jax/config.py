@@ -1,0 +1,69 @@
+"""Model configuration: a plain frozen dataclass (hashable, so it can be a static jit arg)."""
+from __future__ import annotations
+
+import dataclasses
+
+from musica_jax import face_frame
+from musica_jax import schemes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape of a MuSiCa cascade.
+
+  Attributes:
+    num_landmarks: N, landmarks regressed by every iteration.
+    patch_indices: landmarks that carry a patch (P of them, P <= N).
+    levels: pyramid level read by each iteration (0 = full resolution). The paper's
+      coarse-to-fine cascade is (2, 1, 0); its length is the number of iterations.
+    patch_size: side of the square patches (14 in the paper).
+    conv_features: channels of both convolutions (32).
+    hidden_size: recurrent state size (512).
+    use_attention: local patch attention on/off (ablation, paper Table 4).
+    image_size: side of the square level-0 face crop.
+    init_std: truncated-normal std of every weight (reference notes: 0.01).
+  """
+  num_landmarks: int = 68
+  patch_indices: tuple[int, ...] = tuple(range(68))
+  levels: tuple[int, ...] = (2, 1, 0)
+  patch_size: int = 14
+  conv_features: int = 32
+  hidden_size: int = 512
+  use_attention: bool = True
+  image_size: int = face_frame.CROP_SIZE
+  init_std: float = 0.01
+
+  def __post_init__(self):
+    object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
+    object.__setattr__(self, "levels", tuple(int(l) for l in self.levels))
+    if not self.patch_indices or max(self.patch_indices) >= self.num_landmarks or min(self.patch_indices) < 0:
+      raise ValueError(f"patch_indices must be non-empty indices into {self.num_landmarks} landmarks")
+    if not self.levels or min(self.levels) < 0:
+      raise ValueError(f"levels must be non-negative pyramid levels, got {self.levels}")
+    if self.image_size % (2 ** max(self.levels)):
+      raise ValueError(f"image_size {self.image_size} must be divisible by 2^{max(self.levels)}")
+    if self.patch_size < 14:
+      raise ValueError("patch_size must be at least 14 (two 3x3 convs and two 2x2 pools)")
+
+  @property
+  def num_patches(self) -> int:
+    return len(self.patch_indices)
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.levels)
+
+  @property
+  def descriptor_size(self) -> int:
+    """Per-patch descriptor: (centre 2x2 of conv2 ++ pool2) x channels, = 256 by default."""
+    return 2 * 2 * 2 * self.conv_features
+
+
+def for_scheme(scheme: str | schemes.LandmarkScheme, num_patches: int | None = None,
+               **overrides) -> ModelConfig:
+  """ModelConfig for a landmark scheme and one of its patch subsets (default: all)."""
+  if not isinstance(scheme, schemes.LandmarkScheme):
+    scheme = schemes.get_scheme(scheme)
+  num_patches = num_patches or scheme.num_points
+  return ModelConfig(num_landmarks=scheme.num_points,
+                     patch_indices=scheme.patch_indices(num_patches), **overrides)

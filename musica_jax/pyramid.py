@@ -1,0 +1,124 @@
+"""The image pyramid, packed into one canvas (an atlas), and bilinear patch sampling.
+
+Why an atlas: `lax.scan` over iterations needs one input shape, but the levels are
+228 / 114 / 57 px. Packing every level side by side into one zero-padded canvas (1.5x the
+level-0 area instead of 3x for stacking padded levels) lets each iteration read its own
+level through a scanned (origin, level) pair: no Python branch per stage.
+
+Layout for levels 0..L, with a zero border of PAD px around each level:
+  level 0 on the left; levels 1..L stacked top to bottom in a column to its right.
+
+Coordinates are level-0 pixels throughout the cascade (pixel centres at integers). A
+level-l pixel coordinate is x_l = (x_0 + 0.5) / 2^l - 0.5 (the resize convention).
+
+Sampling: every patch is an axis-aligned 14x14 grid with unit spacing at its level, so
+all its samples share one fractional offset. A patch is therefore one 15x15 window (a
+single gather per patch, for all patches at once) blended with 4 constant weights:
+exact bilinear interpolation, zero outside the level. Windows that would leave the
+PAD-px zero border are clamped onto it: a patch far outside its level reads zeros, and
+nothing ever reads a neighbouring level.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAD = 16  # >= the 15-px sampling window, so a clamped window reads only zeros
+
+
+def downsample2(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H/2, W/2, C] with the binomial [1, 3, 3, 1] / 8 filter.
+
+  Output pixel j is centred on input 2j + 0.5, so the resize convention holds exactly;
+  edges are replicated. A small Gaussian-like filter, as in the original Gaussian pyramid.
+  """
+  def along(x, axis):
+    n = x.shape[axis]
+    xp = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                          jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+    tap = lambda s: jax.lax.slice_in_dim(xp, s, s + n - 1, stride=2, axis=axis)
+    return (tap(0) + 3 * tap(1) + 3 * tap(2) + tap(3)) * 0.125
+  return along(along(x, 1), 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class AtlasLayout:
+  """Where each pyramid level sits in the atlas (static, from the config)."""
+  image_size: int
+  num_levels: int
+
+  @property
+  def level_sizes(self) -> tuple[int, ...]:
+    return tuple(self.image_size >> l for l in range(self.num_levels))
+
+  @property
+  def origins(self) -> tuple[tuple[int, int], ...]:
+    """(row, col) of each level's top-left pixel in the atlas."""
+    s = self.level_sizes
+    out = [(PAD, PAD)]
+    row, col = PAD, s[0] + 2 * PAD
+    for l in range(1, self.num_levels):
+      out.append((row, col))
+      row += s[l] + PAD
+    return tuple(out)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    s = self.level_sizes
+    if self.num_levels == 1:
+      return s[0] + 2 * PAD, s[0] + 2 * PAD
+    column_height = PAD + sum(s[1:]) + PAD * (self.num_levels - 1)
+    return max(s[0] + 2 * PAD, column_height), s[0] + 3 * PAD + s[1]
+
+
+def build_atlas(images: jax.Array, layout: AtlasLayout) -> jax.Array:
+  """Level-0 crops [B, S, S, C] -> atlas [B, H, W, C] holding every pyramid level."""
+  b, _, _, c = images.shape
+  atlas = jnp.zeros((b, *layout.shape, c), images.dtype)
+  level = images
+  for l, (r, col) in enumerate(layout.origins):
+    if l:
+      level = downsample2(level)
+    atlas = atlas.at[:, r:r + level.shape[1], col:col + level.shape[2], :].set(level)
+  return atlas
+
+
+def sample_patches(atlas: jax.Array, centres: jax.Array, level: jax.Array,
+                   origin: jax.Array, level_size: jax.Array, patch_size: int) -> jax.Array:
+  """Bilinear patches around `centres` from one pyramid level of the atlas.
+
+  Args:
+    atlas: [B, H, W, C].
+    centres: [B, P, 2] (x, y) in level-0 pixels.
+    level: scalar int, the pyramid level to read.
+    origin: [2] int (row, col) of that level in the atlas.
+    level_size: scalar int, that level's side in pixels.
+    patch_size: static patch side (14).
+  Returns:
+    [B, P, patch_size, patch_size, C].
+  """
+  c = atlas.shape[-1]
+  scale = jnp.exp2(-level.astype(jnp.float32))
+  xy = (centres + 0.5) * scale - 0.5                    # level-l pixels
+  top_left = xy - (patch_size - 1) / 2.0                # first sample of the grid
+  start = jnp.floor(top_left)
+  frac = top_left - start
+  win = patch_size + 1
+  lo = -PAD
+  hi = level_size + PAD - win
+  start = jnp.clip(start, lo, hi).astype(jnp.int32)
+  rows = start[..., 1] + origin[0]
+  cols = start[..., 0] + origin[1]
+
+  def windows(img, r, q):
+    return jax.vmap(lambda r1, q1: jax.lax.dynamic_slice(img, (r1, q1, 0), (win, win, c)))(r, q)
+
+  w = jax.vmap(windows)(atlas, rows, cols)              # [B, P, win, win, C]
+  fx = frac[..., 0][..., None, None, None]
+  fy = frac[..., 1][..., None, None, None]
+  top = w[..., :-1, :-1, :] * (1 - fx) + w[..., :-1, 1:, :] * fx
+  bottom = w[..., 1:, :-1, :] * (1 - fx) + w[..., 1:, 1:, :] * fx
+  return top * (1 - fy) + bottom * fy

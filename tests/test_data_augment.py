@@ -1,0 +1,128 @@
+"""Augmentation dot test: pixels and landmarks follow exactly the same geometry.
+
+Bright dots are drawn at the landmark positions of a dark image; after augmenting, each
+transformed landmark must sit within 1 px of the centre of a dot, for every augmentation
+alone and all together, both eagerly and inside Dataset.map.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipelines import augment
+from data_pipelines import config as config_lib
+from musica_jax import face_frame
+from musica_jax import schemes
+
+N = 68
+OFF = dict(rotation_prob=0.0, shear_prob=0.0, scale_prob=0.0, flip_prob=0.0, box_prob=0.0,
+           color_prob=0.0, greyscale_prob=0.0, occlusion_prob=0.0)
+CASES = {
+    "none": {},
+    "rotation": dict(rotation_prob=1.0),
+    "shear": dict(shear_prob=1.0),
+    "scale": dict(scale_prob=1.0),
+    "flip": dict(flip_prob=1.0),
+    "box": dict(box_prob=1.0),
+    "all_geometry": dict(rotation_prob=1.0, shear_prob=1.0, scale_prob=1.0, flip_prob=1.0,
+                         box_prob=1.0),
+    "all": dict(rotation_prob=1.0, shear_prob=1.0, scale_prob=1.0, flip_prob=1.0,
+                box_prob=1.0, color_prob=1.0, greyscale_prob=1.0),
+}
+
+
+def _dot_image():
+  """A 200x200 dark image with a 3x3 bright dot at each of 68 grid landmarks."""
+  ys, xs = np.meshgrid(np.arange(8), np.arange(9), indexing="ij")
+  grid = np.stack([xs.ravel(), ys.ravel()], -1)[:N] * 13.0 + np.array([45.0, 50.0])
+  img = np.zeros((200, 200, 3), np.uint8)
+  for x, y in grid.astype(int):
+    img[y - 1:y + 2, x - 1:x + 2] = 255
+  box = face_frame.box_from_landmarks(grid).astype(np.float32)
+  return img, grid.astype(np.float32), box
+
+
+def _check_dots(crop, points, name):
+  g = np.asarray(crop, np.float64).mean(-1)
+  g = g - np.median(g)
+  h, w = g.shape
+  for i, (x, y) in enumerate(points):
+    xi, yi = int(round(x)), int(round(y))
+    if not (4 <= xi < w - 4 and 4 <= yi < h - 4):
+      continue   # rotated out of the crop
+    win = np.clip(g[yi - 4:yi + 5, xi - 4:xi + 5], 0, None)
+    assert win.max() > 0.25 * g.max(), f"{name}: no dot near landmark {i} at {(x, y)}"
+    yy, xx = np.mgrid[yi - 4:yi + 5, xi - 4:xi + 5]
+    cx, cy = (win * xx).sum() / win.sum(), (win * yy).sum() / win.sum()
+    err = np.hypot(cx - x, cy - y)
+    assert err < 1.0, f"{name}: dot {i} at {(cx, cy)}, landmark at {(x, y)} ({err:.2f} px)"
+
+
+def _cfg(case):
+  return config_lib.DataConfig(**{**OFF, **CASES[case]})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["eager", "dataset_map"])
+def test_dots_follow_landmarks(case, mode):
+  img, pts, box = _dot_image()
+  cfg = _cfg(case)
+  perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
+  for seed in range(3):
+    key = tf.constant([seed, 17], tf.int64)
+    fn = lambda k: augment.augment_example(cfg, k, tf.constant(img), tf.constant(pts),
+                                           tf.constant(box), perm)
+    if mode == "eager":
+      crop, points = fn(key)
+    else:
+      crop, points = next(iter(tf.data.Dataset.from_tensors(key).map(fn)))
+    crop, points = crop.numpy(), points.numpy()
+    assert crop.shape == (228, 228, 3) and points.shape == (N, 2)
+    _check_dots(crop, points, f"{case}/{mode}/seed{seed}")
+
+
+def test_eager_equals_dataset_map():
+  img, pts, box = _dot_image()
+  cfg = _cfg("all")
+  perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
+  key = tf.constant([3, 4], tf.int64)
+  fn = lambda k: augment.augment_example(cfg, k, tf.constant(img), tf.constant(pts),
+                                         tf.constant(box), perm)
+  a = fn(key)
+  b = next(iter(tf.data.Dataset.from_tensors(key).map(fn)))
+  np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=1e-4)
+  np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-3)
+
+
+def test_no_augmentation_matches_face_frame():
+  img, pts, box = _dot_image()
+  _, points, _ = augment.eval_example(tf.constant(img), tf.constant(pts), tf.constant(box))
+  scale, offset = face_frame.crop_transform(box)
+  np.testing.assert_allclose(points.numpy(), face_frame.to_crop(pts, scale, offset), atol=1e-3)
+  lo, hi = points.numpy().min(0), points.numpy().max(0)
+  assert abs(max(hi - lo) - face_frame.BOX_SIZE) < 1e-3
+
+
+def test_flip_permutes_left_right():
+  img, pts, box = _dot_image()
+  cfg = _cfg("flip")
+  perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
+  _, flipped = augment.augment_example(cfg, tf.constant([0, 0], tf.int64), tf.constant(img),
+                                       tf.constant(pts), tf.constant(box), perm)
+  _, plain, _ = augment.eval_example(tf.constant(img), tf.constant(pts), tf.constant(box))
+  c = (face_frame.CROP_SIZE - 1) / 2
+  expected = plain.numpy()[list(schemes.IBUG68.flip_permutation)] * [-1, 1] + [2 * c, 0]
+  np.testing.assert_allclose(flipped.numpy(), expected, atol=1e-3)
+
+
+def test_photometric_ops():
+  img = tf.constant(np.random.default_rng(0).uniform(0, 255, (228, 228, 3)), tf.float32)
+  grey = augment.greyscale(img).numpy()
+  assert np.allclose(grey[..., 0], grey[..., 1]) and np.allclose(grey[..., 1], grey[..., 2])
+  jit = augment.colour_jitter(tf.constant([1, 2], tf.int64), img, 0.25).numpy()
+  assert jit.min() >= 0 and jit.max() <= 255 and np.isclose(jit.max(), 255)
+  occ = augment.occlude(tf.constant([1, 2], tf.int64), tf.zeros_like(img), 0.5).numpy()
+  assert 0 < (occ.sum(-1) > 0).mean() <= 0.25 + 1e-6
+  std = augment.standardise(img).numpy()
+  assert abs(std.mean()) < 1e-4 and abs(std.std() - 1) < 1e-3
