@@ -105,8 +105,8 @@ def split_spec(cfg: config_lib.DataConfig, split: str) -> tuple[str, int | None]
       return split, None
   elif cfg.dataset == "wflw" and split in sources.WFLW_SUBSETS:
     return "test", sources.WFLW_SUBSETS[split][1]
-  elif split in stored:
-    return split, None
+  elif tfds_builders.stored_split_name(split) in stored:
+    return tfds_builders.stored_split_name(split), None
   raise ValueError(f"--{cfg.dataset}: unknown split {split!r}; available: "
                    f"{available_splits(cfg)}")
 
@@ -120,7 +120,7 @@ def available_splits(cfg: config_lib.DataConfig) -> list[str]:
     return named + [s for s in sources.IBUG300W_FOLDERS if s in stored]
   if cfg.dataset == "wflw":
     return stored + list(sources.WFLW_SUBSETS)
-  return stored
+  return [tfds_builders.public_split_name(s) for s in stored]
 
 
 def _load(builder, num_points: int, split_expr: str, subset: int | None) -> dict:

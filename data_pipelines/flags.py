@@ -67,8 +67,25 @@ def _define():
 _define()
 
 
+# Per-dataset defaults used when the flag was not given on the command line.
+_DATASET_DEFAULTS = {
+    "wflw": {"num_points": 98, "eval_split": "test"},
+    "synthetic_faces": {"eval_split": "test"},
+    "pts_folder": {"train_split": "all", "eval_split": "all"},
+}
+
+
 def config_from_flags(**overrides) -> config_lib.DataConfig:
-  """DataConfig from the parsed absl flags (plus keyword overrides), validated."""
+  """DataConfig from the parsed absl flags (plus keyword overrides), validated.
+
+  Flags not given on the command line take per-dataset defaults: wflw -> --num_points=98,
+  --eval_split=test; synthetic_faces -> --eval_split=test; pts_folder -> --train_split=all,
+  --eval_split=all.
+  """
   values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(config_lib.DataConfig)}
+  dataset = overrides.get("dataset", values["dataset"])
+  for name, value in _DATASET_DEFAULTS.get(dataset, {}).items():
+    if not FLAGS[name].present:
+      values[name] = value
   values.update(overrides)
   return config_lib.validate(config_lib.DataConfig(**values))

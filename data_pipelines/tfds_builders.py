@@ -37,6 +37,17 @@ from data_pipelines import synthetic_faces
 
 _VERSION = tfds.core.Version("1.0.0")
 
+# TFDS reserves "all" as a split name: pts_folder's split "all" is stored as "all_faces".
+_STORED = {"all": "all_faces"}
+
+
+def stored_split_name(split: str) -> str:
+  return _STORED.get(split, split)
+
+
+def public_split_name(stored: str) -> str:
+  return {v: k for k, v in _STORED.items()}.get(stored, stored)
+
 
 @dataclasses.dataclass(eq=False)
 class MusicaBuilderConfig(tfds.core.BuilderConfig):
@@ -118,7 +129,8 @@ class _FolderBuilder(_LocalBuilder):
     root = str(dl_manager.manual_dir)
     scan = self._scan(root)
     _write_report(self.builder_config, scan)
-    return {name: self._generate_examples(items) for name, items in scan.splits.items()}
+    return {stored_split_name(name): self._generate_examples(items)
+            for name, items in scan.splits.items()}
 
   def _generate_examples(self, items):
     for item in items:

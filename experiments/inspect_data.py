@@ -37,7 +37,7 @@ def _parts(cfg, split: str) -> tuple[str, ...]:
   return (split,)
 
 
-def inspect(cfg) -> dict:
+def inspect(cfg, top_k: int = 20) -> dict:
   rep = datasets.report(cfg)
   skipped = rep.get("skipped", [])
   out = {"dataset": cfg.dataset, "data_dir": cfg.data_dir,
@@ -63,7 +63,7 @@ def inspect(cfg) -> dict:
           "gdb_components": cfg.gdb_components, "gdb_mapping": cfg.gdb_mapping,
           "weight_min_max_over_median": [float(w.min() / np.median(w)),
                                          float(w.max() / np.median(w))],
-          "top": balancing_lib.top_faces(bal, train.file_ids, _TOP.value),
+          "top": balancing_lib.top_faces(bal, train.file_ids, top_k),
       }
   return out
 
@@ -74,7 +74,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # TFDS is chatty at INFO
   cfg = data_flags.config_from_flags()
   try:
-    result = inspect(cfg)
+    result = inspect(cfg, _TOP.value)
   except readers.DataError as e:
     print(f"inspect_data: error: {e}\n(use --skip_bad to count and skip bad items)",
           file=sys.stderr)

@@ -43,6 +43,9 @@ class LandmarkScheme:
   outer_eye_corners: tuple[int, int]
   patch_subsets: Mapping[int, tuple[int, ...]]
 
+  def __hash__(self):  # the mappings are not hashable; these fields identify a scheme
+    return hash((self.name, self.num_points, self.flip_permutation))
+
   def validate(self) -> "LandmarkScheme":
     """Raises ValueError when the scheme is inconsistent; returns self."""
     n = self.num_points

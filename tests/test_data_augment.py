@@ -47,6 +47,7 @@ def _check_dots(crop, points, name):
   g = np.asarray(crop, np.float64).mean(-1)
   g = g - np.median(g)
   h, w = g.shape
+  errors = []
   for i, (x, y) in enumerate(points):
     xi, yi = int(round(x)), int(round(y))
     if not (4 <= xi < w - 4 and 4 <= yi < h - 4):
@@ -57,6 +58,10 @@ def _check_dots(crop, points, name):
     cx, cy = (win * xx).sum() / win.sum(), (win * yy).sum() / win.sum()
     err = np.hypot(cx - x, cy - y)
     assert err < 1.0, f"{name}: dot {i} at {(cx, cy)}, landmark at {(x, y)} ({err:.2f} px)"
+    errors.append(err)
+  assert len(errors) > N // 2, f"{name}: most dots left the crop"
+  # Measured ~0.1 px; a half-pixel convention mistake would give ~0.5-0.7 px.
+  assert np.mean(errors) < 0.25, f"{name}: mean dot error {np.mean(errors):.2f} px"
 
 
 def _cfg(case):
@@ -69,7 +74,7 @@ def test_dots_follow_landmarks(case, mode):
   img, pts, box = _dot_image()
   cfg = _cfg(case)
   perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
-  for seed in range(3):
+  for seed in range(2):
     key = tf.constant([seed, 17], tf.int64)
     fn = lambda k: augment.augment_example(cfg, k, tf.constant(img), tf.constant(pts),
                                            tf.constant(box), perm)

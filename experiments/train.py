@@ -1,0 +1,196 @@
+r"""Trains a MuSiCa cascade.
+
+  python -m experiments.train --flagfile=wflw98.flags --data_dir=/data/WFLW --workdir=/ckpt/wflw98
+
+Flagfiles live in experiments/configs/ (looked up there when not found in the working
+directory); flags after the flagfile override it. A run restarted on the same --workdir
+resumes from its latest checkpoint with the same data order. See WORKSPACE.md.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+# TensorFlow (input pipeline only) must never take the accelerators from JAX.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import flags as data_flags
+from data_pipelines import input_pipeline
+from experiments import common
+from experiments import eval_lib
+from musica_jax import checkpoints
+from musica_jax import parallel
+from musica_jax import schemes
+from musica_jax import training
+
+FLAGS = flags.FLAGS
+flags.mark_flag_as_required("workdir")
+
+
+def initialise_distributed() -> None:
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+
+
+def train_config_from_flags() -> training.TrainConfig:
+  if FLAGS.steps <= 0:
+    raise app.UsageError(f"--steps must be positive, got {FLAGS.steps}")
+  return training.TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
+                              decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
+                              ema_decay=FLAGS.ema_decay, seed=FLAGS.seed)
+
+
+class MetricWriter:
+  """Progress to metrics.jsonl (always) and TensorBoard event files (process 0)."""
+
+  def __init__(self, workdir):
+    self.enabled = jax.process_index() == 0
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+    with self._tb.as_default(step=step):
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tf.summary.scalar(k, v)
+    self._tb.flush()
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates at the end."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  scheme = schemes.get_scheme(data_cfg.num_points)
+  existing = pathlib.Path(workdir) / common.RUN_CONFIG
+  if existing.exists():
+    previous = common.load_run_config(workdir)["model_config"]
+    if previous != model_cfg:
+      raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
+                           f"({previous}); use a new workdir or the same model flags")
+
+  stats = input_pipeline.dataset_statistics(data_cfg)
+  mean_shape = np.asarray(stats["mean_shape"], np.float32)
+  if jax.process_index() == 0:
+    common.save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape)
+
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(data_cfg.batch_size)
+  rep = parallel.replicated(mesh)
+  state = jax.jit(functools.partial(training.create_train_state, model_cfg, train_cfg),
+                  out_shardings=rep)()
+  ckpts = checkpoints.Checkpoints(workdir, keep=FLAGS.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    state = ckpts.restore(state)
+    logging.info("resumed from step %d (%s)", int(state.step), ckpts.directory)
+    print(f"resumed from checkpoint at step {int(state.step)}", flush=True)
+  start = int(state.step)
+  init_shape = jax.device_put(jnp.asarray(mean_shape), rep)
+
+  step_fn = jax.jit(
+      functools.partial(training.train_step, model_cfg=model_cfg, train_cfg=train_cfg,
+                        scheme=scheme),
+      in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
+      donate_argnums=(0,))
+  writer = MetricWriter(workdir)
+  batches = input_pipeline.train_iterator(data_cfg, start_step=start,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+
+  def evaluate(step):
+    per_face = eval_lib.run_split(state.ema_params, data_cfg, data_cfg.eval_split, model_cfg,
+                                  scheme, mean_shape, mesh)
+    summary = eval_lib.summarise(per_face)
+    print(f"eval step {step} {data_cfg.eval_split}: faces {summary['faces']} "
+          f"NME inter-ocular {summary['nme_interocular']:.2f}% inter-pupil "
+          f"{summary['nme_interpupil']:.2f}% (mean shape "
+          f"{summary['mean_shape_baseline']['nme_interocular']:.2f}%)", flush=True)
+    writer.write(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
+    return summary
+
+  def check_finite(step):
+    bad = int(state.nonfinite_steps)
+    if bad:
+      last = ckpts.latest_step()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at or before step {step}: training stopped. "
+          f"The update was not applied and nothing was saved; the last good checkpoint is "
+          f"step {last} in {ckpts.directory}. Lower --learning_rate or check the data.")
+
+  t0, s0 = time.perf_counter(), start
+  samples_per_step = data_cfg.batch_size
+  summary = None
+  print(f"training {model_cfg.num_landmarks} landmarks / {model_cfg.num_patches} patches on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es); steps {start} -> {train_cfg.steps}", flush=True)
+  for step in range(start + 1, train_cfg.steps + 1):
+    batch = parallel.shard_batch(next(batches), mesh)
+    state, m = step_fn(state, batch, init_shape)
+    last = step == train_cfg.steps
+    if step % FLAGS.log_every == 0 or last:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      check_finite(step)
+      dt = time.perf_counter() - t0
+      rate = (step - s0) / max(dt, 1e-9)
+      eta = (train_cfg.steps - step) / max(rate, 1e-9)
+      print(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
+            f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
+            f"{rate * samples_per_step:.1f} samples/s ETA {_fmt_time(eta)}", flush=True)
+      writer.write(step, {**{f"train/{k}": v for k, v in m.items()},
+                          "train/steps_per_s": rate, "train/samples_per_s": rate * samples_per_step})
+    evaluated = None
+    if (FLAGS.eval_every and step % FLAGS.eval_every == 0) or last:
+      summary = evaluate(step)
+      evaluated = summary["nme_interocular"]
+    if step % FLAGS.checkpoint_every == 0 or last or evaluated is not None:
+      check_finite(step)
+      ckpts.save(step, state, eval_nme=evaluated)
+  ckpts.wait()
+  ckpts.close()
+  if summary is None:  # resumed at the final step: nothing left to train
+    summary = evaluate(int(state.step))
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialise_distributed()
+  data_cfg = data_flags.config_from_flags()
+  model_cfg = common.model_config_from_flags(data_cfg.num_points)
+  train_cfg = train_config_from_flags()
+  train_and_evaluate(model_cfg, train_cfg, data_cfg, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

@@ -1,0 +1,113 @@
+"""TFDS builders on the shared real data and on small local folders; inspect_data."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from data_pipelines import config as config_lib
+from data_pipelines import datasets
+from data_pipelines import input_pipeline
+from data_pipelines import readers
+from experiments import inspect_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_ibug300w_counts_and_values(shared_data, tfds_dir):
+  cfg = config_lib.DataConfig(dataset="ibug300w", data_dir=str(shared_data / "300w"),
+                              tfds_dir=tfds_dir)
+  sizes = input_pipeline.split_sizes(cfg)
+  assert sizes["train"] == 2012 and sizes["common"] == 554
+  assert sizes["lfpw_trainset"] == 805 and sizes["helen_testset"] == 330
+  assert "challenging" not in sizes and "full" not in sizes   # no ibug folder here
+  with pytest.raises(ValueError, match="ibug"):
+    datasets.load_split(cfg, "challenging")
+  data = datasets.load_split(cfg, "common")
+  i = list(data.file_ids).index("lfpw/testset/image_0001")
+  raw = np.loadtxt(shared_data / "300w" / "lfpw/testset/image_0001.pts", skiprows=3,
+                   max_rows=68)
+  np.testing.assert_allclose(data.landmarks[i], raw - 1.0, atol=1e-4)   # 1-based -> 0-based
+  np.testing.assert_allclose(data.boxes[i], [*data.landmarks[i].min(0), *data.landmarks[i].max(0)])
+  rep = inspect_data.inspect(cfg, top_k=20)
+  assert rep["splits"]["train"]["faces"] == 2012 and rep["splits"]["common"]["faces"] == 554
+  assert rep["splits"]["train"]["skipped"]["count"] == 0
+  top = rep["balancing"]["top"]
+  assert len(top) == 20 and top[0]["oversampling_vs_median"] > 1.5
+  # Prepared once: a second prepare reuses the same directory.
+  assert str(datasets.prepare(cfg).data_dir) == rep["prepared_at"]
+
+
+def test_wflw_sample(shared_data, tfds_dir):
+  cfg = config_lib.DataConfig(dataset="wflw", num_points=98, eval_split="test",
+                              data_dir=str(shared_data / "wflw_sample"), tfds_dir=tfds_dir)
+  rep = inspect_data.inspect(dataclasses.replace(cfg, balancing="none"))
+  assert rep["splits"]["train"]["faces"] == 1 and rep["splits"]["test"]["faces"] == 3
+  blur = rep["splits"]["test_blur"]
+  assert blur["faces"] == 0 and blur["skipped"]["by_reason"] == {"missing image": 773}
+  assert "error" in blur
+  with pytest.raises(readers.DataError, match="empty split 'test_blur'"):
+    datasets.load_split(cfg, "test_blur")
+  test = datasets.load_split(cfg, "test")
+  assert test.landmarks.shape == (3, 98, 2)
+  # WFLW boxes come from the annotation, not from the landmarks.
+  assert any(np.abs(b - np.r_[l.min(0), l.max(0)]).max() > 2
+             for b, l in zip(test.boxes, test.landmarks))
+  batch = next(input_pipeline.eval_iterator(cfg, "test"))
+  assert batch["mask"].sum() == 3 and batch["landmarks"].shape[1:] == (98, 2)
+
+
+def _folder(root, n=4, bad_points=None, corrupt=None):
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(
+        os.path.join(root, f"face{i}.jpg"))
+    pts = rng.uniform(10, 70, (67 if i == bad_points else 68, 2))
+    readers.write_pts(os.path.join(root, f"face{i}.pts"), pts)
+  if corrupt is not None:
+    with open(os.path.join(root, f"face{corrupt}.jpg"), "wb") as f:
+      f.write(b"\xff\xd8 broken")
+
+
+def test_pts_folder_reprepares_when_source_changes(tmp_path, tfds_dir):
+  root = str(tmp_path / "mine")
+  _folder(root, 3)
+  cfg = config_lib.DataConfig(dataset="pts_folder", data_dir=root, tfds_dir=tfds_dir,
+                              train_split="all", eval_split="all")
+  assert input_pipeline.split_sizes(cfg) == {"all": 3}
+  name = datasets.builder_config(cfg).name
+  _folder(root, 4)
+  assert datasets.builder_config(cfg).name != name
+  assert input_pipeline.split_sizes(cfg) == {"all": 4}
+
+
+def _run_inspect(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.inspect_data", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_data_fails_on_bad_items_or_counts_them(tmp_path):
+  root = str(tmp_path / "bad")
+  _folder(root, 4, bad_points=1, corrupt=2)
+  out_json = str(tmp_path / "r.json")
+  common = ["--dataset=pts_folder", f"--data_dir={root}", f"--tfds_dir={tmp_path / 't'}",
+            "--balancing=none", f"--output_json={out_json}"]
+  res = _run_inspect(*common)
+  assert res.returncode != 0
+  assert "face1.pts" in res.stderr or "face2.jpg" in res.stderr, res.stderr[-2000:]
+  res = _run_inspect(*common, "--skip_bad")
+  assert res.returncode == 0, res.stderr[-2000:]
+  rep = json.load(open(out_json))
+  assert rep["splits"]["all"]["faces"] == 2
+  assert rep["splits"]["all"]["skipped"]["by_reason"] == {"wrong point count": 1,
+                                                          "corrupt image": 1}
