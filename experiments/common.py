@@ -14,6 +14,7 @@ import pathlib
 import tempfile
 
 from absl import flags
+from absl import logging
 import numpy as np
 
 from musica_jax import config as config_lib
@@ -45,6 +46,13 @@ flags.DEFINE_string("coordinator_address", None,
                     "calls jax.distributed.initialize.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def quiet_libraries() -> None:
+  """Orbax and TF log every checkpoint step at INFO; keep the console for progress lines
+  unless the user asked for more with --verbosity."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def resolve_flagfiles(argv: list[str]) -> list[str]:

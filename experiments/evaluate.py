@@ -108,6 +108,7 @@ def evaluate(workdir: str, output_json: str, splits: list[str], data_cfg, ts=Non
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_libraries()
   overrides = {}
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset
