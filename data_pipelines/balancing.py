@@ -37,6 +37,9 @@ def compute(cfg: config_lib.DataConfig, landmarks: np.ndarray) -> Balancing:
   if cfg.balancing == "none":
     return Balancing(None, None, "none")
   landmarks = np.asarray(landmarks, np.float64)
+  if len(landmarks) == 1:
+    # One face: every weighting normalises to weight 1; there is nothing to balance.
+    return Balancing(np.ones(1), np.zeros(1), cfg.balancing)
   k = min(cfg.gdb_components, len(landmarks) - 1, 2 * landmarks.shape[1])
   if k < 1:
     raise ValueError(f"--balancing={cfg.balancing} needs at least 2 training faces")

@@ -55,7 +55,13 @@ def _parallel(cfg) -> int:
 
 
 def _decode(image_bytes):
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  # JPEGs with the accurate integer DCT: bit-identical to PIL (the predictor's decoder),
+  # so a model sees the same pixels in training and in deployment. TF's default
+  # (INTEGER_FAST) differs from PIL by up to 8 grey levels.
+  image = tf.cond(
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 

@@ -38,7 +38,8 @@ flags.DEFINE_integer("decay_steps", 15000, "Learning rate x decay_factor every t
 flags.DEFINE_float("decay_factor", 0.1, "Staircase learning-rate decay factor.")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA of the weights used for evaluation.")
 flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
-flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations on --eval_split (0: only at the end).")
+flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations on --eval_split "
+                     "(0: only at the end; -1: never).")
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (plus the best by eval NME).")
 flags.DEFINE_string("coordinator_address", None,

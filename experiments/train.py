@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from data_pipelines import flags as data_flags
@@ -43,8 +44,9 @@ def initialise_distributed() -> None:
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU hosts (ignored by GPU/TPU backends). Nothing may
+    # touch the XLA backend before initialize(), so no backend query here.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
@@ -82,6 +84,12 @@ class MetricWriter:
     self._tb.flush()
 
 
+def say(message: str) -> None:
+  """A progress line on the console of process 0 (the others stay quiet)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
@@ -99,6 +107,12 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
       raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
                            f"({previous}); use a new workdir or the same model flags")
 
+  if jax.process_count() > 1:
+    # Process 0 prepares the dataset and its statistics first; the others then find them
+    # ready in a shared --tfds_dir (or prepare their own copy on a host-local disk).
+    if jax.process_index() == 0:
+      input_pipeline.dataset_statistics(data_cfg)
+    multihost_utils.sync_global_devices("musica: data prepared")
   stats = input_pipeline.dataset_statistics(data_cfg)
   mean_shape = np.asarray(stats["mean_shape"], np.float32)
   if jax.process_index() == 0:
@@ -113,7 +127,7 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   if ckpts.latest_step() is not None:
     state = ckpts.restore(state)
     logging.info("resumed from step %d (%s)", int(state.step), ckpts.directory)
-    print(f"resumed from checkpoint at step {int(state.step)}", flush=True)
+    say(f"resumed from checkpoint at step {int(state.step)}")
   start = int(state.step)
   init_shape = jax.device_put(jnp.asarray(mean_shape), rep)
 
@@ -131,10 +145,10 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     per_face = eval_lib.run_split(state.ema_params, data_cfg, data_cfg.eval_split, model_cfg,
                                   scheme, mean_shape, mesh)
     summary = eval_lib.summarise(per_face)
-    print(f"eval step {step} {data_cfg.eval_split}: faces {summary['faces']} "
-          f"NME inter-ocular {summary['nme_interocular']:.2f}% inter-pupil "
-          f"{summary['nme_interpupil']:.2f}% (mean shape "
-          f"{summary['mean_shape_baseline']['nme_interocular']:.2f}%)", flush=True)
+    say(f"eval step {step} {data_cfg.eval_split}: faces {summary['faces']} "
+        f"NME inter-ocular {summary['nme_interocular']:.2f}% inter-pupil "
+        f"{summary['nme_interpupil']:.2f}% (mean shape "
+        f"{summary['mean_shape_baseline']['nme_interocular']:.2f}%)")
     writer.write(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
     return summary
 
@@ -150,9 +164,9 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   t0, s0 = time.perf_counter(), start
   samples_per_step = data_cfg.batch_size
   summary = None
-  print(f"training {model_cfg.num_landmarks} landmarks / {model_cfg.num_patches} patches on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es); steps {start} -> {train_cfg.steps}", flush=True)
+  say(f"training {model_cfg.num_landmarks} landmarks / {model_cfg.num_patches} patches on "
+      f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es); steps {start} -> {train_cfg.steps}")
   for step in range(start + 1, train_cfg.steps + 1):
     batch = parallel.shard_batch(next(batches), mesh)
     state, m = step_fn(state, batch, init_shape)
@@ -163,13 +177,13 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
       dt = time.perf_counter() - t0
       rate = (step - s0) / max(dt, 1e-9)
       eta = (train_cfg.steps - step) / max(rate, 1e-9)
-      print(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
-            f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
-            f"{rate * samples_per_step:.1f} samples/s ETA {_fmt_time(eta)}", flush=True)
+      say(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
+          f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
+          f"{rate * samples_per_step:.1f} samples/s ETA {_fmt_time(eta)}")
       writer.write(step, {**{f"train/{k}": v for k, v in m.items()},
                           "train/steps_per_s": rate, "train/samples_per_s": rate * samples_per_step})
     evaluated = None
-    if (FLAGS.eval_every and step % FLAGS.eval_every == 0) or last:
+    if FLAGS.eval_every >= 0 and ((FLAGS.eval_every and step % FLAGS.eval_every == 0) or last):
       summary = evaluate(step)
       evaluated = summary["nme_interocular"]
     if step % FLAGS.checkpoint_every == 0 or last or evaluated is not None:
@@ -177,7 +191,7 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
       ckpts.save(step, state, eval_nme=evaluated)
   ckpts.wait()
   ckpts.close()
-  if summary is None:  # resumed at the final step: nothing left to train
+  if summary is None and FLAGS.eval_every >= 0:  # resumed at the final step
     summary = evaluate(int(state.step))
   return summary
 

@@ -65,6 +65,72 @@ def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
   return shape + xs["step_scale"] * disp, hidden, err, att
 
 
+# Patches per chunk of the per-patch network (conv, pool, attention). Measured on the 2-core
+# CPU at batch 64 (68/68, one iteration): 96-192 patches per chunk is 2.5-3x faster than
+# one pass over all 4352 patches, whose intermediates (hundreds of MB) miss every cache
+# and are fresh page-faulting mmaps on every call.
+TARGET_CHUNK_PATCHES = 160
+
+
+def face_group_size(batch: int, num_patches: int,
+                    target: int = TARGET_CHUNK_PATCHES) -> int:
+  """Faces per chunk: the largest divisor of `batch` with at most `target` patches."""
+  k = max(1, min(batch, target // max(num_patches, 1)))
+  while batch % k:
+    k -= 1
+  return k
+
+
+def stage_features(config: ModelConfig, params, level_images: jax.Array, centres: jax.Array,
+                   level: int, remat: bool = False):
+  """Per-patch part of one iteration for a batch, chunked over groups of faces.
+
+  Args:
+    params: one stage's parameters.
+    level_images: [B, s, s, C] the pyramid level this iteration reads (unpadded).
+    centres: [B, P, 2] patch centres in level-0 pixels (no gradient flows through them).
+    level: static pyramid level.
+    remat: recompute each chunk's forward in the backward pass instead of storing its
+      intermediates (training: they would be ~60 kB per patch).
+  Returns (descriptors [B, P*D], mean attention [B, P]).
+  """
+  b, p = centres.shape[:2]
+  s = level_images.shape[1]
+  ps = config.patch_size
+  start, frac = pyramid.window_starts(centres, level, s, ps)
+  k = face_group_size(b, p)
+  face = jnp.repeat(jnp.arange(k, dtype=jnp.int32), p)
+
+  def chunk(xs):
+    imgs, st, fr = xs
+    patches = pyramid.gather_patches_cm(pyramid.pad_level(imgs), face, st.reshape(-1, 2),
+                                        fr.reshape(-1, 2), ps)
+    desc, att = stage_net.patch_features(params, patches, config.use_attention)
+    return desc.reshape(k, -1), att.reshape(k, p)
+
+  if remat:
+    chunk = jax.checkpoint(chunk)
+  if k == b:
+    return chunk((level_images, start, frac))
+  g = b // k
+  split = lambda x: x.reshape(g, k, *x.shape[1:])
+  desc, att = jax.lax.map(chunk, (split(level_images), split(start), split(frac)))
+  return desc.reshape(b, -1), att.reshape(b, p)
+
+
+def stage_forward(config: ModelConfig, params, level_images, shape, hidden, level: int,
+                  step_scale: float, remat: bool = False):
+  """One iteration at a static level: returns (new_shape, new_hidden, error, attention)."""
+  centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
+  desc, att = stage_features(config, params, level_images, centres, level, remat)
+  hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden)
+  return shape + step_scale * disp, hidden, err, att
+
+
+def stage_params(params, i: int):
+  return jax.tree.map(lambda x: x[i], params)
+
+
 def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
                 config: ModelConfig, ts=-jnp.inf, tf=jnp.inf) -> CascadeOutput:
   """The whole cascade for a batch of level-0 face crops.
@@ -77,20 +143,26 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
     ts: success threshold; a face stops after the first iteration with error < ts.
       -inf: every face runs every iteration.
     tf: failure threshold; valid = final estimated error < tf.
+
+  The iterations are unrolled in Python (there are 3; the level of each is static), each
+  reading its own pyramid level; the per-patch network runs chunked over face groups
+  (`stage_features`). Same function as the scanned atlas version this replaced (tested
+  against a frozen copy in tests/test_fast_inference.py), about 3x faster on CPU.
   """
   b = images.shape[0]
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
-  layout, xs = stage_inputs(config)
-  atlas = pyramid.build_atlas(images.astype(jnp.float32), layout)
-  shape0 = _broadcast_init(init_shape, b, config)
-  hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
-
-  def body(carry, inputs):
-    params_i, xs_i = inputs
-    shape, hidden, frozen = carry
-    shape, hidden, err, att = stage_step(config, params_i, atlas, shape, hidden, xs_i)
+  levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
+  shape = _broadcast_init(init_shape, b, config)
+  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
+  remat = _remat_default()
+  frozen = dict(shape=shape, hidden=hidden, error=jnp.full((b,), jnp.inf),
+                iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
+  shapes, errors, atts = [], [], []
+  for i, level in enumerate(config.levels):
+    shape, hidden, err, att = stage_forward(config, stage_params(params, i), levels[level],
+                                            shape, hidden, level, float(2 ** level), remat)
     active = ~frozen["done"]
     keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     frozen = dict(
@@ -100,16 +172,15 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
         iterations=frozen["iterations"] + active.astype(jnp.int32),
         done=frozen["done"] | (active & (err < ts)),
     )
-    return (shape, hidden, frozen), (shape, err, att)
+    shapes.append(shape); errors.append(err); atts.append(att)
+  return CascadeOutput(shapes=jnp.stack(shapes), errors=jnp.stack(errors),
+                       attention=jnp.stack(atts), landmarks=frozen["shape"],
+                       estimated_error=frozen["error"], hidden=frozen["hidden"],
+                       iterations=frozen["iterations"], valid=frozen["error"] < tf)
 
-  frozen0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf),
-                 iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
-  (_, _, frozen), (shapes, errors, att) = jax.lax.scan(
-      body, (shape0, hidden0, frozen0), (params, xs))
-  return CascadeOutput(shapes=shapes, errors=errors, attention=att,
-                       landmarks=frozen["shape"], estimated_error=frozen["error"],
-                       hidden=frozen["hidden"], iterations=frozen["iterations"],
-                       valid=frozen["error"] < tf)
+
+def _remat_default() -> bool:
+  return True
 
 
 def run_cascade_unrolled(params, images, init_shape, config: ModelConfig, ts=-np.inf,

@@ -86,6 +86,77 @@ def build_atlas(images: jax.Array, layout: AtlasLayout) -> jax.Array:
   return atlas
 
 
+def window_starts(centres: jax.Array, level, level_size, patch_size: int):
+  """Top-left pixel of each patch's (patch_size+1)^2 window at its level, and the blend.
+
+  Returns (start [..., 2] int32 (x, y) in level-l pixels, clamped to
+  [-PAD, level_size + PAD - window] so that a window far outside reads only the zero
+  border; frac [..., 2] the bilinear weights, shared by every sample of the patch).
+  """
+  scale = jnp.exp2(-jnp.asarray(level).astype(jnp.float32))
+  xy = (centres + 0.5) * scale - 0.5                    # level-l pixels
+  top_left = xy - (patch_size - 1) / 2.0                # first sample of the grid
+  start = jnp.floor(top_left)
+  frac = top_left - start
+  win = patch_size + 1
+  start = jnp.clip(start, -PAD, level_size + PAD - win).astype(jnp.int32)
+  return start, frac
+
+
+def build_levels(images: jax.Array, num_levels: int, group: int = 4) -> list[jax.Array]:
+  """[B, S, S, C] -> [level 0 (the input), level 1, ...], each half the previous.
+
+  Computed in groups of `group` faces (a `lax.map`): at batch 64 this is ~3x faster on
+  the CPU than one pass, whose 20-40 MB intermediates are page-faulting fresh mmaps.
+  """
+  b = images.shape[0]
+  if num_levels == 1:
+    return [images]
+  k = max(1, min(group, b))
+  while b % k:
+    k -= 1
+
+  def pyramid_of(x):
+    out = [x]
+    for _ in range(1, num_levels):
+      out.append(downsample2(out[-1]))
+    return tuple(out[1:])
+
+  if k == b:
+    return [images, *pyramid_of(images)]
+  smaller = jax.lax.map(pyramid_of, images.reshape(b // k, k, *images.shape[1:]))
+  return [images] + [x.reshape(b, *x.shape[2:]) for x in smaller]
+
+
+def pad_level(level: jax.Array) -> jax.Array:
+  """[k, s, s, C] -> [k, s + 2 PAD, s + 2 PAD, C] with a zero border (the atlas border)."""
+  return jnp.pad(level, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+
+
+def gather_patches_cm(padded: jax.Array, face: jax.Array, start: jax.Array, frac: jax.Array,
+                      patch_size: int) -> jax.Array:
+  """Bilinear patches in channel-major, patch-minor layout [C, ps, ps, m].
+
+  Args:
+    padded: [k, s + 2 PAD, s + 2 PAD, C], one pyramid level of k faces (`pad_level`).
+    face: [m] int, the face (index into `padded`) of each patch.
+    start, frac: [m, 2] from `window_starts` (level pixels, (x, y)).
+  Same samples and the same arithmetic as `sample_patches` (one window gather per patch,
+  four constant weights); only the memory layout of the result differs.
+  """
+  c = padded.shape[-1]
+  win = patch_size + 1
+  rows = start[:, 1] + PAD
+  cols = start[:, 0] + PAD
+  w = jax.vmap(lambda f, r, q: jax.lax.dynamic_slice(
+      padded, (f, r, q, 0), (1, win, win, c))[0])(face, rows, cols)   # [m, win, win, C]
+  w = w.transpose(3, 1, 2, 0)                                         # [C, win, win, m]
+  fx, fy = frac[:, 0], frac[:, 1]
+  top = w[:, :-1, :-1] * (1 - fx) + w[:, :-1, 1:] * fx
+  bottom = w[:, 1:, :-1] * (1 - fx) + w[:, 1:, 1:] * fx
+  return top * (1 - fy) + bottom * fy
+
+
 def sample_patches(atlas: jax.Array, centres: jax.Array, level: jax.Array,
                    origin: jax.Array, level_size: jax.Array, patch_size: int) -> jax.Array:
   """Bilinear patches around `centres` from one pyramid level of the atlas.
@@ -101,15 +172,8 @@ def sample_patches(atlas: jax.Array, centres: jax.Array, level: jax.Array,
     [B, P, patch_size, patch_size, C].
   """
   c = atlas.shape[-1]
-  scale = jnp.exp2(-level.astype(jnp.float32))
-  xy = (centres + 0.5) * scale - 0.5                    # level-l pixels
-  top_left = xy - (patch_size - 1) / 2.0                # first sample of the grid
-  start = jnp.floor(top_left)
-  frac = top_left - start
+  start, frac = window_starts(centres, level, level_size, patch_size)
   win = patch_size + 1
-  lo = -PAD
-  hi = level_size + PAD - win
-  start = jnp.clip(start, lo, hi).astype(jnp.int32)
   rows = start[..., 1] + origin[0]
   cols = start[..., 0] + origin[1]
 

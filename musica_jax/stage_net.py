@@ -7,10 +7,19 @@ patches [B, P, 14, 14, 3] + hidden [B, 512]
   -> recurrent: tanh(FC(concat(all P descriptors, hidden) -> 512))
   -> head: linear FC 512 -> 2N displacements (ALL landmarks) + 1 estimated error.
 
-The 3x3 convolutions on 14x14x3 and 6x6x32 inputs are far too small for XLA's
-convolution kernels on CPU (about 7 GFLOP/s here, against ~97 for a matrix product), so
-they are written as one matrix product over extracted 3x3 neighbourhoods (im2col) across
-all patches of all faces. The kernels keep the usual [3, 3, in, out] layout.
+Performance notes (2-core CPU, XLA; measured, see experiments/benchmark.py):
+- The 3x3 convolutions on 14x14x3 and 6x6x32 inputs are far too small for XLA's
+  convolution kernels on CPU, so they are one matrix product over extracted 3x3
+  neighbourhoods (im2col) across many patches. The kernels keep the [3, 3, in, out] layout.
+- The per-patch part runs in a "channel-major, patch-minor" layout [C, H, W, m] (m patches
+  last). Then im2col, pooling, cropping and the bilinear blend only slice *major* axes
+  (contiguous runs of m floats, vectorised), whereas the [m, H, W, C] layout has 3 or 32
+  floats in the minor axis and XLA's CPU loops on it about 5-10x slower. The products are
+  kernel^T [out, 9 in] @ cols [9 in, H'W'm].
+- Callers run `patch_features` on chunks of ~100-200 patches (see cascade.py): every
+  intermediate then stays in cache and under glibc's 32 MB mmap threshold. XLA buffers of
+  32 MB or more are fresh mmaps whose page faults cost about 0.5 ms/MB on this VM, more
+  than the arithmetic.
 """
 from __future__ import annotations
 
@@ -38,18 +47,102 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
   return x.max(axis=(-4, -2))
 
 
-class Conv3x3(nn.Module):
-  """3x3 VALID convolution + bias as a matrix product over im2col columns."""
+# --- channel-major, patch-minor layout [C, H, W, m] -------------------------------------
+
+def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m].
+
+  cols[(dy, dx, c), (y, x, m)] = x[c, y+dy, x+dx, m]: the same (dy, dx, c) order as
+  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere.
+  """
+  cin, h, w, m = x.shape
+  cout = kernel.shape[-1]
+  cols = jnp.stack([x[:, dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
+  cols = cols.reshape(9 * cin, (h - 2) * (w - 2) * m)
+  out = jnp.dot(kernel.reshape(9 * cin, cout).T, cols)
+  return out.reshape(cout, h - 2, w - 2, m) + bias[:, None, None, None]
+
+
+def max_pool2x2_cm(x: jax.Array) -> jax.Array:
+  """[C, H, W, m] -> [C, H//2, W//2, m], stride 2 (odd edges dropped)."""
+  c, h, w, m = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2, m)
+  return x.max(axis=(2, 4))
+
+
+def patch_features(params, patches_cm: jax.Array, use_attention: bool):
+  """Per-patch part of one iteration on patches [C, ps, ps, m] (channel-major).
+
+  Returns (attended descriptors [m, D] in the (y, x, channel) order of StageNet,
+  mean attention [m]). `params` is one stage's parameter dict.
+  """
+  x = jax.nn.relu(conv3x3_cm(patches_cm, params["conv1"]["kernel"], params["conv1"]["bias"]))
+  x = max_pool2x2_cm(x)
+  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"]))
+  pooled = max_pool2x2_cm(c2)
+  h2, w2 = c2.shape[1:3]
+  cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
+  desc = jnp.concatenate([c2[:, cy:cy + 2, cx:cx + 2], pooled[:, :2, :2]], axis=0)  # [2C,2,2,m]
+  desc = desc.transpose(1, 2, 0, 3).reshape(-1, desc.shape[-1])     # [D, m], (y, x, ch)
+  if use_attention:
+    att = params["attention"]
+    a = jax.nn.sigmoid(jnp.dot(att["kernel"].T, desc) + att["bias"][:, None])
+    desc = desc * a
+    attention_mean = a.mean(0)
+  else:
+    attention_mean = jnp.ones(desc.shape[-1], desc.dtype)
+  return desc.T, attention_mean
+
+
+def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Array):
+  """desc [B, P*D] + hidden [B, H] -> (hidden, displacement [B, N, 2], error [B])."""
+  b = desc.shape[0]
+  rec = params["recurrent"]
+  rec_in = jnp.concatenate([desc, hidden.astype(desc.dtype)], axis=-1)
+  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"]))
+  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"])
+  return hidden, out[:, :-1].reshape(b, config.num_landmarks, 2), out[:, -1]
+
+
+def _dense(x, kernel, bias):
+  """x @ kernel + bias with f32 accumulation (kernel may be stored in bf16)."""
+  if kernel.dtype != x.dtype:
+    x = x.astype(kernel.dtype)
+  return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+
+
+def to_channel_major(patches: jax.Array) -> jax.Array:
+  """[B, P, ps, ps, C] -> [C, ps, ps, B*P] (patch index b*P + p)."""
+  b, p, h, w, c = patches.shape
+  return patches.reshape(b * p, h, w, c).transpose(3, 1, 2, 0)
+
+
+# --- the Flax module: declares the parameter tree ---------------------------------------
+
+class _ConvParams(nn.Module):
+  """Declares a 3x3 conv's kernel [3, 3, in, out] and bias (same names as before)."""
   features: int
   init_std: float
 
   @nn.compact
-  def __call__(self, x):
-    cin = x.shape[-1]
+  def __call__(self, cin: int):
     kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
                         (3, 3, cin, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return im2col3x3(x) @ kernel.reshape(9 * cin, self.features) + bias
+    return kernel, bias
+
+
+class _DenseParams(nn.Module):
+  """Declares kernel [in, out] then bias [out], exactly as nn.Dense does (same init)."""
+  features: int
+  init_std: float
+
+  @nn.compact
+  def __call__(self, cin: int):
+    kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
+                        (cin, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return kernel, bias
 
 
 class StageNet(nn.Module):
@@ -59,29 +152,24 @@ class StageNet(nn.Module):
   @nn.compact
   def __call__(self, patches: jax.Array, hidden: jax.Array):
     cfg = self.config
-    dense = lambda n, name: nn.Dense(
-        n, name=name, kernel_init=nn.initializers.truncated_normal(cfg.init_std))
     b, p = patches.shape[:2]
-    x = nn.relu(Conv3x3(cfg.conv_features, cfg.init_std, name="conv1")(patches))
-    x = max_pool2x2(x)
-    c2 = nn.relu(Conv3x3(cfg.conv_features, cfg.init_std, name="conv2")(x))
-    pooled = max_pool2x2(c2)
-    h2, w2 = c2.shape[-3:-1]
-    # Centre 2x2 of conv2 (rows/cols 1:3 of 4x4 at the default patch size).
-    cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
-    centre = c2[..., cy:cy + 2, cx:cx + 2, :]
-    desc = jnp.concatenate([centre, pooled[..., :2, :2, :]], axis=-1).reshape(b, p, -1)
+    c = patches.shape[-1]
+    d = cfg.descriptor_size
+    params = {}
+    params["conv1"] = dict(zip(("kernel", "bias"), _ConvParams(
+        cfg.conv_features, cfg.init_std, name="conv1")(c)))
+    params["conv2"] = dict(zip(("kernel", "bias"), _ConvParams(
+        cfg.conv_features, cfg.init_std, name="conv2")(cfg.conv_features)))
     if cfg.use_attention:
-      attention = nn.sigmoid(dense(desc.shape[-1], "attention")(desc))
-      desc = desc * attention
-      attention_mean = attention.mean(-1)
-    else:
-      attention_mean = jnp.ones((b, p), desc.dtype)
-    rec_in = jnp.concatenate([desc.reshape(b, -1), hidden], axis=-1)
-    hidden = jnp.tanh(dense(cfg.hidden_size, "recurrent")(rec_in))
-    out = dense(2 * cfg.num_landmarks + 1, "head")(hidden)
-    displacement = out[:, :-1].reshape(b, cfg.num_landmarks, 2)
-    return hidden, displacement, out[:, -1], attention_mean
+      params["attention"] = dict(zip(("kernel", "bias"), _DenseParams(
+          d, cfg.init_std, name="attention")(d)))
+    params["recurrent"] = dict(zip(("kernel", "bias"), _DenseParams(
+        cfg.hidden_size, cfg.init_std, name="recurrent")(p * d + hidden.shape[-1])))
+    params["head"] = dict(zip(("kernel", "bias"), _DenseParams(
+        2 * cfg.num_landmarks + 1, cfg.init_std, name="head")(cfg.hidden_size)))
+    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention)
+    hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden)
+    return hidden, displacement, error, attention_mean.reshape(b, p)
 
 
 def init_stacked(key: jax.Array, config: ModelConfig) -> Any:

@@ -1,0 +1,420 @@
+r"""Side by side on 300W: dlib's ERT 68-point model (Kazemi & Sullivan 2014) and, with
+--workdir, a MuSiCa model, under one protocol.
+
+  pip install -e '.[peers]'        # dlib-bin + face-recognition-models
+  python -m experiments.compare_dlib --data_dir=../shared/data/300w \
+      --output_json=results/compare_dlib.json [--workdir=W [--checkpoint=STEP]]
+  (or --flagfile=300w68.flags --workdir=W --output_json=...; --eval_split=common default)
+
+Protocol (issue 6). Both methods get a face box derived from the ground-truth landmarks.
+dlib's shape model was trained on boxes of dlib's HOG face detector, which sit differently
+on the face than a landmark box (larger, lower), so the landmark box is first mapped to
+dlib's box convention with a linear fit learned on the 300W TRAINING faces where the HOG
+detector finds the face (detector box vs landmark box):
+    det_cx = cx + a * w          det_w = c * w + d * h
+    det_cy = cy + b * h          det_h = e * w + f * h
+(cx, cy, w, h: centre and size of the landmark box; least squares per line; translation
+and scale equivariant). dlib then runs on the common test split (554 faces) from the
+mapped box (rounded to dlib's integer rectangle). MuSiCa runs from the landmark box itself
+(its training convention), via the same evaluation code as experiments.evaluate.
+
+Metrics (musica_jax.metrics): NME inter-pupil (eye centres; the paper's convention) and
+inter-ocular (outer eye corners), FR and AUC at 0.08 / 0.10 of the inter-ocular NME, and
+dlib's speed (ms per face of the shape predictor, single thread, this machine).
+
+Note: dlib's 68-point model was trained on the 300W training faces (iBUG's release); its
+licence restricts the model to non-commercial use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import common
+from musica_jax import metrics
+from musica_jax import schemes
+
+FLAGS = flags.FLAGS
+DLIB_MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
+INSTALL_HINT = ("install the optional peers extra: pip install 'musica-jax[peers]' "
+                "(dlib-bin and face-recognition-models)")
+
+
+def _define(kind, name, default, help_):
+  if name not in FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_)
+
+
+def define_flags():
+  """The flags of this entry point (defined when run as a program, so importing the
+  module for its functions defines none). The data flags (--data_dir, --eval_split,
+  --eval_batch_size, --tfds_dir, ...) are data_pipelines.flags', so the 300w flagfiles
+  work here."""
+  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
+  _define("string", "output_json", None, "Where to write the side-by-side JSON.")
+  _define("string", "checkpoint", "latest", "With --workdir: checkpoint step, or 'latest'.")
+  _define("string", "box_fit_json", None, "Reuse the box fit from an earlier output JSON "
+          "(skips running the detector on the training set).")
+  _define("integer", "fit_max_faces", 0, "Use at most this many training faces for the box "
+          "fit (0 = all; for quick checks).")
+  _define("integer", "max_faces", 0, "Evaluate at most this many faces (0 = all; quick checks).")
+
+
+# ---------------------------------------------------------------------------------------
+# dlib.
+
+
+def find_dlib_model() -> pathlib.Path:
+  """shape_predictor_68_face_landmarks.dat of the face-recognition-models package, found
+  without importing it (it imports pkg_resources)."""
+  spec = importlib.util.find_spec("face_recognition_models")
+  if spec is None:
+    raise ImportError(f"face_recognition_models is not installed: {INSTALL_HINT}")
+  dirs = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
+  for d in dirs:
+    path = pathlib.Path(d) / "models" / DLIB_MODEL_FILE
+    if path.is_file():
+      return path
+  raise FileNotFoundError(f"{DLIB_MODEL_FILE} not found under {dirs} (face_recognition_models "
+                          f"installed without its models?)")
+
+
+def import_dlib():
+  try:
+    import dlib  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(f"dlib is not installed: {INSTALL_HINT}") from e
+  return dlib
+
+
+# ---------------------------------------------------------------------------------------
+# The box mapping.
+
+
+def _cwh(boxes):
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  c = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+  s = boxes[:, 2:] - boxes[:, :2]
+  return c, s
+
+
+@dataclasses.dataclass
+class BoxMapping:
+  """landmark box -> detector-convention box (see the module docstring)."""
+  a: float = 0.0
+  b: float = 0.0
+  c: float = 1.0
+  d: float = 0.0
+  e: float = 0.0
+  f: float = 1.0
+  faces: int = 0
+  residual_rms: float = 0.0    # RMS residual of the fit, in units of the landmark box size
+
+  def apply(self, boxes) -> np.ndarray:
+    (cx, cy), (w, h) = (v.T for v in _cwh(boxes))
+    dcx, dcy = cx + self.a * w, cy + self.b * h
+    dw, dh = self.c * w + self.d * h, self.e * w + self.f * h
+    return np.stack([dcx - dw / 2, dcy - dh / 2, dcx + dw / 2, dcy + dh / 2], -1)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def fit_box_mapping(landmark_boxes, detector_boxes) -> BoxMapping:
+  """Least-squares fit of the mapping on paired boxes [M, 4] (x0, y0, x1, y1)."""
+  lb = np.asarray(landmark_boxes, np.float64).reshape(-1, 4)
+  db = np.asarray(detector_boxes, np.float64).reshape(-1, 4)
+  if len(lb) != len(db):
+    raise ValueError(f"{len(lb)} landmark boxes but {len(db)} detector boxes")
+  if len(lb) < 3:
+    raise ValueError(f"need at least 3 box pairs to fit the mapping, got {len(lb)}")
+  (cx, cy), (w, h) = (v.T for v in _cwh(lb))
+  (dcx, dcy), (dw, dh) = (v.T for v in _cwh(db))
+  if np.any(w <= 0) or np.any(h <= 0):
+    raise ValueError("landmark boxes must have positive width and height")
+  # Centre offsets in units of the box size: one parameter each (mean of the ratios in the
+  # least-squares sense).
+  a = float(np.sum((dcx - cx) * w) / np.sum(w * w))
+  b = float(np.sum((dcy - cy) * h) / np.sum(h * h))
+  wh = np.stack([w, h], -1)
+  (c, d), *_ = np.linalg.lstsq(wh, dw, rcond=None)
+  (e, f), *_ = np.linalg.lstsq(wh, dh, rcond=None)
+  m = BoxMapping(a, b, float(c), float(d), float(e), float(f), faces=len(lb))
+  size = np.sqrt(w * h)[:, None]
+  m.residual_rms = float(np.sqrt(np.mean(((m.apply(lb) - db) / size) ** 2)))
+  return m
+
+
+def iou(box, boxes) -> np.ndarray:
+  box = np.asarray(box, np.float64)
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  x0 = np.maximum(box[0], boxes[:, 0]); y0 = np.maximum(box[1], boxes[:, 1])
+  x1 = np.minimum(box[2], boxes[:, 2]); y1 = np.minimum(box[3], boxes[:, 3])
+  inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  return inter / (area(box) + area(boxes) - inter)
+
+
+def match_detection(landmark_box, detections, min_iou: float = 0.3):
+  """Index of the detection that is this face (largest IoU >= min_iou), or None."""
+  if len(detections) == 0:
+    return None
+  overlaps = iou(landmark_box, detections)
+  k = int(np.argmax(overlaps))
+  return k if overlaps[k] >= min_iou else None
+
+
+def _rect_to_box(r) -> list[float]:
+  return [float(r.left()), float(r.top()), float(r.right()), float(r.bottom())]
+
+
+def _box_to_rect(dlib, box):
+  x0, y0, x1, y1 = (int(round(v)) for v in box)
+  return dlib.rectangle(x0, y0, x1, y1)
+
+
+def load_rgb(path) -> np.ndarray:
+  from PIL import Image  # noqa: PLC0415
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
+  """HOG detections matched to the training faces: {"landmark_boxes", "detector_boxes",
+  "found", "missed", "seconds"}. Upsampling 0 first; 1 when nothing matched."""
+  detector = dlib.get_frontal_face_detector()
+  lbs, dbs, missed = [], [], 0
+  t0 = time.perf_counter()
+  for item in items:
+    image = load_rgb(item.image_path)
+    k, dets = None, []
+    for upsample in ((0, 1) if upsample_retry else (0,)):
+      dets = [_rect_to_box(r) for r in detector(image, upsample)]
+      k = match_detection(item.box, dets)
+      if k is not None:
+        break
+    if k is None:
+      missed += 1
+      continue
+    lbs.append(np.asarray(item.box, np.float64))
+    dbs.append(dets[k])
+  return {"landmark_boxes": np.asarray(lbs).reshape(-1, 4),
+          "detector_boxes": np.asarray(dbs).reshape(-1, 4), "found": len(lbs),
+          "missed": missed, "seconds": time.perf_counter() - t0}
+
+
+def run_dlib(dlib, predictor, items, mapping: BoxMapping) -> tuple[np.ndarray, float]:
+  """dlib landmarks [M, 68, 2] (0-based pixels) from the mapped landmark boxes, and the
+  shape predictor's mean milliseconds per face."""
+  out, seconds = [], 0.0
+  boxes = mapping.apply(np.stack([it.box for it in items]))
+  for item, box in zip(items, boxes):
+    image = load_rgb(item.image_path)
+    rect = _box_to_rect(dlib, box)
+    t0 = time.perf_counter()
+    shape = predictor(image, rect)
+    seconds += time.perf_counter() - t0
+    out.append([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)])
+  return np.asarray(out, np.float64), 1e3 * seconds / max(len(items), 1)
+
+
+def summarise(pred, gt, scheme=schemes.IBUG68) -> tuple[dict, np.ndarray]:
+  """NME (percent) both ways, FR/AUC on the inter-ocular NME; per face for matching."""
+  pred = np.asarray(pred, np.float64)
+  gt = np.asarray(gt, np.float64)
+  ip = np.asarray(metrics.per_face_nme(pred, gt, scheme, "interpupil"))
+  io = np.asarray(metrics.per_face_nme(pred, gt, scheme, "interocular"))
+  out = {"faces": int(len(gt)), "nme_interpupil": float(ip.mean() * 100),
+         "nme_interocular": float(io.mean() * 100)}
+  for t in (0.08, 0.10):
+    key = f"{int(round(t * 100)):03d}"
+    out[f"fr_{key}"] = metrics.failure_rate(io, t)
+    out[f"auc_{key}"] = metrics.auc(io, t)
+  return out, io
+
+
+# ---------------------------------------------------------------------------------------
+# Data.
+
+
+# 300W folders and the named splits made of them (as data_pipelines.sources; kept here so
+# the dlib row needs no TensorFlow).
+FOLDERS = {"lfpw_trainset": "lfpw/trainset", "helen_trainset": "helen/trainset", "afw": "afw",
+           "lfpw_testset": "lfpw/testset", "helen_testset": "helen/testset", "ibug": "ibug"}
+SPLITS = {"train": ("lfpw_trainset", "helen_trainset", "afw"),
+          "common": ("lfpw_testset", "helen_testset"), "challenging": ("ibug",),
+          "full": ("lfpw_testset", "helen_testset", "ibug")}
+
+
+@dataclasses.dataclass
+class Face:
+  file_id: str                 # image path relative to the data dir, without extension
+  image_path: str
+  landmarks: np.ndarray        # [68, 2] 0-based
+  box: np.ndarray              # [4] landmark box
+
+
+def split_items(data_dir: str, name: str) -> list[Face]:
+  """The annotated faces (image + .pts beside it) of a 300W split, sorted by file_id (the
+  order and ids of data_pipelines' prepared data)."""
+  from experiments.predict import read_pts  # noqa: PLC0415
+  parts = SPLITS.get(name, (name,) if name in FOLDERS else None)
+  if parts is None:
+    raise app.UsageError(f"unknown 300W split {name!r}; known: {sorted(SPLITS)} + "
+                         f"{sorted(FOLDERS)}")
+  faces = []
+  for part in parts:
+    folder = os.path.join(data_dir, FOLDERS[part])
+    if not os.path.isdir(folder):
+      raise app.UsageError(f"split {name!r} needs {FOLDERS[part]}, not found under {data_dir}")
+    for dirpath, dirnames, filenames in os.walk(folder):
+      dirnames.sort()
+      for f in sorted(filenames):
+        stem, ext = os.path.splitext(f)
+        pts = os.path.join(dirpath, stem + ".pts")
+        if ext.lower() not in (".jpg", ".jpeg", ".png", ".bmp") or not os.path.exists(pts):
+          continue
+        path = os.path.join(dirpath, f)
+        lm = read_pts(pts)
+        if lm.shape != (68, 2):
+          raise ValueError(f"{pts}: {lm.shape[0]} points, 68 expected")
+        faces.append(Face(os.path.splitext(os.path.relpath(path, data_dir))[0], path, lm,
+                          np.concatenate([lm.min(0), lm.max(0)])))
+  if not faces:
+    raise app.UsageError(f"split {name!r}: no annotated faces under {data_dir}")
+  return sorted(faces, key=lambda it: it.file_id)
+
+
+def musica_row(workdir, checkpoint, data_dir, split, items, eval_batch_size, tfds_dir) -> dict:
+  """The MuSiCa model on the same faces, through the evaluation code of
+  experiments.evaluate (tf.data crop from the landmark box)."""
+  import jax  # noqa: PLC0415
+  from data_pipelines import config as data_config  # noqa: PLC0415
+  from experiments import eval_lib  # noqa: PLC0415
+  from musica_jax import parallel  # noqa: PLC0415
+  from musica_jax import predictor as predictor_lib  # noqa: PLC0415
+  params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
+  mesh = parallel.make_mesh()
+  params = parallel.replicate(params, mesh)
+  dcfg = data_config.DataConfig(dataset="ibug300w", data_dir=data_dir, tfds_dir=tfds_dir,
+                                eval_split=split, eval_batch_size=eval_batch_size)
+  t0 = time.perf_counter()
+  per = eval_lib.run_split(params, dcfg, split, cfg, schemes.IBUG68, mean_shape, mesh,
+                           keep_landmarks=True)
+  seconds = time.perf_counter() - t0
+  ids = [f.decode() if isinstance(f, bytes) else str(f) for f in per["file_id"]]
+  want = [it.file_id for it in items]
+  keep = np.isin(ids, want)
+  if [i for i, k in zip(ids, keep) if k] != want:
+    raise RuntimeError(f"MuSiCa evaluation of {split!r} does not hold the same faces as the "
+                       f"dlib row ({int(keep.sum())} of {len(want)} matched)")
+  ip = per["nme_interpupil_per_iteration"][-1][keep]
+  io = per["nme_interocular_per_iteration"][-1][keep]
+  row = {"method": f"MuSiCa ({cfg.num_landmarks} pts / {cfg.num_patches} patches)",
+         "workdir": info["workdir"], "checkpoint_step": info["checkpoint_step"],
+         "box": "landmark box (the model's training convention)",
+         "faces": int(keep.sum()), "nme_interpupil": float(ip.mean() * 100),
+         "nme_interocular": float(io.mean() * 100),
+         "nme_interpupil_per_iteration": [float(x[keep].mean() * 100)
+                                          for x in per["nme_interpupil_per_iteration"]],
+         "seconds_including_compile": seconds, "device": str(jax.devices()[0].platform)}
+  for t in (0.08, 0.10):
+    key = f"{int(round(t * 100)):03d}"
+    row[f"fr_{key}"] = metrics.failure_rate(io, t)
+    row[f"auc_{key}"] = metrics.auc(io, t)
+  return row
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def compare(data_dir: str, output_json: str | None, split: str = "common",
+            workdir: str | None = None, checkpoint: str = "latest",
+            box_fit_json: str | None = None, fit_max_faces: int = 0, max_faces: int = 0,
+            eval_batch_size: int = 64, tfds_dir: str = "") -> dict:
+  dlib = import_dlib()
+  model_path = find_dlib_model()
+  result = {"protocol": "face box from the ground-truth landmarks; dlib gets it mapped to "
+                        "its HOG-detector box convention by a linear fit on the 300W "
+                        "training faces the detector finds",
+            "data_dir": os.path.abspath(data_dir), "split": split,
+            "command": "python -m experiments.compare_dlib " + " ".join(sys.argv[1:]),
+            "fr_auc_normalisation": "interocular", "rows": []}
+
+  if box_fit_json:
+    try:
+      fit = json.loads(pathlib.Path(box_fit_json).read_text())["box_fit"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+      raise app.UsageError(f"--box_fit_json={box_fit_json}: no box_fit in it ({e})") from e
+    mapping = BoxMapping(**fit["mapping"])
+    result["box_fit"] = dict(fit, reused_from=os.path.abspath(box_fit_json))
+  else:
+    train = split_items(data_dir, "train")
+    if fit_max_faces:
+      train = train[::max(1, len(train) // fit_max_faces)][:fit_max_faces]
+    det = detect_training_boxes(dlib, train)
+    mapping = fit_box_mapping(det["landmark_boxes"], det["detector_boxes"])
+    result["box_fit"] = {"mapping": mapping.to_json(), "train_faces": len(train),
+                         "detector_found": det["found"], "detector_missed": det["missed"],
+                         "detector": "dlib.get_frontal_face_detector (HOG), upsample 0, "
+                                     "retry with 1; match IoU >= 0.3",
+                         "detector_seconds": det["seconds"]}
+    print(f"box fit on {det['found']} training faces (HOG missed {det['missed']}): "
+          f"{mapping.to_json()}")
+
+  items = split_items(data_dir, split)
+  if max_faces:
+    items = items[:max_faces]
+  gt = np.stack([it.landmarks for it in items]).astype(np.float64)
+  sp = dlib.shape_predictor(str(model_path))
+  pred, ms = run_dlib(dlib, sp, items, mapping)
+  row, io = summarise(pred, gt)
+  row = {"method": "dlib ERT 68 (shape_predictor_68_face_landmarks.dat)",
+         "dlib_version": getattr(dlib, "__version__", "?"), "model_file": str(model_path),
+         "box": "landmark box mapped by box_fit, rounded to dlib.rectangle", **row,
+         "ms_per_face": ms, "timing": "shape predictor call only, 1 thread, CPU"}
+  result["rows"].append(row)
+  print(f"dlib on {split} ({row['faces']} faces): NME inter-pupil {row['nme_interpupil']:.2f}% "
+        f"inter-ocular {row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
+        f"AUC@0.08 {row['auc_008']:.4f}; {ms:.2f} ms/face")
+  if workdir:
+    m = musica_row(workdir, checkpoint, data_dir, split, items, eval_batch_size, tfds_dir)
+    result["rows"].append(m)
+    print(f"{m['method']} on {split} ({m['faces']} faces): NME inter-pupil "
+          f"{m['nme_interpupil']:.2f}% inter-ocular {m['nme_interocular']:.2f}% FR@0.08 "
+          f"{m['fr_008'] * 100:.2f}% AUC@0.08 {m['auc_008']:.4f}")
+  if output_json:
+    common.atomic_write_text(output_json, json.dumps(result, indent=2))
+    print(f"wrote {output_json}")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_libraries()
+  if not FLAGS.data_dir:
+    raise app.UsageError("--data_dir is required (300W in the official layout; or "
+                         "--flagfile=300w68.flags)")
+  if not os.path.isdir(FLAGS.data_dir):
+    raise app.UsageError(f"--data_dir={FLAGS.data_dir}: not a directory")
+  try:
+    compare(FLAGS.data_dir, FLAGS.output_json, FLAGS.eval_split, FLAGS.workdir, FLAGS.checkpoint,
+            FLAGS.box_fit_json, FLAGS.fit_max_faces, FLAGS.max_faces, FLAGS.eval_batch_size,
+            FLAGS.tfds_dir)
+  except ImportError as e:
+    raise app.UsageError(str(e)) from e
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

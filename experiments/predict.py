@@ -1,0 +1,299 @@
+r"""Landmarks for faces in photos, with an overlay PNG and a JSON (no TensorFlow).
+
+  python -m experiments.predict --image=face.jpg --box=x0,y0,x1,y1 --output=overlay.png \
+      --output_json=pred.json [--workdir=W [--checkpoint=STEP] | --model=DIR] [--ts=.. --tf=..]
+
+Model: --model=DIR (written by experiments.export_model), or --workdir=W (a training run's
+EMA weights), or else the package's default model (musica_jax/default_model/).
+
+Images: --image=PATH (repeat it, or a comma-separated list) and/or --image_dir=DIR (every
+.jpg/.jpeg/.png/.bmp in it, sorted). Boxes (x0,y0,x1,y1 in image pixels, 0-based):
+  --box=...            once: the same box for every image; or once per image, in order.
+                       Several faces in one image: boxes separated by ';'.
+  --box_from_pts       the landmark box of the .pts file beside each image (300W layout);
+                       images given without --box use it.
+Output: --output is a .png/.jpg file for one image, else a directory that gets
+<image name>.overlay.png per image. The overlay draws the box and the landmarks (green:
+valid, red: estimated error >= --tf) and prints the estimated error and the iterations
+used. --output_json gets every face's landmarks, estimated error, iterations and valid flag.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+
+from experiments import common  # noqa: F401  (defines --workdir)
+from musica_jax import predictor as predictor_lib
+
+FLAGS = flags.FLAGS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _define(kind, name, default, help_):
+  """Defines a flag unless another entry point imported in this process already did."""
+  if name not in FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_)
+
+
+def define_flags():
+  """The flags of this entry point (defined when run as a program, so importing the
+  module for its functions defines none)."""
+  _define("multi_string", "image", [], "Image path(s): repeat the flag or give a comma list.")
+  _define("string", "image_dir", None, "Folder of images (.jpg/.jpeg/.png/.bmp), sorted.")
+  _define("multi_string", "box", [], "Face box x0,y0,x1,y1 (several per image: ';'-separated); "
+          "once for all images or once per image.")
+  _define("boolean", "box_from_pts", False, "Use the landmark box of the .pts beside each "
+          "image when it has no --box.")
+  _define("string", "model", None, "Exported model directory (experiments.export_model).")
+  _define("string", "checkpoint", "latest", "With --workdir: checkpoint step, or 'latest'.")
+  _define("string", "output", None, "Overlay: a .png/.jpg file (one image) or a directory.")
+  _define("string", "output_json", None, "Where to write the predictions (JSON).")
+  _define("float", "ts", None, "Early exit: success threshold on the estimated error.")
+  _define("float", "tf", None, "Failure threshold: faces with estimated error >= tf are invalid.")
+  _define("integer", "max_batch", 64, "Faces per cascade call (a power of two).")
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs.
+
+
+def read_pts(path) -> np.ndarray:
+  """Landmarks [N, 2] of an iBUG .pts file, 0-based (the file is 1-based)."""
+  text = pathlib.Path(path).read_text()
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  try:
+    start, end = lines.index("{"), lines.index("}")
+    pts = np.array([[float(v) for v in l.split()] for l in lines[start + 1:end]], np.float64)
+  except (ValueError, IndexError) as e:
+    raise ValueError(f"{path}: not a .pts file ({{ x y lines }} expected): {e}") from e
+  if pts.ndim != 2 or pts.shape[1] != 2 or not len(pts) or not np.all(np.isfinite(pts)):
+    raise ValueError(f"{path}: not a .pts file (expected lines of two numbers)")
+  return pts - 1.0
+
+
+def load_image(path: str) -> np.ndarray:
+  """RGB uint8 [H, W, 3]; a clear error naming the file when it cannot be read."""
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise app.UsageError(f"--image={path}: no such file")
+  if not p.is_file():
+    raise app.UsageError(f"--image={path}: not a file")
+  try:
+    return predictor_lib.read_image(p)
+  except Exception as e:  # noqa: BLE001 - PIL raises many kinds for corrupt files
+    raise app.UsageError(f"--image={path}: cannot read it as an image "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def parse_boxes(text: str, flag: str = "--box") -> np.ndarray:
+  """'x0,y0,x1,y1[;x0,y0,x1,y1...]' -> [K, 4]."""
+  boxes = []
+  for part in text.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    try:
+      vals = [float(v) for v in part.split(",")]
+    except ValueError as e:
+      raise app.UsageError(f"{flag}={text}: numbers x0,y0,x1,y1 expected ({e})") from e
+    if len(vals) != 4:
+      raise app.UsageError(f"{flag}={text}: 4 numbers x0,y0,x1,y1 per box, got {len(vals)}")
+    boxes.append(vals)
+  if not boxes:
+    raise app.UsageError(f"{flag}: empty")
+  return np.asarray(boxes, np.float64)
+
+
+def image_paths(images: list[str], image_dir: str | None) -> list[str]:
+  paths = [p.strip() for arg in images for p in arg.split(",") if p.strip()]
+  if image_dir:
+    d = pathlib.Path(image_dir)
+    if not d.is_dir():
+      raise app.UsageError(f"--image_dir={image_dir}: not a directory")
+    found = sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+      raise app.UsageError(f"--image_dir={image_dir}: no {'/'.join(IMAGE_EXTENSIONS)} files")
+    paths += found
+  if not paths:
+    raise app.UsageError("give --image=PATH (repeatable, or a comma list) or --image_dir=DIR")
+  return paths
+
+
+def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np.ndarray]:
+  """Per image [K, 4] boxes from --box / --box_from_pts."""
+  given = [parse_boxes(b) for b in box_flags]
+  if len(given) not in (0, 1, len(paths)):
+    raise app.UsageError(f"--box given {len(given)} times for {len(paths)} images: give it "
+                         f"once (same box for all) or once per image")
+  out = []
+  for i, path in enumerate(paths):
+    if given:
+      out.append(given[0] if len(given) == 1 else given[i])
+      continue
+    if not from_pts:
+      raise app.UsageError(f"no face box for {path}: give --box=x0,y0,x1,y1 or "
+                           f"--box_from_pts (with a .pts file beside the image)")
+    pts_path = os.path.splitext(path)[0] + ".pts"
+    if not os.path.exists(pts_path):
+      raise app.UsageError(f"--box_from_pts: {pts_path} not found (no --box for {path})")
+    try:
+      pts = read_pts(pts_path)
+    except ValueError as e:
+      raise app.UsageError(f"--box_from_pts: {e}") from e
+    out.append(np.concatenate([pts.min(0), pts.max(0)])[None])
+  return out
+
+
+def load_predictor(workdir, model, checkpoint="latest", max_batch=64):
+  if workdir and model:
+    raise app.UsageError("give --workdir or --model, not both")
+  try:
+    if model:
+      return predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch)
+    if workdir:
+      return predictor_lib.Predictor.from_workdir(workdir, checkpoint, max_batch=max_batch)
+    return predictor_lib.Predictor.default(max_batch=max_batch)
+  except predictor_lib.NoDefaultModelError as e:
+    raise app.UsageError(f"no --model or --workdir given, and {e}") from e
+  except (FileNotFoundError, ValueError) as e:
+    flag = f"--model={model}" if model else f"--workdir={workdir}"
+    raise app.UsageError(f"{flag}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Overlay.
+
+
+def _font(size):
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow < 10.1
+    return ImageFont.load_default()
+
+
+def draw_overlay(image: np.ndarray, pred: predictor_lib.Prediction, num_iterations: int,
+                 title: str = "", min_side: int = 512) -> Image.Image:
+  """The photo (enlarged so its shorter side is at least min_side) with each face's box,
+  landmarks and a label "err E  it I/S"."""
+  h, w = image.shape[:2]
+  k = max(1.0, min_side / min(h, w))
+  im = Image.fromarray(image).resize((round(w * k), round(h * k)), Image.BILINEAR) \
+      if k > 1 else Image.fromarray(image)
+  draw = ImageDraw.Draw(im)
+  font = _font(max(12, round(im.height / 40)))
+  to_px = lambda p: ((p[..., 0] + 0.5) * k - 0.5, (p[..., 1] + 0.5) * k - 0.5)
+  r = max(1.5, im.height / 260)
+  for f in range(len(pred)):
+    colour = (40, 230, 40) if pred.valid[f] else (240, 40, 40)
+    x0, y0 = to_px(pred.boxes[f, :2])
+    x1, y1 = to_px(pred.boxes[f, 2:])
+    draw.rectangle([x0, y0, x1, y1], outline=(255, 220, 0), width=max(1, round(r / 1.5)))
+    xs, ys = to_px(pred.landmarks[f])
+    for x, y in zip(xs, ys):
+      draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+    label = (f"err {pred.estimated_error[f]:.3f}  it {int(pred.iterations[f])}/{num_iterations}"
+             + ("" if pred.valid[f] else "  INVALID"))
+    ty = y0 - font.size - 6 if y0 - font.size - 6 > 0 else y1 + 4
+    box = draw.textbbox((x0, ty), label, font=font)
+    draw.rectangle([box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3], fill=(0, 0, 0))
+    draw.text((x0, ty), label, fill=colour, font=font)
+  if title:
+    box = draw.textbbox((4, 4), title, font=font)
+    draw.rectangle([0, 0, box[2] + 4, box[3] + 4], fill=(0, 0, 0))
+    draw.text((4, 4), title, fill=(255, 255, 255), font=font)
+  return im
+
+
+def overlay_paths(paths: list[str], output: str | None) -> list[pathlib.Path | None]:
+  if not output:
+    return [None] * len(paths)
+  out = pathlib.Path(output)
+  if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
+    if len(paths) > 1:
+      raise app.UsageError(f"--output={output} is one file but there are {len(paths)} "
+                           f"images: give a directory")
+    return [out]
+  names = [pathlib.Path(p).stem for p in paths]
+  dupes = {n for n in names if names.count(n) > 1}
+  return [out / (f"{n}_{i}.overlay.png" if n in dupes else f"{n}.overlay.png")
+          for i, n in enumerate(names)]
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def load_inputs(paths, boxes) -> list[np.ndarray]:
+  """The images, with every box checked against its image (errors name file and flag)."""
+  images = [load_image(p) for p in paths]
+  for path, image, b in zip(paths, images, boxes):
+    for k in range(len(b)):
+      try:
+        predictor_lib.check_box_in_image(b[k], image.shape, f"--box for {path}")
+      except ValueError as e:
+        raise app.UsageError(str(e)) from e
+  return images
+
+
+def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
+        images=None) -> dict:
+  if images is None:
+    images = load_inputs(paths, boxes)
+  ts_v = -np.inf if ts is None else ts
+  tf_v = np.inf if tf is None else tf
+  t0 = time.perf_counter()
+  pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v)
+  seconds = time.perf_counter() - t0
+  stages = pred_obj.model_config.num_stages
+  faces = pred.to_json()
+  result = {"model": pred_obj.metadata, "ts": ts, "tf": tf, "num_iterations": stages,
+            "seconds_including_compile": seconds, "images": []}
+  for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):
+    mine = pred.for_image(i)
+    entry = {"image": os.path.abspath(path), "height": int(images[i].shape[0]),
+             "width": int(images[i].shape[1]),
+             "faces": [{k: v for k, v in f.items() if k != "image_index"}
+                       for f in faces if f["image_index"] == i]}
+    if out_png is not None:
+      out_png.parent.mkdir(parents=True, exist_ok=True)
+      title = f"{pathlib.Path(path).name}  ({mine.landmarks.shape[1]} pts, max {stages} it)"
+      draw_overlay(images[i], mine, stages, title).save(out_png)
+      entry["overlay"] = str(out_png)
+    result["images"].append(entry)
+    for f in entry["faces"]:
+      print(f"{path}: box {[round(v, 1) for v in f['box']]} estimated error "
+            f"{f['estimated_error']:.4f} iterations {f['iterations']}/{stages} "
+            f"valid {f['valid']}" + (f" -> {out_png}" if out_png else ""))
+  if output_json:
+    common.atomic_write_text(output_json, json.dumps(result, indent=1))
+    print(f"wrote {output_json}")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_libraries()
+  paths = image_paths(FLAGS.image, FLAGS.image_dir)
+  boxes = boxes_for(paths, FLAGS.box, FLAGS.box_from_pts)
+  if not FLAGS.output and not FLAGS.output_json:
+    print("note: neither --output nor --output_json given; printing only")
+  images = load_inputs(paths, boxes)
+  pred_obj = load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint, FLAGS.max_batch)
+  run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output, FLAGS.output_json, images)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

@@ -1,0 +1,213 @@
+"""A compact, self-contained exported model: one directory, two files.
+
+    <dir>/model.json   format tag and version, ModelConfig, mean shape [N, 2] (crop
+                       pixels), parameter dtype, per-array shapes, a SHA-256 of the
+                       parameter file, and free-form metadata (training run, evaluation).
+    <dir>/params.npz   the stacked stage parameters, one array per leaf, keyed by its path
+                       ("conv1/kernel", ...). bfloat16 storage keeps the raw 16-bit words
+                       (uint16) because .npz has no bfloat16; `load_model` turns them back
+                       into float32.
+
+No TensorFlow, no orbax: numpy + JAX only. `load_model` checks every array against the
+shapes a fresh `stage_net.init_stacked` would make for the stored config, so a file that
+does not match its config is refused with a message naming the array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from musica_jax import stage_net
+from musica_jax.config import ModelConfig
+
+FORMAT = "musica-jax-model"
+VERSION = 1
+CONFIG_FILE = "model.json"
+PARAMS_FILE = "params.npz"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  params: Any                 # stacked stage parameters (float32 numpy arrays)
+  model_config: ModelConfig
+  mean_shape: np.ndarray      # float32 [N, 2], crop pixels: the cascade's initial shape
+  metadata: dict
+  dtype: str                  # storage dtype of the parameters
+  path: str
+
+
+def _key(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def param_template(model_config: ModelConfig):
+  """Abstract (shape/dtype) parameter tree of a model with this config."""
+  return jax.eval_shape(functools.partial(stage_net.init_stacked, config=model_config),
+                        jax.random.key(0))
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {_key(p): np.asarray(jax.device_get(v)) for p, v in leaves}
+
+
+def _sha256(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _jsonable(x):
+  """Metadata values -> plain JSON (numpy scalars/arrays, tuples, paths)."""
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, pathlib.PurePath):
+    return str(x)
+  return x
+
+
+def save_model(path, params, model_config: ModelConfig, mean_shape, metadata: dict | None = None,
+               dtype: str = "float32") -> pathlib.Path:
+  """Writes the model directory `path` (created; existing model files are replaced).
+
+  params: the stacked stage parameters (e.g. the EMA parameters of a checkpoint).
+  mean_shape: [N, 2] initial shape in crop pixels.
+  dtype: "float32" or "bfloat16" (half the size; check the NME before shipping it).
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if not isinstance(model_config, ModelConfig):
+    raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
+  mean_shape = np.asarray(mean_shape, np.float32)
+  if mean_shape.shape != (model_config.num_landmarks, 2) or not np.all(np.isfinite(mean_shape)):
+    raise ValueError(f"mean_shape must be finite [{model_config.num_landmarks}, 2], got "
+                     f"{mean_shape.shape}")
+  flat = flatten_params(params)
+  expected = {_key(p): tuple(v.shape)
+              for p, v in jax.tree_util.tree_flatten_with_path(param_template(model_config))[0]}
+  _check_arrays({k: v.shape for k, v in flat.items()}, expected, "params")
+  stored, shapes = {}, {}
+  for k, v in flat.items():
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"params: {k} has non-finite values; refusing to export")
+    v32 = v.astype(np.float32)
+    shapes[k] = list(v32.shape)
+    stored[k] = v32.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else v32
+
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=out, prefix=".params.", suffix=".npz")
+  os.close(fd)
+  np.savez(tmp, **stored)
+  digest = _sha256(tmp)
+  os.replace(tmp, out / PARAMS_FILE)
+  info = {
+      "format": FORMAT, "version": VERSION,
+      "model_config": dataclasses.asdict(model_config),
+      "mean_shape": mean_shape.astype(np.float64).tolist(),
+      "param_dtype": dtype, "param_shapes": shapes,
+      "params_sha256": digest,
+      "num_parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
+      "metadata": _jsonable(metadata or {}),
+  }
+  fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(info, f, indent=1)
+  os.replace(tmp, out / CONFIG_FILE)
+  return out
+
+
+def _check_arrays(got: dict, expected: dict, where: str) -> None:
+  missing = sorted(set(expected) - set(got))
+  extra = sorted(set(got) - set(expected))
+  if missing or extra:
+    raise ValueError(f"{where}: parameter names do not match the model config "
+                     f"(missing {missing}, unexpected {extra})")
+  for k, shape in expected.items():
+    if tuple(got[k]) != tuple(shape):
+      raise ValueError(f"{where}: {k} has shape {tuple(got[k])}, the config needs {tuple(shape)}")
+
+
+def is_model_dir(path) -> bool:
+  p = pathlib.Path(path)
+  return (p / CONFIG_FILE).is_file() and (p / PARAMS_FILE).is_file()
+
+
+def load_model(path, verify: bool = True) -> LoadedModel:
+  """Reads a directory written by `save_model`. Parameters come back as float32 numpy.
+
+  verify: check the SHA-256 of params.npz against model.json (a truncated or swapped
+  file is refused).
+  """
+  p = pathlib.Path(path)
+  if not p.is_dir():
+    raise FileNotFoundError(f"model {path}: not a directory (expected {CONFIG_FILE} + "
+                            f"{PARAMS_FILE}, written by experiments.export_model)")
+  for f in (CONFIG_FILE, PARAMS_FILE):
+    if not (p / f).is_file():
+      raise FileNotFoundError(f"model {path}: missing {f} (written by experiments.export_model)")
+  try:
+    info = json.loads((p / CONFIG_FILE).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"model {path}: {CONFIG_FILE} is not valid JSON: {e}") from e
+  if info.get("format") != FORMAT:
+    raise ValueError(f"model {path}: {CONFIG_FILE} is not a {FORMAT} file")
+  if int(info.get("version", -1)) > VERSION:
+    raise ValueError(f"model {path}: format version {info['version']} is newer than this "
+                     f"code reads ({VERSION}); update musica_jax")
+  dtype = info.get("param_dtype")
+  if dtype not in DTYPES:
+    raise ValueError(f"model {path}: unknown param_dtype {dtype!r}")
+  if verify and info.get("params_sha256") and _sha256(p / PARAMS_FILE) != info["params_sha256"]:
+    raise ValueError(f"model {path}: {PARAMS_FILE} does not match the checksum in "
+                     f"{CONFIG_FILE} (truncated or replaced file?)")
+  cfg = ModelConfig(**info["model_config"])
+  mean_shape = np.asarray(info["mean_shape"], np.float32)
+  if mean_shape.shape != (cfg.num_landmarks, 2):
+    raise ValueError(f"model {path}: mean_shape is {mean_shape.shape}, config has "
+                     f"{cfg.num_landmarks} landmarks")
+  template = param_template(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  with np.load(p / PARAMS_FILE, allow_pickle=False) as z:
+    raw = {k: z[k] for k in z.files}
+  _check_arrays({k: v.shape for k, v in raw.items()},
+                {_key(q): leaf.shape for q, leaf in leaves}, f"model {path}")
+  arrays = []
+  for q, _ in leaves:
+    v = raw[_key(q)]
+    if dtype == "bfloat16":
+      if v.dtype != np.uint16:
+        raise ValueError(f"model {path}: {_key(q)} should hold bfloat16 words (uint16), "
+                         f"found {v.dtype}")
+      v = v.view(ml_dtypes.bfloat16)
+    arrays.append(np.asarray(v, np.float32))
+  params = jax.tree_util.tree_unflatten(treedef, arrays)
+  return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
+                     metadata=info.get("metadata", {}), dtype=dtype, path=str(p))

@@ -1,0 +1,442 @@
+"""Landmarks for faces in photos: image + face box(es) -> landmarks, estimated error,
+iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow).
+
+    from musica_jax.predictor import Predictor
+    p = Predictor.from_saved_model("model_dir")      # or .from_workdir(W) / .default()
+    pred = p.predict(image, [x0, y0, x1, y1])        # image: HxWx3 uint8 (RGB)
+    pred.landmarks[0]                                # [N, 2] image pixels (0-based, centres)
+
+The face crop is exactly the evaluation pipeline's (data_pipelines.input_pipeline
+make_eval_dataset): the box -> (scale, offset) of `face_frame.crop_transform` computed in
+float64 and rounded to float32; a bilinear warp with pixel centres at integers, image
+pixels outside the photo read as 0 (each of the four bilinear corners on its own, as
+TensorFlow's ImageProjectiveTransformV3 with fill_mode=CONSTANT); then per-image
+standardisation (tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(n))).
+The warp runs in JAX, jitted and batched. Photos of different sizes are zero-padded to a
+few size buckets (zero padding reads exactly like the constant fill), and face batches are
+padded to power-of-two buckets, so a folder of photos compiles a handful of programs.
+
+Decoding: `read_image` decodes with PIL (exact IDCT for JPEG, no EXIF rotation, like
+TensorFlow's decoders). TensorFlow's default JPEG IDCT (INTEGER_FAST) differs from it by a
+few grey levels; the training/eval pipeline matches PIL exactly when it decodes with
+dct_method="INTEGER_ACCURATE".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musica_jax import cascade
+from musica_jax import face_frame
+from musica_jax import model_io
+from musica_jax.config import ModelConfig
+
+DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
+# Budget (bytes) for the stack of padded uint8 photos warped in one call.
+_STACK_BYTES = 256 << 20
+
+
+class NoDefaultModelError(FileNotFoundError):
+  pass
+
+
+def default_model_path() -> pathlib.Path:
+  """The package's shipped model directory; NoDefaultModelError when it is absent."""
+  if not model_io.is_model_dir(DEFAULT_MODEL_DIR):
+    raise NoDefaultModelError(
+        f"no default model ships with this installation: {DEFAULT_MODEL_DIR} "
+        f"({model_io.CONFIG_FILE} + {model_io.PARAMS_FILE}) does not exist. Give a model "
+        f"explicitly (a training workdir, or a directory written by "
+        f"`python -m experiments.export_model --workdir=W --output=DIR`).")
+  return DEFAULT_MODEL_DIR
+
+
+# ---------------------------------------------------------------------------------------
+# Buckets.
+
+
+def size_bucket(n: int, minimum: int = 64) -> int:
+  """n rounded up to 4 steps per octave (>= minimum): at most 25% padding."""
+  n = max(int(n), minimum)
+  step = 2 ** max(int(math.floor(math.log2(n))) - 2, 0)
+  return -(-n // step) * step
+
+
+def count_bucket(n: int, maximum: int) -> int:
+  """Smallest power of two >= n (capped at maximum)."""
+  return min(1 << max(int(n) - 1, 0).bit_length(), maximum)
+
+
+# ---------------------------------------------------------------------------------------
+# The crop.
+
+
+def crop_frames(boxes) -> tuple[np.ndarray, np.ndarray]:
+  """Per face (scale [F] float32, offset [F, 2] float32): crop_xy = image_xy * s + o.
+  Same numbers as data_pipelines.datasets.crop_frames."""
+  scale, offset = face_frame.crop_transform(np.asarray(boxes, np.float64).reshape(-1, 4))
+  return scale.astype(np.float32), offset.astype(np.float32)
+
+
+def standardise(x: jax.Array) -> jax.Array:
+  """Per image (leading axis) zero mean, unit std, as tf.image.per_image_standardization."""
+  axes = tuple(range(1, x.ndim))
+  n = math.prod(x.shape[1:])
+  mean = x.mean(axes, keepdims=True)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes, keepdims=True) - jnp.square(mean), 0.0)
+  return (x - mean) / jnp.maximum(jnp.sqrt(var), 1.0 / math.sqrt(n))
+
+
+def warp_crops(stack: jax.Array, image_index: jax.Array, scale: jax.Array, offset: jax.Array,
+               size: int = face_frame.CROP_SIZE) -> jax.Array:
+  """Bilinear face crops [F, size, size, C] float32 (0..255, not standardised).
+
+  stack: [I, H, W, C] photos (zero-padded); image_index [F] int32 into it; scale [F],
+  offset [F, 2]: crop_xy = image_xy * scale + offset. Output pixel (x, y) reads the photo at
+  ((x - o_x) / s, (y - o_y) / s) (the inverse map as TensorFlow evaluates it: x * (1/s) +
+  (-o / s) in float32); corners outside the stack read 0.
+  """
+  num, h, w, c = stack.shape
+  inv = 1.0 / scale.astype(jnp.float32)                                  # [F]
+  shift = -offset.astype(jnp.float32) * inv[:, None]                     # [F, 2]
+  g = jnp.arange(size, dtype=jnp.float32)
+  xs = g[None, :] * inv[:, None] + shift[:, :1]                          # [F, size]
+  ys = g[None, :] * inv[:, None] + shift[:, 1:]                          # [F, size]
+  x0, y0 = jnp.floor(xs), jnp.floor(ys)
+  wx, wy = xs - x0, ys - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  flat = stack.reshape(num * h * w, c)
+
+  def read(yi, xi):                                                      # [F,size] each
+    ok = (((yi >= 0) & (yi < h))[:, :, None] & ((xi >= 0) & (xi < w))[:, None, :])
+    idx = (image_index[:, None, None] * h + jnp.clip(yi, 0, h - 1)[:, :, None]) * w \
+        + jnp.clip(xi, 0, w - 1)[:, None, :]
+    v = jnp.take(flat, idx, axis=0).astype(jnp.float32)                  # [F,size,size,C]
+    return jnp.where(ok[..., None], v, 0.0)
+
+  wx_ = wx[:, None, :, None]
+  wy_ = wy[:, :, None, None]
+  # (x_ceil - x) and (x - x_floor) as TensorFlow's bilinear_interpolation.
+  top = (1.0 - wx_) * read(y0, x0) + wx_ * read(y0, x0 + 1)
+  bottom = (1.0 - wx_) * read(y0 + 1, x0) + wx_ * read(y0 + 1, x0 + 1)
+  return (1.0 - wy_) * top + wy_ * bottom
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _crops_jit(stack, image_index, scale, offset, size):
+  return standardise(warp_crops(stack, image_index, scale, offset, size))
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks.
+
+
+def read_image(path) -> np.ndarray:
+  """A photo file as RGB uint8 [H, W, 3] (PIL; greyscale/RGBA converted to RGB)."""
+  from PIL import Image  # noqa: PLC0415
+  with Image.open(path) as im:
+    im.load()
+    return np.asarray(im.convert("RGB"))
+
+
+def check_image(image, where: str = "image") -> np.ndarray:
+  """An HxWx3 RGB photo with values in 0..255 (uint8 preferred) -> the array."""
+  if not isinstance(image, np.ndarray):
+    try:
+      image = np.asarray(image)
+    except Exception as e:  # noqa: BLE001 - anything that is not array-like
+      raise TypeError(f"{where}: expected an HxWx3 array, got {type(image).__name__}") from e
+  if image.ndim != 3 or image.shape[-1] != 3:
+    hint = (" (greyscale: stack it to 3 channels; RGBA: drop alpha; PIL: "
+            "np.asarray(Image.open(p).convert('RGB')))")
+    raise ValueError(f"{where}: expected an HxWx3 RGB array, got shape {image.shape}{hint}")
+  if image.shape[0] < 1 or image.shape[1] < 1:
+    raise ValueError(f"{where}: empty image of shape {image.shape}")
+  if image.dtype == np.uint8:
+    return image
+  if image.dtype.kind not in "uif":
+    raise TypeError(f"{where}: expected a numeric (uint8) array, got dtype {image.dtype}")
+  if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+    raise ValueError(f"{where}: image has non-finite values")
+  lo, hi = float(image.min()), float(image.max())
+  if lo < 0 or hi > 255:
+    raise ValueError(f"{where}: values must be in 0..255 (uint8 RGB), got {lo}..{hi}")
+  return image
+
+
+def check_box_in_image(box, image_shape, where: str = "box") -> np.ndarray:
+  """A finite non-empty box whose centre lies inside the photo (the crop is centred on it;
+  a box may stick out of the photo, as detector boxes at the border do)."""
+  box = face_frame.validate_box(box, where)
+  h, w = image_shape[:2]
+  cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+  if not (-0.5 <= cx <= w - 0.5 and -0.5 <= cy <= h - 0.5):
+    raise ValueError(f"{where}: box {box.tolist()} is outside the {w}x{h} image (its centre "
+                     f"({cx:.1f}, {cy:.1f}) is not in the image; boxes are x0,y0,x1,y1 in "
+                     f"pixels)")
+  return box
+
+
+def _normalise_inputs(images, boxes):
+  """-> (list of photos, list of [K_i, 4] box arrays, single-image input?)."""
+  if isinstance(images, np.ndarray) and images.ndim == 4:
+    images = list(images)          # a batch of same-size photos
+  single = not isinstance(images, (list, tuple))
+  if single:
+    images = [images]
+  if single:
+    boxes = [boxes]
+  elif not isinstance(boxes, (list, tuple)) or len(boxes) != len(images):
+    n = len(boxes) if isinstance(boxes, (list, tuple)) else "not a list"
+    raise ValueError(f"boxes: one entry (a box or a list of boxes) per image expected: "
+                     f"{len(images)} images, boxes: {n}")
+  photos = [check_image(im, f"image {i}") for i, im in enumerate(images)]
+  out = []
+  for i, (photo, b) in enumerate(zip(photos, boxes)):
+    arr = np.asarray(b, np.float64)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2 or arr.shape[-1] != 4:
+      raise ValueError(f"boxes of image {i}: expected (x0, y0, x1, y1) or a list of them, "
+                       f"got shape {np.shape(b)}")
+    for k in range(arr.shape[0]):
+      check_box_in_image(arr[k], photo.shape, f"box {k} of image {i}")
+    out.append(arr)
+  return photos, out
+
+
+def _warp_calls(shape_key, members, max_batch):
+  """Splits the faces [(face, image)] of one photo-size bucket into warp calls."""
+  hb, wb = shape_key
+  per_call = max(1, min(max_batch, _STACK_BYTES // (hb * wb * 3)))
+  per_call = 1 << (per_call.bit_length() - 1)
+  for start in range(0, len(members), per_call):
+    yield members[start:start + per_call], per_call
+
+
+def face_crops(images, boxes, size: int = face_frame.CROP_SIZE, max_batch: int = 64,
+               min_batch: int = 1):
+  """Standardised face crops exactly as the evaluation pipeline makes them.
+
+  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (a jax
+  array), scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
+  """
+  photos, box_lists = _normalise_inputs(images, boxes)
+  image_index = np.concatenate([np.full(len(b), i, np.int32) for i, b in enumerate(box_lists)])
+  all_boxes = np.concatenate(box_lists, 0)
+  scale, offset = crop_frames(all_boxes)
+  groups: dict = {}
+  for face, i in enumerate(image_index):
+    h, w = photos[i].shape[:2]
+    groups.setdefault((size_bucket(h), size_bucket(w)), []).append((face, int(i)))
+  crops = [None] * len(all_boxes)
+  for (hb, wb), members in groups.items():
+    for chunk, per_call in _warp_calls((hb, wb), members, max_batch):
+      fb = count_bucket(max(len(chunk), min(min_batch, per_call)), per_call)
+      used = sorted({i for _, i in chunk})
+      slot = {i: k for k, i in enumerate(used)}
+      dtype = np.uint8 if all(photos[i].dtype == np.uint8 for i in used) else np.float32
+      stack = np.zeros((fb, hb, wb, 3), dtype)
+      for i in used:
+        h, w = photos[i].shape[:2]
+        stack[slot[i], :h, :w] = photos[i]
+      faces = [face for face, _ in chunk]
+      idx = np.zeros((fb,), np.int32)
+      sc = np.ones((fb,), np.float32)
+      of = np.zeros((fb, 2), np.float32)
+      idx[:len(chunk)] = [slot[i] for _, i in chunk]
+      sc[:len(chunk)] = scale[faces]
+      of[:len(chunk)] = offset[faces]
+      out = _crops_jit(stack, idx, sc, of, size)
+      for k, face in enumerate(faces):
+        crops[face] = out[k]
+  return jnp.stack(crops), scale, offset, image_index, all_boxes
+
+
+# ---------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclasses.dataclass
+class Prediction:
+  """Per face (faces of all images, in input order; F of them)."""
+  landmarks: np.ndarray        # float32 [F, N, 2] image pixels (0-based, pixel centres)
+  estimated_error: np.ndarray  # float32 [F] the model's estimate of its inter-ocular NME
+  iterations: np.ndarray       # int32 [F] iterations used (early exit with ts)
+  valid: np.ndarray            # bool [F] estimated_error < tf
+  image_index: np.ndarray      # int32 [F] which input image
+  boxes: np.ndarray            # float64 [F, 4] the input boxes
+  crop_landmarks: np.ndarray   # float32 [F, N, 2] in the 228-px crop frame
+
+  def __len__(self):
+    return int(self.image_index.shape[0])
+
+  def for_image(self, i: int) -> "Prediction":
+    sel = self.image_index == i
+    return Prediction(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
+
+  def to_json(self) -> list[dict]:
+    return [{"image_index": int(self.image_index[f]), "box": self.boxes[f].tolist(),
+             "landmarks": np.round(self.landmarks[f].astype(np.float64), 3).tolist(),
+             "estimated_error": float(self.estimated_error[f]),
+             "iterations": int(self.iterations[f]), "valid": bool(self.valid[f])}
+            for f in range(len(self))]
+
+
+# ---------------------------------------------------------------------------------------
+# The predictor.
+
+
+def restore_workdir(workdir, step="latest"):
+  """(EMA params, ModelConfig, mean shape [N, 2], info dict) of a training run's checkpoint
+  ("latest" or a step number), on the first device, without TensorFlow."""
+  from musica_jax import checkpoints
+  from musica_jax import training
+  wd = pathlib.Path(workdir)
+  cfg_path = wd / "run_config.json"
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"workdir {workdir}: no run_config.json; is this a training workdir?")
+  if not (wd / "checkpoints").is_dir():
+    raise FileNotFoundError(f"workdir {workdir}: no checkpoints/ folder")
+  run = json.loads(cfg_path.read_text())
+  model_cfg = ModelConfig(**run["model"])
+  train_cfg = training.TrainConfig(**run["train"])
+  abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                          abstract)
+  ckpts = checkpoints.Checkpoints(str(wd), async_save=False)
+  try:
+    number = None if str(step) == "latest" else int(step)
+    state = ckpts.restore(abstract, number)
+  finally:
+    ckpts.close()
+  info = {"workdir": str(wd.resolve()), "checkpoint_step": int(state.step),
+          "data": run.get("data", {}), "train": run.get("train", {})}
+  return state.ema_params, model_cfg, np.asarray(run["mean_shape"], np.float32), info
+
+
+class Predictor:
+  """A trained cascade + the evaluation crop, for photos and face boxes.
+
+  Args:
+    params: stacked stage parameters (e.g. EMA parameters).
+    model_config: the ModelConfig they belong to.
+    mean_shape: [N, 2] initial shape in crop pixels (training-set mean).
+    max_batch: largest number of faces run through the cascade at once; batches are
+      padded to powers of two up to it.
+    min_batch: smallest padded batch (fewer compiled programs, more padding).
+    metadata: free-form description kept on the object (`.metadata`).
+  """
+
+  def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
+               max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None):
+    if not isinstance(model_config, ModelConfig):
+      raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
+    mean_shape = np.asarray(mean_shape, np.float32)
+    if mean_shape.shape != (model_config.num_landmarks, 2):
+      raise ValueError(f"mean_shape must be [{model_config.num_landmarks}, 2], got "
+                       f"{mean_shape.shape}")
+    if max_batch < 1 or max_batch & (max_batch - 1):
+      raise ValueError(f"max_batch must be a power of two, got {max_batch}")
+    if not 1 <= min_batch <= max_batch:
+      raise ValueError(f"min_batch must be in [1, max_batch], got {min_batch}")
+    self.model_config = model_config
+    self.mean_shape = mean_shape
+    self.max_batch = max_batch
+    self.min_batch = min_batch
+    self.metadata = dict(metadata or {})
+    self.params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    self._init = jnp.asarray(mean_shape)
+
+  @classmethod
+  def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
+    """EMA weights of a training run's checkpoint ("latest" or a step number)."""
+    params, cfg, mean_shape, info = restore_workdir(workdir, step)
+    return cls(params, cfg, mean_shape, metadata=info, **kwargs)
+
+  @classmethod
+  def from_saved_model(cls, path, **kwargs) -> "Predictor":
+    """A directory written by model_io.save_model / experiments.export_model."""
+    m = model_io.load_model(path)
+    meta = dict(m.metadata, model_path=str(path), param_dtype=m.dtype)
+    return cls(m.params, m.model_config, m.mean_shape, metadata=meta, **kwargs)
+
+  @classmethod
+  def default(cls, **kwargs) -> "Predictor":
+    """The package's shipped model (musica_jax/default_model/)."""
+    return cls.from_saved_model(default_model_path(), **kwargs)
+
+  def crops(self, images, boxes):
+    """Standardised crops exactly as the evaluation pipeline makes them (see face_crops)."""
+    return face_crops(images, boxes, self.model_config.image_size, self.max_batch,
+                      self.min_batch)
+
+  # -- the cascade --------------------------------------------------------------------
+
+  def run_crops(self, crops, ts=-np.inf, tf=np.inf) -> cascade.CascadeOutput:
+    """The cascade on standardised crops [F, 228, 228, 3], in padded batches (numpy out)."""
+    f = crops.shape[0]
+    outs = []
+    for start in range(0, f, self.max_batch):
+      part = crops[start:start + self.max_batch]
+      n = part.shape[0]
+      b = count_bucket(max(n, self.min_batch), self.max_batch)
+      if b > n:
+        part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
+      out = cascade.run_cascade_jit(self.params, part, self._init, self.model_config,
+                                    jnp.float32(ts), jnp.float32(tf))
+      out = jax.device_get(out)
+      outs.append(_slice_output(out, n))
+    return _concat_outputs(outs)
+
+  def predict(self, images, boxes, ts: float = -np.inf, tf: float = np.inf) -> Prediction:
+    """Landmarks for every box of every image.
+
+    images: one HxWx3 uint8 RGB array, or a list of them (sizes may differ).
+    boxes: for one image, a box (x0, y0, x1, y1) or a list of boxes; for a list of images,
+      one such entry per image.
+    ts: early exit: a face stops after the first iteration whose estimated error < ts
+      (-inf: every iteration). tf: valid = final estimated error < tf.
+    """
+    for name, v in (("ts", ts), ("tf", tf)):
+      if v is None or np.isnan(v):
+        raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
+    crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
+    out = self.run_crops(crops, ts, tf)
+    crop_lm = np.asarray(out.landmarks, np.float32)
+    lm = face_frame.from_crop(crop_lm.astype(np.float64), scale.astype(np.float64),
+                              offset.astype(np.float64)).astype(np.float32)
+    return Prediction(landmarks=lm, estimated_error=np.asarray(out.estimated_error, np.float32),
+                      iterations=np.asarray(out.iterations, np.int32),
+                      valid=np.asarray(out.valid, bool), image_index=image_index,
+                      boxes=all_boxes, crop_landmarks=crop_lm)
+
+
+_PER_ITERATION = ("shapes", "errors", "attention")   # [S, B, ...]; the rest are [B, ...]
+
+
+def _slice_output(out, n):
+  """The first n faces of a (padded) CascadeOutput, as numpy."""
+  return cascade.CascadeOutput(**{
+      f.name: (np.asarray(getattr(out, f.name))[:, :n] if f.name in _PER_ITERATION
+               else np.asarray(getattr(out, f.name))[:n])
+      for f in dataclasses.fields(out)})
+
+
+def _concat_outputs(outs):
+  """Concatenates CascadeOutputs of several batches: per-iteration fields on axis 1."""
+  if len(outs) == 1:
+    return outs[0]
+  return cascade.CascadeOutput(**{
+      f.name: np.concatenate([np.asarray(getattr(o, f.name)) for o in outs],
+                             1 if f.name in _PER_ITERATION else 0)
+      for f in dataclasses.fields(outs[0])})

@@ -1,0 +1,209 @@
+"""The predictor: its crop is the evaluation pipeline's crop; inputs are checked; landmarks
+come back in image pixels."""
+import functools
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musica_jax import face_frame
+from musica_jax import model_io
+from musica_jax import predictor as predictor_lib
+from musica_jax.config import ModelConfig
+
+
+def _pts_files(shared_data, n_per_folder=2):
+  files = []
+  for folder in ("lfpw/testset", "helen/testset"):
+    files += sorted(glob.glob(str(shared_data / "300w" / folder / "*.jpg")))[:n_per_folder]
+  return files
+
+
+def _real_faces(shared_data):
+  from data_pipelines import readers
+  files = _pts_files(shared_data)
+  raws = [open(f, "rb").read() for f in files]
+  pts = np.stack([readers.read_pts(f[:-4] + ".pts", 68) for f in files]).astype(np.float32)
+  boxes = np.stack([face_frame.box_from_landmarks(p) for p in pts]).astype(np.float32)
+  return files, raws, pts, boxes
+
+
+def test_crop_equals_eval_pipeline_on_real_300w(shared_data):
+  """The standardised crops of make_eval_dataset (the real tf.data pipeline) and of
+  predictor.face_crops agree to 1e-3 when both start from the same decoded pixels."""
+  import tensorflow as tf
+  from data_pipelines import config as data_config
+  from data_pipelines import datasets
+  from data_pipelines import input_pipeline
+
+  files, raws, pts, boxes = _real_faces(shared_data)
+  m = len(files)
+  images = np.empty(m, dtype=object)
+  images[:] = raws
+  data = datasets.SplitData(name="all", images=images, landmarks=pts, boxes=boxes,
+                            attributes=np.zeros((m, 6), np.int64),
+                            file_ids=np.array([os.path.basename(f) for f in files], object))
+  cfg = data_config.DataConfig(dataset="pts_folder", data_dir=str(shared_data / "300w"),
+                               eval_batch_size=m, num_parallel_calls=1)
+  batch = next(input_pipeline.make_eval_dataset(cfg, "all", data=data).as_numpy_iterator())
+  decoded = [input_pipeline._decode(tf.constant(r)).numpy() for r in raws]
+  crops, scale, offset, index, _ = predictor_lib.face_crops(decoded, list(boxes))
+  np.testing.assert_array_equal(scale, batch["crop_scale"])
+  np.testing.assert_array_equal(offset, batch["crop_offset"])
+  np.testing.assert_array_equal(index, np.arange(m))
+  diff = np.abs(np.asarray(crops) - batch["image"]).max()
+  assert diff < 1e-3, f"predictor crop differs from the eval pipeline's by {diff}"
+  # Landmarks mapped into the crop frame agree too.
+  np.testing.assert_allclose(face_frame.to_crop(pts, scale, offset), batch["landmarks"],
+                             atol=1e-3)
+
+
+def test_pil_decoding_matches_pipeline_decoding(shared_data):
+  """The predictor's callers decode with PIL (exact IDCT); the pipeline decodes JPEGs with
+  TensorFlow's INTEGER_ACCURATE IDCT, which gives the same pixels (TF's default,
+  INTEGER_FAST, differs by a few grey levels)."""
+  import tensorflow as tf
+  from PIL import Image
+  from data_pipelines import input_pipeline
+  files, raws, _, boxes = _real_faces(shared_data)
+  worst = 0
+  for f, r in zip(files, raws):
+    pil = np.asarray(Image.open(f).convert("RGB")).astype(int)
+    tfd = input_pipeline._decode(tf.constant(r)).numpy().astype(int)
+    assert pil.shape == tfd.shape, f
+    worst = max(worst, int(np.abs(pil - tfd).max()))
+  exact = tf.io.decode_jpeg(raws[0], channels=3, dct_method="INTEGER_ACCURATE").numpy()
+  np.testing.assert_array_equal(exact, np.asarray(Image.open(files[0]).convert("RGB")))
+  assert worst == 0, f"pipeline decoding differs from PIL by up to {worst} grey levels"
+
+
+def _naive_crop(image, scale, offset, size):
+  """Per pixel bilinear with constant-0 fill (reference for warp_crops)."""
+  h, w, _ = image.shape
+  out = np.zeros((size, size, 3), np.float64)
+  img = image.astype(np.float64)
+  def px(y, x):
+    return img[y, x] if 0 <= y < h and 0 <= x < w else np.zeros(3)
+  for yo in range(size):
+    for xo in range(size):
+      x = (xo - offset[0]) / scale
+      y = (yo - offset[1]) / scale
+      x0, y0 = int(np.floor(x)), int(np.floor(y))
+      ax, ay = x - x0, y - y0
+      out[yo, xo] = ((1 - ay) * ((1 - ax) * px(y0, x0) + ax * px(y0, x0 + 1))
+                     + ay * ((1 - ax) * px(y0 + 1, x0) + ax * px(y0 + 1, x0 + 1)))
+  return out
+
+
+def test_warp_matches_naive_bilinear_with_zero_fill():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 51, 3), dtype=np.uint8)
+  size = 24
+  # One box inside, one hanging over the top-left corner (reads the zero fill).
+  cases = [(0.7, np.array([-3.2, -5.9])), (1.9, np.array([20.3, 31.6]))]
+  stack = jnp.asarray(image)[None]
+  for scale, offset in cases:
+    got = predictor_lib.warp_crops(stack, jnp.zeros((1,), jnp.int32),
+                                   jnp.asarray([scale], jnp.float32),
+                                   jnp.asarray(offset[None], jnp.float32), size)
+    np.testing.assert_allclose(np.asarray(got[0]), _naive_crop(image, scale, offset, size),
+                               atol=2e-3)
+
+
+def test_standardise_matches_definition():
+  x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+  got = np.asarray(predictor_lib.standardise(jnp.asarray(x)))
+  ref = (x - x.mean((1, 2, 3), keepdims=True)) / x.std((1, 2, 3), keepdims=True)
+  np.testing.assert_allclose(got, ref, atol=1e-4)
+  const = np.asarray(predictor_lib.standardise(jnp.full((1, 4, 4, 3), 7.0)))
+  assert np.all(np.isfinite(const)) and np.all(const == 0)
+
+
+def test_buckets():
+  assert predictor_lib.size_bucket(1) == 64
+  assert predictor_lib.size_bucket(321) == 384
+  assert predictor_lib.size_bucket(256) == 256
+  for n in (65, 100, 321, 999, 4000):
+    b = predictor_lib.size_bucket(n)
+    assert n <= b <= 1.25 * n + 1
+  assert [predictor_lib.count_bucket(n, 64) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 64]
+
+
+@functools.lru_cache(maxsize=1)
+def _zero_predictor():
+  """A small model whose parameters are all zero: it never moves the mean shape, so its
+  landmarks are exactly the mean shape mapped back through the crop frame."""
+  cfg = ModelConfig(num_landmarks=68, patch_indices=tuple(range(0, 68, 4)), hidden_size=32)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model_io.param_template(cfg))
+  mean = np.random.default_rng(2).uniform(60, 170, (68, 2)).astype(np.float32)
+  return predictor_lib.Predictor(params, cfg, mean, max_batch=4, min_batch=4)
+
+
+def test_predict_maps_landmarks_back_to_image_coordinates():
+  p = _zero_predictor()
+  rng = np.random.default_rng(3)
+  images = [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+            rng.integers(0, 256, (70, 200, 3), dtype=np.uint8)]
+  boxes = [[(10, 20, 60, 80)], [(5, 5, 40, 50), (100, 10, 160, 60), (150.5, 20, 199, 69)]]
+  pred = p.predict(images, boxes)
+  assert len(pred) == 4
+  np.testing.assert_array_equal(pred.image_index, [0, 1, 1, 1])
+  all_boxes = np.concatenate([np.asarray(b, np.float64) for b in boxes])
+  scale, offset = face_frame.crop_transform(all_boxes)
+  expected = face_frame.from_crop(np.broadcast_to(p.mean_shape, (4, 68, 2)), scale, offset)
+  np.testing.assert_allclose(pred.landmarks, expected, atol=1e-3)
+  assert pred.landmarks.shape == (4, 68, 2)
+  np.testing.assert_array_equal(pred.iterations, [3, 3, 3, 3])
+  assert pred.valid.all() and pred.valid.dtype == bool
+  assert len(pred.for_image(1)) == 3
+  js = pred.to_json()
+  assert js[3]["image_index"] == 1 and len(js[3]["landmarks"]) == 68
+  # One image, one box: the same face, same answer.
+  one = p.predict(images[1], boxes[1][1])
+  np.testing.assert_allclose(one.landmarks[0], pred.landmarks[2], atol=1e-4)
+  # Failure threshold below any estimate: invalid.
+  assert not p.predict(images[0], boxes[0], tf=-1.0).valid.any()
+
+
+@pytest.mark.parametrize("box,match", [
+    ((500, 500, 600, 600), "outside"),
+    ((-300, -300, -200, -200), "outside"),
+    ((10, 10, 10, 50), "empty"),
+    ((10, 50, 40, 20), "empty"),
+    ((np.nan, 0, 10, 10), "non-finite"),
+    ((0, 0, 10), "x0, y0, x1, y1"),
+])
+def test_bad_boxes_are_refused(box, match):
+  p = _zero_predictor()
+  image = np.zeros((100, 100, 3), np.uint8)
+  with pytest.raises(ValueError, match=match):
+    p.predict(image, box)
+
+
+@pytest.mark.parametrize("image,match", [
+    (np.zeros((100, 100), np.uint8), "HxWx3"),
+    (np.zeros((100, 100, 4), np.uint8), "HxWx3"),
+    (np.full((100, 100, 3), 300.0), "0..255"),
+    (np.zeros((0, 100, 3), np.uint8), "empty"),
+])
+def test_bad_images_are_refused(image, match):
+  p = _zero_predictor()
+  with pytest.raises(ValueError, match=match):
+    p.predict(image, (10, 10, 50, 50))
+
+
+def test_boxes_must_pair_with_images():
+  p = _zero_predictor()
+  image = np.zeros((100, 100, 3), np.uint8)
+  with pytest.raises(ValueError, match="one entry"):
+    p.predict([image, image], [(10, 10, 50, 50)])
+
+
+def test_no_default_model_message():
+  if model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+    pytest.skip("a default model ships with this checkout")
+  with pytest.raises(predictor_lib.NoDefaultModelError, match="export_model"):
+    predictor_lib.Predictor.default()

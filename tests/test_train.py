@@ -1,0 +1,187 @@
+"""Training entry point: flags, resume after SIGKILL, NaN guard, multi-device equivalence."""
+import functools
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import common
+from musica_jax import checkpoints
+from musica_jax import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_flags(tmp_path_factory):
+  """A tiny synthetic run: prepared data shared by the tests of this module."""
+  tfds_dir = tmp_path_factory.mktemp("tfds")
+  return ["--flagfile=demo.flags", "--synthetic_train_size=24", "--synthetic_test_size=8",
+          "--batch_size=8", "--eval_batch_size=8", "--hidden_size=32", f"--tfds_dir={tfds_dir}",
+          "--log_every=1", "--eval_every=-1", "--checkpoint_every=2", "--augment=true"]
+
+
+def _train(args, workdir, env=None, **kw):
+  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def _final_params(workdir):
+  """Step, raw and EMA parameters of the latest checkpoint, as flat numpy arrays."""
+  run = common.load_run_config(workdir)
+  cfg, tcfg = run["model_config"], training.TrainConfig(**run["train"])
+  abstract = jax.eval_shape(functools.partial(training.create_train_state, cfg, tcfg))
+  ck = checkpoints.Checkpoints(str(workdir), async_save=False)
+  state = ck.restore(abstract)
+  ck.close()
+  return int(state.step), [np.asarray(x) for x in jax.tree.leaves((state.params, state.ema_params))]
+
+
+def test_flagfile_lookup_and_errors(tmp_path):
+  resolved = common.resolve_flagfiles(["prog", "--flagfile=demo.flags", "--steps=3"])
+  assert resolved[1] == f"--flagfile={common.CONFIG_DIR / 'demo.flags'}"
+  assert resolved[2] == "--steps=3"
+  assert common.resolve_flagfiles(["p", "--flagfile=wflw98"])[1].endswith("configs/wflw98.flags")
+  for name in ("wflw98", "wflw49", "wflw44", "300w68", "300w34", "300w19", "demo"):
+    assert (common.CONFIG_DIR / f"{name}.flags").exists(), name
+  with pytest.raises(SystemExit, match="nope.flags"):
+    common.resolve_flagfiles(["p", "--flagfile=nope.flags"])
+
+
+def test_unknown_flag_and_missing_data_dir_fail_clearly(tmp_path, tiny_flags):
+  out = _train([*tiny_flags, "--bogus_flag=1"], tmp_path / "a")
+  assert out.returncode != 0
+  assert "bogus_flag" in out.stderr
+  out = _train(["--flagfile=300w68.flags", "--data_dir=/nonexistent/300w", "--steps=2"],
+               tmp_path / "b")
+  assert out.returncode != 0
+  assert "/nonexistent/300w" in out.stderr + out.stdout
+
+
+def test_flags_after_flagfile_override_it(tmp_path, tiny_flags):
+  out = _train([*tiny_flags, "--steps=2", "--num_patches=34"], tmp_path / "w")
+  assert out.returncode == 0, out.stderr[-3000:]
+  run = common.load_run_config(tmp_path / "w")
+  assert run["model_config"].num_patches == 34       # demo.flags says 19
+  assert run["train"]["steps"] == 2
+  assert "step 2/2" in out.stdout and "samples/s" in out.stdout and "ETA" in out.stdout
+  assert (tmp_path / "w" / "metrics.jsonl").exists()
+  assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents*"))
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_flags):
+  steps = ["--steps=10"]
+  ref = _train([*tiny_flags, *steps], tmp_path / "ref")
+  assert ref.returncode == 0, ref.stderr[-3000:]
+
+  work = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={work}", *tiny_flags, *steps]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (work / "checkpoints" / "4").exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert finished and max(finished) < 10, f"the kill came too late: {finished}"
+  again = _train([*tiny_flags, *steps], work)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from checkpoint at step" in again.stdout
+
+  step_a, a = _final_params(tmp_path / "ref")
+  step_b, b = _final_params(work)
+  assert step_a == step_b == 10
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags):
+  work = tmp_path / "nan"
+  ok = _train([*tiny_flags, "--steps=2"], work)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  bad = _train([*tiny_flags, "--steps=12", "--learning_rate=1e30", "--checkpoint_every=1"], work)
+  assert bad.returncode != 0
+  assert "non-finite loss" in bad.stderr
+  step, leaves = _final_params(work)
+  assert 2 <= step < 12
+  assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_four_devices_match_one_device():
+  code = textwrap.dedent("""
+      import functools, jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import Mesh
+      from musica_jax import config, parallel, schemes, training
+      assert jax.device_count() == 4, jax.devices()
+      cfg = config.ModelConfig(num_landmarks=68, patch_indices=schemes.IBUG68.patch_indices(19),
+                               hidden_size=32)
+      tcfg = training.TrainConfig(steps=3)
+      rng = np.random.default_rng(0)
+      init = jnp.asarray(rng.uniform(60, 160, (68, 2)), jnp.float32)
+      batches = [dict(image=rng.normal(size=(8, 228, 228, 3)).astype(np.float32),
+                      landmarks=(init + rng.normal(size=(8, 68, 2)) * 4).astype(np.float32))
+                 for _ in range(3)]
+      def run(devices):
+        mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+        rep = parallel.replicated(mesh)
+        state = jax.device_put(training.create_train_state(cfg, tcfg), rep)
+        fn = jax.jit(functools.partial(training.train_step, model_cfg=cfg, train_cfg=tcfg,
+                                       scheme=schemes.IBUG68),
+                     in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                     out_shardings=(rep, rep))
+        for b in batches:
+          b = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in b.items()}
+          state, m = fn(state, b, jax.device_put(init, rep))
+        return jax.device_get(state.params), float(m["loss"])
+      p4, l4 = run(jax.devices())
+      p1, l1 = run(jax.devices()[:1])
+      for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+      assert abs(l4 - l1) < 1e-4 * max(1, abs(l1))
+      print("equal", l4, l1)
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "equal" in out.stdout
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
+  """A real 2-host job (jax.distributed over gloo on localhost CPU), each process reading
+  its own half of the global batch, ends with the same parameters as a 1-process run."""
+  args = [*tiny_flags, "--steps=3"]
+  single = _train(args, tmp_path / "single", env={"JAX_PLATFORMS": "cpu"})
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'multi'}", *args,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+  assert "2 process(es)" in outs[0][0] and outs[1][0] == ""   # only process 0 prints
+  step_a, a = _final_params(tmp_path / "single")
+  step_b, b = _final_params(tmp_path / "multi")
+  assert step_a == step_b == 3
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
