@@ -26,6 +26,7 @@ from data_pipelines import datasets
 from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from data_pipelines import sources
+from experiments import common  # shared flags, flagfile lookup
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON report.")
 _TOP = flags.DEFINE_integer("top_k", 20, "Faces listed in the balancing report.")
@@ -93,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

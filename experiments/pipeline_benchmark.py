@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -18,6 +19,7 @@ from absl import logging
 
 from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
+from experiments import common  # shared flags, flagfile lookup
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON result.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches.")
@@ -56,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

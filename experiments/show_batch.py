@@ -7,6 +7,8 @@ permute the points (left eye drawn in right-eye colour) is visible.
 """
 from __future__ import annotations
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -15,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
+from experiments import common  # shared flags, flagfile lookup
 from musica_jax import schemes
 
 _OUTPUT = flags.DEFINE_string("output", "", "PNG path to write.")
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

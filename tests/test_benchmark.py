@@ -1,0 +1,44 @@
+"""Smoke test of experiments/benchmark.py on a tiny model: JSON keys, no TensorFlow."""
+import json
+import subprocess
+import sys
+
+CODE = """
+import runpy, sys
+sys.argv = ["benchmark", "--variants=tiny", "--batch_sizes=1,2", "--repeats=1",
+            "--latency_samples=2", "--train_batch=2", "--train_repeats=1",
+            "--early_exit_variants=tiny", "--early_exit_batch=4", "--bf16=false",
+            "--output_json=" + sys.argv[1]]
+try:
+  runpy.run_module("experiments.benchmark", run_name="__main__")
+except SystemExit as e:
+  assert not e.code, e.code
+assert "tensorflow" not in sys.modules, "the benchmark imported tensorflow"
+assert not any(m.startswith("data_pipelines") for m in sys.modules), "imported data_pipelines"
+print("ok")
+"""
+
+
+def test_benchmark_smoke(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, "-c", CODE, str(out)], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ok" in proc.stdout
+  res = json.loads(out.read_text())
+  assert {"device", "matmul_peak_gflops", "variants", "early_exit", "weights"} <= set(res)
+  assert res["device"]["name"] and res["matmul_peak_gflops"] > 0
+  row = res["variants"]["tiny"]
+  assert {"mmacs", "inference", "batch1_latency", "train_step"} <= set(row)
+  assert set(row["inference"]) == {"1", "2"}
+  for r in row["inference"].values():
+    assert r["faces_per_s"] > 0 and 0 < r["fraction_of_matmul_peak"]
+  lat = row["batch1_latency"]
+  assert {"run_cascade_jit", "streaming_f32"} <= set(lat)
+  assert lat["streaming_f32"]["p90_ms"] >= lat["streaming_f32"]["p50_ms"] > 0
+  assert row["train_step"]["samples_per_s"] > 0
+  ee = res["early_exit"]["tiny"]
+  assert "synthetic" in ee["weights"]
+  assert ee["compacted_matches_masked"] is True
+  assert 1.0 <= ee["mean_iterations"] <= 3.0
+  assert ee["batched"]["speedup"] > 0 and ee["batch1"]["speedup"] > 0

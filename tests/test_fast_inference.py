@@ -1,0 +1,241 @@
+"""The restructured cascade and the early-exit fast paths compute the reference function.
+
+`_frozen_*` below is a frozen copy of the first implementation (scan over stacked
+parameters, atlas pyramid, [B, P, H, W, C] im2col StageNet with nn.Dense): the chunked,
+channel-major, unrolled `cascade.run_cascade` must match it to 1e-5.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musica_jax import cascade
+from musica_jax import config as config_lib
+from musica_jax import fast_inference
+from musica_jax import pyramid
+from musica_jax import stage_net
+
+SMALL = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9),
+                               hidden_size=64, image_size=64)
+
+
+# --- frozen reference (first implementation) ---------------------------------------------
+
+def _frozen_sample(atlas, centres, level, origin, level_size, patch_size):
+  c = atlas.shape[-1]
+  scale = jnp.exp2(-level.astype(jnp.float32))
+  top_left = (centres + 0.5) * scale - 0.5 - (patch_size - 1) / 2.0
+  start = jnp.floor(top_left)
+  frac = top_left - start
+  win = patch_size + 1
+  start = jnp.clip(start, -pyramid.PAD, level_size + pyramid.PAD - win).astype(jnp.int32)
+  rows, cols = start[..., 1] + origin[0], start[..., 0] + origin[1]
+  windows = lambda img, r, q: jax.vmap(
+      lambda r1, q1: jax.lax.dynamic_slice(img, (r1, q1, 0), (win, win, c)))(r, q)
+  w = jax.vmap(windows)(atlas, rows, cols)
+  fx, fy = frac[..., 0][..., None, None, None], frac[..., 1][..., None, None, None]
+  top = w[..., :-1, :-1, :] * (1 - fx) + w[..., :-1, 1:, :] * fx
+  bottom = w[..., 1:, :-1, :] * (1 - fx) + w[..., 1:, 1:, :] * fx
+  return top * (1 - fy) + bottom * fy
+
+
+def _frozen_stage(cfg, params, patches, hidden):
+  dense = lambda x, p: x @ p["kernel"] + p["bias"]
+  conv = lambda x, p: stage_net.im2col3x3(x) @ p["kernel"].reshape(-1, p["kernel"].shape[-1]) + p["bias"]
+  b, p = patches.shape[:2]
+  x = stage_net.max_pool2x2(nn.relu(conv(patches, params["conv1"])))
+  c2 = nn.relu(conv(x, params["conv2"]))
+  pooled = stage_net.max_pool2x2(c2)
+  cy, cx = (c2.shape[-3] - 2) // 2, (c2.shape[-2] - 2) // 2
+  desc = jnp.concatenate([c2[..., cy:cy + 2, cx:cx + 2, :], pooled[..., :2, :2, :]], -1)
+  desc = desc.reshape(b, p, -1)
+  if cfg.use_attention:
+    att = nn.sigmoid(dense(desc, params["attention"]))
+    desc, att_mean = desc * att, att.mean(-1)
+  else:
+    att_mean = jnp.ones((b, p))
+  hidden = jnp.tanh(dense(jnp.concatenate([desc.reshape(b, -1), hidden], -1),
+                          params["recurrent"]))
+  out = dense(hidden, params["head"])
+  return hidden, out[:, :-1].reshape(b, cfg.num_landmarks, 2), out[:, -1], att_mean
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _frozen_cascade(params, images, init, cfg, ts, tf):
+  b = images.shape[0]
+  layout, xs = cascade.stage_inputs(cfg)
+  atlas = pyramid.build_atlas(images, layout)
+  shape0 = jnp.broadcast_to(init, (b, cfg.num_landmarks, 2))
+  hidden0 = jnp.zeros((b, cfg.hidden_size))
+
+  def body(carry, inputs):
+    p_i, x_i = inputs
+    shape, hidden, fr = carry
+    centres = jax.lax.stop_gradient(shape[:, list(cfg.patch_indices), :])
+    patches = _frozen_sample(atlas, centres, x_i["level"], x_i["origin"], x_i["level_size"],
+                             cfg.patch_size)
+    hidden, disp, err, att = _frozen_stage(cfg, p_i, patches, hidden)
+    shape = shape + x_i["step_scale"] * disp
+    act = ~fr["done"]
+    keep = lambda n, o: jnp.where(act.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+    fr = dict(shape=keep(shape, fr["shape"]), hidden=keep(hidden, fr["hidden"]),
+              error=keep(err, fr["error"]), iterations=fr["iterations"] + act,
+              done=fr["done"] | (act & (err < ts)))
+    return (shape, hidden, fr), (shape, err, att)
+
+  fr0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf),
+             iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
+  (_, _, fr), (shapes, errors, att) = jax.lax.scan(body, (shape0, hidden0, fr0), (params, xs))
+  return cascade.CascadeOutput(shapes=shapes, errors=errors, attention=att,
+                               landmarks=fr["shape"], estimated_error=fr["error"],
+                               hidden=fr["hidden"], iterations=fr["iterations"],
+                               valid=fr["error"] < tf)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _setup(cfg, batch, seed=0, spread=2.0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  images = jax.random.normal(k1, (batch, cfg.image_size, cfg.image_size, 3))
+  init = jax.random.uniform(k2, (cfg.num_landmarks, 2), minval=-8, maxval=cfg.image_size + 8)
+  params = stage_net.init_stacked(jax.random.key(seed + 1), cfg)
+  kernel = params["head"]["kernel"]
+  params["head"]["kernel"] = kernel.at[:, :, -1].set(
+      jax.random.normal(k3, kernel.shape[:2]) * spread)
+  # Displacements of a few pixels, so later iterations read patches elsewhere.
+  bias = params["head"]["bias"]
+  params["head"]["bias"] = bias.at[:, :-1].set(
+      3.0 * jax.random.normal(jax.random.key(seed + 2), bias[:, :-1].shape))
+  return params, images, init
+
+
+def _ts_between_estimates(errors, q=0.4):
+  e = np.sort(np.asarray(errors).ravel())
+  i = int(len(e) * q)
+  return float(e[i] + e[i + 1]) / 2
+
+
+def _assert_tree_close(a, b, atol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               atol=atol, rtol=1e-5)
+
+
+def _fresh_jit(cfg):
+  """A new jit of run_cascade: traced now, under the current module settings."""
+  return jax.jit(functools.partial(cascade.run_cascade, config=cfg))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+  """Forces several face groups per chunked map (the batched code path)."""
+  monkeypatch.setattr(cascade, "TARGET_CHUNK_PATCHES", 13)   # 2 faces of 6 patches
+  return 2
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_attention", [True, False])
+def test_run_cascade_matches_frozen_first_implementation(use_attention, small_chunks):
+  cfg = SMALL if use_attention else config_lib.ModelConfig(
+      **{**SMALL.__dict__, "use_attention": False})
+  params, images, init = _setup(cfg, batch=8)
+  full = cascade.run_cascade_jit(params, images, init, cfg)
+  ts = _ts_between_estimates(full.errors)
+  for t in (-np.inf, ts):
+    ref = _frozen_cascade(params, images, init, cfg, t, ts)
+    new = _fresh_jit(cfg)(params, images, init, ts=t, tf=ts)
+    _assert_tree_close(new, ref)
+  # The chain moved the patches (the test would be weak otherwise).
+  assert float(jnp.abs(full.shapes[-1] - init).max()) > 5
+
+
+def test_group_sizes_divide_the_batch():
+  for b in (1, 3, 7, 8, 64, 128):
+    for p in (6, 19, 68):
+      k = cascade.face_group_size(b, p)
+      assert b % k == 0 and (k == 1 or k * p <= cascade.TARGET_CHUNK_PATCHES)
+
+
+def test_gradients_match_the_frozen_implementation(small_chunks, monkeypatch):
+  from musica_jax import losses
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=4)
+  target = jnp.broadcast_to(init + 2.0, (4, cfg.num_landmarks, 2))
+
+  def loss(run, p):
+    out = run(p, images, init, cfg, -np.inf, np.inf)
+    return losses.cascade_loss(out.shapes, out.errors, target, (0, 9))[0]
+
+  g_ref = jax.jit(jax.grad(functools.partial(loss, _frozen_cascade)))(params)
+  for remat_above in (0, 10 ** 9):        # rematerialised and stored intermediates
+    monkeypatch.setattr(cascade, "REMAT_ABOVE_PATCHES", remat_above)
+    g_new = jax.jit(jax.grad(functools.partial(loss, cascade.run_cascade)))(params)
+    _assert_tree_close(g_new, g_ref, atol=1e-4)
+
+
+def _check_early_exit(out, ref, n=None):
+  n = out.landmarks.shape[0] if n is None else n
+  np.testing.assert_array_equal(np.asarray(out.iterations), np.asarray(ref.iterations)[:n])
+  np.testing.assert_array_equal(np.asarray(out.valid), np.asarray(ref.valid)[:n])
+  for field in ("landmarks", "estimated_error", "hidden"):
+    np.testing.assert_allclose(np.asarray(getattr(out, field)),
+                               np.asarray(getattr(ref, field))[:n], atol=1e-5, rtol=1e-5,
+                               err_msg=field)
+
+
+def test_fast_paths_match_the_masked_cascade(small_chunks):
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=16, seed=3)
+  full = cascade.run_cascade_jit(params, images, init, cfg)
+  ts = _ts_between_estimates(full.errors)
+  tf = float(np.median(np.asarray(full.errors)))
+  ref = cascade.run_cascade_jit(params, images, init, cfg, ts, tf)
+  its = np.asarray(ref.iterations)
+  assert len(set(its.tolist())) == 3, "test needs faces quitting at every iteration"
+  fast = fast_inference.FastCascade(params, cfg)
+  _check_early_exit(fast.streaming(images, init, ts, tf), ref)
+  stats = {}
+  _check_early_exit(fast.batched(images, init, ts, tf, min_bucket=2, stats=stats), ref)
+  # Compaction: fewer faces computed after each iteration, never fewer than still run.
+  faces = stats["faces_per_stage"]
+  assert faces == [16] + [fast_inference.bucket_size(int((its > i).sum()), 16, 2)
+                          for i in (1, 2)]
+  assert sum(faces) < 3 * 16
+  # Batch 1, face by face (the while loop stops at each face's own iteration).
+  for f in range(16):
+    out = fast.streaming(images[f:f + 1], init, ts, tf)
+    single_ref = jax.tree.map(lambda x: x[f:f + 1], ref)
+    _check_early_exit(out, single_ref)
+  # Ts = -inf: every iteration, the full cascade's last shape.
+  out = fast.batched(images, init)
+  np.testing.assert_allclose(out.landmarks, full.shapes[-1], atol=1e-5)
+  assert np.all(np.asarray(out.iterations) == cfg.num_stages)
+  out = fast.streaming(images[:1], init)
+  np.testing.assert_allclose(out.landmarks, full.shapes[-1, :1], atol=1e-5)
+
+
+def test_everyone_quits_after_the_first_iteration():
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=4)
+  fast = fast_inference.FastCascade(params, cfg)
+  stats = {}
+  out = fast.batched(images, init, ts=np.inf, stats=stats)
+  assert stats["faces_per_stage"] == [4]
+  assert np.all(np.asarray(out.iterations) == 1)
+  ref = cascade.run_cascade_jit(params, images, init, cfg, np.inf)
+  _check_early_exit(out, ref)
+  _check_early_exit(fast.streaming(images, init, np.inf), ref)
+
+
+def test_bf16_weights_stay_close():
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=2)
+  a = fast_inference.FastCascade(params, cfg).streaming(images, init)
+  b = fast_inference.FastCascade(params, cfg, weight_dtype=jnp.bfloat16).streaming(images, init)
+  assert b.landmarks.dtype == jnp.float32
+  scale = float(jnp.abs(a.landmarks - init).max())
+  assert float(jnp.abs(a.landmarks - b.landmarks).max()) < 0.05 * scale
