@@ -10,12 +10,17 @@ carries a second, frozen copy of (landmarks, hidden, error): once a face's estim
 error drops below Ts, its frozen copy stops changing. Static shapes, so it jits and
 batches; it does not save time (see `musica_jax.fast_inference` for the paths that do).
 
-Speed (2-core CPU): `run_cascade` unrolls the 3 iterations (each reads its own pyramid
-level, a static shape: no atlas) and runs the per-patch network in chunks of face groups
-(`stage_features`), ~2x faster than the first implementation, a `lax.scan` over an atlas
-(kept as `stage_inputs` / `stage_step` / `run_cascade_unrolled`, the reference loop used
-by the tests). Slicing one stage out of the stacked parameters copies it (XLA); at batch 1
-that copy (11-36 MB per iteration) dominates, hence `fast_inference.unstack_params`.
+Shape (fixed by the project): the iterations are one pure stage function composed with
+`jax.lax.scan`, parameters stacked on a leading stage axis. The pyramid levels (228 /
+114 / 57 px) differ in size, so they are packed into one zero-bordered atlas
+(`pyramid.AtlasLayout`) and each iteration reads its level through scanned (level,
+origin, level size, step scale) arrays: no Python branch per stage.
+
+Speed (2-core CPU): the per-patch network runs in a channel-major layout, chunked over
+groups of faces (`stage_features`): intermediates stay in cache instead of being
+hundreds of MB of fresh allocations. `stage_step` / `run_cascade_unrolled` are the
+straightforward reference (one gather into [B, P, 14, 14, 3], the Flax module) used by
+the tests.
 """
 from __future__ import annotations
 
@@ -56,6 +61,12 @@ def stage_inputs(config: ModelConfig):
   )
 
 
+def stage_xs(config: ModelConfig, i: int) -> dict:
+  """The scanned inputs of stage `i` alone (for paths that run one stage at a time)."""
+  _, xs = stage_inputs(config)
+  return {k: v[i] for k, v in xs.items()}
+
+
 def _broadcast_init(init_shape, batch, config):
   init_shape = jnp.asarray(init_shape, jnp.float32)
   if init_shape.shape[-2:] != (config.num_landmarks, 2):
@@ -88,50 +99,48 @@ def face_group_size(batch: int, num_patches: int, target: int | None = None) -> 
   return k
 
 
-def stage_features(config: ModelConfig, params, level_images: jax.Array, centres: jax.Array,
-                   level: int, remat: bool = False):
+def stage_features(config: ModelConfig, params, atlas: jax.Array, centres: jax.Array, xs,
+                   remat: bool = False):
   """Per-patch part of one iteration for a batch, chunked over groups of faces.
 
   Args:
     params: one stage's parameters.
-    level_images: [B, s, s, C] the pyramid level this iteration reads (unpadded).
+    atlas: [B, H, W, C] every pyramid level of each face (`pyramid.build_atlas`).
     centres: [B, P, 2] patch centres in level-0 pixels (no gradient flows through them).
-    level: static pyramid level.
+    xs: this iteration's scanned inputs (level, origin, level_size).
     remat: recompute each chunk's forward in the backward pass instead of storing its
       intermediates (training: they would be ~60 kB per patch).
   Returns (descriptors [B, P*D], mean attention [B, P]).
   """
   b, p = centres.shape[:2]
-  s = level_images.shape[1]
   ps = config.patch_size
-  start, frac = pyramid.window_starts(centres, level, s, ps)
+  start, frac = pyramid.window_starts(centres, xs["level"], xs["level_size"], ps)
   k = face_group_size(b, p)
   face = jnp.repeat(jnp.arange(k, dtype=jnp.int32), p)
 
-  def chunk(xs):
-    imgs, st, fr = xs
-    patches = pyramid.gather_patches_cm(pyramid.pad_level(imgs), face, st.reshape(-1, 2),
-                                        fr.reshape(-1, 2), ps)
+  def chunk(inputs):
+    imgs, st, fr = inputs
+    patches = pyramid.gather_patches_cm(imgs, face, st.reshape(-1, 2), fr.reshape(-1, 2), ps,
+                                        origin=xs["origin"])
     desc, att = stage_net.patch_features(params, patches, config.use_attention)
     return desc.reshape(k, -1), att.reshape(k, p)
 
   if remat:
     chunk = jax.checkpoint(chunk)
   if k == b:
-    return chunk((level_images, start, frac))
+    return chunk((atlas, start, frac))
   g = b // k
   split = lambda x: x.reshape(g, k, *x.shape[1:])
-  desc, att = jax.lax.map(chunk, (split(level_images), split(start), split(frac)))
+  desc, att = jax.lax.map(chunk, (split(atlas), split(start), split(frac)))
   return desc.reshape(b, -1), att.reshape(b, p)
 
 
-def stage_forward(config: ModelConfig, params, level_images, shape, hidden, level: int,
-                  step_scale: float, remat: bool = False):
-  """One iteration at a static level: returns (new_shape, new_hidden, error, attention)."""
+def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: bool = False):
+  """One iteration (the scanned stage function): returns (shape, hidden, error, attention)."""
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
-  desc, att = stage_features(config, params, level_images, centres, level, remat)
+  desc, att = stage_features(config, params, atlas, centres, xs, remat)
   hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden)
-  return shape + step_scale * disp, hidden, err, att
+  return shape + xs["step_scale"] * disp, hidden, err, att
 
 
 def stage_params(params, i: int):
@@ -151,25 +160,23 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
       -inf: every face runs every iteration.
     tf: failure threshold; valid = final estimated error < tf.
 
-  The iterations are unrolled in Python (there are 3; the level of each is static), each
-  reading its own pyramid level; the per-patch network runs chunked over face groups
-  (`stage_features`). Same function as the scanned atlas version this replaced (tested
-  against a frozen copy in tests/test_fast_inference.py), about 3x faster on CPU.
+  The iterations are `stage_forward` composed with `lax.scan` over the stacked
+  parameters and the scanned per-stage inputs of `stage_inputs`.
   """
   b = images.shape[0]
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
-  levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
-  shape = _broadcast_init(init_shape, b, config)
-  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
+  layout, xs = stage_inputs(config)
+  atlas = pyramid.build_atlas(images.astype(jnp.float32), layout)
+  shape0 = _broadcast_init(init_shape, b, config)
+  hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
   remat = _remat_default(b, config.num_patches)
-  frozen = dict(shape=shape, hidden=hidden, error=jnp.full((b,), jnp.inf),
-                iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
-  shapes, errors, atts = [], [], []
-  for i, level in enumerate(config.levels):
-    shape, hidden, err, att = stage_forward(config, stage_params(params, i), levels[level],
-                                            shape, hidden, level, float(2 ** level), remat)
+
+  def body(carry, inputs):
+    params_i, xs_i = inputs
+    shape, hidden, frozen = carry
+    shape, hidden, err, att = stage_forward(config, params_i, atlas, shape, hidden, xs_i, remat)
     active = ~frozen["done"]
     keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     frozen = dict(
@@ -179,11 +186,16 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
         iterations=frozen["iterations"] + active.astype(jnp.int32),
         done=frozen["done"] | (active & (err < ts)),
     )
-    shapes.append(shape); errors.append(err); atts.append(att)
-  return CascadeOutput(shapes=jnp.stack(shapes), errors=jnp.stack(errors),
-                       attention=jnp.stack(atts), landmarks=frozen["shape"],
-                       estimated_error=frozen["error"], hidden=frozen["hidden"],
-                       iterations=frozen["iterations"], valid=frozen["error"] < tf)
+    return (shape, hidden, frozen), (shape, err, att)
+
+  frozen0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf),
+                 iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
+  (_, _, frozen), (shapes, errors, att) = jax.lax.scan(
+      body, (shape0, hidden0, frozen0), (params, xs))
+  return CascadeOutput(shapes=shapes, errors=errors, attention=att,
+                       landmarks=frozen["shape"], estimated_error=frozen["error"],
+                       hidden=frozen["hidden"], iterations=frozen["iterations"],
+                       valid=frozen["error"] < tf)
 
 
 # Rematerialise the per-patch network in the backward pass once its stored intermediates

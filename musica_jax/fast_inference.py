@@ -6,8 +6,8 @@ error, hidden state, iterations, valid; tested against the masked cascade in
 tests/test_fast_inference.py) but stop computing:
 
 - `run_streaming` (batch 1 or small batches, one jitted call): a `lax.while_loop` over the
-  iterations; each trip runs the current iteration through `lax.switch` (each branch has
-  its own static pyramid level) and the loop ends as soon as every face of the batch has
+  iterations; each trip runs the current iteration through `lax.switch` (each branch is one
+  stage with its own parameters, reading its level of the atlas) and the loop ends as soon as every face of the batch has
   quit. The per-stage parameters are separate buffers (`unstack_params`): slicing a
   stacked [S, K, 512] kernel inside a jitted function makes XLA copy the slice (11-36 MB
   per iteration), which at batch 1 costs more than the product itself.
@@ -63,8 +63,9 @@ def unstack_params(params, weight_dtype=None) -> tuple:
   return tuple(out)
 
 
-def _levels(config: ModelConfig, images):
-  return pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
+def _atlas(config: ModelConfig, images):
+  layout, _ = cascade.stage_inputs(config)
+  return pyramid.build_atlas(images.astype(jnp.float32), layout)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -78,17 +79,15 @@ def run_streaming(stage_params: tuple, images, init_shape, config: ModelConfig,
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
-  levels = _levels(config, images)
+  atlas = _atlas(config, images)
   shape0 = cascade._broadcast_init(init_shape, b, config)
   hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
 
   def branch(i):
-    level = config.levels[i]
-
     def run(operands):
-      params, lv, shape, hidden = operands
+      params, atl, shape, hidden = operands
       shape, hidden, err, _ = cascade.stage_forward(
-          config, params[i], lv[level], shape, hidden, level, float(2 ** level))
+          config, params[i], atl, shape, hidden, cascade.stage_xs(config, i))
       return shape, hidden, err
     return run
 
@@ -100,7 +99,7 @@ def run_streaming(stage_params: tuple, images, init_shape, config: ModelConfig,
 
   def body(carry):
     i, st = carry
-    shape, hidden, err = jax.lax.switch(i, branches, (stage_params, levels, st["shape"],
+    shape, hidden, err = jax.lax.switch(i, branches, (stage_params, atlas, st["shape"],
                                                       st["hidden"]))
     active = ~st["done"]
     keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
@@ -123,23 +122,20 @@ def run_streaming(stage_params: tuple, images, init_shape, config: ModelConfig,
 @functools.partial(jax.jit, static_argnames=("config",))
 def _first_stage(params0, images, init_shape, config: ModelConfig):
   b = images.shape[0]
-  levels = _levels(config, images)
+  atlas = _atlas(config, images)
   shape = cascade._broadcast_init(init_shape, b, config)
   hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
-  level = config.levels[0]
-  shape, hidden, err, _ = cascade.stage_forward(config, params0, levels[level], shape, hidden,
-                                                level, float(2 ** level))
-  return tuple(levels), shape, hidden, err
+  shape, hidden, err, _ = cascade.stage_forward(config, params0, atlas, shape, hidden,
+                                                cascade.stage_xs(config, 0))
+  return atlas, shape, hidden, err
 
 
 @functools.partial(jax.jit, static_argnames=("config", "stage"), donate_argnums=(3, 4))
-def _bucket_stage(params_i, levels, idx, shape, hidden, config: ModelConfig, stage: int):
+def _bucket_stage(params_i, atlas, idx, shape, hidden, config: ModelConfig, stage: int):
   """Runs `stage` on the faces `idx` (a bucket; padding repeats a real index) and writes
   their new shape / hidden back into the full-batch arrays. Returns (shape, hidden, err)."""
-  level = config.levels[stage]
-  lv = jnp.take(levels[level], idx, axis=0)
-  s, h, err, _ = cascade.stage_forward(config, params_i, lv, shape[idx], hidden[idx], level,
-                                       float(2 ** level))
+  s, h, err, _ = cascade.stage_forward(config, params_i, jnp.take(atlas, idx, axis=0),
+                                       shape[idx], hidden[idx], cascade.stage_xs(config, stage))
   return shape.at[idx].set(s), hidden.at[idx].set(h), err
 
 
@@ -159,7 +155,7 @@ def run_compacted(stage_params: tuple, images, init_shape, config: ModelConfig,
   """
   images = jnp.asarray(images)
   b = images.shape[0]
-  levels, shape, hidden, err = _first_stage(stage_params[0], images, init_shape, config)
+  atlas, shape, hidden, err = _first_stage(stage_params[0], images, init_shape, config)
   err_h = np.asarray(err)
   out_err = err_h.copy()
   iterations = np.ones((b,), np.int32)
@@ -173,7 +169,7 @@ def run_compacted(stage_params: tuple, images, init_shape, config: ModelConfig,
     size = bucket_size(active.size, b, min_bucket)
     idx = np.full((size,), active[0], np.int32)
     idx[:active.size] = active
-    shape, hidden, err = _bucket_stage(stage_params[stage], levels, jnp.asarray(idx), shape,
+    shape, hidden, err = _bucket_stage(stage_params[stage], atlas, jnp.asarray(idx), shape,
                                        hidden, config=config, stage=stage)
     err_h = np.asarray(err)[:active.size]
     out_err[active] = err_h

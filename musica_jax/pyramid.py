@@ -78,10 +78,8 @@ def build_atlas(images: jax.Array, layout: AtlasLayout) -> jax.Array:
   """Level-0 crops [B, S, S, C] -> atlas [B, H, W, C] holding every pyramid level."""
   b, _, _, c = images.shape
   atlas = jnp.zeros((b, *layout.shape, c), images.dtype)
-  level = images
-  for l, (r, col) in enumerate(layout.origins):
-    if l:
-      level = downsample2(level)
+  levels = build_levels(images, layout.num_levels)
+  for level, (r, col) in zip(levels, layout.origins):
     atlas = atlas.at[:, r:r + level.shape[1], col:col + level.shape[2], :].set(level)
   return atlas
 
@@ -128,26 +126,23 @@ def build_levels(images: jax.Array, num_levels: int, group: int = 4) -> list[jax
   return [images] + [x.reshape(b, *x.shape[2:]) for x in smaller]
 
 
-def pad_level(level: jax.Array) -> jax.Array:
-  """[k, s, s, C] -> [k, s + 2 PAD, s + 2 PAD, C] with a zero border (the atlas border)."""
-  return jnp.pad(level, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
-
-
 def gather_patches_cm(padded: jax.Array, face: jax.Array, start: jax.Array, frac: jax.Array,
-                      patch_size: int) -> jax.Array:
+                      patch_size: int, origin) -> jax.Array:
   """Bilinear patches in channel-major, patch-minor layout [C, ps, ps, m].
 
   Args:
-    padded: [k, s + 2 PAD, s + 2 PAD, C], one pyramid level of k faces (`pad_level`).
+    padded: [k, H, W, C], k faces' images holding the level with a zero border of at
+      least PAD px (an atlas from `build_atlas`).
     face: [m] int, the face (index into `padded`) of each patch.
     start, frac: [m, 2] from `window_starts` (level pixels, (x, y)).
+    origin: (row, col) of the level's top-left pixel in `padded` (may be traced).
   Same samples and the same arithmetic as `sample_patches` (one window gather per patch,
   four constant weights); only the memory layout of the result differs.
   """
   c = padded.shape[-1]
   win = patch_size + 1
-  rows = start[:, 1] + PAD
-  cols = start[:, 0] + PAD
+  rows = start[:, 1] + origin[0]
+  cols = start[:, 0] + origin[1]
   w = jax.vmap(lambda f, r, q: jax.lax.dynamic_slice(
       padded, (f, r, q, 0), (1, win, win, c))[0])(face, rows, cols)   # [m, win, win, C]
   w = w.transpose(3, 1, 2, 0)                                         # [C, win, win, m]
