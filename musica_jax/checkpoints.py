@@ -12,6 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from musica_jax import parallel
+
 BEST_METRIC = "eval_nme"
 
 
@@ -47,9 +49,18 @@ class Checkpoints:
     if step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available: {self.all_steps()}")
-    abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x),
-        template)
+    # Leaves without a sharding are restored replicated on this job's devices, whatever
+    # topology saved them (e.g. evaluating on 1 device what 2 hosts trained).
+    rep = parallel.replicated(parallel.make_mesh())
+
+    def abstract_leaf(x):
+      if not isinstance(x, jax.ShapeDtypeStruct):
+        x = ocp.utils.to_shape_dtype_struct(x)
+      if getattr(x, "sharding", None) is None:
+        x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+      return x
+
+    abstract = jax.tree.map(abstract_leaf, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def wait(self) -> None:
