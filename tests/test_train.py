@@ -186,3 +186,21 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
   assert step_a == step_b == 3
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
+
+
+def test_pipeline_benchmark_end_to_end_mode(tmp_path, tiny_flags):
+  out_json = tmp_path / "tp.json"
+  flags_ = [f for f in tiny_flags if not f.startswith(("--log_every", "--eval_every",
+                                                        "--checkpoint_every"))]
+  out = subprocess.run([sys.executable, "-m", "experiments.pipeline_benchmark", *flags_,
+                        "--num_batches=2", "--warmup_batches=1", "--end_to_end",
+                        f"--output_json={out_json}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  import json
+  r = json.loads(out_json.read_text())
+  for key in ("samples_per_sec", "train_step_alone_samples_per_sec",
+              "end_to_end_samples_per_sec", "end_to_end_slowdown"):
+    assert r[key] == r[key] and r[key] < float("inf"), key
+  assert r["samples_per_sec"] > 0 and r["end_to_end_samples_per_sec"] > 0
+  assert r["patches"] == 19
