@@ -162,9 +162,7 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   from data_pipelines import flags as data_flags  # noqa: PLC0415
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run)")

@@ -35,7 +35,6 @@ from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import fast_inference
 from musica_jax import losses
-from musica_jax import schemes
 from musica_jax import stage_net
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON results.")

@@ -13,6 +13,7 @@ import os
 import pathlib
 import tempfile
 
+from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -47,6 +48,19 @@ flags.DEFINE_string("coordinator_address", None,
                     "calls jax.distributed.initialize.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def start(argv) -> None:
+  """First lines of every entry point's main: no stray arguments, quiet libraries."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_libraries()
+
+
+def write_json(path, data, indent: int = 2) -> None:
+  """Writes `data` as JSON atomically and says so."""
+  atomic_write_text(path, json.dumps(data, indent=indent))
+  print(f"wrote {path}")
 
 
 def quiet_libraries() -> None:

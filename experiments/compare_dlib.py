@@ -393,15 +393,12 @@ def compare(data_dir: str, output_json: str | None, split: str = "common",
           f"{m['nme_interpupil']:.2f}% inter-ocular {m['nme_interocular']:.2f}% FR@0.08 "
           f"{m['fr_008'] * 100:.2f}% AUC@0.08 {m['auc_008']:.4f}")
   if output_json:
-    common.atomic_write_text(output_json, json.dumps(result, indent=2))
-    print(f"wrote {output_json}")
+    common.write_json(output_json, result, indent=2)
   return result
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   if not FLAGS.data_dir:
     raise app.UsageError("--data_dir is required (300W in the official layout; or "
                          "--flagfile=300w68.flags)")

@@ -19,9 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import flags as data_flags
@@ -106,9 +104,7 @@ def evaluate(workdir: str, output_json: str, splits: list[str], data_cfg, ts=Non
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   overrides = {}
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset

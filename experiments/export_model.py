@@ -66,9 +66,7 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:

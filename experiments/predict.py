@@ -19,7 +19,6 @@ used. --output_json gets every face's landmarks, estimated error, iterations and
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -276,15 +275,12 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
             f"{f['estimated_error']:.4f} iterations {f['iterations']}/{stages} "
             f"valid {f['valid']}" + (f" -> {out_png}" if out_png else ""))
   if output_json:
-    common.atomic_write_text(output_json, json.dumps(result, indent=1))
-    print(f"wrote {output_json}")
+    common.write_json(output_json, result, indent=1)
   return result
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   paths = image_paths(FLAGS.image, FLAGS.image_dir)
   boxes = boxes_for(paths, FLAGS.box, FLAGS.box_from_pts)
   if not FLAGS.output and not FLAGS.output_json:

@@ -197,9 +197,7 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_libraries()
+  common.start(argv)
   initialise_distributed()
   data_cfg = data_flags.config_from_flags()
   model_cfg = common.model_config_from_flags(data_cfg.num_points)

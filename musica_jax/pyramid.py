@@ -24,7 +24,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PAD = 16  # >= the 15-px sampling window, so a clamped window reads only zeros
 

@@ -8,7 +8,6 @@ key used here initialises the parameters: `jax.random.fold_in(root_key, 0)`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
