@@ -8,6 +8,7 @@ resumes from its latest checkpoint with the same data order. See WORKSPACE.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -100,12 +101,16 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   scheme = schemes.get_scheme(data_cfg.num_points)
-  existing = pathlib.Path(workdir) / common.RUN_CONFIG
-  if existing.exists():
-    previous = common.load_run_config(workdir)["model_config"]
-    if previous != model_cfg:
+  previous = None
+  if (pathlib.Path(workdir) / common.RUN_CONFIG).exists():
+    previous = common.load_run_config(workdir)
+    if previous["model_config"] != model_cfg:
       raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
-                           f"({previous}); use a new workdir or the same model flags")
+                           f"({previous['model_config']}); use a new workdir or the same "
+                           f"model flags")
+    if previous["data"] != dataclasses.asdict(data_cfg):
+      say(f"note: the data flags differ from the run in {workdir}; the resumed data "
+          f"stream will not be the one of an uninterrupted run")
 
   if jax.process_count() > 1:
     # Process 0 prepares the dataset and its statistics first; the others then find them
@@ -113,8 +118,12 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     if jax.process_index() == 0:
       input_pipeline.dataset_statistics(data_cfg)
     multihost_utils.sync_global_devices("musica: data prepared")
-  stats = input_pipeline.dataset_statistics(data_cfg)
-  mean_shape = np.asarray(stats["mean_shape"], np.float32)
+  if previous is not None:
+    # The initial shape is part of the model: a resumed run keeps the one it started with.
+    mean_shape = previous["mean_shape"]
+  else:
+    mean_shape = np.asarray(input_pipeline.dataset_statistics(data_cfg)["mean_shape"],
+                            np.float32)
   if jax.process_index() == 0:
     common.save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape)
 
