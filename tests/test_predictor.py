@@ -202,8 +202,30 @@ def test_boxes_must_pair_with_images():
     p.predict([image, image], [(10, 10, 50, 50)])
 
 
-def test_no_default_model_message():
-  if model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
-    pytest.skip("a default model ships with this checkout")
+def test_no_default_model_message(tmp_path, monkeypatch):
+  monkeypatch.setattr(predictor_lib, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
   with pytest.raises(predictor_lib.NoDefaultModelError, match="export_model"):
     predictor_lib.Predictor.default()
+
+
+def test_shipped_default_model_on_real_test_faces(shared_data):
+  """The shipped model localises real 300W common-set faces far better than its mean
+  shape (the README's full-set numbers come from experiments.evaluate)."""
+  if not model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+    pytest.skip("no default model ships with this checkout")
+  from data_pipelines import readers
+  from musica_jax import face_frame, metrics, schemes
+  p = predictor_lib.Predictor.default()
+  files = sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[:24]
+  images = [predictor_lib.read_image(f) for f in files]
+  gts = [readers.read_pts(str(f.with_suffix(".pts")), 68) for f in files]
+  boxes = [face_frame.box_from_landmarks(g) for g in gts]
+  pred = p.predict(images, boxes)
+  nme = metrics.per_face_nme(np.asarray(pred.landmarks), np.stack(gts), schemes.IBUG68,
+                             "interocular")
+  base = metrics.per_face_nme(
+      np.stack([face_frame.from_crop(p.mean_shape[None], *face_frame.crop_transform(b[None]))[0]
+                for b in boxes]), np.stack(gts), schemes.IBUG68, "interocular")
+  assert float(np.mean(nme)) < 0.06
+  assert float(np.mean(nme)) < 0.5 * float(np.mean(base))
+  assert np.all((np.asarray(pred.iterations) >= 1) & (np.asarray(pred.iterations) <= 3))
