@@ -1,10 +1,13 @@
-r"""Side by side on 300W: dlib's ERT 68-point model (Kazemi & Sullivan 2014) and, with
---workdir, a MuSiCa model, under one protocol.
+r"""dlib's ERT 68-point model (Kazemi & Sullivan 2014) on 300W under our protocol.
 
   pip install -e '.[peers]'        # dlib-bin + face-recognition-models
   python -m experiments.compare_dlib --data_dir=../shared/data/300w \
-      --output_json=results/compare_dlib.json [--workdir=W [--checkpoint=STEP]]
-  (or --flagfile=300w68.flags --workdir=W --output_json=...; --eval_split=common default)
+      --output_json=results/dlib_300w_common.json [--eval_split=common]
+
+The side by side with a MuSiCa model, both rows from one run, is
+  python -m experiments.evaluate --flagfile=300w19.flags --model=default --with_dlib \
+      --output_json=results/default_model_vs_dlib_common.json
+which calls `dlib_side` below.
 
 Protocol (issue 6). Both methods get a face box derived from the ground-truth landmarks.
 dlib's shape model was trained on boxes of dlib's HOG face detector, which sit differently
@@ -61,7 +64,6 @@ def define_flags():
   work here."""
   from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
   _define("string", "output_json", None, "Where to write the side-by-side JSON.")
-  _define("string", "checkpoint", "latest", "With --workdir: checkpoint step, or 'latest'.")
   _define("string", "box_fit_json", None, "Reuse the box fit from an earlier output JSON "
           "(skips running the detector on the training set).")
   _define("integer", "fit_max_faces", 0, "Use at most this many training faces for the box "
@@ -294,104 +296,65 @@ def split_items(data_dir: str, name: str) -> list[Face]:
   return sorted(faces, key=lambda it: it.file_id)
 
 
-def musica_row(workdir, checkpoint, data_dir, split, items, eval_batch_size, tfds_dir) -> dict:
-  """The MuSiCa model on the same faces, through the evaluation code of
-  experiments.evaluate (tf.data crop from the landmark box)."""
-  import jax  # noqa: PLC0415
-  from data_pipelines import config as data_config  # noqa: PLC0415
-  from experiments import eval_lib  # noqa: PLC0415
-  from musica_jax import parallel  # noqa: PLC0415
-  from musica_jax import predictor as predictor_lib  # noqa: PLC0415
-  params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
-  mesh = parallel.make_mesh()
-  params = parallel.replicate(params, mesh)
-  dcfg = data_config.DataConfig(dataset="ibug300w", data_dir=data_dir, tfds_dir=tfds_dir,
-                                eval_split=split, eval_batch_size=eval_batch_size)
-  t0 = time.perf_counter()
-  per = eval_lib.run_split(params, dcfg, split, cfg, schemes.IBUG68, mean_shape, mesh,
-                           keep_landmarks=True)
-  seconds = time.perf_counter() - t0
-  ids = [f.decode() if isinstance(f, bytes) else str(f) for f in per["file_id"]]
-  want = [it.file_id for it in items]
-  keep = np.isin(ids, want)
-  if [i for i, k in zip(ids, keep) if k] != want:
-    raise RuntimeError(f"MuSiCa evaluation of {split!r} does not hold the same faces as the "
-                       f"dlib row ({int(keep.sum())} of {len(want)} matched)")
-  ip = per["nme_interpupil_per_iteration"][-1][keep]
-  io = per["nme_interocular_per_iteration"][-1][keep]
-  row = {"method": f"MuSiCa ({cfg.num_landmarks} pts / {cfg.num_patches} patches)",
-         "workdir": info["workdir"], "checkpoint_step": info["checkpoint_step"],
-         "box": "landmark box (the model's training convention)",
-         "faces": int(keep.sum()), "nme_interpupil": float(ip.mean() * 100),
-         "nme_interocular": float(io.mean() * 100),
-         "nme_interpupil_per_iteration": [float(x[keep].mean() * 100)
-                                          for x in per["nme_interpupil_per_iteration"]],
-         "seconds_including_compile": seconds, "device": str(jax.devices()[0].platform)}
-  for t in (0.08, 0.10):
-    key = f"{int(round(t * 100)):03d}"
-    row[f"fr_{key}"] = metrics.failure_rate(io, t)
-    row[f"auc_{key}"] = metrics.auc(io, t)
-  return row
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def compare(data_dir: str, output_json: str | None, split: str = "common",
-            workdir: str | None = None, checkpoint: str = "latest",
-            box_fit_json: str | None = None, fit_max_faces: int = 0, max_faces: int = 0,
-            eval_batch_size: int = 64, tfds_dir: str = "") -> dict:
+def dlib_side(data_dir: str, split: str = "common", box_fit_json: str | None = None,
+              fit_max_faces: int = 0, max_faces: int = 0) -> dict:
+  """dlib on one 300W split under the protocol: {"row": summary row, "box_fit": how the box
+  mapping was obtained, "file_ids": [M] face ids in order, "nme_interocular_per_face": [M]}."""
   dlib = import_dlib()
   model_path = find_dlib_model()
-  result = {"protocol": "face box from the ground-truth landmarks; dlib gets it mapped to "
-                        "its HOG-detector box convention by a linear fit on the 300W "
-                        "training faces the detector finds",
-            "data_dir": os.path.abspath(data_dir), "split": split,
-            "command": "python -m experiments.compare_dlib " + " ".join(sys.argv[1:]),
-            "fr_auc_normalisation": "interocular", "rows": []}
-
   if box_fit_json:
     try:
       fit = json.loads(pathlib.Path(box_fit_json).read_text())["box_fit"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
-      raise app.UsageError(f"--box_fit_json={box_fit_json}: no box_fit in it ({e})") from e
+      raise app.UsageError(f"{box_fit_json}: no box_fit in it ({e})") from e
     mapping = BoxMapping(**fit["mapping"])
-    result["box_fit"] = dict(fit, reused_from=os.path.abspath(box_fit_json))
+    box_fit = dict(fit, reused_from=os.path.abspath(box_fit_json))
   else:
     train = split_items(data_dir, "train")
     if fit_max_faces:
       train = train[::max(1, len(train) // fit_max_faces)][:fit_max_faces]
     det = detect_training_boxes(dlib, train)
     mapping = fit_box_mapping(det["landmark_boxes"], det["detector_boxes"])
-    result["box_fit"] = {"mapping": mapping.to_json(), "train_faces": len(train),
-                         "detector_found": det["found"], "detector_missed": det["missed"],
-                         "detector": "dlib.get_frontal_face_detector (HOG), upsample 0, "
-                                     "retry with 1; match IoU >= 0.3",
-                         "detector_seconds": det["seconds"]}
-    print(f"box fit on {det['found']} training faces (HOG missed {det['missed']}): "
-          f"{mapping.to_json()}")
-
+    box_fit = {"mapping": mapping.to_json(), "train_faces": len(train),
+               "detector_found": det["found"], "detector_missed": det["missed"],
+               "detector": "dlib.get_frontal_face_detector (HOG), upsample 0, "
+                           "retry with 1; match IoU >= 0.3",
+               "detector_seconds": det["seconds"]}
+    print(f"dlib box fit on {det['found']} training faces (HOG missed {det['missed']}): "
+          f"{mapping.to_json()}", flush=True)
   items = split_items(data_dir, split)
   if max_faces:
     items = items[:max_faces]
   gt = np.stack([it.landmarks for it in items]).astype(np.float64)
   sp = dlib.shape_predictor(str(model_path))
   pred, ms = run_dlib(dlib, sp, items, mapping)
-  row, io = summarise(pred, gt)
+  summary, io = summarise(pred, gt)
   row = {"method": "dlib ERT 68 (shape_predictor_68_face_landmarks.dat)",
          "dlib_version": getattr(dlib, "__version__", "?"), "model_file": str(model_path),
-         "box": "landmark box mapped by box_fit, rounded to dlib.rectangle", **row,
+         "box": "landmark box mapped by box_fit, rounded to dlib.rectangle", **summary,
          "ms_per_face": ms, "timing": "shape predictor call only, 1 thread, CPU"}
-  result["rows"].append(row)
   print(f"dlib on {split} ({row['faces']} faces): NME inter-pupil {row['nme_interpupil']:.2f}% "
         f"inter-ocular {row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
-        f"AUC@0.08 {row['auc_008']:.4f}; {ms:.2f} ms/face")
-  if workdir:
-    m = musica_row(workdir, checkpoint, data_dir, split, items, eval_batch_size, tfds_dir)
-    result["rows"].append(m)
-    print(f"{m['method']} on {split} ({m['faces']} faces): NME inter-pupil "
-          f"{m['nme_interpupil']:.2f}% inter-ocular {m['nme_interocular']:.2f}% FR@0.08 "
-          f"{m['fr_008'] * 100:.2f}% AUC@0.08 {m['auc_008']:.4f}")
+        f"AUC@0.08 {row['auc_008']:.4f}; {ms:.2f} ms/face", flush=True)
+  return {"row": row, "box_fit": box_fit, "file_ids": [it.file_id for it in items],
+          "nme_interocular_per_face": io}
+
+
+PROTOCOL = ("face box from the ground-truth landmarks; dlib gets it mapped to its "
+            "HOG-detector box convention by a linear fit on the 300W training faces the "
+            "detector finds")
+
+
+def compare(data_dir: str, output_json: str | None, split: str = "common",
+            box_fit_json: str | None = None, fit_max_faces: int = 0,
+            max_faces: int = 0) -> dict:
+  """dlib's row alone (the side-by-side with a MuSiCa model is experiments.evaluate
+  --with_dlib, which runs both in one command)."""
+  side = dlib_side(data_dir, split, box_fit_json, fit_max_faces, max_faces)
+  result = {"protocol": PROTOCOL, "data_dir": os.path.abspath(data_dir), "split": split,
+            "command": "python -m experiments.compare_dlib " + " ".join(sys.argv[1:]),
+            "fr_auc_normalisation": "interocular", "rows": [side["row"]],
+            "box_fit": side["box_fit"]}
   if output_json:
     common.write_json(output_json, result, indent=2)
   return result
@@ -404,10 +367,13 @@ def main(argv):
                          "--flagfile=300w68.flags)")
   if not os.path.isdir(FLAGS.data_dir):
     raise app.UsageError(f"--data_dir={FLAGS.data_dir}: not a directory")
+  if FLAGS.workdir:
+    raise app.UsageError("--workdir: compare_dlib runs dlib alone; for a MuSiCa model beside "
+                         "it use python -m experiments.evaluate --workdir=W (or --model=DIR) "
+                         "--with_dlib")
   try:
-    compare(FLAGS.data_dir, FLAGS.output_json, FLAGS.eval_split, FLAGS.workdir, FLAGS.checkpoint,
-            FLAGS.box_fit_json, FLAGS.fit_max_faces, FLAGS.max_faces, FLAGS.eval_batch_size,
-            FLAGS.tfds_dir)
+    compare(FLAGS.data_dir, FLAGS.output_json, FLAGS.eval_split, FLAGS.box_fit_json,
+            FLAGS.fit_max_faces, FLAGS.max_faces)
   except ImportError as e:
     raise app.UsageError(str(e)) from e
 

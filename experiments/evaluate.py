@@ -4,7 +4,12 @@ r"""Evaluates a trained cascade (EMA weights) with a jitted, batched evaluation.
   [--checkpoint=STEP] [--eval_dataset=pts_folder --data_dir=DIR --eval_split=all]
   [--eval_split=common,challenging] [--ts=0.03 --tf=0.08]
 
-Writes the JSON (one entry per split) and a CED plot PNG next to it.
+  # the package's shipped model (or an exported one: --model=DIR), side by side with dlib
+  python -m experiments.evaluate --flagfile=300w19.flags --model=default --with_dlib \
+      --output_json=results/default_model_vs_dlib_common.json
+
+Writes the JSON (one entry per split; with --with_dlib a "side_by_side" entry per split
+holding both rows from this run) and a CED plot PNG next to it (dlib's curve included).
 """
 from __future__ import annotations
 
@@ -40,7 +45,16 @@ flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of t
 flags.DEFINE_float("ts", None, "Early exit: success threshold on the estimated error.")
 flags.DEFINE_float("tf", None, "Failure threshold: faces whose final estimated error is above "
                    "it are flagged invalid.")
-flags.mark_flags_as_required(["workdir", "output_json"])
+flags.DEFINE_string("model", None, "Evaluate an exported model directory (written by "
+                    "experiments.export_model) instead of a --workdir checkpoint; 'default' "
+                    "= the model shipped in musica_jax/default_model.")
+flags.DEFINE_bool("with_dlib", False, "300W only: also run dlib's 68-point model on the same "
+                  "faces under the same protocol (experiments.compare_dlib; needs the peers "
+                  "extra) and write both rows side by side.")
+flags.DEFINE_string("dlib_box_fit_json", None, "With --with_dlib: reuse dlib's box fit from "
+                    "an earlier JSON (e.g. results/dlib_300w_common.json) instead of running "
+                    "its detector on the training faces (~80 s).")
+flags.mark_flags_as_required(["output_json"])
 
 
 def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
@@ -57,34 +71,103 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   return state.ema_params, used, mesh
 
 
-def evaluate(workdir: str, output_json: str, splits: list[str], data_cfg, ts=None, tf=None,
-             checkpoint: str = "latest") -> dict:
+def load_exported(model: str):
+  """(params replicated on all devices, ModelConfig, mean shape, provenance, mesh) of an
+  exported model directory, or of the shipped default model for model == 'default'."""
+  from musica_jax import model_io  # noqa: PLC0415
+  from musica_jax import predictor  # noqa: PLC0415
+  try:
+    path = predictor.default_model_path() if model == "default" else model
+    loaded = model_io.load_model(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(f"--model={model}: {e}") from e
+  mesh = parallel.make_mesh()
+  info = {"model_path": os.path.abspath(loaded.path), "model_name": loaded.metadata.get("name"),
+          "param_dtype": loaded.dtype,
+          "checkpoint_step": loaded.metadata.get("source", {}).get("checkpoint_step"),
+          "trained_in": loaded.metadata.get("source", {}).get("workdir")}
+  return (parallel.replicate(loaded.params, mesh), loaded.model_config, loaded.mean_shape,
+          info, mesh)
+
+
+def load_checkpoint(workdir: str, checkpoint: str):
+  """The same for a training workdir's checkpoint (EMA weights)."""
   run = common.load_run_config(workdir)
   model_cfg = run["model_config"]
   train_cfg = training.TrainConfig(**run["train"])
-  if data_cfg.num_points != model_cfg.num_landmarks:
-    raise app.UsageError(f"--num_points={data_cfg.num_points} but the model in {workdir} "
-                         f"has {model_cfg.num_landmarks} landmarks")
-  scheme = schemes.get_scheme(model_cfg.num_landmarks)
   params, step, mesh = restore_ema_params(workdir, model_cfg, train_cfg, checkpoint)
+  info = {"workdir": os.path.abspath(workdir), "checkpoint_step": step}
+  return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh
+
+
+def musica_row(summary: dict, model_cfg, info: dict) -> dict:
+  """This run's model as a side-by-side row (the fields dlib's row has)."""
+  name = info.get("model_name") or f"step {info.get('checkpoint_step')}"
+  row = {"method": f"MuSiCa ({model_cfg.num_landmarks} pts / {model_cfg.num_patches} "
+                   f"patches, {name})",
+         "box": "landmark box (the model's training convention)"}
+  row.update({k: summary[k] for k in ("faces", "nme_interpupil", "nme_interocular", "fr_008",
+                                      "auc_008", "fr_010", "auc_010",
+                                      "nme_interpupil_per_iteration")})
+  return row
+
+
+def dlib_rows(data_cfg, split: str, per_face: dict, model_cfg, summary: dict, info: dict,
+              box_fit_json: str | None) -> tuple[dict, np.ndarray]:
+  """dlib on exactly the faces this evaluation saw: the side-by-side entry and dlib's
+  per-face inter-ocular NMEs."""
+  from experiments import compare_dlib  # noqa: PLC0415
+  if data_cfg.dataset != "ibug300w" or model_cfg.num_landmarks != 68:
+    raise app.UsageError(f"--with_dlib needs 300W with 68 points (dataset "
+                         f"{data_cfg.dataset}, {model_cfg.num_landmarks} points)")
+  try:
+    side = compare_dlib.dlib_side(data_cfg.data_dir, split, box_fit_json)
+  except ImportError as e:
+    raise app.UsageError(f"--with_dlib: {e}") from e
+  ids = [f.decode() if isinstance(f, bytes) else str(f) for f in per_face["file_id"]]
+  if ids != side["file_ids"]:
+    raise RuntimeError(f"split {split!r}: dlib ran on {len(side['file_ids'])} faces, the "
+                       f"model on {len(ids)}; the face lists differ")
+  entry = {"protocol": compare_dlib.PROTOCOL, "fr_auc_normalisation": "interocular",
+           "rows": [musica_row(summary, model_cfg, info), side["row"]],
+           "box_fit": side["box_fit"]}
+  return entry, side["nme_interocular_per_face"]
+
+
+def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg, ts=None,
+             tf=None, checkpoint: str = "latest", model: str | None = None,
+             with_dlib: bool = False, dlib_box_fit_json: str | None = None) -> dict:
+  if (workdir is None) == (model is None):
+    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
+                         "exported model directory, or 'default')")
+  if model is not None:
+    params, model_cfg, mean_shape, info, mesh = load_exported(model)
+  else:
+    params, model_cfg, mean_shape, info, mesh = load_checkpoint(workdir, checkpoint)
+  if data_cfg.num_points != model_cfg.num_landmarks:
+    raise app.UsageError(f"--num_points={data_cfg.num_points} but the model "
+                         f"({workdir or model}) has {model_cfg.num_landmarks} landmarks")
+  scheme = schemes.get_scheme(model_cfg.num_landmarks)
+  step = info["checkpoint_step"]
   early = ts is not None or tf is not None
   ts_v = -np.inf if ts is None else ts
   tf_v = np.inf if tf is None else tf
-  result = {"workdir": os.path.abspath(workdir), "checkpoint_step": step,
-            "dataset": data_cfg.dataset, "model": dataclasses.asdict(model_cfg),
+  result = {**info, "dataset": data_cfg.dataset, "data_dir": os.path.abspath(data_cfg.data_dir),
+            "command": "python -m experiments.evaluate " + " ".join(sys.argv[1:]),
+            "model": dataclasses.asdict(model_cfg),
             "mmacs_full_cascade": cost.cascade_macs(model_cfg) / 1e6,
             "fr_auc_normalisation": "interocular", "splits": {}}
   if early:
     result.update(ts=ts, tf=tf)
   curves = {}
   for split in splits:
-    per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme,
-                                  run["mean_shape"], mesh, ts_v, tf_v)
+    per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
+                                  mesh, ts_v, tf_v)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if early:
       summary["mmacs_early_exit"] = cost.cascade_macs(model_cfg, summary["mean_iterations"]) / 1e6
     result["splits"][split] = summary
-    curves[split] = per_face["nme_interocular_per_iteration"][-1]
+    curves[f"MuSiCa {split}"] = per_face["nme_interocular_per_iteration"][-1]
     print(f"{split}: {summary['faces']} faces, NME inter-pupil {summary['nme_interpupil']:.2f}% "
           f"inter-ocular {summary['nme_interocular']:.2f}% box {summary['nme_box']:.2f}% "
           f"FR@0.08 {summary['fr_008'] * 100:.2f}% AUC@0.08 {summary['auc_008']:.4f}; "
@@ -93,6 +176,15 @@ def evaluate(workdir: str, output_json: str, splits: list[str], data_cfg, ts=Non
     if early:
       print(f"  early exit Ts={ts} Tf={tf}: mean iterations {summary['mean_iterations']:.2f}, "
             f"NME {summary['nme_early_exit']:.2f}%, invalid {summary['invalid_fraction'] * 100:.1f}%")
+    if with_dlib:
+      entry, dlib_io = dlib_rows(data_cfg, split, per_face, model_cfg, summary, info,
+                                 dlib_box_fit_json)
+      result.setdefault("side_by_side", {})[split] = entry
+      curves[f"dlib {split}"] = dlib_io
+      for row in entry["rows"]:
+        print(f"  {row['method']}: NME inter-pupil {row['nme_interpupil']:.2f}% inter-ocular "
+              f"{row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
+              f"AUC@0.08 {row['auc_008']:.4f}", flush=True)
   out = pathlib.Path(output_json)
   common.atomic_write_text(out, json.dumps(result, indent=2))
   png = out.with_suffix(".ced.png")
@@ -111,7 +203,7 @@ def main(argv):
   data_cfg = data_flags.config_from_flags(**overrides)
   splits = [s for s in data_cfg.eval_split.split(",") if s]
   evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.tf,
-           FLAGS.checkpoint)
+           FLAGS.checkpoint, FLAGS.model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,6 @@ from experiments import inspect_data
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_ibug300w_counts_and_values(shared_data, tfds_dir):
   cfg = config_lib.DataConfig(dataset="ibug300w", data_dir=str(shared_data / "300w"),
                               tfds_dir=tfds_dir)
