@@ -1,0 +1,137 @@
+r"""The README's results table, made from evaluation JSONs (experiments.evaluate).
+
+  python -m experiments.results_table --evals=results/300w68_common.json,results/300w34_common.json \
+      [--split=common] [--output_md=results/300w_common_table.md]
+
+One row per evaluation (and dlib's row once, from the first JSON that holds a side by side),
+with the training budget read from the run's workdir when it still exists: steps, batch
+size, and training time = sum over logged intervals of (steps in the interval / steps per
+second) from metrics.jsonl, i.e. time in training steps, evaluation and start-up excluded.
+The paper column is the paper's 300W common-set inter-pupil NME for that patch count
+(trained on 3,148 faces; see ../shared/docs/reference_notes.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("evals", [], "Evaluation JSONs written by experiments.evaluate.")
+flags.DEFINE_string("split", "common", "Which split of those JSONs to tabulate.")
+flags.DEFINE_string("output_md", None, "Also write the table (markdown) here.")
+
+PAPER_300W_COMMON_INTERPUPIL = {68: 4.63, 34: 4.95, 19: 5.22}
+
+
+def training_budget(workdir: str | None, step: int | None) -> dict:
+  """{"batch_size", "train_hours"} of a run up to `step`, or {} when the workdir is gone."""
+  if not workdir or not os.path.isdir(workdir):
+    return {}
+  wd = pathlib.Path(workdir)
+  out = {}
+  cfg = wd / "run_config.json"
+  if cfg.is_file():
+    out["batch_size"] = json.loads(cfg.read_text()).get("data", {}).get("batch_size")
+  log = wd / "metrics.jsonl"
+  if log.is_file():
+    seconds, last = 0.0, 0
+    for line in log.read_text().splitlines():
+      rec = json.loads(line)
+      rate = rec.get("train/steps_per_s")
+      if rate is None or (step is not None and rec["step"] > step) or rec["step"] <= last:
+        continue
+      seconds += (rec["step"] - last) / rate
+      last = rec["step"]
+    out["train_hours"] = seconds / 3600
+  return out
+
+
+def rows_from(path: str, split: str) -> list[dict]:
+  try:
+    result = json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise app.UsageError(f"--evals: cannot read {path}: {e}") from e
+  if split not in result.get("splits", {}):
+    raise app.UsageError(f"--evals: {path} has no split {split!r} (has "
+                         f"{sorted(result.get('splits', {}))})")
+  s = result["splits"][split]
+  patches = len(result["model"]["patch_indices"])
+  step = result.get("checkpoint_step")
+  name = result.get("model_name") or f"MuSiCa{patches}"
+  row = {"method": f"{name} ({result['model']['num_landmarks']} pts / {patches} patches)",
+         "mmacs": result.get("mmacs_full_cascade"), "faces": s["faces"],
+         "nme_interpupil": s["nme_interpupil"], "nme_interocular": s["nme_interocular"],
+         "fr_008": s["fr_008"], "auc_008": s["auc_008"],
+         "per_iteration_interpupil": s.get("nme_interpupil_per_iteration"), "step": step,
+         "paper_interpupil": PAPER_300W_COMMON_INTERPUPIL.get(patches),
+         "source": path, "command": result.get("command")}
+  row.update(training_budget(result.get("workdir") or result.get("trained_in"), step))
+  rows = [row]
+  side = result.get("side_by_side", {}).get(split)
+  if side:
+    dlib = next(r for r in side["rows"] if r["method"].startswith("dlib"))
+    rows.append({"method": "dlib ERT 68", "faces": dlib["faces"],
+                 "nme_interpupil": dlib["nme_interpupil"],
+                 "nme_interocular": dlib["nme_interocular"], "fr_008": dlib["fr_008"],
+                 "auc_008": dlib["auc_008"], "source": path, "is_dlib": True})
+  return rows
+
+
+def _f(x, fmt):
+  return "-" if x is None else format(x, fmt)
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| method | MMACs | NME inter-pupil (paper) | NME inter-ocular | FR@0.08 | AUC@0.08 "
+          "| inter-pupil per iteration | training budget | source |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
+  lines = []
+  for r in rows:
+    if r.get("is_dlib"):
+      budget = "pretrained (dlib)"
+    elif "train_hours" in r:
+      budget = (f"{r['step']} steps x {r.get('batch_size')} faces, "
+                f"{r['train_hours']:.1f} h")
+    else:
+      budget = f"step {r.get('step')}"
+    per_it = " / ".join(f"{x:.2f}" for x in r.get("per_iteration_interpupil") or [])
+    paper = f" ({r['paper_interpupil']:.2f})" if r.get("paper_interpupil") else ""
+    lines.append(f"| {r['method']} | {_f(r.get('mmacs'), '.1f')} | "
+                 f"{r['nme_interpupil']:.2f}{paper} | {r['nme_interocular']:.2f} | "
+                 f"{r['fr_008'] * 100:.2f}% | {r['auc_008']:.3f} | {per_it or '-'} | {budget} "
+                 f"| `{r['source']}` |")
+  return head + "\n".join(lines) + "\n"
+
+
+def table(paths: list[str], split: str = "common") -> tuple[str, list[dict]]:
+  rows, have_dlib = [], False
+  for p in paths:
+    for r in rows_from(p, split):
+      if r.get("is_dlib"):
+        if have_dlib:
+          continue
+        have_dlib = True
+      rows.append(r)
+  rows.sort(key=lambda r: r["nme_interpupil"])
+  return markdown(rows), rows
+
+
+def main(argv):
+  common.start(argv)
+  if not FLAGS.evals:
+    raise app.UsageError("--evals: give one or more evaluation JSONs (experiments.evaluate)")
+  md, _ = table(FLAGS.evals, FLAGS.split)
+  print(md)
+  if FLAGS.output_md:
+    common.atomic_write_text(pathlib.Path(FLAGS.output_md), md)
+
+
+if __name__ == "__main__":
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

@@ -1,0 +1,50 @@
+"""experiments.results_table: rows from evaluation JSONs, training time from metrics.jsonl."""
+import json
+
+from absl import app
+import pytest
+
+from experiments import results_table
+
+
+def _eval_json(path, patches, ip, workdir=None, dlib=None):
+  split = {"faces": 554, "nme_interpupil": ip, "nme_interocular": ip * 0.7, "fr_008": 0.01,
+           "auc_008": 0.5, "nme_interpupil_per_iteration": [ip + 2, ip + 1, ip]}
+  result = {"model": {"num_landmarks": 68, "patch_indices": list(range(patches))},
+            "checkpoint_step": 300, "mmacs_full_cascade": 27.7, "workdir": workdir,
+            "splits": {"common": split}}
+  if dlib is not None:
+    row = {"method": "dlib ERT 68", "faces": 554, "nme_interpupil": dlib,
+           "nme_interocular": 3.6, "fr_008": 0.05, "auc_008": 0.63}
+    result["side_by_side"] = {"common": {"rows": [dict(split, method="MuSiCa"), row]}}
+  path.write_text(json.dumps(result))
+  return str(path)
+
+
+def test_training_time_sums_logged_intervals_up_to_the_step(tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "run_config.json").write_text(json.dumps({"data": {"batch_size": 64}}))
+  logs = [{"step": 100, "train/steps_per_s": 0.5}, {"step": 200, "train/steps_per_s": 1.0},
+          {"step": 300, "train/steps_per_s": 2.0}, {"step": 400, "train/steps_per_s": 1.0}]
+  (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logs))
+  got = results_table.training_budget(str(wd), 300)
+  assert got["batch_size"] == 64
+  assert got["train_hours"] == pytest.approx((200 + 100 + 50) / 3600)
+  assert results_table.training_budget(str(tmp_path / "gone"), 300) == {}
+
+
+def test_rows_sorted_with_dlib_once_and_paper_column(tmp_path):
+  a = _eval_json(tmp_path / "a.json", 19, 5.2, dlib=5.0)
+  b = _eval_json(tmp_path / "b.json", 68, 4.8, dlib=5.0)
+  md, rows = results_table.table([a, b])
+  assert [r["nme_interpupil"] for r in rows] == [4.8, 5.0, 5.2]
+  assert sum(bool(r.get("is_dlib")) for r in rows) == 1
+  assert rows[0]["paper_interpupil"] == 4.63 and rows[2]["paper_interpupil"] == 5.22
+  assert "4.80 (4.63)" in md and md.count("\n") == 2 + 3
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+  a = _eval_json(tmp_path / "a.json", 19, 5.2)
+  with pytest.raises(app.UsageError, match="no split 'full'"):
+    results_table.table([a], "full")
