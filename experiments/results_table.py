@@ -6,7 +6,10 @@ r"""The README's results table, made from evaluation JSONs (experiments.evaluate
 One row per evaluation (and dlib's row once, from the first JSON that holds a side by side),
 with the training budget read from the run's workdir when it still exists: steps, batch
 size, and training time = sum over logged intervals of (steps in the interval / steps per
-second) from metrics.jsonl, i.e. time in training steps, evaluation and start-up excluded.
+second) from metrics.jsonl: the wall time of the training processes after their first log
+line (periodic evaluations included, start-up and compilation excluded; steps redone after
+a resume counted once). Runs logged before 2026-11-28 logged a running average since the
+process started, for which this sum is an approximation (close when the speed was steady).
 The paper column is the paper's 300W common-set inter-pupil NME for that patch count
 (trained on 3,148 faces; see ../shared/docs/reference_notes.md).
 """

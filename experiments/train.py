@@ -183,8 +183,9 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     if step % FLAGS.log_every == 0 or last:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       check_finite(step)
-      dt = time.perf_counter() - t0
-      rate = (step - s0) / max(dt, 1e-9)
+      now = time.perf_counter()
+      rate = (step - s0) / max(now - t0, 1e-9)   # since the last log line (eval included)
+      t0, s0 = now, step
       eta = (train_cfg.steps - step) / max(rate, 1e-9)
       say(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
           f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
