@@ -5,11 +5,12 @@ r"""The README's results table, made from evaluation JSONs (experiments.evaluate
 
 One row per evaluation (and dlib's row once, from the first JSON that holds a side by side),
 with the training budget read from the run's workdir when it still exists: steps, batch
-size, and training time = sum over logged intervals of (steps in the interval / steps per
-second) from metrics.jsonl: the wall time of the training processes after their first log
-line (periodic evaluations included, start-up and compilation excluded; steps redone after
-a resume counted once). Runs logged before 2026-11-28 logged a running average since the
-process started, for which this sum is an approximation (close when the speed was steady).
+size, and training time from metrics.jsonl: the sum of the logged intervals
+("train/interval_s"), i.e. the wall time of the training processes from start-up to the
+step (periodic evaluations included; steps redone after a resume counted once). Runs
+logged before 2026-11-28 have no intervals but a running-average speed since their process
+started; their time is (steps since the process started) / (that speed), per process, a
+new process being recognised by a step that does not increase.
 The paper column is the paper's 300W common-set inter-pupil NME for that patch count
 (trained on 3,148 faces; see ../shared/docs/reference_notes.md).
 """
@@ -44,16 +45,32 @@ def training_budget(workdir: str | None, step: int | None) -> dict:
     out["batch_size"] = json.loads(cfg.read_text()).get("data", {}).get("batch_size")
   log = wd / "metrics.jsonl"
   if log.is_file():
-    seconds, last = 0.0, 0
-    for line in log.read_text().splitlines():
-      rec = json.loads(line)
-      rate = rec.get("train/steps_per_s")
-      if rate is None or (step is not None and rec["step"] > step) or rec["step"] <= last:
-        continue
-      seconds += (rec["step"] - last) / rate
-      last = rec["step"]
-    out["train_hours"] = seconds / 3600
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "train/steps_per_s" in r
+               and (step is None or r["step"] <= step)]
+    out["train_hours"] = _seconds(records) / 3600
   return out
+
+
+def _seconds(records: list[dict]) -> float:
+  seconds, done = 0.0, 0        # done: the highest step already paid for
+  prev = None                   # previous record's step in this process
+  start = elapsed = 0.0         # running-average logs: the process's first step, its time
+  gap = min((b["step"] - a["step"] for a, b in zip(records, records[1:])
+             if b["step"] > a["step"]), default=1)
+  for r in records:
+    if prev is None or r["step"] <= prev:       # a new process (or the first one)
+      start, elapsed = r["step"] - gap, 0.0
+    prev = r["step"]
+    if "train/interval_s" in r:
+      dt = r["train/interval_s"]
+    else:
+      now = (r["step"] - start) / r["train/steps_per_s"]
+      dt, elapsed = now - elapsed, now
+    if r["step"] > done:                       # steps redone after a resume count once
+      seconds += dt
+      done = r["step"]
+  return seconds
 
 
 def rows_from(path: str, split: str) -> list[dict]:

@@ -184,14 +184,16 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       check_finite(step)
       now = time.perf_counter()
-      rate = (step - s0) / max(now - t0, 1e-9)   # since the last log line (eval included)
+      interval_s = now - t0                    # since the last log line (eval included)
+      rate = (step - s0) / max(interval_s, 1e-9)
       t0, s0 = now, step
       eta = (train_cfg.steps - step) / max(rate, 1e-9)
       say(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
           f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
           f"{rate * samples_per_step:.1f} samples/s ETA {_fmt_time(eta)}")
       writer.write(step, {**{f"train/{k}": v for k, v in m.items()},
-                          "train/steps_per_s": rate, "train/samples_per_s": rate * samples_per_step})
+                          "train/steps_per_s": rate, "train/samples_per_s": rate * samples_per_step,
+                          "train/interval_s": interval_s})
     evaluated = None
     if FLAGS.eval_every >= 0 and ((FLAGS.eval_every and step % FLAGS.eval_every == 0) or last):
       summary = evaluate(step)

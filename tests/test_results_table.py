@@ -25,13 +25,29 @@ def test_training_time_sums_logged_intervals_up_to_the_step(tmp_path):
   wd = tmp_path / "wd"
   wd.mkdir()
   (wd / "run_config.json").write_text(json.dumps({"data": {"batch_size": 64}}))
-  logs = [{"step": 100, "train/steps_per_s": 0.5}, {"step": 200, "train/steps_per_s": 1.0},
-          {"step": 300, "train/steps_per_s": 2.0}, {"step": 400, "train/steps_per_s": 1.0}]
+  logs = [{"step": 100, "train/steps_per_s": 0.5, "train/interval_s": 200.0},
+          {"step": 200, "train/steps_per_s": 1.0, "train/interval_s": 100.0},
+          {"step": 300, "train/steps_per_s": 2.0, "train/interval_s": 50.0},
+          {"step": 400, "train/steps_per_s": 1.0, "train/interval_s": 100.0}]
   (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logs))
   got = results_table.training_budget(str(wd), 300)
   assert got["batch_size"] == 64
   assert got["train_hours"] == pytest.approx((200 + 100 + 50) / 3600)
   assert results_table.training_budget(str(tmp_path / "gone"), 300) == {}
+
+
+def test_running_average_logs_with_a_resume():
+  # Process 1: steps 0..300 at a running average; killed after 300, resumed from the
+  # checkpoint at 200: process 2 redoes 300 and goes on to 400.
+  logs = [{"step": 100, "train/steps_per_s": 0.5},     # t = 200 s
+          {"step": 200, "train/steps_per_s": 1.0},     # t = 200 s (fast 2nd interval: 0 s)
+          {"step": 300, "train/steps_per_s": 1.0},     # t = 300 s
+          {"step": 300, "train/steps_per_s": 0.5},     # new process from 200: t = 200 s
+          {"step": 400, "train/steps_per_s": 1.0}]     # t = 200 s
+  # Paid: 200 + 0 + 100 (process 1) + the redone 300 not again + 400: 200 - 200 = 0.
+  assert results_table._seconds(logs) == pytest.approx(300.0)
+  logs[-1]["train/steps_per_s"] = 0.5                  # t = 400 s -> the last step took 200 s
+  assert results_table._seconds(logs) == pytest.approx(500.0)
 
 
 def test_rows_sorted_with_dlib_once_and_paper_column(tmp_path):
