@@ -3,13 +3,13 @@ evaluation JSON on the real 300W common set, and the side by side with dlib come
 same run."""
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
-from absl import app
 import pytest
 
-from data_pipelines import config as config_lib
-from experiments import evaluate
 from musica_jax import model_io
 from musica_jax import predictor
 
@@ -19,18 +19,21 @@ HAVE_DLIB = (importlib.util.find_spec("dlib") is not None
              and importlib.util.find_spec("face_recognition_models") is not None)
 
 
-def _cfg(data_dir, tfds_dir):
-  return config_lib.DataConfig(dataset="ibug300w", data_dir=str(data_dir), tfds_dir=tfds_dir,
-                               num_points=68, eval_split="common", eval_batch_size=64)
+def _evaluate(*args):
+  """experiments.evaluate as a program (its flags are absl flags of that program)."""
+  return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 @pytest.fixture(scope="module")
 def default_model_run(shared_data, tfds_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp("eval") / "default.json"
-  result = evaluate.evaluate(None, str(out), ["common"], _cfg(shared_data / "300w", tfds_dir),
-                             model="default", with_dlib=HAVE_DLIB,
-                             dlib_box_fit_json=str(DLIB_JSON))
-  return result, out
+  proc = _evaluate("--flagfile=300w19.flags", f"--data_dir={shared_data / '300w'}",
+                   f"--tfds_dir={tfds_dir}", "--model=default", f"--with_dlib={HAVE_DLIB}",
+                   f"--dlib_box_fit_json={DLIB_JSON}", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), out
 
 
 def test_shipped_model_reproduces_its_evaluation(default_model_run):
@@ -59,12 +62,11 @@ def test_side_by_side_with_dlib_from_the_same_run(default_model_run):
     assert rows[1][key] == pytest.approx(earlier[key], abs=1e-4), key
 
 
-def test_exactly_one_model_source(tmp_path):
-  cfg = config_lib.DataConfig(dataset="ibug300w", data_dir=str(tmp_path))
-  with pytest.raises(app.UsageError, match="exactly one"):
-    evaluate.evaluate(None, str(tmp_path / "o.json"), ["common"], cfg)
-  with pytest.raises(app.UsageError, match="exactly one"):
-    evaluate.evaluate("wd", str(tmp_path / "o.json"), ["common"], cfg, model="default")
-  with pytest.raises(app.UsageError, match="nowhere"):
-    evaluate.evaluate(None, str(tmp_path / "o.json"), ["common"], cfg,
-                      model=str(tmp_path / "nowhere"))
+def test_model_source_errors_name_the_flag(tmp_path):
+  both = _evaluate("--flagfile=demo.flags", f"--workdir={tmp_path}", "--model=default",
+                   f"--output_json={tmp_path / 'o.json'}")
+  assert both.returncode != 0 and "exactly one of --workdir" in both.stderr
+  missing = _evaluate("--flagfile=demo.flags", f"--model={tmp_path / 'nowhere'}",
+                      f"--output_json={tmp_path / 'o.json'}")
+  assert missing.returncode != 0
+  assert f"--model={tmp_path / 'nowhere'}" in missing.stderr and "not a directory" in missing.stderr
