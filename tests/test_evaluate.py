@@ -39,11 +39,14 @@ def default_model_run(shared_data, tfds_dir, tmp_path_factory):
 def test_shipped_model_reproduces_its_evaluation(default_model_run):
   result, out = default_model_run
   got = result["splits"]["common"]
-  meta = model_io.load_model(predictor.default_model_path()).metadata
-  want = meta["evaluation"]["splits"]["common"]
+  model = model_io.load_model(predictor.default_model_path())
+  meta = model.metadata
+  want = meta["evaluation"]["splits"]["common"]     # the f32 checkpoint's evaluation
   assert got["faces"] == want["faces"] == 554
+  # bfloat16 storage rounds the weights: NMEs move in the 4th digit (measured 5e-4).
+  tol = 1e-3 if model.dtype == "float32" else 5e-3
   for key in ("nme_interpupil", "nme_interocular", "fr_008", "auc_008"):
-    assert got[key] == pytest.approx(want[key], abs=1e-3), key
+    assert got[key] == pytest.approx(want[key], abs=tol), key
   assert result["model_name"] == meta["name"]
   assert json.loads(out.read_text())["splits"]["common"]["faces"] == 554
   assert out.with_suffix(".ced.png").stat().st_size > 0
