@@ -117,13 +117,7 @@ def dlib_rows(data_cfg, split: str, per_face: dict, model_cfg, summary: dict, in
   """dlib on exactly the faces this evaluation saw: the side-by-side entry and dlib's
   per-face inter-ocular NMEs."""
   from experiments import compare_dlib  # noqa: PLC0415
-  if data_cfg.dataset != "ibug300w" or model_cfg.num_landmarks != 68:
-    raise app.UsageError(f"--with_dlib needs 300W with 68 points (dataset "
-                         f"{data_cfg.dataset}, {model_cfg.num_landmarks} points)")
-  try:
-    side = compare_dlib.dlib_side(data_cfg.data_dir, split, box_fit_json)
-  except ImportError as e:
-    raise app.UsageError(f"--with_dlib: {e}") from e
+  side = compare_dlib.dlib_side(data_cfg.data_dir, split, box_fit_json)
   ids = [f.decode() if isinstance(f, bytes) else str(f) for f in per_face["file_id"]]
   if ids != side["file_ids"]:
     raise RuntimeError(f"split {split!r}: dlib ran on {len(side['file_ids'])} faces, the "
@@ -147,6 +141,15 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   if data_cfg.num_points != model_cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model "
                          f"({workdir or model}) has {model_cfg.num_landmarks} landmarks")
+  if with_dlib:   # checked before any evaluation runs
+    if data_cfg.dataset != "ibug300w" or model_cfg.num_landmarks != 68:
+      raise app.UsageError(f"--with_dlib needs 300W with 68 points (dataset "
+                           f"{data_cfg.dataset}, {model_cfg.num_landmarks} points)")
+    from experiments import compare_dlib  # noqa: PLC0415
+    try:
+      compare_dlib.import_dlib()
+    except ImportError as e:
+      raise app.UsageError(f"--with_dlib: {e}") from e
   scheme = schemes.get_scheme(model_cfg.num_landmarks)
   step = info["checkpoint_step"]
   early = ts is not None or tf is not None
