@@ -19,11 +19,15 @@ is re-prepared automatically; `musica_reports/` (what each preparation skipped) 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 DATASETS = ("ibug300w", "wflw", "pts_folder", "synthetic_faces")
 BALANCING = ("gdb", "pdb", "none")
 GDB_MAPPINGS = ("linear", "square", "sqrt")
+# The two splits carved from --val_source (see DataConfig.val_fraction).
+VAL_SPLIT = "val"
+FIT_SPLIT = "train_fit"
 
 
 @dataclasses.dataclass
@@ -38,6 +42,14 @@ class DataConfig:
   eval_batch_size: int = 64          # GLOBAL eval batch
   seed: int = 0
   balancing: str = "gdb"             # gdb | pdb | none
+
+  # Validation split carved from the training faces (datasets.carve): `val` is a seeded
+  # val_fraction of val_source's faces, whole photos chosen by hashing their ids (the
+  # same faces whatever the storage order), `train_fit` is the rest. Train on train_fit,
+  # choose checkpoints on val; the test sets are for the end. 0 = no carve.
+  val_fraction: float = 0.1
+  val_seed: int = 0
+  val_source: str = "train"          # the split carved (pts_folder: "all")
 
   # Data balancing (paper 3.4). GDB: sampling weight = mapping(Mahalanobis distance over
   # the first gdb_components PCA components of the Procrustes-aligned training shapes).
@@ -61,6 +73,12 @@ class DataConfig:
   scale_min: float = 0.6             # one random axis scaled U(scale_min, scale_max)
   scale_max: float = 1.4
   flip_prob: float = 0.5
+  # The labels' x convention offset in IMAGE pixels (label = image content + shift): the
+  # mirrored face's labels are moved so that they keep it (augment.augment_example).
+  # 0 for synthetic faces (drawn at the label); 300W: measured by
+  # experiments.estimate_flip_shift on training faces (its per-folder numbers are more
+  # constant in image than in crop pixels, as a property of the annotation would be).
+  flip_label_shift: float = 0.0
   box_prob: float = 0.5              # box := landmark box scaled and shifted
   box_scale_x_max: float = 1.1       # U(1, box_scale_x_max)
   box_scale_y_max: float = 1.2       # U(1, box_scale_y_max)
@@ -70,6 +88,11 @@ class DataConfig:
   greyscale_prob: float = 0.5
   occlusion_prob: float = 0.0
   occlusion_max_frac: float = 0.5    # rectangle sides up to this fraction of the crop
+
+  # Evaluation only (robustness to the detector's box): each eval face box is moved by
+  # U(-box_jitter, box_jitter) x its width / height and resized by 1 + U(-box_jitter,
+  # box_jitter), drawn from (seed, file id): the same boxes for the same --seed. 0 = off.
+  box_jitter: float = 0.0
 
   # synthetic_faces (generated locally; sizes are part of the prepared config).
   synthetic_train_size: int = 2000
@@ -115,6 +138,18 @@ def validate(cfg: DataConfig) -> DataConfig:
        "box scale maxima must be >= 1")
   need(0 <= cfg.color_clip_max < 0.5, "color_clip_max", "must be in [0, 0.5)")
   need(0 < cfg.occlusion_max_frac <= 1, "occlusion_max_frac", "must be in (0, 1]")
+  need(0 <= cfg.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+  need(math.isfinite(cfg.flip_label_shift), "flip_label_shift", "must be a finite number")
+  need(0 <= cfg.box_jitter < 1, "box_jitter", "must be in [0, 1)")
+  carved = (VAL_SPLIT, FIT_SPLIT)
+  need(cfg.val_source not in carved, "val_source", f"cannot carve {cfg.val_source!r} itself")
+  uses_carve = cfg.train_split in carved or any(
+      s in carved for s in cfg.eval_split.split(","))
+  need(not uses_carve or cfg.val_fraction > 0, "val_fraction",
+       f"must be > 0 for the carved splits {carved}")
+  need(VAL_SPLIT not in cfg.eval_split.split(",") or cfg.train_split == FIT_SPLIT,
+       "train_split", f"{cfg.train_split!r} with --eval_split={VAL_SPLIT}: train on "
+       f"{FIT_SPLIT}, the faces of --val_source={cfg.val_source} not in {VAL_SPLIT}")
   need(cfg.synthetic_train_size > 0 and cfg.synthetic_test_size > 0,
        "synthetic_train_size", "synthetic sizes must be positive")
   return cfg

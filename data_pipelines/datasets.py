@@ -12,12 +12,16 @@ Named splits per dataset:
         test_occlusion, test_blur (attribute subsets of test).
   pts_folder: all.
   synthetic_faces: train, test.
+  every dataset, with --val_fraction > 0: val and train_fit, a seeded carve of
+            --val_source (default train; see `carve`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +48,64 @@ class SplitData:
 
   def __len__(self):
     return len(self.file_ids)
+
+
+def hash_uniforms(file_ids, seed: int, salt: str, count: int = 1) -> np.ndarray:
+  """float64 [M, count] uniforms in [0, 1), each a function of (seed, salt, file id) only:
+  the same face gets the same numbers whatever the order or the other faces."""
+  if not 1 <= count <= 4:
+    raise ValueError(f"hash_uniforms: 1 to 4 numbers per face, asked {count}")
+  out = np.empty((len(file_ids), count), np.float64)
+  for i, f in enumerate(file_ids):
+    digest = hashlib.sha256(f"{seed}|{salt}|{f}".encode()).digest()
+    words = np.frombuffer(digest, ">u8")[:count] >> np.uint64(11)   # 53 bits each
+    out[i] = words.astype(np.float64) / float(1 << 53)
+  return out
+
+
+def val_count(num_faces: int, fraction: float) -> int:
+  """Faces carved into `val`: round(fraction * M), at least 1 and leaving at least 1."""
+  if fraction <= 0 or num_faces < 2:
+    return 0
+  return int(min(max(round(fraction * num_faces), 1), num_faces - 1))
+
+
+def photo_id(file_id: str) -> str:
+  """The photo a face comes from: faces of one photo go to the same side of the carve.
+  300W AFW/HELEN name the k-th face of photo <id> `<id>_<k>`; WFLW file ids are
+  `<image>#<k>`; anything else is its own photo."""
+  m = re.fullmatch(r"(.*)#\d+", file_id)
+  if m:
+    return m.group(1)
+  m = re.fullmatch(r"(.*/)?(\d+)_\d+", file_id)
+  return f"{m.group(1) or ''}{m.group(2)}" if m else file_id
+
+
+def carve(file_ids, fraction: float, seed: int) -> np.ndarray:
+  """bool [M]: True for the faces of `val`. Photos (photo_id) in the order of a hash of
+  (seed, photo id) go to val until it holds val_count(M, fraction) faces (a photo with k
+  faces can overshoot by k - 1). A function of the set of file ids and the seed only."""
+  ids = [str(f) for f in file_ids]
+  target = val_count(len(ids), fraction)
+  photos = sorted({photo_id(f) for f in ids})
+  keys = hash_uniforms(photos, seed, "val")[:, 0]
+  faces_of = {}
+  for i, f in enumerate(ids):
+    faces_of.setdefault(photo_id(f), []).append(i)
+  mask = np.zeros(len(ids), bool)
+  taken = 0
+  for j in sorted(range(len(photos)), key=lambda j: (keys[j], photos[j])):
+    if taken >= target:
+      break
+    mask[faces_of[photos[j]]] = True
+    taken += len(faces_of[photos[j]])
+  if target and mask.all():   # one photo holds every face: nothing would be left to train
+    raise ValueError(f"cannot carve a validation split: all {len(ids)} faces share a photo")
+  return mask
+
+
+def _is_carved(split: str) -> bool:
+  return split in (config_lib.VAL_SPLIT, config_lib.FIT_SPLIT)
 
 
 def _synthetic_fields(cfg) -> dict:
@@ -85,7 +147,12 @@ def report(cfg: config_lib.DataConfig) -> dict:
 
 
 def split_spec(cfg: config_lib.DataConfig, split: str) -> tuple[str, int | None]:
-  """(TFDS split expression, WFLW subset flag index or None) for a named split."""
+  """(TFDS split expression, WFLW subset flag index or None) for a named split (for the
+  carved splits: that of --val_source)."""
+  if _is_carved(split):
+    if cfg.val_fraction <= 0:
+      raise ValueError(f"split {split!r} needs --val_fraction > 0")
+    return split_spec(cfg, cfg.val_source)
   builder = prepare(cfg)
   stored = set(builder.info.splits.keys())
   if cfg.dataset == "ibug300w":
@@ -112,6 +179,14 @@ def split_spec(cfg: config_lib.DataConfig, split: str) -> tuple[str, int | None]
 
 
 def available_splits(cfg: config_lib.DataConfig) -> list[str]:
+  named = _stored_named_splits(cfg)
+  if (cfg.val_fraction > 0 and cfg.val_source in named
+      and split_size(cfg, cfg.val_source) >= 2):
+    named += [config_lib.FIT_SPLIT, config_lib.VAL_SPLIT]
+  return named
+
+
+def _stored_named_splits(cfg: config_lib.DataConfig) -> list[str]:
   builder = prepare(cfg)
   stored = list(builder.info.splits.keys())
   if cfg.dataset == "ibug300w":
@@ -151,6 +226,19 @@ def _load(builder, num_points: int, split_expr: str, subset: int | None) -> dict
 
 def load_split(cfg: config_lib.DataConfig, split: str, allow_empty: bool = False) -> SplitData:
   """The faces of a named split, in memory. An empty split is an error."""
+  if _is_carved(split):
+    source = load_split(cfg, cfg.val_source, allow_empty)
+    keep = carve(source.file_ids, cfg.val_fraction, cfg.val_seed)
+    if split == config_lib.FIT_SPLIT:
+      keep = ~keep
+    if not keep.any() and not allow_empty:
+      raise readers.DataError(cfg.data_dir or cfg.dataset,
+                              f"empty split {split!r}: {len(source)} faces in "
+                              f"--val_source={cfg.val_source}, --val_fraction="
+                              f"{cfg.val_fraction:g}")
+    return SplitData(name=split, images=source.images[keep],
+                     landmarks=source.landmarks[keep], boxes=source.boxes[keep],
+                     attributes=source.attributes[keep], file_ids=source.file_ids[keep])
   bc = builder_config(cfg)
   expr, subset = split_spec(cfg, split)
   key = (cfg.dataset, bc.name, config_lib.resolve_tfds_dir(cfg), expr, subset)
@@ -167,6 +255,8 @@ def load_split(cfg: config_lib.DataConfig, split: str, allow_empty: bool = False
 
 
 def split_size(cfg: config_lib.DataConfig, split: str) -> int:
+  if _is_carved(split):   # photos are kept whole: the count needs the file ids
+    return len(load_split(cfg, split, allow_empty=True))
   if cfg.dataset == "wflw" and split in sources.WFLW_SUBSETS:
     return len(load_split(cfg, split, allow_empty=True))
   builder = prepare(cfg)
@@ -180,10 +270,27 @@ def crop_frames(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return scale.astype(np.float32), offset.astype(np.float32)
 
 
+def jitter_boxes(boxes: np.ndarray, file_ids, jitter: float, seed: int) -> np.ndarray:
+  """Evaluation box jitter (DataConfig.box_jitter): float32 [M, 4]. Each box's centre moves
+  by U(-jitter, jitter) x (width, height) and its size is multiplied by 1 + U(-jitter,
+  jitter); the draws depend on (seed, file id) only. jitter 0: the boxes unchanged."""
+  boxes = np.asarray(boxes, np.float64)
+  if jitter <= 0:
+    return boxes.astype(np.float32)
+  u = 2.0 * hash_uniforms([str(f) for f in file_ids], seed, "box_jitter", 3) - 1.0
+  size = boxes[:, 2:] - boxes[:, :2]
+  centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0 + jitter * u[:, :2] * size
+  half = size * (1.0 + jitter * u[:, 2:3]) / 2.0
+  return np.concatenate([centre - half, centre + half], 1).astype(np.float32)
+
+
 def stats_path(cfg: config_lib.DataConfig, split: str) -> str:
   bc = builder_config(cfg)
+  name = split
+  if _is_carved(split):   # the carve is part of what the statistics are of
+    name = f"{split}_{cfg.val_source}_f{cfg.val_fraction:g}_s{cfg.val_seed}"
   return os.path.join(config_lib.resolve_tfds_dir(cfg), "musica_stats", cfg.dataset,
-                      bc.name, f"{split}.npz")
+                      bc.name, f"{name}.npz")
 
 
 def compute_statistics(data: SplitData) -> dict:

@@ -27,15 +27,25 @@ _HELP = {
     "tfds_dir": "Where prepared data, skip reports and statistics go; empty = "
                 "$TFDS_DATA_DIR or ~/tensorflow_datasets.",
     "num_points": "Landmarks per face (68: iBUG/300W, 98: WFLW).",
-    "train_split": "Training split (pts_folder: all).",
+    "train_split": "Training split (pts_folder: all; train_fit: --val_source less val).",
     "eval_split": "Evaluation split: common/challenging/full (300W), test or test_<attr> "
-                  "(WFLW), test (synthetic), all (pts_folder).",
+                  "(WFLW), test (synthetic), all (pts_folder); val: carved from "
+                  "--val_source (see --val_fraction).",
     "batch_size": "GLOBAL training batch; each host gets batch_size // process_count.",
     "eval_batch_size": "GLOBAL evaluation batch.",
-    "seed": "Seed of the sampling and augmentation stream.",
+    "seed": "Seed of the sampling and augmentation stream, and of --box_jitter.",
     "balancing": "gdb (Mahalanobis, paper 3.4) | pdb (first principal axis) | none.",
     "gdb_components": "GDB: PCA components K of the Mahalanobis distance.",
     "gdb_mapping": "GDB: weight = d (linear, default) | d**2 (square) | d**0.5 (sqrt).",
+    "val_fraction": "Fraction of --val_source's faces carved out as the split 'val' (the "
+                    "rest: 'train_fit'), chosen by hashing file ids with --val_seed; 0 = "
+                    "no carve.",
+    "val_seed": "Seed of the val / train_fit carve (independent of --seed).",
+    "val_source": "The split carved into train_fit and val (pts_folder: all).",
+    "flip_label_shift": "The labels' x offset from the image content, in image pixels; "
+                        "mirrored faces keep it (300W: experiments.estimate_flip_shift).",
+    "box_jitter": "Evaluation only: move each face box by U(-F, F) x its size and resize "
+                  "it by 1 + U(-F, F), seeded by --seed and the file id; 0 = off.",
     "skip_bad": "Skip (count and report) bad annotations/images instead of failing.",
     "num_parallel_calls": "tf.data parallel map calls; -1 = AUTOTUNE.",
 }
@@ -71,7 +81,7 @@ _define()
 _DATASET_DEFAULTS = {
     "wflw": {"num_points": 98, "eval_split": "test"},
     "synthetic_faces": {"eval_split": "test"},
-    "pts_folder": {"train_split": "all", "eval_split": "all"},
+    "pts_folder": {"train_split": "all", "eval_split": "all", "val_source": "all"},
 }
 
 
@@ -80,7 +90,7 @@ def config_from_flags(**overrides) -> config_lib.DataConfig:
 
   Flags not given on the command line take per-dataset defaults: wflw -> --num_points=98,
   --eval_split=test; synthetic_faces -> --eval_split=test; pts_folder -> --train_split=all,
-  --eval_split=all.
+  --eval_split=all, --val_source=all.
   """
   values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(config_lib.DataConfig)}
   dataset = overrides.get("dataset", values["dataset"])

@@ -13,7 +13,8 @@ the same global batch size. Host h of H takes rows [h * B/H, (h + 1) * B/H) of e
 global batch. Then: parallel map (decode, augment, crop, standardise) -> batch(B/H,
 drop_remainder) -> prefetch.
 
-Evaluation: every face exactly once, in file_id order; global batches of eval_batch_size,
+Evaluation: every face exactly once, in file_id order (crop from the face box, moved and
+resized per face when --box_jitter > 0); global batches of eval_batch_size,
 the last one padded (with mask False) so no face is dropped; host h takes its rows of each
 batch, so every host sees the same number of batches.
 """
@@ -193,7 +194,10 @@ def make_eval_dataset(cfg: config_lib.DataConfig, split: str, process_index: int
   data = data if data is not None else datasets.load_split(cfg, split)
   m = len(data)
   steps = -(-m // cfg.eval_batch_size)
-  scale_np, offset_np = datasets.crop_frames(data.boxes)
+  # The crop comes from the (optionally jittered) box; "box" stays the dataset's box (the
+  # NME box normaliser), mapped into that crop.
+  scale_np, offset_np = datasets.crop_frames(
+      datasets.jitter_boxes(data.boxes, data.file_ids, cfg.box_jitter, cfg.seed))
   images = tf.constant(data.images, tf.string)
   landmarks = tf.constant(data.landmarks)
   boxes = tf.constant(data.boxes)

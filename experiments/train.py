@@ -211,7 +211,11 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
 def main(argv):
   common.start(argv)
   initialise_distributed()
-  data_cfg = data_flags.config_from_flags()
+  try:
+    data_cfg = data_flags.config_from_flags()
+  except ValueError as e:   # a data flag out of range or inconsistent: one line
+    print(f"train: error: {e}", file=sys.stderr)
+    sys.exit(1)
   model_cfg = common.model_config_from_flags(data_cfg.num_points)
   train_cfg = train_config_from_flags()
   train_and_evaluate(model_cfg, train_cfg, data_cfg, FLAGS.workdir)

@@ -131,3 +131,57 @@ def test_photometric_ops():
   assert 0 < (occ.sum(-1) > 0).mean() <= 0.25 + 1e-6
   std = augment.standardise(img).numpy()
   assert abs(std.mean()) < 1e-4 and abs(std.std() - 1) < 1e-3
+
+
+def _label_minus_dot(crop, points, half=6):
+  """Per landmark: label position minus the centroid of the bright dot around it."""
+  g = np.clip(np.asarray(crop, np.float64).mean(-1), 0, None)
+  out = []
+  for x, y in points:
+    xi, yi = int(round(x)), int(round(y))
+    if not (half <= xi < g.shape[1] - half and half <= yi < g.shape[0] - half):
+      continue
+    win = g[yi - half:yi + half + 1, xi - half:xi + half + 1]
+    yy, xx = np.mgrid[yi - half:yi + half + 1, xi - half:xi + half + 1]
+    out.append([x - (win * xx).sum() / win.sum(), y - (win * yy).sum() / win.sum()])
+  assert len(out) > N // 2
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("flip_prob,shift,sign", [(1.0, 1.5, +1), (1.0, 0.0, -1),
+                                                   (0.0, 1.5, +1), (0.0, 0.0, +1)])
+def test_flip_keeps_the_labels_convention_offset(flip_prob, shift, sign):
+  """Labels annotated delta image px right of the content (dot at p, label at p + delta)
+  must stay delta right of it after the flip, in crop px: + delta x crop scale. Mirroring
+  labels with the image alone (shift 0) turns it into - delta x scale: the bias a model
+  trained with flips learns (half of its faces say +delta, half -delta)."""
+  img, pts, box = _dot_image()
+  delta = 1.5
+  cfg = dataclasses.replace(_cfg("none"), flip_prob=flip_prob, flip_label_shift=shift)
+  perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
+  crop, points = augment.augment_example(cfg, tf.constant([0, 1], tf.int64), tf.constant(img),
+                                         tf.constant(pts + [delta, 0.0]), tf.constant(box),
+                                         perm)
+  scale, _ = face_frame.crop_transform(box)
+  offset = _label_minus_dot(crop.numpy(), points.numpy()).mean(0)
+  np.testing.assert_allclose(offset, [sign * delta * scale, 0.0], atol=0.15)
+
+
+def test_flip_shift_is_in_image_pixels_under_all_geometry():
+  """With rotation, shear, scale and box changes too, the mirrored face's offset is the
+  convention's (delta - 2 shift, 0) image px carried by the sampled affine."""
+  img, pts, box = _dot_image()
+  delta = 1.5
+  cfg = dataclasses.replace(_cfg("all_geometry"), flip_label_shift=delta)
+  perm = tf.constant(schemes.IBUG68.flip_permutation, tf.int32)
+  for seed in range(3):
+    key = tf.constant([seed, 5], tf.int64)
+    labels = tf.constant(pts + [delta, 0.0])
+    crop, points = augment.augment_example(cfg, key, tf.constant(img), labels,
+                                           tf.constant(box), perm)
+    landmark_box = tf.concat([tf.reduce_min(labels, 0), tf.reduce_max(labels, 0)], 0)
+    matrix, flip = augment.sample_geometry(cfg, key, tf.constant(box), landmark_box)
+    assert bool(flip)
+    expected = matrix.numpy()[:2, :2] @ np.array([delta - 2 * delta, 0.0])
+    offset = np.median(_label_minus_dot(crop.numpy(), points.numpy(), half=5), 0)
+    np.testing.assert_allclose(offset, expected, atol=0.3)

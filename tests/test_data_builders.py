@@ -38,6 +38,15 @@ def test_ibug300w_counts_and_values(shared_data, tfds_dir):
   assert rep["splits"]["train"]["skipped"]["count"] == 0
   top = rep["balancing"]["top"]
   assert len(top) == 20 and top[0]["oversampling_vs_median"] > 1.5
+  # The validation carve: ~10% of the training faces, whole photos, disjoint from train_fit.
+  carve = rep["val_carve"]
+  assert carve["overlap"] == 0 and carve["source"] == "train"
+  assert sum(carve["faces"].values()) == 2012 and 201 <= carve["faces"]["val"] <= 204
+  assert rep["splits"]["val"]["faces"] == carve["faces"]["val"]
+  assert set(carve["val_by_folder"]) == {"afw", "helen/trainset", "lfpw/trainset"}
+  fit, val = datasets.load_split(cfg, "train_fit"), datasets.load_split(cfg, "val")
+  assert not {datasets.photo_id(f) for f in fit.file_ids} & {datasets.photo_id(f)
+                                                            for f in val.file_ids}
   # Prepared once: a second prepare reuses the same directory.
   assert str(datasets.prepare(cfg).data_dir) == rep["prepared_at"]
 

@@ -54,7 +54,8 @@ def test_synthetic_left_right_follow_scheme():
 
 
 def test_split_sizes_and_statistics(cfg):
-  assert input_pipeline.split_sizes(cfg) == {"train": 24, "test": 10}
+  assert input_pipeline.split_sizes(cfg) == {"train": 24, "test": 10, "train_fit": 22,
+                                             "val": 2}
   stats = input_pipeline.dataset_statistics(cfg)
   assert stats["mean_shape"].shape == (68, 2) and stats["mean_shape"].dtype == np.float32
   span = stats["mean_shape"].max(0) - stats["mean_shape"].min(0)
@@ -162,3 +163,82 @@ def test_pdb_flattens_the_first_axis_histogram():
   occupied = mass[np.bincount(bins, minlength=8) > 0]
   np.testing.assert_allclose(occupied, occupied[0], rtol=1e-6)
   assert balancing.compute(dataclasses.replace(cfg, balancing="none"), shapes).weights is None
+
+
+def test_val_carve_disjoint_stable_and_sized(cfg):
+  train = datasets.load_split(cfg, "train")
+  fit, val = datasets.load_split(cfg, "train_fit"), datasets.load_split(cfg, "val")
+  assert (len(fit), len(val)) == (22, 2)                      # round(0.1 * 24)
+  assert not set(fit.file_ids) & set(val.file_ids)
+  assert sorted([*fit.file_ids, *val.file_ids]) == sorted(train.file_ids)
+  i = list(train.file_ids).index(val.file_ids[0])
+  np.testing.assert_array_equal(val.landmarks[0], train.landmarks[i])
+  # Mean shape (the cascade's start) from train_fit only, cached under the carve's name.
+  stats = input_pipeline.dataset_statistics(dataclasses.replace(cfg, train_split="train_fit"))
+  assert stats["num_faces"] == 22 and stats["split"] == "train_fit"
+  assert datasets.stats_path(cfg, "train_fit") != datasets.stats_path(
+      dataclasses.replace(cfg, val_seed=1), "train_fit")
+  # Another seed, another carve; the same seed, the same faces.
+  other = datasets.load_split(dataclasses.replace(cfg, val_seed=1), "val")
+  assert set(other.file_ids) != set(val.file_ids)
+  again = datasets.load_split(dataclasses.replace(cfg), "val")
+  assert list(again.file_ids) == list(val.file_ids)
+
+
+def test_carve_is_a_function_of_the_ids_and_keeps_photos_whole():
+  ids = [f"lfpw/trainset/image_{i:04d}" for i in range(700)]
+  ids += [f"afw/{1000 + i}_{k}" for i in range(100) for k in range(1, 1 + i % 3 + 1)]
+  ids += [f"WFLW/{i}#{k}" for i in range(50) for k in range(2)]
+  mask = datasets.carve(ids, 0.1, seed=5)
+  target = round(0.1 * len(ids))
+  assert target <= mask.sum() <= target + 2              # a photo holds at most 3 faces
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(len(ids))
+  shuffled = datasets.carve([ids[i] for i in perm], 0.1, seed=5)
+  assert {ids[i] for i in perm[shuffled]} == {i for i, m in zip(ids, mask) if m}
+  photo = {}
+  for f, m in zip(ids, mask):
+    photo.setdefault(datasets.photo_id(f), set()).add(bool(m))
+  assert all(len(v) == 1 for v in photo.values())          # no photo on both sides
+  assert datasets.photo_id("afw/1000_2") == "afw/1000" and datasets.photo_id("WFLW/3#1") == "WFLW/3"
+  assert datasets.photo_id("lfpw/trainset/image_0001") == "lfpw/trainset/image_0001"
+  assert not datasets.carve(ids, 0.0, seed=5).any()
+
+
+def test_val_needs_train_fit_and_a_fraction():
+  with pytest.raises(ValueError, match="--train_split: 'train' with --eval_split=val: train on train_fit"):
+    config_lib.validate(config_lib.DataConfig(train_split="train", eval_split="common,val"))
+  with pytest.raises(ValueError, match="--val_fraction"):
+    config_lib.validate(config_lib.DataConfig(train_split="train_fit", val_fraction=0.0))
+  config_lib.validate(config_lib.DataConfig(train_split="train_fit", eval_split="val"))
+
+
+def test_eval_box_jitter_moves_the_crop_deterministically(cfg):
+  def first(c):
+    return next(input_pipeline.eval_iterator(c, "test"))
+  plain = first(cfg)
+  jit = dataclasses.replace(cfg, box_jitter=0.1)
+  a, b = first(jit), first(jit)
+  c = first(dataclasses.replace(jit, seed=1))
+  for k in ("image", "landmarks", "crop_scale", "crop_offset", "box"):
+    np.testing.assert_array_equal(a[k], b[k])                  # same seed, same crops
+  assert np.abs(a["crop_offset"] - plain["crop_offset"]).min() > 0.01
+  assert not np.array_equal(a["crop_scale"], c["crop_scale"])
+  # Still exact: crop landmarks map back to the stored image landmarks; "box" is the
+  # dataset's (ground-truth) box in the jittered crop, not the jittered box.
+  data = datasets.load_split(cfg, "test")
+  order = [list(data.file_ids).index(f.decode()) for f in a["file_id"]]
+  back = (a["landmarks"] - a["crop_offset"][:, None]) / a["crop_scale"][:, None, None]
+  np.testing.assert_allclose(back, data.landmarks[order], atol=2e-3)
+  gt = data.boxes[order] * a["crop_scale"][:, None] + np.tile(a["crop_offset"], 2)
+  np.testing.assert_allclose(a["box"], gt, atol=1e-3)
+  # Centre moved and size changed within +-10% of the box, and not all by the same amount.
+  boxes = datasets.jitter_boxes(data.boxes, data.file_ids, 0.1, 0)
+  size0, size1 = data.boxes[:, 2:] - data.boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
+  shift = ((boxes[:, :2] + boxes[:, 2:]) - (data.boxes[:, :2] + data.boxes[:, 2:])) / 2
+  ratio = size1 / size0
+  assert np.all(np.abs(shift) <= 0.1 * size0 + 1e-3) and np.all(np.abs(ratio - 1) <= 0.1 + 1e-5)
+  assert np.ptp(ratio) > 0.02 and np.abs(shift).max() > 0.02 * size0.max()
+  # Training batches do not see it.
+  np.testing.assert_array_equal(next(input_pipeline.train_iterator(jit))["landmarks"],
+                                next(input_pipeline.train_iterator(cfg))["landmarks"])

@@ -29,8 +29,9 @@ def _evaluate(*args):
 @pytest.fixture(scope="module")
 def default_model_run(shared_data, tfds_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp("eval") / "default.json"
-  proc = _evaluate("--flagfile=300w19.flags", f"--data_dir={shared_data / '300w'}",
-                   f"--tfds_dir={tfds_dir}", "--model=default", f"--with_dlib={HAVE_DLIB}",
+  proc = _evaluate("--flagfile=300w19.flags", "--eval_split=common",   # the flagfile's: val
+                   f"--data_dir={shared_data / '300w'}", f"--tfds_dir={tfds_dir}",
+                   "--model=default", f"--with_dlib={HAVE_DLIB}",
                    f"--dlib_box_fit_json={DLIB_JSON}", f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), out
