@@ -1,4 +1,4 @@
-"""The MuSiCa cascade: iterations unrolled over stacked parameters, early exit by masking.
+"""The MuSiCa cascade: one stage function scanned over stacked parameters, early exit by masking.
 
 Everything is in level-0 pixels of the face crop. Paper Eq. 1 (S <- 2 S + dx, with dx in
 the pixels of the current level) is the same as adding 2^level * dx in level-0 pixels:
@@ -6,9 +6,11 @@ S1 = S0 + 4 d0, S2 = S1 + 2 d1, S3 = S2 + d2 for levels (2, 1, 0).
 
 Early exit ("knowing when to quit"): the cascade always runs the full chain (the per-
 iteration outputs are those of the full cascade, which the threshold analysis needs) and
-carries a second, frozen copy of (landmarks, hidden, error): once a face's estimated
-error drops below Ts, its frozen copy stops changing. Static shapes, so it jits and
-batches; it does not save time (see `musica_jax.fast_inference` for the paths that do).
+carries a second, frozen copy of (landmarks, hidden, error): once a face's quitting score
+drops below Ts, its frozen copy stops changing. The score is the network's estimated error
+E (the paper), or a learned quit head's (`musica_jax.quit_head`, e.g. the predicted gain of
+the next iteration). Static shapes, so it jits and batches; it does not save time (see
+`musica_jax.fast_inference` for the paths that do; they share `early_exit_update`).
 
 Shape (fixed by the project): the iterations are one pure stage function composed with
 `jax.lax.scan`, parameters stacked on a leading stage axis. The pyramid levels (228 /
@@ -18,9 +20,8 @@ origin, level size, step scale) arrays: no Python branch per stage.
 
 Speed (2-core CPU): the per-patch network runs in a channel-major layout, chunked over
 groups of faces (`stage_features`): intermediates stay in cache instead of being
-hundreds of MB of fresh allocations. `stage_step` / `run_cascade_unrolled` are the
-straightforward reference (one gather into [B, P, 14, 14, 3], the Flax module) used by
-the tests.
+hundreds of MB of fresh allocations. `stage_step` is the straightforward reference (one
+gather into [B, P, 14, 14, 3], the Flax module); the tests loop it over the stages.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musica_jax import pyramid
+from musica_jax import quit_head as quit_head_lib
 from musica_jax import stage_net
 from musica_jax.config import ModelConfig
 
@@ -42,6 +44,8 @@ class CascadeOutput:
   shapes: jax.Array            # [S, B, N, 2] landmarks after every iteration (full run)
   errors: jax.Array            # [S, B] estimated error after every iteration
   attention: jax.Array         # [S, B, P] mean local patch attention per patch
+  hiddens: jax.Array           # [S, B, H] hidden state after every iteration
+  scores: jax.Array            # [S, B] quitting score after every iteration (E without a head)
   landmarks: jax.Array         # [B, N, 2] early-exit result
   estimated_error: jax.Array   # [B] estimated error of the early-exit result
   hidden: jax.Array            # [B, H] hidden state of the early-exit result
@@ -67,11 +71,32 @@ def stage_xs(config: ModelConfig, i: int) -> dict:
   return {k: v[i] for k, v in xs.items()}
 
 
-def _broadcast_init(init_shape, batch, config):
+def broadcast_init(init_shape, batch, config):
   init_shape = jnp.asarray(init_shape, jnp.float32)
   if init_shape.shape[-2:] != (config.num_landmarks, 2):
     raise ValueError(f"init_shape must end in ({config.num_landmarks}, 2), got {init_shape.shape}")
   return jnp.broadcast_to(init_shape, (batch, config.num_landmarks, 2))
+
+
+def initial_state(shape0, hidden0) -> dict:
+  """Early-exit state of a batch before the first iteration (see `early_exit_update`)."""
+  b = shape0.shape[0]
+  return dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf, jnp.float32),
+              iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
+
+
+def early_exit_update(state: dict, active, shape, hidden, err, quit_now) -> dict:
+  """The one early-exit rule, shared by the masked cascade and the fast paths.
+
+  Faces with `active` take the new (shape, hidden, err), count one more iteration and are
+  done from now on when `quit_now`; the others keep their state. All arrays lead with
+  the same face axis (the full batch, or the faces a fast path gathered).
+  """
+  keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return dict(shape=keep(shape, state["shape"]), hidden=keep(hidden, state["hidden"]),
+              error=keep(err, state["error"]),
+              iterations=state["iterations"] + active.astype(jnp.int32),
+              done=state["done"] | (active & quit_now))
 
 
 def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
@@ -100,45 +125,62 @@ def face_group_size(batch: int, num_patches: int, target: int | None = None) -> 
 
 
 def stage_features(config: ModelConfig, params, atlas: jax.Array, centres: jax.Array, xs,
-                   remat: bool = False):
+                   remat: bool = False, face_index: jax.Array | None = None):
   """Per-patch part of one iteration for a batch, chunked over groups of faces.
 
   Args:
     params: one stage's parameters.
     atlas: [B, H, W, C] every pyramid level of each face (`pyramid.build_atlas`).
-    centres: [B, P, 2] patch centres in level-0 pixels (no gradient flows through them).
+    centres: [b, P, 2] patch centres in level-0 pixels (no gradient flows through them).
     xs: this iteration's scanned inputs (level, origin, level_size).
     remat: recompute each chunk's forward in the backward pass instead of storing its
       intermediates (training: they would be ~60 kB per patch).
-  Returns (descriptors [B, P*D], mean attention [B, P]).
+    face_index: optional [b] int, the atlas row of each face of `centres` (the fast paths
+      run an iteration on a subset of the batch and read its patches straight from the
+      full batch, without copying the subset's images). None: row f for face f (b = B).
+  `atlas` may also be this iteration's pyramid level alone, [B, h, w, C] without a
+  border, when `xs` has no "origin" (the fast paths: `pyramid.gather_patches_level_cm`).
+  Returns (descriptors [b, P*D], mean attention [b, P]).
   """
   b, p = centres.shape[:2]
   ps = config.patch_size
   start, frac = pyramid.window_starts(centres, xs["level"], xs["level_size"], ps)
   k = face_group_size(b, p)
-  face = jnp.repeat(jnp.arange(k, dtype=jnp.int32), p)
+  local_face = jnp.repeat(jnp.arange(k, dtype=jnp.int32), p)
 
   def chunk(inputs):
-    imgs, st, fr = inputs
-    patches = pyramid.gather_patches_cm(imgs, face, st.reshape(-1, 2), fr.reshape(-1, 2), ps,
-                                        origin=xs["origin"])
+    imgs, rows, st, fr = inputs
+    if "origin" in xs:                 # the atlas (scanned cascade)
+      face = local_face if rows is None else jnp.repeat(rows, p)
+      patches = pyramid.gather_patches_cm(imgs, face, st.reshape(-1, 2), fr.reshape(-1, 2),
+                                          ps, origin=xs["origin"])
+    else:                              # one level; the chunk's faces get their border here
+      imgs = imgs if rows is None else jnp.take(imgs, rows, axis=0)
+      patches = pyramid.gather_patches_level_cm(imgs, local_face, st.reshape(-1, 2),
+                                                fr.reshape(-1, 2), ps)
     desc, att = stage_net.patch_features(params, patches, config.use_attention)
     return desc.reshape(k, -1), att.reshape(k, p)
 
   if remat:
     chunk = jax.checkpoint(chunk)
   if k == b:
-    return chunk((atlas, start, frac))
+    return chunk((atlas, face_index, start, frac))
   g = b // k
   split = lambda x: x.reshape(g, k, *x.shape[1:])
-  desc, att = jax.lax.map(chunk, (split(atlas), split(start), split(frac)))
+  if face_index is None:
+    desc, att = jax.lax.map(chunk, (split(atlas), None, split(start), split(frac)))
+  else:
+    desc, att = jax.lax.map(lambda t: chunk((atlas, *t)),
+                            (split(face_index), split(start), split(frac)))
   return desc.reshape(b, -1), att.reshape(b, p)
 
 
-def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: bool = False):
-  """One iteration (the scanned stage function): returns (shape, hidden, error, attention)."""
+def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: bool = False,
+                  face_index=None):
+  """One iteration (the scanned stage function): returns (shape, hidden, error, attention).
+  `face_index`: see `stage_features` (shape and hidden are then the subset's)."""
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
-  desc, att = stage_features(config, params, atlas, centres, xs, remat)
+  desc, att = stage_features(config, params, atlas, centres, xs, remat, face_index)
   hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden)
   return shape + xs["step_scale"] * disp, hidden, err, att
 
@@ -148,7 +190,8 @@ def stage_params(params, i: int):
 
 
 def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
-                config: ModelConfig, ts=-jnp.inf, tf=jnp.inf) -> CascadeOutput:
+                config: ModelConfig, ts=-jnp.inf, tf=jnp.inf, quit_params=None,
+                max_iterations=None) -> CascadeOutput:
   """The whole cascade for a batch of level-0 face crops.
 
   Args:
@@ -156,9 +199,13 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
     images: [B, S, S, 3] level-0 face crops (S = config.image_size), standardised.
     init_shape: [N, 2] or [B, N, 2] initial landmarks (the mean shape) in crop pixels.
     config: static model configuration.
-    ts: success threshold; a face stops after the first iteration with error < ts.
-      -inf: every face runs every iteration.
+    ts: success threshold; a face stops after the first iteration whose quitting score
+      is < ts. -inf: every face runs every iteration.
     tf: failure threshold; valid = final estimated error < tf.
+    quit_params: optional quit head (`quit_head`, stacked per stage): its score replaces
+      the estimated error as the quitting signal. None: the paper's rule (E < ts).
+    max_iterations: optional [B] int, a face stops after that many iterations (an
+      explicit assignment: the reference for the budget path of `fast_inference`).
 
   The iterations are `stage_forward` composed with `lax.scan` over the stacked
   parameters and the scanned per-stage inputs of `stage_inputs`.
@@ -169,33 +216,30 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
                      f"got {images.shape}")
   layout, xs = stage_inputs(config)
   atlas = pyramid.build_atlas(images.astype(jnp.float32), layout)
-  shape0 = _broadcast_init(init_shape, b, config)
+  shape0 = broadcast_init(init_shape, b, config)
   hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
   remat = _remat_default(b, config.num_patches)
+  limit = (jnp.full((b,), config.num_stages, jnp.int32) if max_iterations is None
+           else jnp.asarray(max_iterations, jnp.int32))
 
   def body(carry, inputs):
-    params_i, xs_i = inputs
-    shape, hidden, frozen = carry
-    shape, hidden, err, att = stage_forward(config, params_i, atlas, shape, hidden, xs_i, remat)
+    params_i, quit_i, xs_i = inputs
+    old_shape, hidden, frozen = carry
+    shape, hidden, err, att = stage_forward(config, params_i, atlas, old_shape, hidden, xs_i,
+                                            remat)
+    score = quit_head_lib.score(quit_i, hidden, err,
+                                quit_head_lib.step_length(shape, old_shape))
     active = ~frozen["done"]
-    keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    frozen = dict(
-        shape=keep(shape, frozen["shape"]),
-        hidden=keep(hidden, frozen["hidden"]),
-        error=keep(err, frozen["error"]),
-        iterations=frozen["iterations"] + active.astype(jnp.int32),
-        done=frozen["done"] | (active & (err < ts)),
-    )
-    return (shape, hidden, frozen), (shape, err, att)
+    quit_now = (score < ts) | (frozen["iterations"] + 1 >= limit)
+    frozen = early_exit_update(frozen, active, shape, hidden, err, quit_now)
+    return (shape, hidden, frozen), (shape, err, att, hidden, score)
 
-  frozen0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf),
-                 iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
-  (_, _, frozen), (shapes, errors, att) = jax.lax.scan(
-      body, (shape0, hidden0, frozen0), (params, xs))
-  return CascadeOutput(shapes=shapes, errors=errors, attention=att,
-                       landmarks=frozen["shape"], estimated_error=frozen["error"],
-                       hidden=frozen["hidden"], iterations=frozen["iterations"],
-                       valid=frozen["error"] < tf)
+  (_, _, frozen), (shapes, errors, att, hiddens, scores) = jax.lax.scan(
+      body, (shape0, hidden0, initial_state(shape0, hidden0)), (params, quit_params, xs))
+  return CascadeOutput(shapes=shapes, errors=errors, attention=att, hiddens=hiddens,
+                       scores=scores, landmarks=frozen["shape"],
+                       estimated_error=frozen["error"], hidden=frozen["hidden"],
+                       iterations=frozen["iterations"], valid=frozen["error"] < tf)
 
 
 # Rematerialise the per-patch network in the backward pass once its stored intermediates
@@ -208,38 +252,8 @@ def _remat_default(batch: int, num_patches: int) -> bool:
   return batch * num_patches > REMAT_ABOVE_PATCHES
 
 
-def run_cascade_unrolled(params, images, init_shape, config: ModelConfig, ts=-np.inf,
-                         tf=np.inf) -> CascadeOutput:
-  """Reference: a plain Python loop over the same stacked parameters (for tests)."""
-  b = images.shape[0]
-  layout, xs = stage_inputs(config)
-  atlas = pyramid.build_atlas(jnp.asarray(images, jnp.float32), layout)
-  shape = _broadcast_init(init_shape, b, config)
-  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
-  shapes, errors, atts = [], [], []
-  out_shape, out_hidden = shape, hidden
-  out_err = np.full((b,), np.inf, np.float32)
-  iters = np.zeros((b,), np.int32)
-  done = np.zeros((b,), bool)
-  for i in range(config.num_stages):
-    p_i = jax.tree.map(lambda x: x[i], params)
-    xs_i = jax.tree.map(lambda x: x[i], xs)
-    shape, hidden, err, att = stage_step(config, p_i, atlas, shape, hidden, xs_i)
-    shapes.append(shape); errors.append(err); atts.append(att)
-    for f in range(b):
-      if not done[f]:
-        out_shape = out_shape.at[f].set(shape[f])
-        out_hidden = out_hidden.at[f].set(hidden[f])
-        out_err[f] = err[f]
-        iters[f] += 1
-        done[f] = err[f] < ts
-  return CascadeOutput(shapes=jnp.stack(shapes), errors=jnp.stack(errors),
-                       attention=jnp.stack(atts), landmarks=out_shape,
-                       estimated_error=jnp.asarray(out_err), hidden=out_hidden,
-                       iterations=jnp.asarray(iters), valid=jnp.asarray(out_err < tf))
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
-def run_cascade_jit(params, images, init_shape, config: ModelConfig, ts=-jnp.inf, tf=jnp.inf):
+def run_cascade_jit(params, images, init_shape, config: ModelConfig, ts=-jnp.inf, tf=jnp.inf,
+                    quit_params=None, max_iterations=None):
   """Jitted `run_cascade`; thresholds are traced, so sweeping them never recompiles."""
-  return run_cascade(params, images, init_shape, config, ts, tf)
+  return run_cascade(params, images, init_shape, config, ts, tf, quit_params, max_iterations)

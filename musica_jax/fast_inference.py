@@ -1,31 +1,40 @@
-"""Inference paths whose early exit really saves time (reference notes: "knowing when to quit").
+"""Inference paths whose early exit really saves time (paper: "knowing when to quit").
 
 `cascade.run_cascade` exits early by masking: static shapes, every face pays for every
-iteration. The two paths here compute the same early-exit result (landmarks, estimated
-error, hidden state, iterations, valid; tested against the masked cascade in
-tests/test_fast_inference.py) but stop computing:
+iteration. `run_selective` computes the same early-exit result (landmarks, estimated
+error, hidden state, iterations, valid; tested against the masked cascade for the same
+assignment in tests/test_fast_inference.py) but runs iteration i+1 only on the faces that
+go on, in ONE jitted program with static shapes and no host round trip between stages:
 
-- `run_streaming` (batch 1 or small batches, one jitted call): a `lax.while_loop` over the
-  iterations; each trip runs the current iteration through `lax.switch` (each branch is one
-  stage with its own parameters, reading its level of the atlas) and the loop ends as soon as every face of the batch has
-  quit. The per-stage parameters are separate buffers (`unstack_params`): slicing a
-  stacked [S, K, 512] kernel inside a jitted function makes XLA copy the slice (11-36 MB
-  per iteration), which at batch 1 costs more than the product itself.
-- `run_compacted` (batches): iteration 0 runs on the whole batch; after each iteration
-  the faces still running are gathered into the smallest power-of-two bucket that holds
-  them (static shapes per bucket, so each (iteration, bucket) compiles once), the next
-  iteration runs on that bucket only, and the results are scattered back. The host reads
-  the estimated errors between iterations (one small device-to-host copy per iteration).
+- iteration 0 runs on the whole batch;
+- before iteration i >= 1, `lax.top_k` picks the faces that go on (their images are not
+  copied: the stage reads their patches from its pyramid level by index), the stage runs
+  on [k, ...] and its results are scattered back (`cascade.early_exit_update`, the rule
+  the masked cascade uses);
+- how many faces k an iteration gets:
+  * budget (`capacities`, static per compiled program, like a mixture-of-experts
+    capacity): exactly capacities[i-1] faces, those of HIGHEST quitting score among the
+    faces that ran iteration i-1 (score: the quit head's predicted gain, or the
+    estimated error without a head). A batch then costs a fixed, known amount;
+  * threshold (Ts, `capacities=None`): the faces whose score is still >= Ts; their count
+    is only known on the device, so each iteration is a `lax.switch` over power-of-two
+    buckets (each branch a static k; only the branch taken runs). At batch 1 the buckets
+    are {0, 1}: the iteration runs or it does not.
+  Both can combine (a capacity and a Ts: at most k faces, and only those above Ts).
 
-`FastCascade` bundles both with the prepared parameters. Optional bf16 storage of the
-recurrent and head kernels (`weight_dtype=jnp.bfloat16`; products accumulate in f32)
-halves the weight bytes that bound batch-1 latency; it changes the function slightly, so
-it is off by default and the benchmark reports its landmark deviation.
+The stages are unrolled in Python inside the jitted function (each stage has its own k;
+a scan needs one shape per step), over per-stage parameter buffers (`unstack_params`):
+slicing a stacked [S, K, 512] kernel inside a jitted function makes XLA copy the slice
+(11-36 MB per iteration), which at batch 1 costs more than the product itself.
+
+Optional bf16 storage of the recurrent and head kernels (`weight_dtype=jnp.bfloat16`;
+products accumulate in f32) halves the weight bytes that bound batch-1 latency; it changes
+the function slightly, so it is off by default.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -34,6 +43,7 @@ import numpy as np
 
 from musica_jax import cascade
 from musica_jax import pyramid
+from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
 
 
@@ -63,142 +73,117 @@ def unstack_params(params, weight_dtype=None) -> tuple:
   return tuple(out)
 
 
-def _atlas(config: ModelConfig, images):
-  layout, _ = cascade.stage_inputs(config)
-  return pyramid.build_atlas(images.astype(jnp.float32), layout)
+def bucket_sizes(batch: int, min_bucket: int = 1) -> tuple[int, ...]:
+  """Powers of two from min_bucket up to the batch size (the batch size included)."""
+  sizes, k = [], max(1, min_bucket)
+  while k < batch:
+    sizes.append(k)
+    k *= 2
+  return tuple(sizes) + (batch,)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def run_streaming(stage_params: tuple, images, init_shape, config: ModelConfig,
-                  ts=-jnp.inf, tf=jnp.inf) -> EarlyExitOutput:
-  """Early exit by control flow: stops after the iteration where every face has quit.
+def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
+  """Iteration `stage` on the faces `idx` [k] of the batch state; `go` [k] says which of
+  them really run it (padding slots of a bucket do not). Returns the new batch state."""
+  sub = jax.tree.map(lambda x: x[idx], state)
+  xs = {k: v for k, v in cascade.stage_xs(config, stage).items() if k != "origin"}
+  shape, hidden, err, _ = cascade.stage_forward(
+      config, params_i, levels[config.levels[stage]], sub["shape"], sub["hidden"], xs,
+      face_index=idx)
+  score = quit_head_lib.score(quit_i, hidden, err, quit_head_lib.step_length(shape, sub["shape"]))
+  old_score = sub.pop("score")
+  sub = cascade.early_exit_update(sub, go, shape, hidden, err, score < ts)
+  sub["score"] = jnp.where(go, score, old_score)
+  return jax.tree.map(lambda full, part: full.at[idx].set(part), state, sub)
 
-  Args: as `cascade.run_cascade`, with `stage_params` from `unstack_params`.
+
+@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket"))
+def run_selective(stage_params: tuple, quit_params, images, init_shape, config: ModelConfig,
+                  ts=-jnp.inf, tf=jnp.inf, capacities: tuple[int, ...] | None = None,
+                  min_bucket: int = 1, mask=None) -> EarlyExitOutput:
+  """Early exit that skips the computation of the faces that quit (one jitted program).
+
+  Args:
+    stage_params: per-stage parameters (`unstack_params`).
+    quit_params: quit head stacked per stage (`quit_head`), or None (score = estimated
+      error, the paper's rule).
+    images, init_shape, config, ts, tf: as `cascade.run_cascade`.
+    capacities: None (Ts decides; power-of-two buckets from min_bucket) or one static
+      int per iteration after the first: at most that many faces run it, those of highest
+      score among the faces that ran the previous iteration (and whose score is >= ts).
+    mask: optional [B] bool; False rows (padding) run the first iteration only and never
+      take a slot of a later one.
   """
   b = images.shape[0]
+  s = config.num_stages
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
-  atlas = _atlas(config, images)
-  shape0 = cascade._broadcast_init(init_shape, b, config)
-  hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
+  if capacities is not None:
+    capacities = tuple(int(k) for k in capacities)
+    if len(capacities) != s - 1 or any(not 0 <= k <= b for k in capacities) or any(
+        capacities[j] > capacities[j - 1] for j in range(1, len(capacities))):
+      raise ValueError(f"capacities must be {s - 1} non-increasing ints in [0, {b}], got "
+                       f"{capacities}")
+  # Each level in its own array, no zero-bordered atlas: the atlas copy of every face
+  # (1.2 MB at 228 px) costs as much as an iteration at batch 64 on a 2-core CPU.
+  levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
+  shape0 = cascade.broadcast_init(init_shape, b, config)
+  state = cascade.initial_state(shape0, jnp.zeros((b, config.hidden_size), jnp.float32))
+  state["score"] = jnp.full((b,), jnp.inf, jnp.float32)
+  every = jnp.arange(b, dtype=jnp.int32)
+  state = _run_subset(config, stage_params[0], quit_head_lib.stage_slice(quit_params, 0), 0,
+                      levels, state, every, jnp.ones((b,), bool), ts)
+  if mask is not None:
+    state["done"] = state["done"] | ~jnp.asarray(mask, bool)
+  for stage in range(1, s):
+    quit_i = quit_head_lib.stage_slice(quit_params, stage)
+    ran = state["iterations"] == stage          # ran every iteration so far
+    going = ran & ~state["done"]
+    if capacities is not None:
+      k = capacities[stage - 1]
+      if k == 0:
+        break
+      _, idx = jax.lax.top_k(jnp.where(going, state["score"], -jnp.inf), k)
+      state = _run_subset(config, stage_params[stage], quit_i, stage, levels, state, idx,
+                          going[idx], ts)
+      continue
+    sizes = bucket_sizes(b, min_bucket)
+    n = going.sum()
 
-  def branch(i):
-    def run(operands):
-      params, atl, shape, hidden = operands
-      shape, hidden, err, _ = cascade.stage_forward(
-          config, params[i], atl, shape, hidden, cascade.stage_xs(config, i))
-      return shape, hidden, err
-    return run
+    def branch(k, stage=stage, quit_i=quit_i):
+      def run(st):
+        g = st["iterations"] == stage
+        g = g & ~st["done"]
+        _, idx = jax.lax.top_k(g.astype(jnp.float32), k)   # the going faces first
+        return _run_subset(config, stage_params[stage], quit_i, stage, levels, st, idx, g[idx], ts)
+      return run
 
-  branches = [branch(i) for i in range(config.num_stages)]
-
-  def cond(carry):
-    i, state = carry
-    return (i < config.num_stages) & ~jnp.all(state["done"])
-
-  def body(carry):
-    i, st = carry
-    shape, hidden, err = jax.lax.switch(i, branches, (stage_params, atlas, st["shape"],
-                                                      st["hidden"]))
-    active = ~st["done"]
-    keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    st = dict(shape=keep(shape, st["shape"]), hidden=keep(hidden, st["hidden"]),
-              error=keep(err, st["error"]),
-              iterations=st["iterations"] + active.astype(jnp.int32),
-              done=st["done"] | (active & (err < ts)))
-    return i + 1, st
-
-  st0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf, jnp.float32),
-             iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
-  _, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st0))
-  return EarlyExitOutput(landmarks=st["shape"], estimated_error=st["error"],
-                         hidden=st["hidden"], iterations=st["iterations"],
-                         valid=st["error"] < tf)
-
-
-# --- batched: compaction into power-of-two buckets ----------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _first_stage(params0, images, init_shape, config: ModelConfig):
-  b = images.shape[0]
-  atlas = _atlas(config, images)
-  shape = cascade._broadcast_init(init_shape, b, config)
-  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
-  shape, hidden, err, _ = cascade.stage_forward(config, params0, atlas, shape, hidden,
-                                                cascade.stage_xs(config, 0))
-  return atlas, shape, hidden, err
-
-
-@functools.partial(jax.jit, static_argnames=("config", "stage"), donate_argnums=(3, 4))
-def _bucket_stage(params_i, atlas, idx, shape, hidden, config: ModelConfig, stage: int):
-  """Runs `stage` on the faces `idx` (a bucket; padding repeats a real index) and writes
-  their new shape / hidden back into the full-batch arrays. Returns (shape, hidden, err)."""
-  s, h, err, _ = cascade.stage_forward(config, params_i, jnp.take(atlas, idx, axis=0),
-                                       shape[idx], hidden[idx], cascade.stage_xs(config, stage))
-  return shape.at[idx].set(s), hidden.at[idx].set(h), err
-
-
-def bucket_size(n: int, batch: int, min_bucket: int = 4) -> int:
-  """Smallest power of two >= n (at least min_bucket), capped at the batch size."""
-  size = max(min_bucket, 1 << max(0, int(n - 1).bit_length()))
-  return min(size, batch)
-
-
-def run_compacted(stage_params: tuple, images, init_shape, config: ModelConfig,
-                  ts=-np.inf, tf=np.inf, min_bucket: int = 4,
-                  stats: dict | None = None) -> EarlyExitOutput:
-  """Batched early exit that skips finished faces (compaction into static buckets).
-
-  stats: optional dict; receives "faces_per_stage" (faces computed per iteration,
-  bucket padding included).
-  """
-  images = jnp.asarray(images)
-  b = images.shape[0]
-  atlas, shape, hidden, err = _first_stage(stage_params[0], images, init_shape, config)
-  err_h = np.asarray(err)
-  out_err = err_h.copy()
-  iterations = np.ones((b,), np.int32)
-  done = err_h < ts
-  faces = [b]
-  # Full-batch early-exit state: rows of faces that have quit are never written again.
-  for stage in range(1, config.num_stages):
-    active = np.flatnonzero(~done)
-    if active.size == 0:
-      break
-    size = bucket_size(active.size, b, min_bucket)
-    idx = np.full((size,), active[0], np.int32)
-    idx[:active.size] = active
-    shape, hidden, err = _bucket_stage(stage_params[stage], atlas, jnp.asarray(idx), shape,
-                                       hidden, config=config, stage=stage)
-    err_h = np.asarray(err)[:active.size]
-    out_err[active] = err_h
-    iterations[active] += 1
-    done[active] = err_h < ts
-    faces.append(size)
-  if stats is not None:
-    stats["faces_per_stage"] = faces
-  out_err = jnp.asarray(out_err)
-  return EarlyExitOutput(landmarks=shape, estimated_error=out_err, hidden=hidden,
-                         iterations=jnp.asarray(iterations), valid=out_err < tf)
+    branches = [lambda st: st] + [branch(k) for k in sizes]
+    which = jnp.where(n == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), n))
+    state = jax.lax.switch(which, branches, state)
+  return EarlyExitOutput(landmarks=state["shape"], estimated_error=state["error"],
+                         hidden=state["hidden"], iterations=state["iterations"],
+                         valid=state["error"] < tf)
 
 
 class FastCascade:
-  """Prepared parameters + the two early-exit paths.
+  """Prepared parameters (+ optional quit head) and the selective early-exit path.
 
-    fc = FastCascade(params, config)               # params stacked, as trained
-    out = fc.streaming(image[None], mean_shape, ts, tf)   # batch 1 / small batches
-    out = fc.batched(images, mean_shape, ts, tf)          # large batches
+    fc = FastCascade(params, config, quit_params=head)   # params stacked, as trained
+    out = fc.run(images, mean_shape, ts=0.01)            # threshold dial
+    out = fc.run(images, mean_shape, capacities=(48, 16))   # budget dial (static caps)
   """
 
-  def __init__(self, params: Any, config: ModelConfig, weight_dtype=None):
+  def __init__(self, params: Any, config: ModelConfig, weight_dtype=None, quit_params=None):
     self.config = config
     self.stage_params = unstack_params(params, weight_dtype)
+    self.quit_params = None if quit_params is None else jax.tree.map(jnp.asarray, quit_params)
 
-  def streaming(self, images, init_shape, ts=-np.inf, tf=np.inf) -> EarlyExitOutput:
-    return run_streaming(self.stage_params, images, init_shape, self.config, ts, tf)
-
-  def batched(self, images, init_shape, ts=-np.inf, tf=np.inf, min_bucket: int = 4,
-              stats: dict | None = None) -> EarlyExitOutput:
-    return run_compacted(self.stage_params, images, init_shape, self.config, ts, tf,
-                         min_bucket, stats)
+  def run(self, images, init_shape, ts=-np.inf, tf=np.inf,
+          capacities: Sequence[int] | None = None, min_bucket: int = 1,
+          mask=None) -> EarlyExitOutput:
+    caps = None if capacities is None else tuple(int(k) for k in capacities)
+    return run_selective(self.stage_params, self.quit_params, images, init_shape,
+                         self.config, jnp.float32(ts), jnp.float32(tf), caps, min_bucket,
+                         mask)

@@ -8,6 +8,9 @@
                        (uint16) because .npz has no bfloat16; `load_model` turns them back
                        into float32.
 
+Optional, beside them: quit_head.npz + quit_head.json, a learned quitting signal
+(`musica_jax.quit_head`, written by `experiments.fit_quit_head`).
+
 No TensorFlow, no orbax: numpy + JAX only. `load_model` checks every array against the
 shapes a fresh `stage_net.init_stacked` would make for the stored config, so a file that
 does not match its config is refused with a message naming the array.
@@ -45,6 +48,8 @@ class LoadedModel:
   metadata: dict
   dtype: str                  # storage dtype of the parameters
   path: str
+  quit_head: Any = None       # stacked quit-head parameters (musica_jax.quit_head) or None
+  quit_info: dict | None = None   # its quit_head.json (kind, calibration profile, ...)
 
 
 def _key(path) -> str:
@@ -209,5 +214,12 @@ def load_model(path, verify: bool = True) -> LoadedModel:
       v = v.view(ml_dtypes.bfloat16)
     arrays.append(np.asarray(v, np.float32))
   params = jax.tree_util.tree_unflatten(treedef, arrays)
+  from musica_jax import quit_head  # noqa: PLC0415 - imports cascade-free numpy/jax only
+  try:
+    head = quit_head.load(p, cfg.num_stages, cfg.hidden_size)
+  except (ValueError, KeyError, OSError) as e:
+    raise ValueError(f"model {path}: quit head: {e}") from e
   return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
-                     metadata=info.get("metadata", {}), dtype=dtype, path=str(p))
+                     metadata=info.get("metadata", {}), dtype=dtype, path=str(p),
+                     quit_head=None if head is None else head[0],
+                     quit_info=None if head is None else head[1])

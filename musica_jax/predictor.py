@@ -35,8 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from musica_jax import cascade
+from musica_jax import cost
 from musica_jax import face_frame
+from musica_jax import fast_inference
 from musica_jax import model_io
+from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
@@ -335,10 +338,14 @@ class Predictor:
       padded to powers of two up to it.
     min_batch: smallest padded batch (fewer compiled programs, more padding).
     metadata: free-form description kept on the object (`.metadata`).
+    quit_params / quit_info: the model's quitting policy (`musica_jax.quit_head`): a
+      learned head (or None: the network's estimated error) and its validation profile,
+      which turns a budget into per-stage capacities (needed for `budget=`).
   """
 
   def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
-               max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None):
+               max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
+               quit_params=None, quit_info: dict | None = None):
     if not isinstance(model_config, ModelConfig):
       raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     mean_shape = np.asarray(mean_shape, np.float32)
@@ -356,6 +363,8 @@ class Predictor:
     self.metadata = dict(metadata or {})
     self.params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
     self._init = jnp.asarray(mean_shape)
+    self.quit_info = quit_info
+    self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
 
   @classmethod
   def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
@@ -368,7 +377,8 @@ class Predictor:
     """A directory written by model_io.save_model / experiments.export_model."""
     m = model_io.load_model(path)
     meta = dict(m.metadata, model_path=str(path), param_dtype=m.dtype)
-    return cls(m.params, m.model_config, m.mean_shape, metadata=meta, **kwargs)
+    return cls(m.params, m.model_config, m.mean_shape, metadata=meta,
+               quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
   @classmethod
   def default(cls, **kwargs) -> "Predictor":
@@ -398,26 +408,83 @@ class Predictor:
       outs.append(_slice_output(out, n))
     return _concat_outputs(outs)
 
-  def predict(self, images, boxes, ts: float = -np.inf, tf: float = np.inf) -> Prediction:
+  def budget_iterations(self, budget=None, budget_mmacs=None) -> float | None:
+    """A budget in mean iterations per face (from either form), checked; None if none."""
+    if budget is not None and budget_mmacs is not None:
+      raise ValueError("give budget (mean iterations per face) or budget_mmacs, not both")
+    if budget_mmacs is not None:
+      per_iteration = cost.cascade_macs(self.model_config, 1) / 1e6
+      budget = float(budget_mmacs) / per_iteration
+    if budget is None:
+      return None
+    s = self.model_config.num_stages
+    if not (np.isfinite(budget) and 1.0 <= budget <= s):
+      raise ValueError(f"budget must be between 1 and {s} mean iterations per face "
+                       f"({cost.cascade_macs(self.model_config, 1) / 1e6:.2f} to "
+                       f"{cost.cascade_macs(self.model_config) / 1e6:.2f} MMACs), got "
+                       f"{budget:.4g} iterations")
+    if self.quit_info is None:
+      raise ValueError("this model has no quitting profile (quit_head.json, written by "
+                       "experiments.fit_quit_head --install): a budget needs one; use ts")
+    return float(budget)
+
+  def run_fast(self, crops, ts=-np.inf, tf=np.inf, budget: float | None = None):
+    """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
+    iterations of faces that quit (`fast_inference.run_selective`; numpy out).
+
+    ts: threshold on the quitting score. budget: mean iterations per face (1..S); each
+    batch of n faces then runs exactly round((budget - 1) n) later iterations, split
+    over the stages by the model's validation profile, on the faces that need them most
+    (highest score). A single face cannot run a fraction of an iteration: alone, it uses
+    the threshold with that mean iterations on the validation faces.
+    """
+    f = crops.shape[0]
+    outs = []
+    for start in range(0, f, self.max_batch):
+      part = crops[start:start + self.max_batch]
+      n = part.shape[0]
+      b = count_bucket(max(n, self.min_batch), self.max_batch)
+      if b > n:
+        part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
+      caps, ts_b = None, ts
+      if budget is not None:
+        if n == 1:
+          ts_b = max(ts, quit_head_lib.threshold_for_budget(self.quit_info, budget))
+        else:
+          caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
+      mask = None if b == n else np.arange(b) < n
+      out = jax.device_get(self.fast.run(part, self._init, ts_b, tf, capacities=caps,
+                                         mask=mask))
+      outs.append({k: np.asarray(getattr(out, k))[:n] for k in
+                   ("landmarks", "estimated_error", "iterations", "valid")})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  def predict(self, images, boxes, ts: float = -np.inf, tf: float = np.inf,
+              budget: float | None = None, budget_mmacs: float | None = None) -> Prediction:
     """Landmarks for every box of every image.
 
     images: one HxWx3 uint8 RGB array, or a list of them (sizes may differ).
     boxes: for one image, a box (x0, y0, x1, y1) or a list of boxes; for a list of images,
       one such entry per image.
-    ts: early exit: a face stops after the first iteration whose estimated error < ts
-      (-inf: every iteration). tf: valid = final estimated error < tf.
+    ts: early exit: a face stops after the first iteration whose quitting score (the
+      estimated error, or the model's quit head) is < ts (-inf: every iteration).
+    budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
+      multiply-adds in millions; the faces that need it most get the later iterations.
+    tf: valid = final estimated error < tf.
+    Both dials skip the computation of the faces that quit (they save time).
     """
     for name, v in (("ts", ts), ("tf", tf)):
       if v is None or np.isnan(v):
         raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
+    budget = self.budget_iterations(budget, budget_mmacs)
     crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
-    out = self.run_crops(crops, ts, tf)
-    crop_lm = np.asarray(out.landmarks, np.float32)
+    out = self.run_fast(crops, ts, tf, budget)
+    crop_lm = np.asarray(out["landmarks"], np.float32)
     lm = face_frame.from_crop(crop_lm.astype(np.float64), scale.astype(np.float64),
                               offset.astype(np.float64)).astype(np.float32)
-    return Prediction(landmarks=lm, estimated_error=np.asarray(out.estimated_error, np.float32),
-                      iterations=np.asarray(out.iterations, np.int32),
-                      valid=np.asarray(out.valid, bool), image_index=image_index,
+    return Prediction(landmarks=lm, estimated_error=np.asarray(out["estimated_error"], np.float32),
+                      iterations=np.asarray(out["iterations"], np.int32),
+                      valid=np.asarray(out["valid"], bool), image_index=image_index,
                       boxes=all_boxes, crop_landmarks=crop_lm)
 
 

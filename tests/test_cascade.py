@@ -15,6 +15,37 @@ SMALL = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9
                                hidden_size=64, image_size=64)
 
 
+def run_cascade_unrolled(params, images, init_shape, config, ts=-np.inf, tf=np.inf):
+  """Reference: a plain Python loop of `cascade.stage_step` over the stacked parameters."""
+  b = images.shape[0]
+  layout, xs = cascade.stage_inputs(config)
+  atlas = pyramid.build_atlas(jnp.asarray(images, jnp.float32), layout)
+  shape = cascade.broadcast_init(init_shape, b, config)
+  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
+  shapes, errors, atts, hiddens = [], [], [], []
+  out_shape, out_hidden = shape, hidden
+  out_err = np.full((b,), np.inf, np.float32)
+  iters = np.zeros((b,), np.int32)
+  done = np.zeros((b,), bool)
+  for i in range(config.num_stages):
+    p_i = jax.tree.map(lambda x: x[i], params)
+    xs_i = jax.tree.map(lambda x: x[i], xs)
+    shape, hidden, err, att = cascade.stage_step(config, p_i, atlas, shape, hidden, xs_i)
+    shapes.append(shape); errors.append(err); atts.append(att); hiddens.append(hidden)
+    for f in range(b):
+      if not done[f]:
+        out_shape = out_shape.at[f].set(shape[f])
+        out_hidden = out_hidden.at[f].set(hidden[f])
+        out_err[f] = err[f]
+        iters[f] += 1
+        done[f] = err[f] < ts
+  return cascade.CascadeOutput(
+      shapes=jnp.stack(shapes), errors=jnp.stack(errors), attention=jnp.stack(atts),
+      hiddens=jnp.stack(hiddens), scores=jnp.stack(errors), landmarks=out_shape,
+      estimated_error=jnp.asarray(out_err), hidden=out_hidden, iterations=jnp.asarray(iters),
+      valid=jnp.asarray(out_err < tf))
+
+
 def _inputs(cfg, batch=5, seed=0):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   images = jax.random.normal(k1, (batch, cfg.image_size, cfg.image_size, 3))
@@ -76,7 +107,7 @@ def test_scan_equals_python_loop(use_attention):
   ts = float(e[len(e) // 2] + e[len(e) // 2 + 1]) / 2  # between two estimates: no ties
   for t in (-np.inf, ts):
     a = cascade.run_cascade_jit(params, images, init, cfg, t, 0.0)
-    b = cascade.run_cascade_unrolled(params, images, init, cfg, t, 0.0)
+    b = run_cascade_unrolled(params, images, init, cfg, t, 0.0)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
                                  atol=1e-5, rtol=1e-5)

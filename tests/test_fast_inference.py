@@ -84,12 +84,14 @@ def _frozen_cascade(params, images, init, cfg, ts, tf):
     fr = dict(shape=keep(shape, fr["shape"]), hidden=keep(hidden, fr["hidden"]),
               error=keep(err, fr["error"]), iterations=fr["iterations"] + act,
               done=fr["done"] | (act & (err < ts)))
-    return (shape, hidden, fr), (shape, err, att)
+    return (shape, hidden, fr), (shape, err, att, hidden)
 
   fr0 = dict(shape=shape0, hidden=hidden0, error=jnp.full((b,), jnp.inf),
              iterations=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
-  (_, _, fr), (shapes, errors, att) = jax.lax.scan(body, (shape0, hidden0, fr0), (params, xs))
+  (_, _, fr), (shapes, errors, att, hiddens) = jax.lax.scan(body, (shape0, hidden0, fr0),
+                                                            (params, xs))
   return cascade.CascadeOutput(shapes=shapes, errors=errors, attention=att,
+                               hiddens=hiddens, scores=errors,
                                landmarks=fr["shape"], estimated_error=fr["error"],
                                hidden=fr["hidden"], iterations=fr["iterations"],
                                valid=fr["error"] < tf)
@@ -187,55 +189,102 @@ def _check_early_exit(out, ref, n=None):
                                err_msg=field)
 
 
-def test_fast_paths_match_the_masked_cascade(small_chunks):
+def _random_quit_head(cfg, seed=7, units=8):
+  """An untrained quit head with scores spread over faces (the rule, not its quality)."""
+  d = cfg.hidden_size + 3
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  s = cfg.num_stages
+  return dict(w1=jax.random.normal(k1, (s, d, units)), b1=jnp.zeros((s, units)),
+              w2=jax.random.normal(k2, (s, units)), b2=jnp.zeros((s,)),
+              mean=jnp.zeros((s, d)), std=jnp.ones((s, d)), exp_output=jnp.zeros((s,)))
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_threshold_path_matches_the_masked_cascade(small_chunks, with_head):
   cfg = SMALL
   params, images, init = _setup(cfg, batch=16, seed=3)
-  full = cascade.run_cascade_jit(params, images, init, cfg)
-  ts = _ts_between_estimates(full.errors)
+  head = _random_quit_head(cfg) if with_head else None
+  full = cascade.run_cascade_jit(params, images, init, cfg, quit_params=head)
+  if with_head:   # centre each stage's scores so that faces quit at every iteration
+    head["b2"] = head["b2"] - jnp.median(full.scores, axis=1)
+    full = cascade.run_cascade_jit(params, images, init, cfg, quit_params=head)
+  ts = _ts_between_estimates(full.scores[:-1])
   tf = float(np.median(np.asarray(full.errors)))
-  ref = cascade.run_cascade_jit(params, images, init, cfg, ts, tf)
+  ref = cascade.run_cascade_jit(params, images, init, cfg, ts, tf, quit_params=head)
   its = np.asarray(ref.iterations)
   assert len(set(its.tolist())) == 3, "test needs faces quitting at every iteration"
-  fast = fast_inference.FastCascade(params, cfg)
-  _check_early_exit(fast.streaming(images, init, ts, tf), ref)
-  stats = {}
-  _check_early_exit(fast.batched(images, init, ts, tf, min_bucket=2, stats=stats), ref)
-  # Compaction: fewer faces computed after each iteration, never fewer than still run.
-  faces = stats["faces_per_stage"]
-  assert faces == [16] + [fast_inference.bucket_size(int((its > i).sum()), 16, 2)
-                          for i in (1, 2)]
-  assert sum(faces) < 3 * 16
-  # Batch 1, face by face (the while loop stops at each face's own iteration).
+  fast = fast_inference.FastCascade(params, cfg, quit_params=head)
+  _check_early_exit(fast.run(images, init, ts, tf), ref)
+  _check_early_exit(fast.run(images, init, ts, tf, min_bucket=4), ref)
+  # Batch 1, face by face: buckets {0, 1}, the iteration runs or it does not.
   for f in range(16):
-    out = fast.streaming(images[f:f + 1], init, ts, tf)
-    single_ref = jax.tree.map(lambda x: x[f:f + 1], ref)
-    _check_early_exit(out, single_ref)
+    out = fast.run(images[f:f + 1], init, ts, tf)
+    _check_early_exit(out, jax.tree.map(lambda x: x[f:f + 1], ref))
   # Ts = -inf: every iteration, the full cascade's last shape.
-  out = fast.batched(images, init)
+  out = fast.run(images, init)
   np.testing.assert_allclose(out.landmarks, full.shapes[-1], atol=1e-5)
   assert np.all(np.asarray(out.iterations) == cfg.num_stages)
-  out = fast.streaming(images[:1], init)
-  np.testing.assert_allclose(out.landmarks, full.shapes[-1, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_budget_path_matches_the_masked_cascade_for_its_assignment(small_chunks, with_head):
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=16, seed=3)
+  head = _random_quit_head(cfg) if with_head else None
+  fast = fast_inference.FastCascade(params, cfg, quit_params=head)
+  full = cascade.run_cascade_jit(params, images, init, cfg, quit_params=head)
+  for caps in ((16, 16), (11, 5), (7, 0), (0, 0)):
+    out = fast.run(images, init, capacities=caps)
+    its = np.asarray(out.iterations)
+    # Exactly the capacities, nested.
+    assert [int((its >= i + 2).sum()) for i in range(2)] == list(caps)
+    # Those that go on are the ones of highest score after the previous iteration.
+    if 0 < caps[0] < 16:
+      top = set(np.argsort(-np.asarray(full.scores[0]))[:caps[0]].tolist())
+      assert set(np.flatnonzero(its >= 2).tolist()) == top
+    ref = cascade.run_cascade_jit(params, images, init, cfg, quit_params=head,
+                                  max_iterations=its)
+    np.testing.assert_array_equal(np.asarray(ref.iterations), its)
+    _check_early_exit(out, ref)
+
+
+def test_budget_path_is_one_jitted_program():
+  cfg = SMALL
+  params, images, init = _setup(cfg, batch=8, seed=1)
+  fast = fast_inference.FastCascade(params, cfg)
+  args = (fast.stage_params, None, images, init)
+  thresholds = dict(ts=jnp.float32(-np.inf), tf=jnp.float32(np.inf))
+  compiled = fast_inference.run_selective.lower(*args, config=cfg, capacities=(5, 2),
+                                                **thresholds).compile()
+  out = compiled(*args, **thresholds)
+  _check_early_exit(out, fast.run(images, init, capacities=(5, 2)))
+  text = compiled.as_text()
+  assert "sort" in text or "top" in text.lower()     # the top-k selection is inside
+  with pytest.raises(ValueError, match="capacities"):
+    fast.run(images, init, capacities=(3, 5))        # not nested
+
+
+def test_bucket_sizes():
+  assert fast_inference.bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+  assert fast_inference.bucket_sizes(1) == (1,)
+  assert fast_inference.bucket_sizes(48, 4) == (4, 8, 16, 32, 48)
 
 
 def test_everyone_quits_after_the_first_iteration():
   cfg = SMALL
   params, images, init = _setup(cfg, batch=4)
   fast = fast_inference.FastCascade(params, cfg)
-  stats = {}
-  out = fast.batched(images, init, ts=np.inf, stats=stats)
-  assert stats["faces_per_stage"] == [4]
+  out = fast.run(images, init, ts=np.inf)
   assert np.all(np.asarray(out.iterations) == 1)
   ref = cascade.run_cascade_jit(params, images, init, cfg, np.inf)
   _check_early_exit(out, ref)
-  _check_early_exit(fast.streaming(images, init, np.inf), ref)
 
 
 def test_bf16_weights_stay_close():
   cfg = SMALL
   params, images, init = _setup(cfg, batch=2)
-  a = fast_inference.FastCascade(params, cfg).streaming(images, init)
-  b = fast_inference.FastCascade(params, cfg, weight_dtype=jnp.bfloat16).streaming(images, init)
+  a = fast_inference.FastCascade(params, cfg).run(images, init)
+  b = fast_inference.FastCascade(params, cfg, weight_dtype=jnp.bfloat16).run(images, init)
   assert b.landmarks.dtype == jnp.float32
   scale = float(jnp.abs(a.landmarks - init).max())
   assert float(jnp.abs(a.landmarks - b.landmarks).max()) < 0.05 * scale
