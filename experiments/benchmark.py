@@ -51,7 +51,7 @@ _EARLY_EXIT_VARIANTS = flags.DEFINE_list("early_exit_variants", ["68/68", "68/19
 _EARLY_EXIT_BATCH = flags.DEFINE_integer("early_exit_batch", 64, "Faces in the early-exit set.")
 _TARGET_ITERATIONS = flags.DEFINE_float("target_iterations", 1.5,
                                         "Mean iterations at which Ts is chosen.")
-_BF16 = flags.DEFINE_bool("bf16", True, "Also time batch-1 streaming with bf16 FC weights.")
+_BF16 = flags.DEFINE_bool("bf16", True, "Also time the batch-1 selective path with bf16 FC weights.")
 _PARAMS_NPZ = flags.DEFINE_string(
     "params_npz", None, "Optional trained weights (one variant): an .npz of the stacked "
     "parameter tree with keys like 'recurrent/kernel'.")
@@ -162,15 +162,15 @@ def bench_variant(name, batch_sizes, peak, on_gpu) -> dict:
     row["inference"][str(b)] = {"faces_per_s": b / best, "faces_per_s_median": b / med,
                                 "ms_per_batch": best * 1e3, "gflops": gflops,
                                 "fraction_of_matmul_peak": gflops / peak}
-  # Batch-1 latency (all iterations, Ts = -inf): masked cascade and the streaming path.
+  # Batch-1 latency (all iterations, Ts = -inf): masked cascade and the selective path.
   images, init, _ = synthetic_inputs(cfg, 1)
   fast = fast_inference.FastCascade(params, cfg)
   lat = {}
   paths = {"run_cascade_jit": lambda: run(params, images, init),
-           "streaming_f32": lambda: fast.streaming(images, init)}
+           "selective_f32": lambda: fast.run(images, init)}
   if _BF16.value:
     fast16 = fast_inference.FastCascade(params, cfg, weight_dtype=jnp.bfloat16)
-    paths["streaming_bf16_fc_weights"] = lambda: fast16.streaming(images, init)
+    paths["selective_bf16_fc_weights"] = lambda: fast16.run(images, init)
   for key, fn in paths.items():
     jax.block_until_ready(fn())
     ts = []
@@ -182,9 +182,9 @@ def bench_variant(name, batch_sizes, peak, on_gpu) -> dict:
     lat[key] = {"p50_ms": float(np.percentile(ts, 50)), "p90_ms": float(np.percentile(ts, 90)),
                 "min_ms": float(ts.min())}
   if _BF16.value:
-    a = np.asarray(fast.streaming(images, init).landmarks)
-    b16 = np.asarray(fast16.streaming(images, init).landmarks)
-    lat["streaming_bf16_fc_weights"]["max_landmark_deviation_px"] = float(np.abs(a - b16).max())
+    a = np.asarray(fast.run(images, init).landmarks)
+    b16 = np.asarray(fast16.run(images, init).landmarks)
+    lat["selective_bf16_fc_weights"]["max_landmark_deviation_px"] = float(np.abs(a - b16).max())
   row["batch1_latency"] = lat
   if _TRAIN_BATCH.value:
     b = _TRAIN_BATCH.value
@@ -228,33 +228,35 @@ def bench_early_exit(name) -> dict:
   ts, mean_it = pick_ts(np.asarray(full.errors), _TARGET_ITERATIONS.value)
   masked = run(params, images, init, ts=ts)
   fast = fast_inference.FastCascade(params, cfg)
-  stats = {}
-  compact = fast.batched(images, init, ts, stats=stats)
-  same = bool(np.array_equal(np.asarray(compact.iterations), np.asarray(masked.iterations))
-              and np.allclose(compact.landmarks, masked.landmarks, atol=1e-4))
+  selective = fast.run(images, init, ts)
+  same = bool(np.array_equal(np.asarray(selective.iterations), np.asarray(masked.iterations))
+              and np.allclose(selective.landmarks, masked.landmarks, atol=1e-4))
+  its = np.asarray(masked.iterations)
+  caps = tuple(int((its > i).sum()) for i in range(1, cfg.num_stages))   # same work, budget
   full_t, _ = timed(lambda: run(params, images, init, ts=ts), repeats=_REPEATS.value)
-  comp_t, _ = timed(lambda: fast.batched(images, init, ts), repeats=_REPEATS.value)
-  # Batch 1: every face on its own, through the masked cascade and the streaming path.
+  sel_t, _ = timed(lambda: fast.run(images, init, ts), repeats=_REPEATS.value)
+  cap_t, _ = timed(lambda: fast.run(images, init, capacities=caps), repeats=_REPEATS.value)
+  # Batch 1: every face on its own, through the masked cascade and the selective path.
   n1 = min(b, 16)
   singles = [images[i:i + 1] for i in range(n1)]
   full1, _ = timed(lambda: [run(params, x, init, ts=ts).landmarks for x in singles],
                    repeats=max(1, _REPEATS.value // 2))
-  stream1, _ = timed(lambda: [fast.streaming(x, init, ts).landmarks for x in singles],
-                     repeats=max(1, _REPEATS.value // 2))
-  stream_its = np.asarray([int(fast.streaming(x, init, ts).iterations[0]) for x in singles])
+  sel1, _ = timed(lambda: [fast.run(x, init, ts).landmarks for x in singles],
+                  repeats=max(1, _REPEATS.value // 2))
+  sel_its = np.asarray([int(fast.run(x, init, ts).iterations[0]) for x in singles])
   shift = np.abs(np.asarray(masked.landmarks) - np.asarray(full.landmarks))
   return {
       "weights": "trained (--params_npz)" if _PARAMS_NPZ.value else
                  "synthetic (random init, untrained): Ts picked from the synthetic "
                  "estimated-error distribution; NME is meaningless here",
-      "ts": ts, "mean_iterations": mean_it, "batch": b,
-      "faces_per_stage_compacted": stats.get("faces_per_stage"),
-      "compacted_matches_masked": same,
-      "batched": {"masked_full_ms": full_t * 1e3, "compacted_ms": comp_t * 1e3,
-                  "speedup": full_t / comp_t},
-      "batch1": {"faces": n1, "mean_iterations": float(stream_its.mean()),
+      "ts": ts, "mean_iterations": mean_it, "batch": b, "capacities": caps,
+      "selective_matches_masked": same,
+      "batched": {"masked_full_ms": full_t * 1e3, "selective_ts_ms": sel_t * 1e3,
+                  "speedup": full_t / sel_t, "budget_same_counts_ms": cap_t * 1e3,
+                  "budget_speedup": full_t / cap_t},
+      "batch1": {"faces": n1, "mean_iterations": float(sel_its.mean()),
                  "masked_full_ms_per_face": full1 / n1 * 1e3,
-                 "streaming_ms_per_face": stream1 / n1 * 1e3, "speedup": full1 / stream1},
+                 "selective_ms_per_face": sel1 / n1 * 1e3, "speedup": full1 / sel1},
       "mean_landmark_shift_vs_full_cascade_px": float(shift.mean()),
       "ideal_speedup": cfg.num_stages / mean_it,
   }
@@ -285,9 +287,9 @@ def main(argv):
     lat = row["batch1_latency"]
     print(f"{name:>6} {row['mmacs']:6.1f} MMACs | {inf} | b1 p50/p90 masked "
           f"{lat['run_cascade_jit']['p50_ms']:.2f}/{lat['run_cascade_jit']['p90_ms']:.2f} ms, "
-          f"streaming {lat['streaming_f32']['p50_ms']:.2f}/{lat['streaming_f32']['p90_ms']:.2f}"
-          + (f", bf16 {lat['streaming_bf16_fc_weights']['p50_ms']:.2f}"
-             if "streaming_bf16_fc_weights" in lat else "")
+          f"selective {lat['selective_f32']['p50_ms']:.2f}/{lat['selective_f32']['p90_ms']:.2f}"
+          + (f", bf16 {lat['selective_bf16_fc_weights']['p50_ms']:.2f}"
+             if "selective_bf16_fc_weights" in lat else "")
           + (f" | train b{row['train_step']['batch']}: "
              f"{row['train_step']['samples_per_s']:.1f} samples/s" if "train_step" in row else ""))
   for name in _EARLY_EXIT_VARIANTS.value:
@@ -296,8 +298,8 @@ def main(argv):
     ee = bench_early_exit(name)
     result["early_exit"][name] = ee
     print(f"early exit {name}: Ts={ee['ts']:.4g} mean iterations {ee['mean_iterations']:.2f}; "
-          f"batch {ee['batch']} compacted x{ee['batched']['speedup']:.2f} "
-          f"(faces per stage {ee['faces_per_stage_compacted']}); batch 1 streaming "
+          f"batch {ee['batch']} selective (Ts) x{ee['batched']['speedup']:.2f}, budget "
+          f"{ee['capacities']} x{ee['batched']['budget_speedup']:.2f}; batch 1 selective "
           f"x{ee['batch1']['speedup']:.2f}")
   result["total_seconds"] = time.perf_counter() - t_start
   print(f"total {result['total_seconds']:.0f} s")

@@ -23,21 +23,27 @@ PER_FACE_KEYS = ("nme_interpupil_per_iteration", "nme_interocular_per_iteration"
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_fn(model_cfg: ModelConfig, scheme: LandmarkScheme):
-  return jax.jit(functools.partial(training.eval_outputs, model_cfg=model_cfg, scheme=scheme))
+def _eval_fn(model_cfg: ModelConfig, scheme: LandmarkScheme, capacities=None):
+  return jax.jit(functools.partial(training.eval_outputs, model_cfg=model_cfg, scheme=scheme,
+                                   capacities=capacities))
 
 
 def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: LandmarkScheme,
-              init_shape, mesh, ts=-np.inf, tf=np.inf, keep_landmarks: bool = False) -> dict:
-  """Per-face numpy outputs over `split` (padding removed), in dataset order."""
+              init_shape, mesh, ts=-np.inf, tf=np.inf, keep_landmarks: bool = False,
+              quit_params=None, capacities=None) -> dict:
+  """Per-face numpy outputs over `split` (padding removed), in dataset order.
+
+  quit_params: the model's quit head (None: quit on the estimated error); capacities:
+  the budget path's per-stage capacities for each batch of eval_batch_size faces."""
   parallel.check_batch_size(data_cfg.eval_batch_size, "--eval_batch_size")
-  fn = _eval_fn(model_cfg, scheme)
+  fn = _eval_fn(model_cfg, scheme, None if capacities is None else tuple(capacities))
   init_shape = jnp.asarray(init_shape)
   chunks, masks, ids, frames = [], [], [], []
   for local in input_pipeline.eval_iterator(data_cfg, split, jax.process_index(),
                                             jax.process_count()):
     batch = parallel.shard_batch(local, mesh)
-    out = fn(params, batch, init_shape, ts=jnp.float32(ts), tf=jnp.float32(tf))
+    out = fn(params, batch, init_shape, ts=jnp.float32(ts), tf=jnp.float32(tf),
+             quit_params=quit_params)
     if not keep_landmarks:
       out = {k: v for k, v in out.items() if k not in ("landmarks", "shapes")}
     if jax.process_count() > 1:

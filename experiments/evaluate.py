@@ -2,7 +2,7 @@ r"""Evaluates a trained cascade (EMA weights) with a jitted, batched evaluation.
 
   python -m experiments.evaluate --flagfile=300w68.flags --workdir=W --output_json=eval.json
   [--checkpoint=STEP] [--eval_dataset=pts_folder --data_dir=DIR --eval_split=all]
-  [--eval_split=common,challenging] [--ts=0.03 --tf=0.08]
+  [--eval_split=common,challenging] [--ts=0.03 | --budget=2.0 | --budget_mmacs=18] [--tf=0.08]
 
   # the package's shipped model (or an exported one: --model=DIR), side by side with dlib
   python -m experiments.evaluate --flagfile=300w19.flags --model=default --with_dlib \
@@ -42,7 +42,12 @@ flags.DEFINE_string("output_json", None, "Where to write the results JSON.")
 flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, or 'latest'.")
 flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
                     "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
-flags.DEFINE_float("ts", None, "Early exit: success threshold on the estimated error.")
+flags.DEFINE_float("ts", None, "Early exit: success threshold on the quitting score (the "
+                   "estimated error, or the model's quit head).")
+flags.DEFINE_float("budget", None, "Early exit by compute: mean iterations per face (1..3) "
+                   "for each batch of --eval_batch_size faces; needs the model's quitting "
+                   "profile (experiments.fit_quit_head --install).")
+flags.DEFINE_float("budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
 flags.DEFINE_float("tf", None, "Failure threshold: faces whose final estimated error is above "
                    "it are flagged invalid.")
 flags.DEFINE_string("model", None, "Evaluate an exported model directory (written by "
@@ -86,8 +91,9 @@ def load_exported(model: str):
           "param_dtype": loaded.dtype,
           "checkpoint_step": loaded.metadata.get("source", {}).get("checkpoint_step"),
           "trained_in": loaded.metadata.get("source", {}).get("workdir")}
+  info["quit_policy"] = (loaded.quit_info or {}).get("design")
   return (parallel.replicate(loaded.params, mesh), loaded.model_config, loaded.mean_shape,
-          info, mesh)
+          info, mesh, (loaded.quit_head, loaded.quit_info))
 
 
 def load_checkpoint(workdir: str, checkpoint: str):
@@ -97,7 +103,10 @@ def load_checkpoint(workdir: str, checkpoint: str):
   train_cfg = training.TrainConfig(**run["train"])
   params, step, mesh = restore_ema_params(workdir, model_cfg, train_cfg, checkpoint)
   info = {"workdir": os.path.abspath(workdir), "checkpoint_step": step}
-  return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh
+  from musica_jax import quit_head  # noqa: PLC0415
+  quit = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size) or (None, None)
+  info["quit_policy"] = (quit[1] or {}).get("design")
+  return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh, quit
 
 
 def musica_row(summary: dict, model_cfg, info: dict) -> dict:
@@ -130,14 +139,23 @@ def dlib_rows(data_cfg, split: str, per_face: dict, model_cfg, summary: dict, in
 
 def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg, ts=None,
              tf=None, checkpoint: str = "latest", model: str | None = None,
-             with_dlib: bool = False, dlib_box_fit_json: str | None = None) -> dict:
+             with_dlib: bool = False, dlib_box_fit_json: str | None = None,
+             budget: float | None = None, budget_mmacs: float | None = None) -> dict:
   if (workdir is None) == (model is None):
     raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
                          "exported model directory, or 'default')")
   if model is not None:
-    params, model_cfg, mean_shape, info, mesh = load_exported(model)
+    params, model_cfg, mean_shape, info, mesh, quit = load_exported(model)
   else:
-    params, model_cfg, mean_shape, info, mesh = load_checkpoint(workdir, checkpoint)
+    params, model_cfg, mean_shape, info, mesh, quit = load_checkpoint(workdir, checkpoint)
+  capacities = None
+  if budget is not None or budget_mmacs is not None:
+    from musica_jax import quit_head  # noqa: PLC0415
+    try:
+      budget = quit_head.budget_iterations(model_cfg, quit[1], budget, budget_mmacs)
+    except ValueError as e:
+      raise app.UsageError(f"--budget: {e}") from e
+    capacities = quit_head.budget_capacities(quit[1], budget, data_cfg.eval_batch_size)
   if data_cfg.num_points != model_cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model "
                          f"({workdir or model}) has {model_cfg.num_landmarks} landmarks")
@@ -152,7 +170,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
       raise app.UsageError(f"--with_dlib: {e}") from e
   scheme = schemes.get_scheme(model_cfg.num_landmarks)
   step = info["checkpoint_step"]
-  early = ts is not None or tf is not None
+  early = ts is not None or tf is not None or capacities is not None
   ts_v = -np.inf if ts is None else ts
   tf_v = np.inf if tf is None else tf
   result = {**info, "dataset": data_cfg.dataset, "data_dir": os.path.abspath(data_cfg.data_dir),
@@ -161,11 +179,12 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
             "mmacs_full_cascade": cost.cascade_macs(model_cfg) / 1e6,
             "fr_auc_normalisation": "interocular", "splits": {}}
   if early:
-    result.update(ts=ts, tf=tf)
+    result.update(ts=ts, tf=tf, budget=budget, capacities=capacities)
   curves = {}
   for split in splits:
     per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
-                                  mesh, ts_v, tf_v)
+                                  mesh, ts_v, tf_v, quit_params=quit[0],
+                                  capacities=capacities)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if early:
       summary["mmacs_early_exit"] = cost.cascade_macs(model_cfg, summary["mean_iterations"]) / 1e6
@@ -177,7 +196,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
           f"mean-shape baseline {summary['mean_shape_baseline']['nme_interocular']:.2f}% "
           f"inter-ocular", flush=True)
     if early:
-      print(f"  early exit Ts={ts} Tf={tf}: mean iterations {summary['mean_iterations']:.2f}, "
+      print(f"  early exit Ts={ts} budget={budget} Tf={tf}: mean iterations {summary['mean_iterations']:.2f}, "
             f"NME {summary['nme_early_exit']:.2f}%, invalid {summary['invalid_fraction'] * 100:.1f}%")
     if with_dlib:
       entry, dlib_io = dlib_rows(data_cfg, split, per_face, model_cfg, summary, info,
@@ -206,7 +225,8 @@ def main(argv):
   data_cfg = data_flags.config_from_flags(**overrides)
   splits = [s for s in data_cfg.eval_split.split(",") if s]
   evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.tf,
-           FLAGS.checkpoint, FLAGS.model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json)
+           FLAGS.checkpoint, FLAGS.model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json,
+           FLAGS.budget, FLAGS.budget_mmacs)
 
 
 if __name__ == "__main__":

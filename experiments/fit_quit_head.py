@@ -66,6 +66,9 @@ flags.DEFINE_string("test_split", "common", "Reported once at the end ('' = none
 flags.DEFINE_integer("head_steps", 3000, "Optimiser steps per head (same for every design).")
 flags.DEFINE_bool("install", False, "Write the best design on validation into --model's "
                   "directory (quit_head.npz + quit_head.json).")
+flags.DEFINE_string("install_design", None, "With --install: install this design (E, "
+                    "error_head, gain_head, gain_head_rank) instead of the validation rule's "
+                    "choice; the JSON records both.")
 flags.mark_flags_as_required(["output_json"])
 
 # The designs of the study: (name, FitConfig fields). "E" is the network's own estimate
@@ -74,6 +77,9 @@ DESIGNS = (
     ("error_head", dict(kind="error", loss="huber")),
     ("gain_head", dict(kind="gain", loss="huber")),
     ("gain_head_rank", dict(kind="gain", loss="rank")),
+    # The same signals without the hidden state: cannot memorise the training faces.
+    ("error_head_generic", dict(kind="error", loss="huber", inputs="generic")),
+    ("gain_head_generic", dict(kind="gain", loss="huber", inputs="generic")),
 )
 
 
@@ -147,7 +153,7 @@ def profile(score: np.ndarray, num_stages: int, points: int = 200) -> dict:
 
 def run(model: str, data_cfg, output_json: str, fit_batches: int, val_batches: int,
         fit_seed: int, val_seed: int, test_split: str, head_steps: int, install: bool,
-        mild_fraction: float = 0.5) -> dict:
+        mild_fraction: float = 0.5, install_design: str | None = None) -> dict:
   path = predictor.default_model_path() if model == "default" else model
   loaded = model_io.load_model(path)
   cfg, params = loaded.model_config, jax.tree.map(jnp.asarray, loaded.params)
@@ -192,7 +198,7 @@ def run(model: str, data_cfg, output_json: str, fit_batches: int, val_batches: i
     return quit_head.scores_numpy(fitted[name][1], data["feats"])
 
   def target_of(name, data):
-    kind = ("gain" if "gain" in name else "error")
+    kind = "gain" if "gain" in name else "error"
     return quit_head.targets(data["nme"], "gain") if kind == "gain" else data["nme"]
 
   names = ["E"] + [n for n, _ in DESIGNS] + ["true_error", "true_gain"]
@@ -214,6 +220,12 @@ def run(model: str, data_cfg, output_json: str, fit_batches: int, val_batches: i
   best = head_best if gain(head_best) > gain("E") + MARGIN else "E"
   result["chosen_on_validation"] = best
   print(f"best on validation: {best}", flush=True)
+  if install_design:
+    if install_design not in ["E"] + [n for n, _ in DESIGNS]:
+      raise app.UsageError(f"--install_design={install_design}: not one of E, "
+                           f"{', '.join(n for n, _ in DESIGNS)}")
+    best = install_design
+    result["installed_design"] = best
   if install:
     prof = profile(scores_of(best, sets["val"]), cfg.num_stages)
     if best == "E":
@@ -239,7 +251,7 @@ def main(argv):
   data_cfg = data_flags.config_from_flags()
   run(FLAGS.model, data_cfg, FLAGS.output_json, FLAGS.fit_batches, FLAGS.val_batches,
       FLAGS.fit_seed, FLAGS.val_seed_stream, FLAGS.test_split, FLAGS.head_steps, FLAGS.install,
-      FLAGS.mild_fraction)
+      FLAGS.mild_fraction, FLAGS.install_design)
 
 
 if __name__ == "__main__":

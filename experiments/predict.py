@@ -1,7 +1,8 @@
 r"""Landmarks for faces in photos, with an overlay PNG and a JSON (no TensorFlow).
 
   python -m experiments.predict --image=face.jpg --box=x0,y0,x1,y1 --output=overlay.png \
-      --output_json=pred.json [--workdir=W [--checkpoint=STEP] | --model=DIR] [--ts=.. --tf=..]
+      --output_json=pred.json [--workdir=W [--checkpoint=STEP] | --model=DIR]
+      [--ts=.. | --budget=MEAN_ITERATIONS | --budget_mmacs=..] [--tf=..]
 
 Model: --model=DIR (written by experiments.export_model), or --workdir=W (a training run's
 EMA weights), or else the package's default model (musica_jax/default_model/).
@@ -57,7 +58,11 @@ def define_flags():
   _define("string", "checkpoint", "latest", "With --workdir: checkpoint step, or 'latest'.")
   _define("string", "output", None, "Overlay: a .png/.jpg file (one image) or a directory.")
   _define("string", "output_json", None, "Where to write the predictions (JSON).")
-  _define("float", "ts", None, "Early exit: success threshold on the estimated error.")
+  _define("float", "ts", None, "Early exit: success threshold on the quitting score (the "
+          "estimated error, or the model's quit head).")
+  _define("float", "budget", None, "Early exit by compute: mean iterations per face (1..3); "
+          "the faces that need them most get the later iterations.")
+  _define("float", "budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
   _define("float", "tf", None, "Failure threshold: faces with estimated error >= tf are invalid.")
   _define("integer", "max_batch", 64, "Faces per cascade call (a power of two).")
 
@@ -246,17 +251,24 @@ def load_inputs(paths, boxes) -> list[np.ndarray]:
 
 
 def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
-        images=None) -> dict:
+        images=None, budget=None, budget_mmacs=None) -> dict:
   if images is None:
     images = load_inputs(paths, boxes)
   ts_v = -np.inf if ts is None else ts
   tf_v = np.inf if tf is None else tf
   t0 = time.perf_counter()
-  pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v)
+  try:
+    pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v, budget=budget,
+                            budget_mmacs=budget_mmacs)
+  except ValueError as e:
+    if "budget" in str(e):
+      raise app.UsageError(f"--budget: {e}") from e
+    raise
   seconds = time.perf_counter() - t0
   stages = pred_obj.model_config.num_stages
   faces = pred.to_json()
-  result = {"model": pred_obj.metadata, "ts": ts, "tf": tf, "num_iterations": stages,
+  result = {"model": pred_obj.metadata, "ts": ts, "tf": tf, "budget": budget,
+            "budget_mmacs": budget_mmacs, "num_iterations": stages,
             "seconds_including_compile": seconds, "images": []}
   for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):
     mine = pred.for_image(i)
@@ -287,7 +299,8 @@ def main(argv):
     print("note: neither --output nor --output_json given; printing only")
   images = load_inputs(paths, boxes)
   pred_obj = load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint, FLAGS.max_batch)
-  run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output, FLAGS.output_json, images)
+  run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output, FLAGS.output_json, images,
+      FLAGS.budget, FLAGS.budget_mmacs)
 
 
 if __name__ == "__main__":

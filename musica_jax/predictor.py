@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from musica_jax import cascade
-from musica_jax import cost
 from musica_jax import face_frame
 from musica_jax import fast_inference
 from musica_jax import model_io
@@ -370,7 +369,9 @@ class Predictor:
   def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
     """EMA weights of a training run's checkpoint ("latest" or a step number)."""
     params, cfg, mean_shape, info = restore_workdir(workdir, step)
-    return cls(params, cfg, mean_shape, metadata=info, **kwargs)
+    quit = quit_head_lib.load(workdir, cfg.num_stages, cfg.hidden_size) or (None, None)
+    return cls(params, cfg, mean_shape, metadata=info, quit_params=quit[0],
+               quit_info=quit[1], **kwargs)
 
   @classmethod
   def from_saved_model(cls, path, **kwargs) -> "Predictor":
@@ -410,23 +411,8 @@ class Predictor:
 
   def budget_iterations(self, budget=None, budget_mmacs=None) -> float | None:
     """A budget in mean iterations per face (from either form), checked; None if none."""
-    if budget is not None and budget_mmacs is not None:
-      raise ValueError("give budget (mean iterations per face) or budget_mmacs, not both")
-    if budget_mmacs is not None:
-      per_iteration = cost.cascade_macs(self.model_config, 1) / 1e6
-      budget = float(budget_mmacs) / per_iteration
-    if budget is None:
-      return None
-    s = self.model_config.num_stages
-    if not (np.isfinite(budget) and 1.0 <= budget <= s):
-      raise ValueError(f"budget must be between 1 and {s} mean iterations per face "
-                       f"({cost.cascade_macs(self.model_config, 1) / 1e6:.2f} to "
-                       f"{cost.cascade_macs(self.model_config) / 1e6:.2f} MMACs), got "
-                       f"{budget:.4g} iterations")
-    if self.quit_info is None:
-      raise ValueError("this model has no quitting profile (quit_head.json, written by "
-                       "experiments.fit_quit_head --install): a budget needs one; use ts")
-    return float(budget)
+    return quit_head_lib.budget_iterations(self.model_config, self.quit_info, budget,
+                                           budget_mmacs)
 
   def run_fast(self, crops, ts=-np.inf, tf=np.inf, budget: float | None = None):
     """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
@@ -453,8 +439,10 @@ class Predictor:
         else:
           caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
       mask = None if b == n else np.arange(b) < n
+      # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
+      # batch computed for nothing.
       out = jax.device_get(self.fast.run(part, self._init, ts_b, tf, capacities=caps,
-                                         mask=mask))
+                                         mask=mask, min_bucket=max(1, b // 16)))
       outs.append({k: np.asarray(getattr(out, k))[:n] for k in
                    ("landmarks", "estimated_error", "iterations", "valid")})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

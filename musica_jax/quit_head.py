@@ -92,12 +92,17 @@ class FitConfig:
   loss: str = "huber"        # huber | l2 | rank (pairwise logistic on the target's order)
   huber_delta: float = 0.01  # NME units (1% inter-ocular)
   seed: int = 0
+  # "all": hidden state + the generic signals; "generic": E, log E and the step length
+  # only (the hidden-state weights are zero): a head that cannot memorise faces.
+  inputs: str = "all"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"quit head kind must be one of {KINDS}, got {self.kind!r}")
     if self.loss not in ("huber", "l2", "rank"):
       raise ValueError(f"quit head loss must be huber, l2 or rank, got {self.loss!r}")
+    if self.inputs not in ("all", "generic"):
+      raise ValueError(f"quit head inputs must be all or generic, got {self.inputs!r}")
 
 
 def targets(nme: np.ndarray, kind: str) -> np.ndarray:
@@ -124,6 +129,9 @@ def fit(feats: np.ndarray, nme: np.ndarray, cfg: FitConfig) -> dict:
   y = targets(nme, cfg.kind).astype(np.float32)
   mean = feats.mean(1)
   std = np.maximum(feats.std(1), 1e-3)
+  # Inputs the head may use (the last 3 features are the generic signals).
+  use = np.ones((d,), np.float32) if cfg.inputs == "all" else (np.arange(d) >= d - 3).astype(
+      np.float32)
   key = jax.random.key(cfg.seed)
   k1, k2, kb = jax.random.split(key, 3)
   init = dict(
@@ -137,7 +145,7 @@ def fit(feats: np.ndarray, nme: np.ndarray, cfg: FitConfig) -> dict:
   feats_j, y_j = jnp.asarray(feats), jnp.asarray(y)
 
   def raw(p, x):   # [S, b, D] -> [S, b], without the exp of "error" heads
-    z = (x - fixed["mean"][:, None]) / fixed["std"][:, None]
+    z = (x - fixed["mean"][:, None]) / fixed["std"][:, None] * use
     h = jax.nn.relu(jnp.einsum("sbd,sdh->sbh", z, p["w1"]) + p["b1"][:, None])
     return jnp.einsum("sbh,sh->sb", h, p["w2"]) + p["b2"][:, None]
 
@@ -167,6 +175,7 @@ def fit(feats: np.ndarray, nme: np.ndarray, cfg: FitConfig) -> dict:
   p, opt = init, tx.init(init)
   for k in jax.random.split(kb, cfg.steps):
     p, opt, _ = step(p, opt, k)
+  p = dict(p, w1=p["w1"] * use[None, :, None])     # unused inputs: exactly zero weight
   out = {**{k: np.asarray(v) for k, v in p.items()},
          **{k: np.asarray(v) for k, v in fixed.items()}}
   return {k: v.astype(np.float32) for k, v in out.items()}
@@ -240,6 +249,29 @@ def load(directory, num_stages: int, hidden_size: int) -> tuple[dict | None, dic
     raise ValueError(f"{directory / PARAMS_FILE}: w1 has shape {params['w1'].shape}, the "
                      f"model needs [{num_stages}, {d}, units]")
   return params, info
+
+
+def budget_iterations(config, info: dict | None, budget: float | None = None,
+                      budget_mmacs: float | None = None) -> float | None:
+  """A compute budget as mean iterations per face, from iterations or MMACs; checked
+  (range, and that the model has the profile a budget needs). None when neither given."""
+  from musica_jax import cost  # noqa: PLC0415
+  if budget is not None and budget_mmacs is not None:
+    raise ValueError("give budget (mean iterations per face) or budget_mmacs, not both")
+  per_iteration = cost.cascade_macs(config, 1) / 1e6
+  if budget_mmacs is not None:
+    budget = float(budget_mmacs) / per_iteration
+  if budget is None:
+    return None
+  s = config.num_stages
+  if not (np.isfinite(budget) and 1.0 <= budget <= s):
+    raise ValueError(f"budget must be between 1 and {s} mean iterations per face "
+                     f"({per_iteration:.2f} to {s * per_iteration:.2f} MMACs), got "
+                     f"{budget:.4g} iterations")
+  if info is None:
+    raise ValueError("this model has no quitting profile (quit_head.json, written by "
+                     "experiments.fit_quit_head --install): a budget needs one; use ts")
+  return float(budget)
 
 
 def budget_capacities(info: dict, budget: float, batch: int) -> tuple[int, ...]:

@@ -34,11 +34,12 @@ def test_benchmark_smoke(tmp_path):
   for r in row["inference"].values():
     assert r["faces_per_s"] > 0 and 0 < r["fraction_of_matmul_peak"]
   lat = row["batch1_latency"]
-  assert {"run_cascade_jit", "streaming_f32"} <= set(lat)
-  assert lat["streaming_f32"]["p90_ms"] >= lat["streaming_f32"]["p50_ms"] > 0
+  assert {"run_cascade_jit", "selective_f32"} <= set(lat)
+  assert lat["selective_f32"]["p90_ms"] >= lat["selective_f32"]["p50_ms"] > 0
   assert row["train_step"]["samples_per_s"] > 0
   ee = res["early_exit"]["tiny"]
   assert "synthetic" in ee["weights"]
-  assert ee["compacted_matches_masked"] is True
+  assert ee["selective_matches_masked"] is True
+  assert len(ee["capacities"]) == 2 and ee["batched"]["budget_speedup"] > 0
   assert 1.0 <= ee["mean_iterations"] <= 3.0
   assert ee["batched"]["speedup"] > 0 and ee["batch1"]["speedup"] > 0

@@ -74,3 +74,23 @@ def test_model_source_errors_name_the_flag(tmp_path):
                       f"--output_json={tmp_path / 'o.json'}")
   assert missing.returncode != 0
   assert f"--model={tmp_path / 'nowhere'}" in missing.stderr and "not a directory" in missing.stderr
+
+
+def test_budget_dial_on_the_common_set(shared_data, tfds_dir, tmp_path):
+  """--budget runs the fast path with the shipped model's quitting profile: about that
+  many mean iterations (the last, partly padded batch may use fewer slots), an NME between
+  the full cascade's and that of one iteration."""
+  if not model_io.is_model_dir(predictor.DEFAULT_MODEL_DIR):
+    pytest.skip("no default model ships with this checkout")
+  out = tmp_path / "budget.json"
+  proc = _evaluate("--flagfile=300w19.flags", "--eval_split=common",
+                   f"--data_dir={shared_data / '300w'}", f"--tfds_dir={tfds_dir}",
+                   "--model=default", "--budget=2.0", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(out.read_text())["splits"]["common"]
+  assert 1.9 <= res["mean_iterations"] <= 2.1
+  assert res["nme_interocular"] < res["nme_early_exit"] < res["nme_per_iteration"][0]
+  bad = _evaluate("--flagfile=300w19.flags", f"--data_dir={shared_data / '300w'}",
+                  f"--tfds_dir={tfds_dir}", "--model=default", "--budget=7",
+                  f"--output_json={tmp_path / 'x.json'}")
+  assert bad.returncode != 0 and "--budget" in bad.stderr and "Traceback" not in bad.stderr

@@ -229,3 +229,30 @@ def test_shipped_default_model_on_real_test_faces(shared_data):
   assert float(np.mean(nme)) < 0.06
   assert float(np.mean(nme)) < 0.5 * float(np.mean(base))
   assert np.all((np.asarray(pred.iterations) >= 1) & (np.asarray(pred.iterations) <= 3))
+
+
+def test_budget_dial_runs_exactly_the_budget():
+  """predict(budget=) gives each batch exactly round((budget - 1) n) later iterations,
+  nested over the stages; one face alone uses the profile's threshold; a model without a
+  profile says so."""
+  p = _zero_predictor()
+  rng = np.random.default_rng(5)
+  images = [rng.integers(0, 256, (120, 120, 3), dtype=np.uint8) for _ in range(3)]
+  boxes = [(10, 10, 100, 100)] * 3
+  with pytest.raises(ValueError, match="no quitting profile"):
+    p.predict(images, boxes, budget=2.0)
+  p.quit_info = {"profile": [[1.0, 0.0, 0.0], [2.0, 0.75, 0.25], [3.0, 1.0, 1.0]],
+                 "thresholds": [[1.0, 1.0], [-1.0, 3.0]]}
+  for budget, total in ((1.0, 3), (2.0, 6), (3.0, 9), (5 / 3, 5)):
+    pred = p.predict(images, boxes, budget=budget)
+    assert int(pred.iterations.sum()) == total
+    assert np.all((pred.iterations >= 1) & (pred.iterations <= 3))
+  # The same budget in multiply-adds.
+  from musica_jax import cost
+  mm = 2.0 * cost.cascade_macs(p.model_config, 1) / 1e6
+  assert int(p.predict(images, boxes, budget_mmacs=mm).iterations.sum()) == 6
+  # One face: the threshold with that mean iterations on the profile (E = 0 here).
+  assert int(p.predict(images[0], boxes[0], budget=1.0).iterations[0]) == 1
+  assert int(p.predict(images[0], boxes[0], budget=3.0).iterations[0]) == 3
+  with pytest.raises(ValueError, match="between 1 and 3"):
+    p.predict(images, boxes, budget=4.0)
