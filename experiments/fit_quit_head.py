@@ -17,9 +17,9 @@ Per design: full-cascade NME; the quitting policy at 2 mean iterations vs the ra
 assignment with the same per-iteration counts and the oracle (`early_exit_policies`); the
 fraction of the oracle's gain it captures; the mean iterations it needs to stay within 1%
 and 2% of the full cascade's NME; Spearman of the score vs what it predicts, per
-iteration. `--install` writes the design that is best on validation (most NME saved at 2
-mean iterations; a learned head must beat the network's own E by more than 1 point of
-relative gain to replace it) beside the model (`quit_head.npz/.json`, with the validation profile
+iteration. `--install` writes the design that is best on validation (the fewest mean
+iterations that keep the NME within 2% of the full cascade's; a learned head must beat the
+network's own E to replace it) beside the model (`quit_head.npz/.json`, with the validation profile
 that maps a budget of mean iterations to per-stage capacities).
 """
 from __future__ import annotations
@@ -81,9 +81,6 @@ DESIGNS = (
     ("error_head_generic", dict(kind="error", loss="huber", inputs="generic")),
     ("gain_head_generic", dict(kind="gain", loss="huber", inputs="generic")),
 )
-
-
-MARGIN = 0.01
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scheme"))
@@ -213,11 +210,15 @@ def run(model: str, data_cfg, output_json: str, fit_batches: int, val_batches: i
             f"{at2['oracle_nme']:.3f} (gain {100 * (at2['relative_gain'] or 0):+.1f}%, "
             f"oracle's gain captured {a.get('oracle_gain_captured') or 0:.2f}); within 2%: "
             f"{a['iterations_within_2pct']} it.", flush=True)
-  # A learned head replaces the paper's rule (E) only when it is clearly better on
-  # validation: more than MARGIN of relative gain over random at 2 mean iterations.
-  gain = lambda n: result["designs"][n]["val"]["at_2_iterations"]["relative_gain"] or -1.0
-  head_best = max((n for n, _ in DESIGNS), key=gain)
-  best = head_best if gain(head_best) > gain("E") + MARGIN else "E"
+  # The design that keeps the validation NME within 2% of the full cascade's with the
+  # fewest mean iterations (the issue's signal target; what the dial sells: accuracy at a
+  # given compute). Not the gain over random at 2 mean iterations: that baseline moves
+  # with the per-iteration counts each policy produces, so it cannot rank policies (a
+  # policy that runs most faces twice and few three times has a strong random twin).
+  # A learned head must beat E, the paper's rule, to replace it.
+  cost2 = lambda n: result["designs"][n]["val"]["iterations_within_2pct"] or float("inf")
+  head_best = min((n for n, _ in DESIGNS), key=cost2)
+  best = head_best if cost2(head_best) < cost2("E") else "E"
   result["chosen_on_validation"] = best
   print(f"best on validation: {best}", flush=True)
   if install_design:

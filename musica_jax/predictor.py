@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musica_jax import cascade
 from musica_jax import face_frame
 from musica_jax import fast_inference
 from musica_jax import model_io
@@ -393,22 +392,6 @@ class Predictor:
 
   # -- the cascade --------------------------------------------------------------------
 
-  def run_crops(self, crops, ts=-np.inf, tf=np.inf) -> cascade.CascadeOutput:
-    """The cascade on standardised crops [F, 228, 228, 3], in padded batches (numpy out)."""
-    f = crops.shape[0]
-    outs = []
-    for start in range(0, f, self.max_batch):
-      part = crops[start:start + self.max_batch]
-      n = part.shape[0]
-      b = count_bucket(max(n, self.min_batch), self.max_batch)
-      if b > n:
-        part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
-      out = cascade.run_cascade_jit(self.params, part, self._init, self.model_config,
-                                    jnp.float32(ts), jnp.float32(tf))
-      out = jax.device_get(out)
-      outs.append(_slice_output(out, n))
-    return _concat_outputs(outs)
-
   def budget_iterations(self, budget=None, budget_mmacs=None) -> float | None:
     """A budget in mean iterations per face (from either form), checked; None if none."""
     return quit_head_lib.budget_iterations(self.model_config, self.quit_info, budget,
@@ -427,7 +410,7 @@ class Predictor:
     f = crops.shape[0]
     outs = []
     for start in range(0, f, self.max_batch):
-      part = crops[start:start + self.max_batch]
+      part = crops if f <= self.max_batch else crops[start:start + self.max_batch]
       n = part.shape[0]
       b = count_bucket(max(n, self.min_batch), self.max_batch)
       if b > n:
@@ -441,10 +424,13 @@ class Predictor:
       mask = None if b == n else np.arange(b) < n
       # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
       # batch computed for nothing.
-      out = jax.device_get(self.fast.run(part, self._init, ts_b, tf, capacities=caps,
-                                         mask=mask, min_bucket=max(1, b // 16)))
-      outs.append({k: np.asarray(getattr(out, k))[:n] for k in
-                   ("landmarks", "estimated_error", "iterations", "valid")})
+      out = self.fast.run(part, self._init, ts_b, tf, capacities=caps, mask=mask,
+                          min_bucket=max(1, b // 16))
+      fields = ("landmarks", "estimated_error", "iterations", "valid")
+      got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
+      outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
+    if len(outs) == 1:
+      return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
   def predict(self, images, boxes, ts: float = -np.inf, tf: float = np.inf,
@@ -474,24 +460,3 @@ class Predictor:
                       iterations=np.asarray(out["iterations"], np.int32),
                       valid=np.asarray(out["valid"], bool), image_index=image_index,
                       boxes=all_boxes, crop_landmarks=crop_lm)
-
-
-_PER_ITERATION = ("shapes", "errors", "attention")   # [S, B, ...]; the rest are [B, ...]
-
-
-def _slice_output(out, n):
-  """The first n faces of a (padded) CascadeOutput, as numpy."""
-  return cascade.CascadeOutput(**{
-      f.name: (np.asarray(getattr(out, f.name))[:, :n] if f.name in _PER_ITERATION
-               else np.asarray(getattr(out, f.name))[:n])
-      for f in dataclasses.fields(out)})
-
-
-def _concat_outputs(outs):
-  """Concatenates CascadeOutputs of several batches: per-iteration fields on axis 1."""
-  if len(outs) == 1:
-    return outs[0]
-  return cascade.CascadeOutput(**{
-      f.name: np.concatenate([np.asarray(getattr(o, f.name)) for o in outs],
-                             1 if f.name in _PER_ITERATION else 0)
-      for f in dataclasses.fields(outs[0])})
