@@ -4,7 +4,7 @@ r"""Early-exit analysis ("knowing when to quit", paper 3.2): Ts sweep, Tf, Figur
       --output_json=sweep.json --plot=figure2.png [--eval_split=common]
       [--figure7_workdirs=W19,W34 [--figure7_plot=P --figure7_json=J]]
       [--figure1=figure1.png --figure1_faces=6 --figure1_ts=0.03]
-      [--target_nme=3.5,4 --budget_iterations=1.5,2 --budget_mmacs=100]
+      [--target_nme=3.5,4 --working_iterations=1.5,2 --working_mmacs=100]
 
 Evaluates the model once on the (first) evaluation split, keeping per face the landmarks
 and estimated error after every iteration of the full cascade; every early-exit policy is
@@ -53,9 +53,9 @@ flags.DEFINE_float("compare_iterations", 2.0, "Mean iterations of the paper's co
                    "point (ours vs random at equal cost, and the cost to match random).")
 flags.DEFINE_list("target_nme", [], "Working points: Ts for these target NMEs (percent); "
                   "default: the full cascade's NME + 1%, 5%, 10% (relative).")
-flags.DEFINE_list("budget_iterations", [], "Working points: Ts for these budgets of mean "
+flags.DEFINE_list("working_iterations", [], "Working points: Ts for these budgets of mean "
                   "iterations per face; default 1.25, 1.5, 2, 2.5.")
-flags.DEFINE_list("budget_mmacs", [], "Working points: Ts for these budgets of mean "
+flags.DEFINE_list("working_mmacs", [], "Working points: Ts for these budgets of mean "
                   "multiply-adds per face (millions).")
 flags.DEFINE_float("tf_ts", None, "Ts under which the Tf analysis runs (the final estimate "
                    "is that of each face's exit iteration); default: the full cascade.")
@@ -337,9 +337,10 @@ def _json_default(x):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS["ts"].present or FLAGS["tf"].present:
-    raise app.UsageError("--ts/--tf are evaluate's flags; here use --tf_ts / --figure1_ts "
-                         "(every Ts is swept)")
+  if any(FLAGS[f].present for f in ("ts", "tf", "budget", "budget_mmacs")):
+    raise app.UsageError("--ts/--tf/--budget/--budget_mmacs are evaluate's flags; here use "
+                         "--tf_ts / --figure1_ts (every Ts is swept) and --working_iterations "
+                         "/ --working_mmacs (the Ts of a budget)")
   common.quiet_libraries()
   overrides = {}
   if FLAGS.eval_dataset:
@@ -348,8 +349,8 @@ def main(argv):
   run(FLAGS.workdir, FLAGS.output_json, data_cfg, plot=FLAGS.plot, checkpoint=FLAGS.checkpoint,
       num_ts=FLAGS.num_ts, draws=FLAGS.draws, seed=FLAGS.policy_seed,
       norm=FLAGS.nme_normalisation, compare_iterations=FLAGS.compare_iterations,
-      target_nme=FLAGS.target_nme, budget_iterations=FLAGS.budget_iterations,
-      budget_mmacs=FLAGS.budget_mmacs, tf_ts=FLAGS.tf_ts,
+      target_nme=FLAGS.target_nme, budget_iterations=FLAGS.working_iterations,
+      budget_mmacs=FLAGS.working_mmacs, tf_ts=FLAGS.tf_ts,
       figure7_workdirs=FLAGS.figure7_workdirs, figure7_plot=FLAGS.figure7_plot,
       figure7_json=FLAGS.figure7_json, figure1=FLAGS.figure1,
       figure1_faces=FLAGS.figure1_faces, figure1_ts=FLAGS.figure1_ts)

@@ -1,0 +1,27 @@
+"""Every absl entry point starts: its flags parse (no flag defined twice by the modules it
+imports) and --helpshort prints its usage (absl exits 1 after help) without a traceback.
+One subprocess per program, a few at a time."""
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROGRAMS = sorted(p.stem for p in (REPO / "experiments").glob("*.py")
+                  if "app.run(" in p.read_text())
+
+
+def test_every_entry_point_parses_its_flags():
+  assert {"train", "evaluate", "predict", "dial_benchmark", "fit_quit_head"} <= set(PROGRAMS)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  failed = []
+  for start in range(0, len(PROGRAMS), 4):
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"experiments.{name}",
+                                     "--helpshort"], cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name in PROGRAMS[start:start + 4]}
+    for name, proc in procs.items():
+      out, err = proc.communicate(timeout=300)
+      if proc.returncode not in (0, 1) or "Traceback" in err or "--helpfull" not in out:
+        failed.append(f"{name}: {err.strip().splitlines()[-1] if err.strip() else out[-200:]}")
+  assert not failed, failed
