@@ -32,7 +32,6 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
