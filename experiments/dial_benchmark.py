@@ -38,6 +38,7 @@ from data_pipelines import flags as data_flags
 from experiments import common
 from musica_jax import cascade
 from musica_jax import cost
+from musica_jax import early_exit_policies as eep
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
@@ -58,12 +59,6 @@ flags.DEFINE_string("output_json", None, "Where to write the JSON (required unle
 flags.DEFINE_string("calibration_png", None, "Reliability plot of the estimated error.")
 flags.DEFINE_string("output_md", None, "Also write the working-point table (markdown).")
 flags.DEFINE_string("from_json", None, "Only render --output_md from this earlier JSON.")
-
-
-def _decode(blob) -> np.ndarray:
-  from PIL import Image  # noqa: PLC0415
-  with Image.open(io.BytesIO(blob)) as im:
-    return np.asarray(im.convert("RGB"))
 
 
 def _nme(landmarks, gt, scheme) -> dict:
@@ -148,7 +143,7 @@ def run(model: str, data_cfg, split: str, budgets, ts_budgets, rounds: int,
   scheme = schemes.get_scheme(cfg.num_landmarks)
   b = data_cfg.eval_batch_size
   data = datasets.load_split(data_cfg, split)
-  photos = [_decode(x) for x in data.images]
+  photos = [predictor_lib.read_image(io.BytesIO(x)) for x in data.images]
   boxes = [np.asarray(bx, np.float64) for bx in data.boxes]
   crops, scale, offset, _, _ = pred.crops(photos, boxes)
   gt = (np.asarray(data.landmarks, np.float64) * scale[:, None, None] + offset[:, None, :])
@@ -159,13 +154,14 @@ def run(model: str, data_cfg, split: str, budgets, ts_budgets, rounds: int,
   n1 = f if not batch1_faces else min(batch1_faces, f)
 
   def full_batched():
+    """The full masked cascade over every face, in padded batches (CascadeOutputs)."""
     outs = []
     for s in range(0, f, b):
       part = crops[s:s + b]
       if part.shape[0] < b:
         part = jnp.concatenate([part, jnp.zeros((b - part.shape[0],) + part.shape[1:])])
-      outs.append(cascade.run_cascade_jit(pred.params, part, pred._init, cfg).landmarks)
-    return jnp.concatenate(outs)[:f]
+      outs.append(cascade.run_cascade_jit(pred.params, part, pred._init, cfg))
+    return outs
 
   def full_single():
     return [cascade.run_cascade_jit(pred.params, crops[i:i + 1], pred._init, cfg).landmarks
@@ -184,7 +180,9 @@ def run(model: str, data_cfg, split: str, budgets, ts_budgets, rounds: int,
                                   kw.get("budget"))["landmarks"] for i in range(n1)]
 
   # Accuracy (and warm-up: every program compiled before any timing).
-  ref = np.asarray(full_batched())
+  full_outs = full_batched()
+  ref = np.concatenate([np.asarray(o.landmarks) for o in full_outs])[:f]
+  final_e = np.concatenate([np.asarray(o.errors[-1]) for o in full_outs])[:f]
   full_nme = _nme(ref, gt, scheme)
   full_single()
   rows = []
@@ -274,25 +272,14 @@ def run(model: str, data_cfg, split: str, budgets, ts_budgets, rounds: int,
             "timing": "fastest of --rounds interleaved rounds (ms per face)",
             "median_ms_per_face": {k: v * 1e3 for k, v in medians.items()}}
   if calibration_png:
-    full = cascade.run_cascade_jit(pred.params, crops[:b], pred._init, cfg)  # compile once
-    e_all, t_all = [], []
-    for s in range(0, f, b):
-      part = crops[s:s + b]
-      n = part.shape[0]
-      if n < b:
-        part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:])])
-      full = cascade.run_cascade_jit(pred.params, part, pred._init, cfg)
-      e_all.append(np.asarray(full.errors[-1])[:n])
-      # E's training target: the rectified L1 error over the outer-eye distance.
-      t_all.append(np.asarray(losses.per_iteration_error(
-          full.shapes[-1:, :n], jnp.asarray(gt[s:s + n], jnp.float32),
-          scheme.outer_eye_corners))[0])
-    e_all, t_all = np.concatenate(e_all), np.concatenate(t_all)
-    from musica_jax import early_exit_policies as eep  # noqa: PLC0415
+    # E's training target: the rectified L1 error over the outer-eye distance.
+    target = np.asarray(losses.per_iteration_error(
+        jnp.asarray(ref[None], jnp.float32), jnp.asarray(gt, jnp.float32),
+        scheme.outer_eye_corners))[0]
     result["calibration"] = {
-        "png": calibration_png, "pearson": eep.pearson(e_all, t_all),
-        "spearman": eep.spearman(e_all, t_all),
-        **calibration_plot(e_all, t_all, calibration_png,
+        "png": calibration_png, "pearson": eep.pearson(final_e, target),
+        "spearman": eep.spearman(final_e, target),
+        **calibration_plot(final_e, target, calibration_png,
                            f"estimated error E vs its target (L1 / outer-eye distance), {split} "
                            f"({f} faces), after the last iteration")}
     print(f"wrote {calibration_png}")

@@ -34,6 +34,7 @@ from experiments import plots
 from musica_jax import checkpoints
 from musica_jax import cost
 from musica_jax import parallel
+from musica_jax import quit_head
 from musica_jax import schemes
 from musica_jax import training
 
@@ -103,7 +104,6 @@ def load_checkpoint(workdir: str, checkpoint: str):
   train_cfg = training.TrainConfig(**run["train"])
   params, step, mesh = restore_ema_params(workdir, model_cfg, train_cfg, checkpoint)
   info = {"workdir": os.path.abspath(workdir), "checkpoint_step": step}
-  from musica_jax import quit_head  # noqa: PLC0415
   quit = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size) or (None, None)
   info["quit_policy"] = (quit[1] or {}).get("design")
   return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh, quit
@@ -150,7 +150,6 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
     params, model_cfg, mean_shape, info, mesh, quit = load_checkpoint(workdir, checkpoint)
   capacities = None
   if budget is not None or budget_mmacs is not None:
-    from musica_jax import quit_head  # noqa: PLC0415
     try:
       budget = quit_head.budget_iterations(model_cfg, quit[1], budget, budget_mmacs)
     except ValueError as e:

@@ -91,9 +91,8 @@ def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
       config, params_i, levels[config.levels[stage]], sub["shape"], sub["hidden"], xs,
       face_index=idx)
   score = quit_head_lib.score(quit_i, hidden, err, quit_head_lib.step_length(shape, sub["shape"]))
-  old_score = sub.pop("score")
-  sub = cascade.early_exit_update(sub, go, shape, hidden, err, score < ts)
-  sub["score"] = jnp.where(go, score, old_score)
+  sub = {**cascade.early_exit_update(sub, go, shape, hidden, err, score < ts),
+         "score": jnp.where(go, score, sub["score"])}
   return jax.tree.map(lambda full, part: full.at[idx].set(part), state, sub)
 
 
@@ -138,30 +137,26 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
     state["done"] = state["done"] | ~jnp.asarray(mask, bool)
   for stage in range(1, s):
     quit_i = quit_head_lib.stage_slice(quit_params, stage)
-    ran = state["iterations"] == stage          # ran every iteration so far
-    going = ran & ~state["done"]
+    # Faces that ran every iteration so far and have not quit; the next iteration goes to
+    # the k of them with the highest score (all of them when k >= their number).
+    going = (state["iterations"] == stage) & ~state["done"]
+    priority = jnp.where(going, state["score"], -jnp.inf)
+
+    def run_k(st, k, stage=stage, quit_i=quit_i, going=going, priority=priority):
+      _, idx = jax.lax.top_k(priority, k)
+      return _run_subset(config, stage_params[stage], quit_i, stage, levels, st, idx,
+                         going[idx], ts)
+
     if capacities is not None:
-      k = capacities[stage - 1]
-      if k == 0:
+      if capacities[stage - 1] == 0:
         break
-      _, idx = jax.lax.top_k(jnp.where(going, state["score"], -jnp.inf), k)
-      state = _run_subset(config, stage_params[stage], quit_i, stage, levels, state, idx,
-                          going[idx], ts)
-      continue
-    sizes = bucket_sizes(b, min_bucket)
-    n = going.sum()
-
-    def branch(k, stage=stage, quit_i=quit_i):
-      def run(st):
-        g = st["iterations"] == stage
-        g = g & ~st["done"]
-        _, idx = jax.lax.top_k(g.astype(jnp.float32), k)   # the going faces first
-        return _run_subset(config, stage_params[stage], quit_i, stage, levels, st, idx, g[idx], ts)
-      return run
-
-    branches = [lambda st: st] + [branch(k) for k in sizes]
-    which = jnp.where(n == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), n))
-    state = jax.lax.switch(which, branches, state)
+      state = run_k(state, capacities[stage - 1])
+    else:
+      sizes = bucket_sizes(b, min_bucket)
+      n = going.sum()
+      branches = [lambda st: st] + [functools.partial(run_k, k=k) for k in sizes]
+      which = jnp.where(n == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), n))
+      state = jax.lax.switch(which, branches, state)
   return EarlyExitOutput(landmarks=state["shape"], estimated_error=state["error"],
                          hidden=state["hidden"], iterations=state["iterations"],
                          valid=state["error"] < tf)

@@ -30,6 +30,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from musica_jax import quit_head
 from musica_jax import stage_net
 from musica_jax.config import ModelConfig
 
@@ -214,7 +215,6 @@ def load_model(path, verify: bool = True) -> LoadedModel:
       v = v.view(ml_dtypes.bfloat16)
     arrays.append(np.asarray(v, np.float32))
   params = jax.tree_util.tree_unflatten(treedef, arrays)
-  from musica_jax import quit_head  # noqa: PLC0415 - imports cascade-free numpy/jax only
   try:
     head = quit_head.load(p, cfg.num_stages, cfg.hidden_size)
   except (ValueError, KeyError, OSError) as e:

@@ -141,7 +141,8 @@ def _crops_jit(stack, image_index, scale, offset, size):
 
 
 def read_image(path) -> np.ndarray:
-  """A photo file as RGB uint8 [H, W, 3] (PIL; greyscale/RGBA converted to RGB)."""
+  """A photo file (a path or a binary file object) as RGB uint8 [H, W, 3] (PIL;
+  greyscale/RGBA converted to RGB)."""
   from PIL import Image  # noqa: PLC0415
   with Image.open(path) as im:
     im.load()

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from musica_jax import cost
 from musica_jax import face_frame
 
 KINDS = ("gain", "error")
@@ -195,20 +196,18 @@ def save(directory, params: dict | None, info: dict) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   if params is None:
     (directory / PARAMS_FILE).unlink(missing_ok=True)
-    _write_json(directory / INFO_FILE, {"format": FORMAT, "version": VERSION, **info})
-    return
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-  os.close(fd)
-  with open(tmp, "wb") as fh:
-    np.savez(fh, **{k: np.asarray(v, np.float32) for k, v in params.items()})
-  os.replace(tmp, directory / PARAMS_FILE)
-  _write_json(directory / INFO_FILE, {"format": FORMAT, "version": VERSION, **info})
+  else:
+    _atomic(directory / PARAMS_FILE, lambda fh: np.savez(
+        fh, **{k: np.asarray(v, np.float32) for k, v in params.items()}), binary=True)
+  doc = {"format": FORMAT, "version": VERSION, **info}
+  _atomic(directory / INFO_FILE, lambda fh: json.dump(doc, fh, indent=1))
 
 
-def _write_json(path: pathlib.Path, doc: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-  with os.fdopen(fd, "w") as fh:
-    json.dump(doc, fh, indent=1)
+def _atomic(path: pathlib.Path, write, binary: bool = False) -> None:
+  """write(file) into a temporary file beside `path`, then rename it over `path`."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "wb" if binary else "w") as fh:
+    write(fh)
   os.replace(tmp, path)
 
 
@@ -254,7 +253,6 @@ def budget_iterations(config, info: dict | None, budget: float | None = None,
                       budget_mmacs: float | None = None) -> float | None:
   """A compute budget as mean iterations per face, from iterations or MMACs; checked
   (range, and that the model has the profile a budget needs). None when neither given."""
-  from musica_jax import cost  # noqa: PLC0415
   if budget is not None and budget_mmacs is not None:
     raise ValueError("give budget (mean iterations per face) or budget_mmacs, not both")
   per_iteration = cost.cascade_macs(config, 1) / 1e6

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from musica_jax import cascade
+from musica_jax import fast_inference
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import stage_net
@@ -123,7 +124,6 @@ def eval_outputs(params, batch: dict, init_shape, *, model_cfg: ModelConfig,
   out = cascade.run_cascade(params, batch["image"], init_shape, model_cfg, ts, tf,
                             quit_params)
   if capacities is not None:
-    from musica_jax import fast_inference  # noqa: PLC0415
     ee = fast_inference.run_selective(
         fast_inference.unstack_params(params), quit_params, batch["image"], init_shape,
         model_cfg, ts, tf, capacities=tuple(capacities), mask=batch.get("mask"))
