@@ -5,7 +5,8 @@ r"""The README's results table, made from evaluation JSONs (experiments.evaluate
 
 One row per evaluation (and dlib's row once, from the first JSON that holds a side by side),
 with the training budget read from the run's workdir when it still exists: steps, batch
-size, and training time from metrics.jsonl: the sum of the logged intervals
+size, the split the run evaluated on during training (where "the best checkpoint" was chosen;
+or the JSON's `checkpoint_chosen_on`), and training time from metrics.jsonl: the sum of the logged intervals
 ("train/interval_s"), i.e. the wall time of the training processes from start-up to the
 step (periodic evaluations included; steps redone after a resume counted once). Runs
 logged before 2026-11-28 have no intervals but a running-average speed since their process
@@ -42,7 +43,10 @@ def training_budget(workdir: str | None, step: int | None) -> dict:
   out = {}
   cfg = wd / "run_config.json"
   if cfg.is_file():
-    out["batch_size"] = json.loads(cfg.read_text()).get("data", {}).get("batch_size")
+    data = json.loads(cfg.read_text()).get("data", {})
+    out["batch_size"] = data.get("batch_size")
+    # The run's periodic evaluations (and so "the best checkpoint") used this split.
+    out["chosen_on"] = data.get("eval_split")
   log = wd / "metrics.jsonl"
   if log.is_file():
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -91,8 +95,10 @@ def rows_from(path: str, split: str) -> list[dict]:
          "fr_008": s["fr_008"], "auc_008": s["auc_008"],
          "per_iteration_interpupil": s.get("nme_interpupil_per_iteration"), "step": step,
          "paper_interpupil": PAPER_300W_COMMON_INTERPUPIL.get(patches),
-         "source": path, "command": result.get("command")}
-  row.update(training_budget(result.get("workdir") or result.get("trained_in"), step))
+         "source": path, "command": result.get("command"),
+         "chosen_on": result.get("checkpoint_chosen_on")}
+  budget = training_budget(result.get("workdir") or result.get("trained_in"), step)
+  row.update({k: v for k, v in budget.items() if v is not None})
   rows = [row]
   side = result.get("side_by_side", {}).get(split)
   if side:
@@ -110,8 +116,8 @@ def _f(x, fmt):
 
 def markdown(rows: list[dict]) -> str:
   head = ("| method | MMACs | NME inter-pupil (paper) | NME inter-ocular | FR@0.08 | AUC@0.08 "
-          "| inter-pupil per iteration | training budget | source |\n"
-          "|---|---|---|---|---|---|---|---|---|\n")
+          "| inter-pupil per iteration | training budget | checkpoint chosen on | source |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in rows:
     if r.get("is_dlib"):
@@ -121,12 +127,13 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['train_hours']:.1f} h")
     else:
       budget = f"step {r.get('step')}"
+    chosen = "-" if r.get("is_dlib") else (r.get("chosen_on") or "not recorded")
     per_it = " / ".join(f"{x:.2f}" for x in r.get("per_iteration_interpupil") or [])
     paper = f" ({r['paper_interpupil']:.2f})" if r.get("paper_interpupil") else ""
     lines.append(f"| {r['method']} | {_f(r.get('mmacs'), '.1f')} | "
                  f"{r['nme_interpupil']:.2f}{paper} | {r['nme_interocular']:.2f} | "
                  f"{r['fr_008'] * 100:.2f}% | {r['auc_008']:.3f} | {per_it or '-'} | {budget} "
-                 f"| `{r['source']}` |")
+                 f"| {chosen} | `{r['source']}` |")
   return head + "\n".join(lines) + "\n"
 
 

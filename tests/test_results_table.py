@@ -24,14 +24,15 @@ def _eval_json(path, patches, ip, workdir=None, dlib=None):
 def test_training_time_sums_logged_intervals_up_to_the_step(tmp_path):
   wd = tmp_path / "wd"
   wd.mkdir()
-  (wd / "run_config.json").write_text(json.dumps({"data": {"batch_size": 64}}))
+  (wd / "run_config.json").write_text(json.dumps({"data": {"batch_size": 64,
+                                                             "eval_split": "val"}}))
   logs = [{"step": 100, "train/steps_per_s": 0.5, "train/interval_s": 200.0},
           {"step": 200, "train/steps_per_s": 1.0, "train/interval_s": 100.0},
           {"step": 300, "train/steps_per_s": 2.0, "train/interval_s": 50.0},
           {"step": 400, "train/steps_per_s": 1.0, "train/interval_s": 100.0}]
   (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logs))
   got = results_table.training_budget(str(wd), 300)
-  assert got["batch_size"] == 64
+  assert got["batch_size"] == 64 and got["chosen_on"] == "val"
   assert got["train_hours"] == pytest.approx((200 + 100 + 50) / 3600)
   assert results_table.training_budget(str(tmp_path / "gone"), 300) == {}
 
@@ -58,6 +59,7 @@ def test_rows_sorted_with_dlib_once_and_paper_column(tmp_path):
   assert sum(bool(r.get("is_dlib")) for r in rows) == 1
   assert rows[0]["paper_interpupil"] == 4.63 and rows[2]["paper_interpupil"] == 5.22
   assert "4.80 (4.63)" in md and md.count("\n") == 2 + 3
+  assert md.count("| not recorded |") == 2        # neither JSON nor workdir says
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
