@@ -1,15 +1,6 @@
 """Input pipelines (TensorFlow / tensorflow-datasets live only here, never in musica_jax).
 
-Importing this package hides every GPU from TensorFlow, so the host-side input pipeline
-never grabs accelerator memory that JAX needs.
+TensorFlow is imported by the modules that build tf.data pipelines, through `tf_setup`
+(which hides every GPU from it); importing the package or its numpy-only modules
+(readers, sources, config, synthetic_faces) does not import TensorFlow.
 """
-try:
-  import tensorflow as _tf
-except ImportError:  # numpy-only modules (synthetic_faces, readers) still work.
-  _tf = None
-if _tf is not None:
-  try:
-    _tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    # Devices were already initialised (TF used before this import): nothing to hide now.
-    pass

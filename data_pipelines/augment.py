@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+from data_pipelines.tf_setup import tf
 
 from data_pipelines import config as config_lib
 from musica_jax import face_frame

@@ -24,7 +24,7 @@ import os
 import re
 
 import numpy as np
-import tensorflow as tf
+from data_pipelines.tf_setup import tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import config as config_lib

@@ -24,7 +24,7 @@ import os
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
+from data_pipelines.tf_setup import tf
 
 from data_pipelines import augment
 from data_pipelines import balancing as balancing_lib

@@ -27,6 +27,7 @@ import os
 import inspect
 
 import numpy as np
+from data_pipelines.tf_setup import tf  # noqa: F401  (first: hides GPUs)
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils

@@ -42,6 +42,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from data_pipelines import readers
 from experiments import common
 from musica_jax import metrics
 from musica_jax import schemes
@@ -268,7 +269,6 @@ class Face:
 def split_items(data_dir: str, name: str) -> list[Face]:
   """The annotated faces (image + .pts beside it) of a 300W split, sorted by file_id (the
   order and ids of data_pipelines' prepared data)."""
-  from experiments.predict import read_pts  # noqa: PLC0415
   parts = SPLITS.get(name, (name,) if name in FOLDERS else None)
   if parts is None:
     raise app.UsageError(f"unknown 300W split {name!r}; known: {sorted(SPLITS)} + "
@@ -286,9 +286,7 @@ def split_items(data_dir: str, name: str) -> list[Face]:
         if ext.lower() not in (".jpg", ".jpeg", ".png", ".bmp") or not os.path.exists(pts):
           continue
         path = os.path.join(dirpath, f)
-        lm = read_pts(pts)
-        if lm.shape != (68, 2):
-          raise ValueError(f"{pts}: {lm.shape[0]} points, 68 expected")
+        lm = readers.read_pts(pts, 68).astype(np.float64)
         faces.append(Face(os.path.splitext(os.path.relpath(path, data_dir))[0], path, lm,
                           np.concatenate([lm.min(0), lm.max(0)])))
   if not faces:

@@ -32,6 +32,7 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from data_pipelines import readers
 from experiments import common  # noqa: F401  (defines --workdir)
 from musica_jax import predictor as predictor_lib
 
@@ -71,20 +72,6 @@ def define_flags():
 
 # ---------------------------------------------------------------------------------------
 # Inputs.
-
-
-def read_pts(path) -> np.ndarray:
-  """Landmarks [N, 2] of an iBUG .pts file, 0-based (the file is 1-based)."""
-  text = pathlib.Path(path).read_text()
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  try:
-    start, end = lines.index("{"), lines.index("}")
-    pts = np.array([[float(v) for v in l.split()] for l in lines[start + 1:end]], np.float64)
-  except (ValueError, IndexError) as e:
-    raise ValueError(f"{path}: not a .pts file ({{ x y lines }} expected): {e}") from e
-  if pts.ndim != 2 or pts.shape[1] != 2 or not len(pts) or not np.all(np.isfinite(pts)):
-    raise ValueError(f"{path}: not a .pts file (expected lines of two numbers)")
-  return pts - 1.0
 
 
 def load_image(path: str) -> np.ndarray:
@@ -153,7 +140,7 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
     if not os.path.exists(pts_path):
       raise app.UsageError(f"--box_from_pts: {pts_path} not found (no --box for {path})")
     try:
-      pts = read_pts(pts_path)
+      pts = readers.read_pts(pts_path)
     except ValueError as e:
       raise app.UsageError(f"--box_from_pts: {e}") from e
     out.append(np.concatenate([pts.min(0), pts.max(0)])[None])
