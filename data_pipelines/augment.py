@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from data_pipelines.tf_setup import tf
+import tensorflow.experimental.numpy as tnp
 
 from data_pipelines import config as config_lib
 from musica_jax import face_frame
@@ -36,12 +37,8 @@ def _coin(key, draw, prob):
 
 
 def crop_matrix(box):
-  """Image -> crop affine (3x3) for a face box [4] (same formula as face_frame)."""
-  box = tf.cast(box, tf.float32)
-  centre = (box[:2] + box[2:]) / 2.0
-  longer = tf.reduce_max(box[2:] - box[:2])
-  scale = face_frame.BOX_SIZE / longer
-  offset = _CENTRE - centre * scale
+  """Image -> crop affine (3x3) for a face box [4]: face_frame.crop_transform in float32."""
+  scale, offset = face_frame.crop_transform(tf.cast(box, tf.float32), xp=tnp)
   return tf.stack([[scale, 0.0, offset[0]], [0.0, scale, offset[1]], [0.0, 0.0, 1.0]])
 
 

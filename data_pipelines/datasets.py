@@ -264,12 +264,6 @@ def split_size(cfg: config_lib.DataConfig, split: str) -> int:
   return sum(builder.info.splits[p].num_examples for p in expr.split("+"))
 
 
-def crop_frames(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per face (scale [M], offset [M, 2]) of the crop transform (face_frame)."""
-  scale, offset = face_frame.crop_transform(np.asarray(boxes, np.float64))
-  return scale.astype(np.float32), offset.astype(np.float32)
-
-
 def jitter_boxes(boxes: np.ndarray, file_ids, jitter: float, seed: int) -> np.ndarray:
   """Evaluation box jitter (DataConfig.box_jitter): float32 [M, 4]. Each box's centre moves
   by U(-jitter, jitter) x (width, height) and its size is multiplied by 1 + U(-jitter,
@@ -294,7 +288,7 @@ def stats_path(cfg: config_lib.DataConfig, split: str) -> str:
 
 
 def compute_statistics(data: SplitData) -> dict:
-  scale, offset = crop_frames(data.boxes)
+  scale, offset = face_frame.crop_frames(data.boxes)
   crop = face_frame.to_crop(data.landmarks, scale, offset)
   return {"mean_shape": crop.mean(0).astype(np.float32),
           "std_shape": crop.std(0).astype(np.float32),

@@ -196,7 +196,7 @@ def make_eval_dataset(cfg: config_lib.DataConfig, split: str, process_index: int
   steps = -(-m // cfg.eval_batch_size)
   # The crop comes from the (optionally jittered) box; "box" stays the dataset's box (the
   # NME box normaliser), mapped into that crop.
-  scale_np, offset_np = datasets.crop_frames(
+  scale_np, offset_np = face_frame.crop_frames(
       datasets.jitter_boxes(data.boxes, data.file_ids, cfg.box_jitter, cfg.seed))
   images = tf.constant(data.images, tf.string)
   landmarks = tf.constant(data.landmarks)

@@ -35,6 +35,7 @@ from data_pipelines import datasets
 from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from experiments import common
+from musica_jax import face_frame
 from musica_jax import predictor as predictor_lib
 
 FLAGS = flags.FLAGS
@@ -66,7 +67,7 @@ def residuals(pred: predictor_lib.Predictor, data: datasets.SplitData) -> dict:
     boxes = [data.boxes[i] for i in idx]
     out = pred.predict(images, boxes)
     res[list(idx)] = (out.landmarks.astype(np.float64) - data.landmarks[list(idx)]).mean(1)
-  scale, _ = datasets.crop_frames(data.boxes)
+  scale, _ = face_frame.crop_frames(data.boxes)
   return {"image_px": res, "crop_scale": scale.astype(np.float64)}
 
 

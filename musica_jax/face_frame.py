@@ -35,18 +35,28 @@ def box_from_landmarks(points: np.ndarray) -> np.ndarray:
   return np.concatenate([points.min(-2), points.max(-2)], -1)
 
 
-def crop_transform(box, crop_size: int = CROP_SIZE, box_size: float = BOX_SIZE):
+def crop_transform(box, crop_size: int = CROP_SIZE, box_size: float = BOX_SIZE, xp=np):
   """Returns (scale, offset [2]) with crop_xy = image_xy * scale + offset.
 
   The box centre goes to the crop centre ((crop_size - 1) / 2) and the box's longer side
-  becomes `box_size` pixels.
+  becomes `box_size` pixels. `xp`: the array module; numpy (default, float64, the box is
+  validated) or `tf.experimental.numpy` inside a tf.data graph (the input pipeline's
+  augmentation computes the same formula in its own dtype).
   """
-  box = validate_box(box)
+  if xp is np:
+    box = validate_box(box)
   centre = (box[..., :2] + box[..., 2:]) / 2.0
-  longer = np.max(box[..., 2:] - box[..., :2], axis=-1)
+  longer = xp.max(box[..., 2:] - box[..., :2], axis=-1)
   scale = box_size / longer
   offset = (crop_size - 1) / 2.0 - centre * scale[..., None]
   return scale, offset
+
+
+def crop_frames(boxes) -> tuple[np.ndarray, np.ndarray]:
+  """Per face (scale [F] float32, offset [F, 2] float32) of `crop_transform` for boxes
+  [F, 4] (or [4]): the frames the input pipeline and the predictor both crop with."""
+  scale, offset = crop_transform(np.asarray(boxes, np.float64).reshape(-1, 4))
+  return scale.astype(np.float32), offset.astype(np.float32)
 
 
 def to_crop(points, scale, offset):
