@@ -131,12 +131,27 @@ def _scan_pts_tree(folder: str, root: str, num_points: int, skip_bad: bool,
   return items
 
 
-def scan_ibug300w(root: str, skip_bad: bool = False) -> ScanResult:
-  """300W in the official layout: one stored split per source folder present."""
+def ibug300w_parts(split: str) -> tuple[str, ...]:
+  """The 300W source folders (IBUG300W_FOLDERS keys) of a named or stored split."""
+  if split in IBUG300W_SPLITS:
+    return IBUG300W_SPLITS[split]
+  if split in IBUG300W_FOLDERS:
+    return (split,)
+  raise readers.DataError("--split", f"unknown 300W split {split!r}; known: "
+                          f"{sorted(IBUG300W_SPLITS)} + {sorted(IBUG300W_FOLDERS)}")
+
+
+def scan_ibug300w(root: str, skip_bad: bool = False, parts=None) -> ScanResult:
+  """300W in the official layout: one stored split per source folder present (`parts`:
+  only these folders, each of which must then exist)."""
   _check_dir(root, "300W")
   skips = readers.SkipLog()
   splits, notes = {}, []
   for name, rel in IBUG300W_FOLDERS.items():
+    if parts is not None and name not in parts:
+      continue
+    if parts is not None and not os.path.isdir(os.path.join(root, rel)):
+      raise readers.DataError(os.path.join(root, rel), "300W folder not found (--data_dir)")
     folder = os.path.join(root, rel)
     if not os.path.isdir(folder):
       notes.append(f"300W folder {rel} not found under {root}")

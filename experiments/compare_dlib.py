@@ -43,6 +43,7 @@ from absl import flags
 import numpy as np
 
 from data_pipelines import readers
+from data_pipelines import sources
 from experiments import common
 from musica_jax import metrics
 from musica_jax import schemes
@@ -249,49 +250,15 @@ def summarise(pred, gt, scheme=schemes.IBUG68) -> tuple[dict, np.ndarray]:
 # Data.
 
 
-# 300W folders and the named splits made of them (as data_pipelines.sources; kept here so
-# the dlib row needs no TensorFlow).
-FOLDERS = {"lfpw_trainset": "lfpw/trainset", "helen_trainset": "helen/trainset", "afw": "afw",
-           "lfpw_testset": "lfpw/testset", "helen_testset": "helen/testset", "ibug": "ibug"}
-SPLITS = {"train": ("lfpw_trainset", "helen_trainset", "afw"),
-          "common": ("lfpw_testset", "helen_testset"), "challenging": ("ibug",),
-          "full": ("lfpw_testset", "helen_testset", "ibug")}
-
-
-@dataclasses.dataclass
-class Face:
-  file_id: str                 # image path relative to the data dir, without extension
-  image_path: str
-  landmarks: np.ndarray        # [68, 2] 0-based
-  box: np.ndarray              # [4] landmark box
-
-
-def split_items(data_dir: str, name: str) -> list[Face]:
-  """The annotated faces (image + .pts beside it) of a 300W split, sorted by file_id (the
-  order and ids of data_pipelines' prepared data)."""
-  parts = SPLITS.get(name, (name,) if name in FOLDERS else None)
-  if parts is None:
-    raise app.UsageError(f"unknown 300W split {name!r}; known: {sorted(SPLITS)} + "
-                         f"{sorted(FOLDERS)}")
-  faces = []
-  for part in parts:
-    folder = os.path.join(data_dir, FOLDERS[part])
-    if not os.path.isdir(folder):
-      raise app.UsageError(f"split {name!r} needs {FOLDERS[part]}, not found under {data_dir}")
-    for dirpath, dirnames, filenames in os.walk(folder):
-      dirnames.sort()
-      for f in sorted(filenames):
-        stem, ext = os.path.splitext(f)
-        pts = os.path.join(dirpath, stem + ".pts")
-        if ext.lower() not in (".jpg", ".jpeg", ".png", ".bmp") or not os.path.exists(pts):
-          continue
-        path = os.path.join(dirpath, f)
-        lm = readers.read_pts(pts, 68).astype(np.float64)
-        faces.append(Face(os.path.splitext(os.path.relpath(path, data_dir))[0], path, lm,
-                          np.concatenate([lm.min(0), lm.max(0)])))
-  if not faces:
-    raise app.UsageError(f"split {name!r}: no annotated faces under {data_dir}")
-  return sorted(faces, key=lambda it: it.file_id)
+def split_items(data_dir: str, name: str) -> list[sources.FaceItem]:
+  """The annotated faces of a 300W split, sorted by file_id: the scan (and the ids) of
+  data_pipelines.sources, which the prepared data are made from (no TensorFlow)."""
+  try:
+    scan = sources.scan_ibug300w(data_dir, parts=sources.ibug300w_parts(name))
+  except readers.DataError as e:
+    raise app.UsageError(str(e)) from None
+  return sorted((it for items in scan.splits.values() for it in items),
+                key=lambda it: it.file_id)
 
 
 def dlib_side(data_dir: str, split: str = "common", box_fit_json: str | None = None,
