@@ -46,6 +46,7 @@ from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common
 from musica_jax import metrics
+from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
 
 FLAGS = flags.FLAGS
@@ -186,12 +187,6 @@ def _box_to_rect(dlib, box):
   return dlib.rectangle(x0, y0, x1, y1)
 
 
-def load_rgb(path) -> np.ndarray:
-  from PIL import Image  # noqa: PLC0415
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
 def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
   """HOG detections matched to the training faces: {"landmark_boxes", "detector_boxes",
   "found", "missed", "seconds"}. Upsampling 0 first; 1 when nothing matched."""
@@ -199,7 +194,7 @@ def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
   lbs, dbs, missed = [], [], 0
   t0 = time.perf_counter()
   for item in items:
-    image = load_rgb(item.image_path)
+    image = predictor_lib.read_image(item.image_path)
     k, dets = None, []
     for upsample in ((0, 1) if upsample_retry else (0,)):
       dets = [_rect_to_box(r) for r in detector(image, upsample)]
@@ -222,7 +217,7 @@ def run_dlib(dlib, predictor, items, mapping: BoxMapping) -> tuple[np.ndarray, f
   out, seconds = [], 0.0
   boxes = mapping.apply(np.stack([it.box for it in items]))
   for item, box in zip(items, boxes):
-    image = load_rgb(item.image_path)
+    image = predictor_lib.read_image(item.image_path)
     rect = _box_to_rect(dlib, box)
     t0 = time.perf_counter()
     shape = predictor(image, rect)
