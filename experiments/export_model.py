@@ -1,11 +1,20 @@
-r"""Exports a training run's EMA weights as a compact model directory (musica_jax.model_io).
+r"""Exports a model: a compact model directory (musica_jax.model_io) or a portable
+StableHLO program (musica_jax.portable).
 
   python -m experiments.export_model --workdir=W --output=DIR [--dtype=bfloat16]
       [--checkpoint=latest|STEP] [--eval_json=eval.json] [--name=300w34]
+  python -m experiments.export_model --format=stablehlo --model=default|DIR (or --workdir=W)
+      --output=DIR [--platforms=cpu,cuda]
 
-DIR gets model.json (config, mean shape, metadata) and params.npz. Load it with
-`musica_jax.predictor.Predictor.from_saved_model(DIR)` or `--model=DIR` of
-experiments.predict. No TensorFlow needed.
+--format=musica (default): DIR gets model.json (config, mean shape, metadata) and
+params.npz. Load it with `musica_jax.predictor.Predictor.from_saved_model(DIR)` or
+`--model=DIR` of experiments.predict. No TensorFlow needed.
+
+--format=stablehlo: DIR gets model.stablehlo, a serialized `jax.export` program with a
+symbolic batch (standardised crops [B, 228, 228, 3] float32 -> landmarks in crop pixels
+[B, N, 2], estimated error [B]; the full cascade), and model.stablehlo.json (inputs,
+outputs, the crop rule, the mean shape). It runs with jax alone:
+`jax.export.deserialize(open("DIR/model.stablehlo", "rb").read()).call(crops)`.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from absl import flags
 
 from experiments import common  # noqa: F401  (defines --workdir)
 from musica_jax import model_io
+from musica_jax import portable
 from musica_jax import predictor as predictor_lib
 
 FLAGS = flags.FLAGS
@@ -40,6 +50,12 @@ def define_flags():
   _define("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) to "
           "store in the metadata.")
   _define("string", "name", None, "Optional model name stored in the metadata.")
+  if "format" not in FLAGS:
+    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo"], "musica: model.json + "
+                      "params.npz; stablehlo: a serialized jax.export program.")
+  _define("string", "model", None, "--format=stablehlo: export this model directory "
+          "('default': the shipped model) instead of --workdir.")
+  _define("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
 
 
 
@@ -65,8 +81,52 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
   return summary
 
 
+STABLEHLO_FILE = "model.stablehlo"
+
+
+def export_portable(output: str, workdir: str | None = None, model: str | None = None,
+                    checkpoint: str = "latest", platforms=("cpu", "cuda")) -> dict:
+  """--format=stablehlo: model.stablehlo + model.stablehlo.json in `output`."""
+  if model:
+    pred = (predictor_lib.Predictor.default() if model == "default"
+            else predictor_lib.Predictor.from_saved_model(model))
+  else:
+    pred = predictor_lib.Predictor.from_workdir(workdir, checkpoint)
+  cfg = pred.model_config
+  blob = portable.export_stablehlo(pred.params, cfg, pred.mean_shape, platforms)
+  out = pathlib.Path(output)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / STABLEHLO_FILE).write_bytes(blob)
+  info = portable.describe(cfg, pred.mean_shape, platforms, portable.weight_dtype(pred.params),
+                           dict(pred.metadata, exported_with="python -m "
+                                "experiments.export_model --format=stablehlo"))
+  common.write_json(out / (STABLEHLO_FILE + ".json"), info, indent=1)
+  print(f"wrote {out / STABLEHLO_FILE} ({len(blob) / 1e6:.1f} MB, weights "
+        f"{info['weight_dtype']}, platforms {','.join(platforms)}, {cfg.num_landmarks} "
+        f"landmarks / {cfg.num_patches} patches)")
+  return {"output": str((out / STABLEHLO_FILE).resolve()), "bytes": len(blob), **info}
+
+
 def main(argv):
   common.start(argv)
+  if FLAGS.format == "stablehlo":
+    if not FLAGS.output:
+      raise app.UsageError("--output is required (the directory to write)")
+    if bool(FLAGS.workdir) == bool(FLAGS.model):
+      raise app.UsageError("--format=stablehlo: give --model=DIR|default or --workdir=W "
+                           "(one of them)")
+    if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
+      raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
+    try:
+      export_portable(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
+                      tuple(FLAGS.platforms))
+    except (FileNotFoundError, ValueError) as e:
+      flag = f"--model={FLAGS.model}" if FLAGS.model else f"--workdir={FLAGS.workdir}"
+      raise app.UsageError(f"{flag}: {e}") from e
+    return
+  if FLAGS.model:
+    raise app.UsageError("--model is for --format=stablehlo; --format=musica exports a "
+                         "training run (--workdir)")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:
