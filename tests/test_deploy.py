@@ -83,3 +83,18 @@ def test_exported_default_model_runs_without_model_code(tmp_path):
   out = np.load(tmp_path / "out.npz")
   np.testing.assert_allclose(out["landmarks"], pred.crop_landmarks, atol=1e-4)
   np.testing.assert_allclose(out["error"], pred.estimated_error, atol=1e-6)
+
+
+def test_photo_sizes_compile_nothing_new():
+  """Faces in photos of many sizes run one cascade program per face-batch bucket: the
+  crop is on the host (nothing compiled per photo size)."""
+  from musica_jax import fast_inference
+  p = _small_predictor()
+  rng = np.random.default_rng(4)
+  p.predict(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8), (5, 5, 40, 45))
+  before = fast_inference.run_selective._cache_size()
+  for h, w in ((61, 333), (480, 97), (1001, 777), (123, 124)):
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pred = p.predict(image, (w * 0.2, h * 0.2, w * 0.7, h * 0.8))
+    assert len(pred) == 1
+  assert fast_inference.run_selective._cache_size() == before
