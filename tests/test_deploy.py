@@ -98,3 +98,137 @@ def test_photo_sizes_compile_nothing_new():
     pred = p.predict(image, (w * 0.2, h * 0.2, w * 0.7, h * 0.8))
     assert len(pred) == 1
   assert fast_inference.run_selective._cache_size() == before
+
+
+# ---------------------------------------------------------------------------------------
+# Box-free prediction.
+
+
+def _needs_dlib():
+  import importlib.util
+  if importlib.util.find_spec("dlib") is None:
+    pytest.skip("dlib is not installed (optional: pip install -e '.[peers]')")
+
+
+class _FakeFinder:
+  """A face finder with known answers (no dlib): boxes per call, counted."""
+
+  def __init__(self, boxes):
+    self.boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    self.calls = 0
+
+  def __call__(self, image):
+    self.calls += 1
+    return self.boxes
+
+
+def test_predict_without_boxes_uses_the_face_finder():
+  p = _small_predictor()
+  rng = np.random.default_rng(6)
+  images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(2)]
+  boxes = [(10, 12, 60, 70), (50, 20, 100, 80)]
+  p._face_finder = _FakeFinder(boxes)
+  found = p.predict(images)
+  given = p.predict(images, [boxes, boxes])
+  assert p._face_finder.calls == 2 and len(found) == 4
+  np.testing.assert_array_equal(found.image_index, [0, 0, 1, 1])
+  np.testing.assert_allclose(found.landmarks, given.landmarks, atol=1e-5)
+  np.testing.assert_allclose(found.boxes, given.boxes)
+  # A photo without a face: no faces, no error.
+  p._face_finder = _FakeFinder(np.zeros((0, 4)))
+  none = p.predict(images[0])
+  assert len(none) == 0 and none.landmarks.shape == (0, 10, 2)
+
+
+def test_face_finder_without_dlib_says_how_to_install(monkeypatch):
+  from musica_jax import detector
+  monkeypatch.setitem(sys.modules, "dlib", None)
+  with pytest.raises(ImportError, match="peers"):
+    detector.FaceFinder(68)
+  p = _small_predictor()
+  with pytest.raises(ValueError, match="no dlib_hog box fit for 10-landmark"):
+    p.find_faces(np.zeros((50, 50, 3), np.uint8))
+
+
+def test_shipped_detector_fit_maps_detections_onto_landmark_boxes(shared_data):
+  """dlib's HOG detector + the shipped fit on real common-set photos (never used by the
+  fit): the mapped box overlaps the ground-truth landmark box well, and the default model
+  localises the face from it."""
+  _needs_dlib()
+  from experiments import compare_dlib
+  from musica_jax import detector, metrics, schemes
+  items = compare_dlib.split_items(str(shared_data / "300w"), "lfpw_testset")[:8]
+  finder = detector.FaceFinder(68)
+  p = predictor_lib.Predictor.default()
+  ious, nmes = [], []
+  for it in items:
+    image = predictor_lib.read_image(it.image_path)
+    boxes = finder(image)
+    k = detector.match_detection(it.box, boxes)
+    if k is None:
+      continue
+    ious.append(float(detector.iou(it.box, boxes[k:k + 1])[0]))
+    pred = p.predict(image, boxes[k])
+    nmes.append(float(metrics.per_face_nme(pred.landmarks, it.landmarks[None],
+                                           schemes.IBUG68, "interocular")[0]))
+  assert len(ious) >= 6
+  assert np.median(ious) > 0.75, ious
+  assert np.mean(nmes) < 0.06, nmes
+
+
+# ---------------------------------------------------------------------------------------
+# Video.
+
+
+def test_tracker_redetects_only_when_the_estimated_error_says_so():
+  from musica_jax import tracking
+  # Zero weights: the landmarks are the mean shape, whose tight box is the crop's 142-px
+  # box, so a tracked square box stays where it is.
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model_io.param_template(SMALL))
+  rng = np.random.default_rng(7)
+  mean = rng.uniform(113.5 - 71, 113.5 + 71, (10, 2))
+  mean[:2] = [[113.5 - 71, 113.5 - 71], [113.5 + 71, 113.5 + 71]]
+  p = predictor_lib.Predictor(params, SMALL, mean.astype(np.float32), max_batch=8)
+  frames = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8) for _ in range(4)]
+  p._face_finder = _FakeFinder([(20, 20, 60, 60)])
+  t = tracking.FaceTracker(p, tf=np.inf)
+  steps = [t.step(f) for f in frames]
+  assert [s.reason for s in steps] == ["start", "", "", ""]
+  assert t.redetections == 1 and p._face_finder.calls == 1
+  # The next box is the tight box of the previous landmarks.
+  np.testing.assert_allclose(t.boxes[0], np.r_[steps[-1].prediction.landmarks[0].min(0),
+                                               steps[-1].prediction.landmarks[0].max(0)],
+                             atol=1e-4)
+  t = tracking.FaceTracker(p, tf=-1.0)          # every estimate is "lost"
+  assert [t.step(f).reason for f in frames] == ["start"] + ["error>=tf"] * 3
+  assert t.redetections == 4
+  p._face_finder = _FakeFinder(np.zeros((0, 4)))   # nobody there
+  t = tracking.FaceTracker(p)
+  assert [len(t.step(f).prediction) for f in frames[:2]] == [0, 0]
+  assert t.redetections == 2
+
+
+def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path):
+  """A 300W common face moved, scaled and rotated over 16 frames, written as a folder of
+  frames and run through `experiments.predict --video`: one detection, then tracked with a
+  low error on every frame."""
+  _needs_dlib()
+  from experiments import compare_dlib, deploy_benchmark, predict
+  from musica_jax import metrics, schemes
+  from PIL import Image
+  it = compare_dlib.split_items(str(shared_data / "300w"), "helen_testset")[0]
+  frames, gt = deploy_benchmark.synthetic_sequence(predictor_lib.read_image(it.image_path),
+                                                   it.landmarks, 16)
+  d = tmp_path / "frames"
+  d.mkdir()
+  for i, f in enumerate(frames):
+    Image.fromarray(f).save(d / f"{i:03d}.png")
+  res = predict.run_video(str(d), predictor_lib.Predictor.default(), tf=0.08,
+                          output=str(tmp_path / "overlay"), output_json=str(tmp_path / "v.json"))
+  assert len(res["frames"]) == 16 and res["frames"][0]["redetected"]
+  assert res["redetections"] <= 2
+  lm = np.stack([np.asarray(f["faces"][0]["landmarks"]) for f in res["frames"]])
+  nme = metrics.per_face_nme(lm, gt, schemes.IBUG68, "interocular")
+  assert float(np.max(nme)) < 0.06, nme
+  assert len(list((tmp_path / "overlay").glob("*.png"))) == 16
+  assert json.loads((tmp_path / "v.json").read_text())["redetections"] == res["redetections"]

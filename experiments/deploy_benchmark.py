@@ -1,0 +1,297 @@
+r"""Deployment numbers, every section from one run on one machine (JSON out):
+
+  python -m experiments.deploy_benchmark --data_dir=../shared/data/300w \
+      --output_json=benchmarks/deploy_cpu_2core.json [--sections=folder,latency,detector,video]
+
+- folder: the 300W common photos (mixed sizes) one by one through Predictor.predict
+  (ground-truth boxes), the first pass of a fresh predictor (compilation included) vs a
+  second, warm pass; decoding excluded from both. With --compilation_cache=DIR a second
+  invocation loads the compiled cascade from disk instead of compiling it.
+- latency: batch 1 on the same faces, interleaved per face: our full cascade and early
+  exit (--ts / --budget working points) through predict (crop included) and on the crop
+  alone, the exported StableHLO program, dlib's ERT shape predictor (its box mapped from
+  the landmark box as experiments.compare_dlib) and dlib's HOG detector per photo; medians
+  and NME (inter-pupil) of each on those faces.
+- detector: every common photo without a box: the fraction of faces the HOG detector
+  finds (IoU >= 0.3 with the ground-truth box) and the NME from its (mapped) boxes beside
+  the NME from ground-truth boxes.
+- video: a synthetic sequence made from a real common face (moved, scaled and rotated
+  frame by frame, landmarks transformed with it) through musica_jax.tracking: NME per
+  frame and detector runs.
+Needs the peers extra (dlib) for latency's dlib rows, detector and video.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import common
+from experiments import compare_dlib
+from musica_jax import face_frame
+from musica_jax import metrics
+from musica_jax import predictor as predictor_lib
+from musica_jax import schemes
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415  (--data_dir)
+  d = lambda kind, name, default, help_: (name in FLAGS) or getattr(
+      flags, f"DEFINE_{kind}")(name, default, help_)
+  d("string", "output_json", None, "Where to write the results (JSON).")
+  d("list", "sections", ["folder", "latency", "detector", "video"], "Sections to run.")
+  d("string", "model", "default", "Exported model directory, or 'default'.")
+  d("integer", "max_faces", 0, "Use at most this many common faces (0 = all).")
+  d("integer", "latency_faces", 100, "Faces timed in the latency section.")
+  d("list", "latency_ts", [], "Early-exit thresholds Ts timed at batch 1.")
+  d("list", "latency_budgets", ["2.75", "2.5"], "Budgets (mean iterations) timed at batch 1.")
+  d("string", "dlib_box_fit_json", "results/dlib_300w_common.json", "The landmark -> dlib "
+    "box fit (experiments.compare_dlib's output).")
+  d("integer", "video_frames", 60, "Frames of the synthetic sequence.")
+  d("float", "video_tf", 0.08, "Re-detection threshold on the estimated error.")
+  d("string", "compilation_cache", "", "Persistent XLA cache directory ('' = none).")
+
+
+def _nme(pred, gt, kind="interpupil"):
+  return np.asarray(metrics.per_face_nme(np.asarray(pred, np.float64),
+                                         np.asarray(gt, np.float64), schemes.IBUG68, kind))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def folder_section(model, items, images) -> dict:
+  """First pass of a fresh predictor vs the warm pass, photo by photo."""
+  t0 = time.perf_counter()
+  pred = _load(model)
+  load_s = time.perf_counter() - t0
+  passes = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    for it, im in zip(items, images):
+      pred.predict(im, it.box)
+    passes.append(time.perf_counter() - t0)
+  sizes = {im.shape[:2] for im in images}
+  n = len(items)
+  return {"faces": n, "distinct_photo_sizes": len(sizes), "load_seconds": load_s,
+          "first_pass_seconds": passes[0], "warm_pass_seconds": passes[1],
+          "first_ms_per_face": 1e3 * passes[0] / n, "warm_ms_per_face": 1e3 * passes[1] / n,
+          "first_over_warm": passes[0] / passes[1]}
+
+
+def _load(model):
+  return (predictor_lib.Predictor.default() if model == "default"
+          else predictor_lib.Predictor.from_saved_model(model))
+
+
+def latency_section(pred, items, images, ts_list, budgets, box_fit_json) -> dict:
+  import jax  # noqa: PLC0415
+  from musica_jax import detector as detector_lib  # noqa: PLC0415
+  from musica_jax import portable  # noqa: PLC0415
+  gt = np.stack([it.landmarks for it in items])
+  exp = jax.export.deserialize(portable.export_stablehlo(pred.params, pred.model_config,
+                                                          pred.mean_shape))
+  paths = {"full (predict, crop incl.)": dict(),
+           **{f"ts {t} (predict)": dict(ts=float(t)) for t in ts_list},
+           **{f"budget {b} (predict)": dict(budget=float(b)) for b in budgets}}
+  times = {k: [] for k in paths}
+  lms = {k: [] for k in paths}
+  iters = {k: [] for k in paths}
+  extra = {"full, crop only (run_fast)": [], "crop (host)": [], "stablehlo full (crop only)": []}
+  dlib_rows = {}
+  try:
+    dlib = detector_lib.import_dlib()
+    import json as _json  # noqa: PLC0415
+    mapping = detector_lib.BoxMapping(**_json.load(open(box_fit_json))["box_fit"]["mapping"])
+    sp = dlib.shape_predictor(str(compare_dlib.find_dlib_model()))
+    hog = dlib.get_frontal_face_detector()
+    dlib_rows = {"dlib ERT 68 (shape predictor)": [], "dlib HOG detector (per photo)": []}
+    dlib_lm = []
+  except (ImportError, OSError, KeyError, FileNotFoundError) as e:
+    print(f"latency: no dlib rows ({e})")
+    dlib = None
+  for rnd in range(2):            # round 0 warms every path up
+    for f, (it, im) in enumerate(zip(items, images)):
+      for k, kw in paths.items():
+        t0 = time.perf_counter()
+        out = pred.predict(im, it.box, **kw)
+        dt = time.perf_counter() - t0
+        if rnd:
+          times[k].append(dt); lms[k].append(out.landmarks[0]); iters[k].append(out.iterations[0])
+      t0 = time.perf_counter()
+      crop = pred.crops(im, it.box)[0]
+      t1 = time.perf_counter()
+      pred.run_fast(crop)
+      t2 = time.perf_counter()
+      np.asarray(exp.call(crop)[0])
+      t3 = time.perf_counter()
+      if rnd:
+        extra["crop (host)"].append(t1 - t0)
+        extra["full, crop only (run_fast)"].append(t2 - t1)
+        extra["stablehlo full (crop only)"].append(t3 - t2)
+      if dlib is not None:
+        rect = compare_dlib._box_to_rect(dlib, mapping.apply(it.box[None])[0])
+        t0 = time.perf_counter()
+        shape = sp(im, rect)
+        t1 = time.perf_counter()
+        hog(im, 0)
+        t2 = time.perf_counter()
+        if rnd:
+          dlib_rows["dlib ERT 68 (shape predictor)"].append(t1 - t0)
+          dlib_rows["dlib HOG detector (per photo)"].append(t2 - t1)
+          dlib_lm.append([[shape.part(i).x, shape.part(i).y] for i in range(68)])
+  rows = {}
+  for k in paths:
+    rows[k] = {"median_ms": 1e3 * float(np.median(times[k])),
+               "mean_ms": 1e3 * float(np.mean(times[k])),
+               "nme_interpupil": 100 * float(_nme(np.stack(lms[k]), gt).mean()),
+               "mean_iterations": float(np.mean(iters[k]))}
+  for k, v in {**extra, **dlib_rows}.items():
+    rows[k] = {"median_ms": 1e3 * float(np.median(v)), "mean_ms": 1e3 * float(np.mean(v))}
+  if dlib is not None:
+    rows["dlib ERT 68 (shape predictor)"]["nme_interpupil"] = 100 * float(
+        _nme(np.asarray(dlib_lm), gt).mean())
+  full = rows["full (predict, crop incl.)"]["median_ms"]
+  for r in rows.values():
+    r["over_full"] = r["median_ms"] / full
+  if dlib is not None:
+    ert = rows["dlib ERT 68 (shape predictor)"]["median_ms"]
+    for r in rows.values():
+      r["over_dlib_ert"] = r["median_ms"] / ert
+  return {"faces": len(items), "rows": rows, "timing": "per call, batch 1, medians over "
+          "faces; every path timed on each face in turn (round 2 of 2)"}
+
+
+def detector_section(pred, items, images) -> dict:
+  from musica_jax import detector as detector_lib  # noqa: PLC0415
+  finder = detector_lib.FaceFinder(pred.model_config.num_landmarks)
+  gt = np.stack([it.landmarks for it in items])
+  det_boxes, found, secs = [], [], 0.0
+  for it, im in zip(items, images):
+    t0 = time.perf_counter()
+    boxes = finder(im)
+    secs += time.perf_counter() - t0
+    k = detector_lib.match_detection(it.box, boxes)
+    found.append(k is not None)
+    det_boxes.append(boxes[k] if k is not None else it.box)
+  found = np.asarray(found)
+  by_gt = pred.predict(images, [it.box for it in items]).landmarks
+  by_det = pred.predict(images, det_boxes).landmarks
+  out = {"faces": len(items), "found": int(found.sum()), "fraction_found": float(found.mean()),
+         "detector_ms_per_photo": 1e3 * secs / len(items),
+         "match": "IoU >= 0.3 between the mapped detector box and the ground-truth box"}
+  for name, lm in (("gt_boxes", by_gt), ("detector_boxes", by_det)):
+    for kind in ("interpupil", "interocular"):
+      e = _nme(lm, gt, kind)
+      out[f"{name}_nme_{kind}_found"] = 100 * float(e[found].mean())
+      if name == "gt_boxes":
+        out[f"{name}_nme_{kind}_all"] = 100 * float(e.mean())
+    out[f"{name}_fr_008_found"] = metrics.failure_rate(_nme(lm, gt, "interocular")[found], 0.08)
+  return out
+
+
+def synthetic_sequence(image, landmarks, frames: int, seed: int = 0):
+  """A face moved, scaled and rotated frame by frame (smooth, random phases): (frames
+  [T] HxWx3 uint8 of the photo's size, landmarks [T, N, 2] transformed the same way)."""
+  from PIL import Image  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  h, w = image.shape[:2]
+  c = landmarks.mean(0)
+  ph = rng.uniform(0, 2 * np.pi, 4)
+  pil = Image.fromarray(image)
+  out_frames, out_lm = [], []
+  for t in range(frames):
+    u = 2 * np.pi * t / max(frames, 1)
+    angle = np.deg2rad(15 * np.sin(u + ph[0]))
+    scale = 1.0 + 0.15 * np.sin(2 * u + ph[1])
+    shift = np.array([0.12 * w * np.sin(u + ph[2]), 0.08 * h * np.sin(u + ph[3])])
+    m = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    tr = c + shift - m @ c                          # p_out = m p + tr (pixel centres)
+    minv = np.linalg.inv(m)
+    # PIL's affine works in pixel-edge coordinates (centre + 0.5).
+    off = -minv @ (tr + 0.5) + 0.5
+    coeffs = (minv[0, 0], minv[0, 1], off[0], minv[1, 0], minv[1, 1], off[1])
+    out_frames.append(np.asarray(pil.transform((w, h), Image.AFFINE, coeffs, Image.BILINEAR)))
+    out_lm.append(landmarks @ m.T + tr)
+  return out_frames, np.asarray(out_lm)
+
+
+def video_section(pred, item, image, frames, tf) -> dict:
+  from musica_jax import tracking  # noqa: PLC0415
+  seq, gt = synthetic_sequence(image, item.landmarks, frames)
+  tracker = tracking.FaceTracker(pred, tf=tf)
+  nme, est, iters, redet, times = [], [], [], [], []
+  for frame, g in zip(seq, gt):
+    t0 = time.perf_counter()
+    step = tracker.step(frame)
+    times.append(time.perf_counter() - t0)
+    p = step.prediction
+    redet.append(step.redetected)
+    if len(p):
+      k = int(np.argmin([np.abs(p.landmarks[j] - g).mean() for j in range(len(p))]))
+      nme.append(float(_nme(p.landmarks[k][None], g[None], "interocular")[0]))
+      est.append(float(p.estimated_error[k])); iters.append(int(p.iterations[k]))
+    else:
+      nme.append(np.nan)
+  nme = np.asarray(nme)
+  return {"source_face": item.file_id, "frames": frames, "tf": tf,
+          "redetections": int(tracker.redetections),
+          "redetected_frames": [i for i, r in enumerate(redet) if r],
+          "frames_without_face": int(np.isnan(nme).sum()),
+          "nme_interocular_mean": 100 * float(np.nanmean(nme)),
+          "nme_interocular_max": 100 * float(np.nanmax(nme)),
+          "estimated_error_mean": float(np.mean(est)), "mean_iterations": float(np.mean(iters)),
+          "ms_per_frame_median_after_first": 1e3 * float(np.median(times[1:]))}
+
+
+def main(argv):
+  common.start(argv)
+  if FLAGS.compilation_cache:
+    from experiments import predict as predict_cli  # noqa: PLC0415
+    predict_cli.enable_compilation_cache(FLAGS.compilation_cache)
+  if not FLAGS.data_dir or not os.path.isdir(FLAGS.data_dir):
+    raise app.UsageError(f"--data_dir={FLAGS.data_dir}: not a directory (300W)")
+  items = compare_dlib.split_items(FLAGS.data_dir, FLAGS.eval_split or "common")
+  if FLAGS.max_faces:
+    items = items[:FLAGS.max_faces]
+  images = [predictor_lib.read_image(it.image_path) for it in items]
+  result = {"command": "python -m experiments.deploy_benchmark " + " ".join(sys.argv[1:]),
+            "split": FLAGS.eval_split or "common", "model": FLAGS.model,
+            "cpu_count": os.cpu_count()}
+  sections = set(FLAGS.sections)
+  if "folder" in sections:        # first: nothing compiled yet in this process
+    result["folder"] = folder_section(FLAGS.model, items, images)
+    print("folder:", result["folder"], flush=True)
+  pred = _load(FLAGS.model)
+  try:
+    if "latency" in sections:
+      n = FLAGS.latency_faces or len(items)
+      step = max(1, len(items) // n)
+      sel = list(range(0, len(items), step))[:n]
+      result["latency"] = latency_section(pred, [items[i] for i in sel], [images[i] for i in sel],
+                                          FLAGS.latency_ts, FLAGS.latency_budgets,
+                                          FLAGS.dlib_box_fit_json)
+      for k, v in result["latency"]["rows"].items():
+        print(f"latency {k}: {v}", flush=True)
+    if "detector" in sections:
+      result["detector"] = detector_section(pred, items, images)
+      print("detector:", result["detector"], flush=True)
+    if "video" in sections:
+      result["video"] = video_section(pred, items[0], images[0], FLAGS.video_frames,
+                                      FLAGS.video_tf)
+      print("video:", result["video"], flush=True)
+  except ImportError as e:
+    raise app.UsageError(str(e)) from e
+  if FLAGS.output_json:
+    common.write_json(FLAGS.output_json, result, indent=1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))
