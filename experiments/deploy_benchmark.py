@@ -57,6 +57,8 @@ def define_flags():
   d("integer", "video_frames", 60, "Frames of the synthetic sequence.")
   d("float", "video_tf", 0.08, "Re-detection threshold on the estimated error.")
   d("string", "compilation_cache", "", "Persistent XLA cache directory ('' = none).")
+  d("string", "savedmodel", None, "Also time this SavedModel (export_model "
+    "--format=savedmodel; DIR/saved_model) at batch 1 (imports TensorFlow).")
 
 
 def _nme(pred, gt, kind="interpupil"):
@@ -94,7 +96,8 @@ def _load(model):
           else predictor_lib.Predictor.from_saved_model(model))
 
 
-def latency_section(pred, items, images, ts_list, budgets, box_fit_json, rounds=3) -> dict:
+def latency_section(pred, items, images, ts_list, budgets, box_fit_json, rounds=3,
+                    savedmodel=None) -> dict:
   """Batch 1 on each face: every path `rounds` times, the fastest kept; median over faces."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -131,6 +134,11 @@ def latency_section(pred, items, images, ts_list, budgets, box_fit_json, rounds=
                lambda c: np.asarray(bf16.run(c, init).landmarks)),
            "full, crop given, exported StableHLO": crop_only(
                lambda c: np.asarray(exp.call(c)[0]))}
+  if savedmodel:
+    import tensorflow as tf  # noqa: PLC0415
+    serve = tf.saved_model.load(savedmodel).signatures["serving_default"]
+    paths["full, crop given, TensorFlow SavedModel"] = crop_only(
+        lambda c: serve(crops=tf.constant(c))["landmarks"].numpy())
   try:
     dlib = detector_lib.import_dlib()
     import json as _json  # noqa: PLC0415
@@ -293,7 +301,8 @@ def main(argv):
       sel = list(range(0, len(items), step))[:n]
       result["latency"] = latency_section(pred, [items[i] for i in sel], [images[i] for i in sel],
                                           FLAGS.latency_ts, FLAGS.latency_budgets,
-                                          FLAGS.dlib_box_fit_json, FLAGS.latency_rounds)
+                                          FLAGS.dlib_box_fit_json, FLAGS.latency_rounds,
+                                          FLAGS.savedmodel)
       for k, v in result["latency"]["rows"].items():
         print(f"latency {k}: {v}", flush=True)
     if "detector" in sections:

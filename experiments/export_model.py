@@ -15,6 +15,9 @@ symbolic batch (standardised crops [B, 228, 228, 3] float32 -> landmarks in crop
 [B, N, 2], estimated error [B]; the full cascade), and model.stablehlo.json (inputs,
 outputs, the crop rule, the mean shape). It runs with jax alone:
 `jax.export.deserialize(open("DIR/model.stablehlo", "rb").read()).call(crops)`.
+
+--format=savedmodel: DIR/saved_model, the same program as a TensorFlow SavedModel (signature
+serving_default: crops -> landmarks, estimated_error). TFLite cannot convert it.
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ def define_flags():
           "store in the metadata.")
   _define("string", "name", None, "Optional model name stored in the metadata.")
   if "format" not in FLAGS:
-    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo"], "musica: model.json + "
-                      "params.npz; stablehlo: a serialized jax.export program.")
+    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo", "savedmodel"],
+                      "musica: model.json + params.npz; stablehlo: a serialized jax.export "
+                      "program; savedmodel: the same program in a TensorFlow SavedModel.")
   _define("string", "model", None, "--format=stablehlo: export this model directory "
           "('default': the shipped model) instead of --workdir.")
   _define("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
@@ -87,11 +91,7 @@ STABLEHLO_FILE = "model.stablehlo"
 def export_portable(output: str, workdir: str | None = None, model: str | None = None,
                     checkpoint: str = "latest", platforms=("cpu", "cuda")) -> dict:
   """--format=stablehlo: model.stablehlo + model.stablehlo.json in `output`."""
-  if model:
-    pred = (predictor_lib.Predictor.default() if model == "default"
-            else predictor_lib.Predictor.from_saved_model(model))
-  else:
-    pred = predictor_lib.Predictor.from_workdir(workdir, checkpoint)
+  pred = _load(workdir, model, checkpoint)
   cfg = pred.model_config
   blob = portable.export_stablehlo(pred.params, cfg, pred.mean_shape, platforms)
   out = pathlib.Path(output)
@@ -107,26 +107,68 @@ def export_portable(output: str, workdir: str | None = None, model: str | None =
   return {"output": str((out / STABLEHLO_FILE).resolve()), "bytes": len(blob), **info}
 
 
+SAVEDMODEL_DIR = "saved_model"
+
+
+def export_savedmodel(output: str, workdir: str | None = None, model: str | None = None,
+                      checkpoint: str = "latest") -> dict:
+  """--format=savedmodel: DIR/saved_model, a TensorFlow SavedModel whose serving signature
+  is the portable program (jax2tf, native serialization; symbolic batch): crops
+  [B, 228, 228, 3] float32 -> (landmarks [B, N, 2] crop px, estimated error [B]). Needs
+  TensorFlow (this entry point only; musica_jax never imports it). TFLite cannot convert it
+  (the installed converter refuses the dynamic slices of the symbolic batch and, at batch 1,
+  a 6-D pad)."""
+  import tensorflow as tf  # noqa: PLC0415
+  from jax.experimental import jax2tf  # noqa: PLC0415
+  pred = _load(workdir, model, checkpoint)
+  cfg = pred.model_config
+  s = cfg.image_size
+  fn = jax2tf.convert(portable.cascade_function(pred.params, cfg, pred.mean_shape),
+                      polymorphic_shapes=[f"(b, {s}, {s}, 3)"], with_gradient=False)
+  module = tf.Module()
+  module.serve = tf.function(lambda crops: dict(zip(("landmarks", "estimated_error"),
+                                                    fn(crops))),
+                             input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32,
+                                                            name="crops")],
+                             autograph=False)
+  out = pathlib.Path(output) / SAVEDMODEL_DIR
+  tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+  size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+  print(f"wrote {out} ({size / 1e6:.1f} MB; serving_default: crops -> landmarks, "
+        f"estimated_error)")
+  return {"output": str(out.resolve()), "bytes": size}
+
+
+def _load(workdir, model, checkpoint):
+  if model:
+    return (predictor_lib.Predictor.default() if model == "default"
+            else predictor_lib.Predictor.from_saved_model(model))
+  return predictor_lib.Predictor.from_workdir(workdir, checkpoint)
+
+
 def main(argv):
   common.start(argv)
-  if FLAGS.format == "stablehlo":
+  if FLAGS.format in ("stablehlo", "savedmodel"):
     if not FLAGS.output:
       raise app.UsageError("--output is required (the directory to write)")
     if bool(FLAGS.workdir) == bool(FLAGS.model):
-      raise app.UsageError("--format=stablehlo: give --model=DIR|default or --workdir=W "
-                           "(one of them)")
+      raise app.UsageError(f"--format={FLAGS.format}: give --model=DIR|default or "
+                           f"--workdir=W (one of them)")
     if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
       raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
     try:
-      export_portable(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
-                      tuple(FLAGS.platforms))
+      if FLAGS.format == "savedmodel":
+        export_savedmodel(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint)
+      else:
+        export_portable(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
+                        tuple(FLAGS.platforms))
     except (FileNotFoundError, ValueError) as e:
       flag = f"--model={FLAGS.model}" if FLAGS.model else f"--workdir={FLAGS.workdir}"
       raise app.UsageError(f"{flag}: {e}") from e
     return
   if FLAGS.model:
-    raise app.UsageError("--model is for --format=stablehlo; --format=musica exports a "
-                         "training run (--workdir)")
+    raise app.UsageError("--model is for --format=stablehlo/savedmodel; --format=musica "
+                         "exports a training run (--workdir)")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:

@@ -232,3 +232,42 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
   assert float(np.max(nme)) < 0.06, nme
   assert len(list((tmp_path / "overlay").glob("*.png"))) == 16
   assert json.loads((tmp_path / "v.json").read_text())["redetections"] == res["redetections"]
+
+
+def test_predict_cli_without_box_draws_every_detected_face(tmp_path):
+  """experiments.predict with no --box: the face finder's faces, all in the JSON and the
+  overlay; a photo where it finds none is reported, not an error."""
+  from experiments import predict
+  from PIL import Image
+  p = _small_predictor()
+  p._face_finder = _FakeFinder([(10, 10, 50, 55), (60, 15, 100, 60)])
+  rng = np.random.default_rng(8)
+  path = tmp_path / "two.png"
+  Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
+  boxes = predict.boxes_for([str(path)], [], False)
+  assert boxes == [None]
+  res = predict.run([str(path)], boxes, p, output=str(tmp_path / "o.png"),
+                    output_json=str(tmp_path / "o.json"))
+  faces = res["images"][0]["faces"]
+  assert len(faces) == 2 and (tmp_path / "o.png").is_file()
+  np.testing.assert_allclose(faces[1]["box"], [60, 15, 100, 60])
+  p._face_finder = _FakeFinder(np.zeros((0, 4)))
+  assert predict.run([str(path)], [None], p)["images"][0]["faces"] == []
+
+
+@pytest.mark.slow
+def test_savedmodel_export_matches_the_predictor(tmp_path):
+  """--format=savedmodel (TensorFlow, via jax2tf): the serving signature gives the
+  predictor's full-cascade landmarks and estimated error for any batch size."""
+  if not model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+    pytest.skip("no default model ships with this checkout")
+  import tensorflow as tf
+  from experiments import export_model
+  export_model.export_savedmodel(str(tmp_path), model="default")
+  serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+  p = predictor_lib.Predictor.default()
+  crops = np.random.default_rng(9).normal(size=(3, 228, 228, 3)).astype(np.float32)
+  out = serve(crops=tf.constant(crops))
+  ref = p.run_fast(crops)
+  np.testing.assert_allclose(out["landmarks"].numpy(), ref["landmarks"], atol=1e-4)
+  np.testing.assert_allclose(out["estimated_error"].numpy(), ref["estimated_error"], atol=1e-6)
