@@ -45,14 +45,14 @@ import numpy as np
 from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common
+from musica_jax import detector as detector_lib
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
 
 FLAGS = flags.FLAGS
 DLIB_MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
-INSTALL_HINT = ("install the optional peers extra: pip install 'musica-jax[peers]' "
-                "(dlib-bin and face-recognition-models)")
+INSTALL_HINT = detector_lib.INSTALL_HINT
 
 
 def _define(kind, name, default, help_):
@@ -93,89 +93,16 @@ def find_dlib_model() -> pathlib.Path:
                           f"installed without its models?)")
 
 
-def import_dlib():
-  try:
-    import dlib  # noqa: PLC0415
-  except ImportError as e:
-    raise ImportError(f"dlib is not installed: {INSTALL_HINT}") from e
-  return dlib
+import_dlib = detector_lib.import_dlib
 
 
 # ---------------------------------------------------------------------------------------
-# The box mapping.
+# The box mapping (musica_jax.detector; re-exported here for the existing callers).
 
-
-def _cwh(boxes):
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  c = (boxes[:, :2] + boxes[:, 2:]) / 2.0
-  s = boxes[:, 2:] - boxes[:, :2]
-  return c, s
-
-
-@dataclasses.dataclass
-class BoxMapping:
-  """landmark box -> detector-convention box (see the module docstring)."""
-  a: float = 0.0
-  b: float = 0.0
-  c: float = 1.0
-  d: float = 0.0
-  e: float = 0.0
-  f: float = 1.0
-  faces: int = 0
-  residual_rms: float = 0.0    # RMS residual of the fit, in units of the landmark box size
-
-  def apply(self, boxes) -> np.ndarray:
-    (cx, cy), (w, h) = (v.T for v in _cwh(boxes))
-    dcx, dcy = cx + self.a * w, cy + self.b * h
-    dw, dh = self.c * w + self.d * h, self.e * w + self.f * h
-    return np.stack([dcx - dw / 2, dcy - dh / 2, dcx + dw / 2, dcy + dh / 2], -1)
-
-  def to_json(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-def fit_box_mapping(landmark_boxes, detector_boxes) -> BoxMapping:
-  """Least-squares fit of the mapping on paired boxes [M, 4] (x0, y0, x1, y1)."""
-  lb = np.asarray(landmark_boxes, np.float64).reshape(-1, 4)
-  db = np.asarray(detector_boxes, np.float64).reshape(-1, 4)
-  if len(lb) != len(db):
-    raise ValueError(f"{len(lb)} landmark boxes but {len(db)} detector boxes")
-  if len(lb) < 3:
-    raise ValueError(f"need at least 3 box pairs to fit the mapping, got {len(lb)}")
-  (cx, cy), (w, h) = (v.T for v in _cwh(lb))
-  (dcx, dcy), (dw, dh) = (v.T for v in _cwh(db))
-  if np.any(w <= 0) or np.any(h <= 0):
-    raise ValueError("landmark boxes must have positive width and height")
-  # Centre offsets in units of the box size: one parameter each (mean of the ratios in the
-  # least-squares sense).
-  a = float(np.sum((dcx - cx) * w) / np.sum(w * w))
-  b = float(np.sum((dcy - cy) * h) / np.sum(h * h))
-  wh = np.stack([w, h], -1)
-  (c, d), *_ = np.linalg.lstsq(wh, dw, rcond=None)
-  (e, f), *_ = np.linalg.lstsq(wh, dh, rcond=None)
-  m = BoxMapping(a, b, float(c), float(d), float(e), float(f), faces=len(lb))
-  size = np.sqrt(w * h)[:, None]
-  m.residual_rms = float(np.sqrt(np.mean(((m.apply(lb) - db) / size) ** 2)))
-  return m
-
-
-def iou(box, boxes) -> np.ndarray:
-  box = np.asarray(box, np.float64)
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  x0 = np.maximum(box[0], boxes[:, 0]); y0 = np.maximum(box[1], boxes[:, 1])
-  x1 = np.minimum(box[2], boxes[:, 2]); y1 = np.minimum(box[3], boxes[:, 3])
-  inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-  return inter / (area(box) + area(boxes) - inter)
-
-
-def match_detection(landmark_box, detections, min_iou: float = 0.3):
-  """Index of the detection that is this face (largest IoU >= min_iou), or None."""
-  if len(detections) == 0:
-    return None
-  overlaps = iou(landmark_box, detections)
-  k = int(np.argmax(overlaps))
-  return k if overlaps[k] >= min_iou else None
+BoxMapping = detector_lib.BoxMapping
+fit_box_mapping = detector_lib.fit_box_mapping
+iou = detector_lib.iou
+match_detection = detector_lib.match_detection
 
 
 def _rect_to_box(r) -> list[float]:

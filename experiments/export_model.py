@@ -1,11 +1,23 @@
-r"""Exports a training run's EMA weights as a compact model directory (musica_jax.model_io).
+r"""Exports a model: a compact model directory (musica_jax.model_io) or a portable
+StableHLO program (musica_jax.portable).
 
   python -m experiments.export_model --workdir=W --output=DIR [--dtype=bfloat16]
       [--checkpoint=latest|STEP] [--eval_json=eval.json] [--name=300w34]
+  python -m experiments.export_model --format=stablehlo --model=default|DIR (or --workdir=W)
+      --output=DIR [--platforms=cpu,cuda]
 
-DIR gets model.json (config, mean shape, metadata) and params.npz. Load it with
-`musica_jax.predictor.Predictor.from_saved_model(DIR)` or `--model=DIR` of
-experiments.predict. No TensorFlow needed.
+--format=musica (default): DIR gets model.json (config, mean shape, metadata) and
+params.npz. Load it with `musica_jax.predictor.Predictor.from_saved_model(DIR)` or
+`--model=DIR` of experiments.predict. No TensorFlow needed.
+
+--format=stablehlo: DIR gets model.stablehlo, a serialized `jax.export` program with a
+symbolic batch (standardised crops [B, 228, 228, 3] float32 -> landmarks in crop pixels
+[B, N, 2], estimated error [B]; the full cascade), and model.stablehlo.json (inputs,
+outputs, the crop rule, the mean shape). It runs with jax alone:
+`jax.export.deserialize(open("DIR/model.stablehlo", "rb").read()).call(crops)`.
+
+--format=savedmodel: DIR/saved_model, the same program as a TensorFlow SavedModel (signature
+serving_default: crops -> landmarks, estimated_error). TFLite cannot convert it.
 """
 from __future__ import annotations
 
@@ -19,6 +31,7 @@ from absl import flags
 
 from experiments import common  # noqa: F401  (defines --workdir)
 from musica_jax import model_io
+from musica_jax import portable
 from musica_jax import predictor as predictor_lib
 
 FLAGS = flags.FLAGS
@@ -40,6 +53,13 @@ def define_flags():
   _define("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) to "
           "store in the metadata.")
   _define("string", "name", None, "Optional model name stored in the metadata.")
+  if "format" not in FLAGS:
+    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo", "savedmodel"],
+                      "musica: model.json + params.npz; stablehlo: a serialized jax.export "
+                      "program; savedmodel: the same program in a TensorFlow SavedModel.")
+  _define("string", "model", None, "--format=stablehlo: export this model directory "
+          "('default': the shipped model) instead of --workdir.")
+  _define("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
 
 
 
@@ -65,8 +85,90 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
   return summary
 
 
+STABLEHLO_FILE = "model.stablehlo"
+
+
+def export_portable(output: str, workdir: str | None = None, model: str | None = None,
+                    checkpoint: str = "latest", platforms=("cpu", "cuda")) -> dict:
+  """--format=stablehlo: model.stablehlo + model.stablehlo.json in `output`."""
+  pred = _load(workdir, model, checkpoint)
+  cfg = pred.model_config
+  blob = portable.export_stablehlo(pred.params, cfg, pred.mean_shape, platforms)
+  out = pathlib.Path(output)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / STABLEHLO_FILE).write_bytes(blob)
+  info = portable.describe(cfg, pred.mean_shape, platforms, portable.weight_dtype(pred.params),
+                           dict(pred.metadata, exported_with="python -m "
+                                "experiments.export_model --format=stablehlo"))
+  common.write_json(out / (STABLEHLO_FILE + ".json"), info, indent=1)
+  print(f"wrote {out / STABLEHLO_FILE} ({len(blob) / 1e6:.1f} MB, weights "
+        f"{info['weight_dtype']}, platforms {','.join(platforms)}, {cfg.num_landmarks} "
+        f"landmarks / {cfg.num_patches} patches)")
+  return {"output": str((out / STABLEHLO_FILE).resolve()), "bytes": len(blob), **info}
+
+
+SAVEDMODEL_DIR = "saved_model"
+
+
+def export_savedmodel(output: str, workdir: str | None = None, model: str | None = None,
+                      checkpoint: str = "latest") -> dict:
+  """--format=savedmodel: DIR/saved_model, a TensorFlow SavedModel whose serving signature
+  is the portable program (jax2tf, native serialization; symbolic batch): crops
+  [B, 228, 228, 3] float32 -> (landmarks [B, N, 2] crop px, estimated error [B]). Needs
+  TensorFlow (this entry point only; musica_jax never imports it). TFLite cannot convert it
+  (the installed converter refuses the dynamic slices of the symbolic batch and, at batch 1,
+  a 6-D pad)."""
+  import tensorflow as tf  # noqa: PLC0415
+  from jax.experimental import jax2tf  # noqa: PLC0415
+  pred = _load(workdir, model, checkpoint)
+  cfg = pred.model_config
+  s = cfg.image_size
+  fn = jax2tf.convert(portable.cascade_function(pred.params, cfg, pred.mean_shape),
+                      polymorphic_shapes=[f"(b, {s}, {s}, 3)"], with_gradient=False)
+  module = tf.Module()
+  module.serve = tf.function(lambda crops: dict(zip(("landmarks", "estimated_error"),
+                                                    fn(crops))),
+                             input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32,
+                                                            name="crops")],
+                             autograph=False)
+  out = pathlib.Path(output) / SAVEDMODEL_DIR
+  tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+  size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+  print(f"wrote {out} ({size / 1e6:.1f} MB; serving_default: crops -> landmarks, "
+        f"estimated_error)")
+  return {"output": str(out.resolve()), "bytes": size}
+
+
+def _load(workdir, model, checkpoint):
+  if model:
+    return (predictor_lib.Predictor.default() if model == "default"
+            else predictor_lib.Predictor.from_saved_model(model))
+  return predictor_lib.Predictor.from_workdir(workdir, checkpoint)
+
+
 def main(argv):
   common.start(argv)
+  if FLAGS.format in ("stablehlo", "savedmodel"):
+    if not FLAGS.output:
+      raise app.UsageError("--output is required (the directory to write)")
+    if bool(FLAGS.workdir) == bool(FLAGS.model):
+      raise app.UsageError(f"--format={FLAGS.format}: give --model=DIR|default or "
+                           f"--workdir=W (one of them)")
+    if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
+      raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
+    try:
+      if FLAGS.format == "savedmodel":
+        export_savedmodel(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint)
+      else:
+        export_portable(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
+                        tuple(FLAGS.platforms))
+    except (FileNotFoundError, ValueError) as e:
+      flag = f"--model={FLAGS.model}" if FLAGS.model else f"--workdir={FLAGS.workdir}"
+      raise app.UsageError(f"{flag}: {e}") from e
+    return
+  if FLAGS.model:
+    raise app.UsageError("--model is for --format=stablehlo/savedmodel; --format=musica "
+                         "exports a training run (--workdir)")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:

@@ -13,6 +13,14 @@ Images: --image=PATH (repeat it, or a comma-separated list) and/or --image_dir=D
                        Several faces in one image: boxes separated by ';'.
   --box_from_pts       the landmark box of the .pts file beside each image (300W layout);
                        images given without --box use it.
+  neither              every face that dlib's HOG detector finds (peers extra), its box
+                       mapped to the model's convention (musica_jax.detector).
+
+Video: --video=DIR (its frames, sorted by name) or FILE (an animated GIF/TIFF, read by
+PIL) tracks the faces (musica_jax.tracking: the next box from the previous landmarks; the
+detector again when the estimated error reaches --tf, default 0.08 here). --output=DIR
+gets one overlay PNG per frame; --output_json per frame: landmarks, estimated error,
+iterations, re-detection.
 Output: --output is a .png/.jpg file for one image, else a directory that gets
 <image name>.overlay.png per image. The overlay draws the box and the landmarks (green:
 valid, red: estimated error >= --tf) and prints the estimated error and the iterations
@@ -66,6 +74,9 @@ def define_flags():
   _define("float", "budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
   _define("float", "tf", None, "Failure threshold: faces with estimated error >= tf are invalid.")
   _define("integer", "max_batch", 64, "Faces per cascade call (a power of two).")
+  _define("string", "video", None, "A folder of frames or an animated GIF/TIFF: track faces.")
+  _define("string", "compilation_cache", "~/.cache/musica_jax/xla", "Persistent XLA "
+          "compilation cache ('' to disable): a second run skips compiling.")
 
 
 
@@ -134,8 +145,8 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
       out.append(given[0] if len(given) == 1 else given[i])
       continue
     if not from_pts:
-      raise app.UsageError(f"no face box for {path}: give --box=x0,y0,x1,y1 or "
-                           f"--box_from_pts (with a .pts file beside the image)")
+      out.append(None)            # detect the faces
+      continue
     pts_path = os.path.splitext(path)[0] + ".pts"
     if not os.path.exists(pts_path):
       raise app.UsageError(f"--box_from_pts: {pts_path} not found (no --box for {path})")
@@ -229,7 +240,7 @@ def load_inputs(paths, boxes) -> list[np.ndarray]:
   """The images, with every box checked against its image (errors name file and flag)."""
   images = [load_image(p) for p in paths]
   for path, image, b in zip(paths, images, boxes):
-    for k in range(len(b)):
+    for k in range(0 if b is None else len(b)):
       try:
         predictor_lib.check_box_in_image(b[k], image.shape, f"--box for {path}")
       except ValueError as e:
@@ -244,6 +255,8 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   ts_v = -np.inf if ts is None else ts
   tf_v = np.inf if tf is None else tf
   t0 = time.perf_counter()
+  boxes = [find_faces(pred_obj, im, path) if b is None else b
+           for path, im, b in zip(paths, images, boxes)]
   try:
     pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v, budget=budget,
                             budget_mmacs=budget_mmacs)
@@ -278,8 +291,105 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   return result
 
 
+def find_faces(pred_obj, image, path) -> np.ndarray:
+  """The detector's faces (model's box convention); a clear error without dlib."""
+  try:
+    boxes = pred_obj.find_faces(image)
+  except ImportError as e:
+    raise app.UsageError(f"no --box for {path} and no detector: {e} (or give --box / "
+                         f"--box_from_pts)") from e
+  except ValueError as e:
+    raise app.UsageError(f"no --box for {path}: {e}") from e
+  if not len(boxes):
+    print(f"{path}: no face found")
+  return boxes
+
+
+# ---------------------------------------------------------------------------------------
+# Video.
+
+
+def video_frames(source: str):
+  """(names, frame iterator) of a folder of frames or a multi-frame image file."""
+  p = pathlib.Path(source)
+  if p.is_dir():
+    files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+      raise app.UsageError(f"--video={source}: no {'/'.join(IMAGE_EXTENSIONS)} frames in it")
+    return [pathlib.Path(f).stem for f in files], (load_image(f) for f in files)
+  if not p.is_file():
+    raise app.UsageError(f"--video={source}: no such file or directory")
+  from PIL import ImageSequence  # noqa: PLC0415
+  try:
+    with Image.open(p) as im:
+      frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+  except Exception as e:  # noqa: BLE001 - PIL raises many kinds for unreadable files
+    raise app.UsageError(f"--video={source}: cannot read frames from it ({type(e).__name__}: "
+                         f"{e}; give a folder of frames or an animated GIF/TIFF)") from e
+  return [f"frame_{i:05d}" for i in range(len(frames))], iter(frames)
+
+
+def run_video(source, pred_obj, ts=None, tf=None, output=None, output_json=None,
+              budget=None, budget_mmacs=None) -> dict:
+  from musica_jax import tracking  # noqa: PLC0415
+  names, frames = video_frames(source)
+  tf_v = 0.08 if tf is None else tf
+  try:
+    budget_it = pred_obj.budget_iterations(budget, budget_mmacs)
+  except ValueError as e:
+    raise app.UsageError(f"--budget: {e}") from e
+  tracker = tracking.FaceTracker(pred_obj, tf=tf_v, ts=-np.inf if ts is None else ts,
+                                 budget=budget_it)
+  stages = pred_obj.model_config.num_stages
+  out_dir = pathlib.Path(output) if output else None
+  result = {"model": pred_obj.metadata, "video": os.path.abspath(source), "tf": tf_v,
+            "ts": ts, "budget": budget_it, "num_iterations": stages, "frames": []}
+  t0 = time.perf_counter()
+  for name, frame in zip(names, frames):
+    try:
+      step = tracker.step(frame)
+    except ImportError as e:
+      raise app.UsageError(f"--video: the first frame needs the face detector: {e}") from e
+    pred = step.prediction
+    entry = {"frame": name, "redetected": step.redetected, "reason": step.reason,
+             "faces": [{k: v for k, v in f.items() if k != "image_index"}
+                       for f in pred.to_json()]}
+    if out_dir is not None:
+      out_dir.mkdir(parents=True, exist_ok=True)
+      title = f"{name}  re-detections {tracker.redetections}"
+      draw_overlay(frame, pred, stages, title).save(out_dir / f"{name}.overlay.png")
+    result["frames"].append(entry)
+  result["redetections"] = tracker.redetections
+  result["seconds_including_compile"] = time.perf_counter() - t0
+  print(f"{source}: {len(result['frames'])} frames, "
+        f"{sum(len(f['faces']) for f in result['frames'])} faces, "
+        f"{tracker.redetections} detector runs" + (f" -> {out_dir}/" if out_dir else ""))
+  if output_json:
+    common.write_json(output_json, result, indent=1)
+  return result
+
+
+def enable_compilation_cache(path: str) -> None:
+  """A persistent XLA cache: the next process loads the compiled cascade instead of
+  compiling it (the first pass of a CLI run then costs about the warm pass)."""
+  if not path:
+    return
+  import jax  # noqa: PLC0415
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv):
   common.start(argv)
+  enable_compilation_cache(FLAGS.compilation_cache)
+  if FLAGS.video:
+    if FLAGS.image or FLAGS.image_dir or FLAGS.box or FLAGS.box_from_pts:
+      raise app.UsageError("--video tracks faces on its own: no --image/--image_dir/--box")
+    pred_obj = load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint, FLAGS.max_batch)
+    run_video(FLAGS.video, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output, FLAGS.output_json,
+              FLAGS.budget, FLAGS.budget_mmacs)
+    return
   paths = image_paths(FLAGS.image, FLAGS.image_dir)
   boxes = boxes_for(paths, FLAGS.box, FLAGS.box_from_pts)
   if not FLAGS.output and not FLAGS.output_json:

@@ -12,9 +12,10 @@ float64 and rounded to float32; a bilinear warp with pixel centres at integers, 
 pixels outside the photo read as 0 (each of the four bilinear corners on its own, as
 TensorFlow's ImageProjectiveTransformV3 with fill_mode=CONSTANT); then per-image
 standardisation (tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(n))).
-The warp runs in JAX, jitted and batched. Photos of different sizes are zero-padded to a
-few size buckets (zero padding reads exactly like the constant fill), and face batches are
-padded to power-of-two buckets, so a folder of photos compiles a handful of programs.
+The crop runs on the host in numpy (`warp_crop`: the box map is axis-aligned, so a crop is
+two row and two column gathers and a blend), so photos of any size compile nothing; only
+the cascade is compiled, once per power-of-two face-batch bucket (and dial setting).
+Without boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
 
 Decoding: `read_image` decodes with PIL (exact IDCT for JPEG, no EXIF rotation, like
 TensorFlow's decoders). TensorFlow's default JPEG IDCT (INTEGER_FAST) differs from it by a
@@ -41,8 +42,6 @@ from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
-# Budget (bytes) for the stack of padded uint8 photos warped in one call.
-_STACK_BYTES = 256 << 20
 
 
 class NoDefaultModelError(FileNotFoundError):
@@ -64,20 +63,13 @@ def default_model_path() -> pathlib.Path:
 # Buckets.
 
 
-def size_bucket(n: int, minimum: int = 64) -> int:
-  """n rounded up to 4 steps per octave (>= minimum): at most 25% padding."""
-  n = max(int(n), minimum)
-  step = 2 ** max(int(math.floor(math.log2(n))) - 2, 0)
-  return -(-n // step) * step
-
-
 def count_bucket(n: int, maximum: int) -> int:
   """Smallest power of two >= n (capped at maximum)."""
   return min(1 << max(int(n) - 1, 0).bit_length(), maximum)
 
 
 # ---------------------------------------------------------------------------------------
-# The crop.
+# The crop (on the host: numpy, nothing to compile, whatever the photo size).
 
 
 def crop_frames(boxes) -> tuple[np.ndarray, np.ndarray]:
@@ -87,53 +79,46 @@ def crop_frames(boxes) -> tuple[np.ndarray, np.ndarray]:
   return scale.astype(np.float32), offset.astype(np.float32)
 
 
-def standardise(x: jax.Array) -> jax.Array:
-  """Per image (leading axis) zero mean, unit std, as tf.image.per_image_standardization."""
+def standardise(x):
+  """Per image (leading axis) zero mean, unit std, as tf.image.per_image_standardization
+  (jax or numpy in, the same kind out)."""
+  xp = jnp if isinstance(x, jax.Array) else np
   axes = tuple(range(1, x.ndim))
   n = math.prod(x.shape[1:])
   mean = x.mean(axes, keepdims=True)
-  var = jnp.maximum(jnp.mean(jnp.square(x), axes, keepdims=True) - jnp.square(mean), 0.0)
-  return (x - mean) / jnp.maximum(jnp.sqrt(var), 1.0 / math.sqrt(n))
+  var = xp.maximum(xp.mean(xp.square(x), axes, keepdims=True) - xp.square(mean), 0.0)
+  return (x - mean) / xp.maximum(xp.sqrt(var), np.float32(1.0 / math.sqrt(n)))
 
 
-def warp_crops(stack: jax.Array, image_index: jax.Array, scale: jax.Array, offset: jax.Array,
-               size: int = face_frame.CROP_SIZE) -> jax.Array:
-  """Bilinear face crops [F, size, size, C] float32 (0..255, not standardised).
+def warp_crop(image: np.ndarray, scale: float, offset, size: int = face_frame.CROP_SIZE
+              ) -> np.ndarray:
+  """One bilinear face crop [size, size, C] float32 (0..255, not standardised), numpy.
 
-  stack: [I, H, W, C] photos (zero-padded); image_index [F] int32 into it; scale [F],
-  offset [F, 2]: crop_xy = image_xy * scale + offset. Output pixel (x, y) reads the photo at
+  crop_xy = image_xy * scale + offset. Output pixel (x, y) reads the photo at
   ((x - o_x) / s, (y - o_y) / s) (the inverse map as TensorFlow evaluates it: x * (1/s) +
-  (-o / s) in float32); corners outside the stack read 0.
+  (-o / s) in float32); each of the four bilinear corners outside the photo reads 0 (as
+  ImageProjectiveTransformV3 with fill_mode=CONSTANT), blended in TensorFlow's order.
+  The map is axis-aligned, so the four corners are two row and two column gathers: the
+  cost depends on the crop size only, and there is nothing to compile per photo size.
   """
-  num, h, w, c = stack.shape
-  inv = 1.0 / scale.astype(jnp.float32)                                  # [F]
-  shift = -offset.astype(jnp.float32) * inv[:, None]                     # [F, 2]
-  g = jnp.arange(size, dtype=jnp.float32)
-  xs = g[None, :] * inv[:, None] + shift[:, :1]                          # [F, size]
-  ys = g[None, :] * inv[:, None] + shift[:, 1:]                          # [F, size]
-  x0, y0 = jnp.floor(xs), jnp.floor(ys)
-  wx, wy = xs - x0, ys - y0
-  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  flat = stack.reshape(num * h * w, c)
-
-  def read(yi, xi):                                                      # [F,size] each
-    ok = (((yi >= 0) & (yi < h))[:, :, None] & ((xi >= 0) & (xi < w))[:, None, :])
-    idx = (image_index[:, None, None] * h + jnp.clip(yi, 0, h - 1)[:, :, None]) * w \
-        + jnp.clip(xi, 0, w - 1)[:, None, :]
-    v = jnp.take(flat, idx, axis=0).astype(jnp.float32)                  # [F,size,size,C]
-    return jnp.where(ok[..., None], v, 0.0)
-
-  wx_ = wx[:, None, :, None]
-  wy_ = wy[:, :, None, None]
-  # (x_ceil - x) and (x - x_floor) as TensorFlow's bilinear_interpolation.
-  top = (1.0 - wx_) * read(y0, x0) + wx_ * read(y0, x0 + 1)
-  bottom = (1.0 - wx_) * read(y0 + 1, x0) + wx_ * read(y0 + 1, x0 + 1)
-  return (1.0 - wy_) * top + wy_ * bottom
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def _crops_jit(stack, image_index, scale, offset, size):
-  return standardise(warp_crops(stack, image_index, scale, offset, size))
+  h, w = image.shape[:2]
+  inv = np.float32(1.0) / np.float32(scale)
+  shift = -np.asarray(offset, np.float32) * inv
+  g = np.arange(size, dtype=np.float32)
+  xs, ys = g * inv + shift[0], g * inv + shift[1]
+  x0, y0 = np.floor(xs), np.floor(ys)
+  wx, wy = (xs - x0)[None, :, None], (ys - y0)[:, None, None]
+  xi = np.concatenate([x0, x0 + 1]).astype(np.intp)              # [2 size]: x0, then x0+1
+  yi = np.concatenate([y0, y0 + 1]).astype(np.intp)
+  c = image.shape[2]
+  cols = (np.clip(xi, 0, w - 1)[:, None] * c + np.arange(c)).ravel()
+  sub = image.reshape(h, w * c)[np.clip(yi, 0, h - 1)][:, cols]
+  sub = sub.astype(np.float32).reshape(2 * size, 2 * size, c)
+  sub[:, (xi < 0) | (xi >= w)] = 0.0
+  sub[(yi < 0) | (yi >= h)] = 0.0
+  top = (1.0 - wx) * sub[:size, :size] + wx * sub[:size, size:]
+  bottom = (1.0 - wx) * sub[size:, :size] + wx * sub[size:, size:]
+  return (1.0 - wy) * top + wy * bottom
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,6 +189,8 @@ def _normalise_inputs(images, boxes):
   out = []
   for i, (photo, b) in enumerate(zip(photos, boxes)):
     arr = np.asarray(b, np.float64)
+    if arr.size == 0:
+      arr = arr.reshape(0, 4)      # no face in this image (e.g. none detected)
     if arr.ndim == 1:
       arr = arr[None]
     if arr.ndim != 2 or arr.shape[-1] != 4:
@@ -215,52 +202,20 @@ def _normalise_inputs(images, boxes):
   return photos, out
 
 
-def _warp_calls(shape_key, members, max_batch):
-  """Splits the faces [(face, image)] of one photo-size bucket into warp calls."""
-  hb, wb = shape_key
-  per_call = max(1, min(max_batch, _STACK_BYTES // (hb * wb * 3)))
-  per_call = 1 << (per_call.bit_length() - 1)
-  for start in range(0, len(members), per_call):
-    yield members[start:start + per_call], per_call
+def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
+  """Standardised face crops exactly as the evaluation pipeline makes them, on the host.
 
-
-def face_crops(images, boxes, size: int = face_frame.CROP_SIZE, max_batch: int = 64,
-               min_batch: int = 1):
-  """Standardised face crops exactly as the evaluation pipeline makes them.
-
-  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (a jax
-  array), scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
+  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (numpy),
+  scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
   """
   photos, box_lists = _normalise_inputs(images, boxes)
   image_index = np.concatenate([np.full(len(b), i, np.int32) for i, b in enumerate(box_lists)])
   all_boxes = np.concatenate(box_lists, 0)
   scale, offset = crop_frames(all_boxes)
-  groups: dict = {}
+  crops = np.empty((len(all_boxes), size, size, 3), np.float32)
   for face, i in enumerate(image_index):
-    h, w = photos[i].shape[:2]
-    groups.setdefault((size_bucket(h), size_bucket(w)), []).append((face, int(i)))
-  crops = [None] * len(all_boxes)
-  for (hb, wb), members in groups.items():
-    for chunk, per_call in _warp_calls((hb, wb), members, max_batch):
-      fb = count_bucket(max(len(chunk), min(min_batch, per_call)), per_call)
-      used = sorted({i for _, i in chunk})
-      slot = {i: k for k, i in enumerate(used)}
-      dtype = np.uint8 if all(photos[i].dtype == np.uint8 for i in used) else np.float32
-      stack = np.zeros((fb, hb, wb, 3), dtype)
-      for i in used:
-        h, w = photos[i].shape[:2]
-        stack[slot[i], :h, :w] = photos[i]
-      faces = [face for face, _ in chunk]
-      idx = np.zeros((fb,), np.int32)
-      sc = np.ones((fb,), np.float32)
-      of = np.zeros((fb, 2), np.float32)
-      idx[:len(chunk)] = [slot[i] for _, i in chunk]
-      sc[:len(chunk)] = scale[faces]
-      of[:len(chunk)] = offset[faces]
-      out = _crops_jit(stack, idx, sc, of, size)
-      for k, face in enumerate(faces):
-        crops[face] = out[k]
-  return jnp.stack(crops), scale, offset, image_index, all_boxes
+    crops[face] = warp_crop(photos[i], scale[face], offset[face], size)
+  return standardise(crops), scale, offset, image_index, all_boxes
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,11 +295,14 @@ class Predictor:
     quit_params / quit_info: the model's quitting policy (`musica_jax.quit_head`): a
       learned head (or None: the network's estimated error) and its validation profile,
       which turns a budget into per-stage capacities (needed for `budget=`).
+    face_finder: image -> face boxes [K, 4] in the landmark-box convention, for
+      `predict` without boxes; default (built on first use): dlib's HOG detector with the
+      shipped box fit (`musica_jax.detector.FaceFinder`; needs the peers extra).
   """
 
   def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
                max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
-               quit_params=None, quit_info: dict | None = None):
+               quit_params=None, quit_info: dict | None = None, face_finder=None):
     if not isinstance(model_config, ModelConfig):
       raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     mean_shape = np.asarray(mean_shape, np.float32)
@@ -364,6 +322,14 @@ class Predictor:
     self._init = jnp.asarray(mean_shape)
     self.quit_info = quit_info
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
+    self._face_finder = face_finder
+
+  def find_faces(self, image) -> np.ndarray:
+    """Face boxes [K, 4] (landmark-box convention) of one photo, by the face finder."""
+    if self._face_finder is None:
+      from musica_jax import detector  # noqa: PLC0415  (dlib is optional)
+      self._face_finder = detector.FaceFinder(self.model_config.num_landmarks)
+    return np.asarray(self._face_finder(check_image(image)), np.float64).reshape(-1, 4)
 
   @classmethod
   def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
@@ -388,8 +354,7 @@ class Predictor:
 
   def crops(self, images, boxes):
     """Standardised crops exactly as the evaluation pipeline makes them (see face_crops)."""
-    return face_crops(images, boxes, self.model_config.image_size, self.max_batch,
-                      self.min_batch)
+    return face_crops(images, boxes, self.model_config.image_size)
 
   # -- the cascade --------------------------------------------------------------------
 
@@ -409,6 +374,11 @@ class Predictor:
     the threshold with that mean iterations on the validation faces.
     """
     f = crops.shape[0]
+    if f == 0:
+      n = self.model_config.num_landmarks
+      return {"landmarks": np.zeros((0, n, 2), np.float32),
+              "estimated_error": np.zeros(0, np.float32),
+              "iterations": np.zeros(0, np.int32), "valid": np.zeros(0, bool)}
     outs = []
     for start in range(0, f, self.max_batch):
       part = crops if f <= self.max_batch else crops[start:start + self.max_batch]
@@ -434,13 +404,14 @@ class Predictor:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
-  def predict(self, images, boxes, ts: float = -np.inf, tf: float = np.inf,
+  def predict(self, images, boxes=None, ts: float = -np.inf, tf: float = np.inf,
               budget: float | None = None, budget_mmacs: float | None = None) -> Prediction:
     """Landmarks for every box of every image.
 
     images: one HxWx3 uint8 RGB array, or a list of them (sizes may differ).
     boxes: for one image, a box (x0, y0, x1, y1) or a list of boxes; for a list of images,
-      one such entry per image.
+      one such entry per image. None: every face the face finder detects (`find_faces`);
+      an image without a face gives none (Prediction.boxes holds the boxes used).
     ts: early exit: a face stops after the first iteration whose quitting score (the
       estimated error, or the model's quit head) is < ts (-inf: every iteration).
     budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
@@ -452,6 +423,13 @@ class Predictor:
       if v is None or np.isnan(v):
         raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
     budget = self.budget_iterations(budget, budget_mmacs)
+    if boxes is None:
+      if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+      if isinstance(images, (list, tuple)):
+        boxes = [self.find_faces(im) for im in images]
+      else:
+        boxes = self.find_faces(images)
     crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
     out = self.run_fast(crops, ts, tf, budget)
     crop_lm = np.asarray(out["landmarks"], np.float32)

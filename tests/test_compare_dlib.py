@@ -46,7 +46,7 @@ def test_box_fit_is_translation_and_scale_equivariant():
 def test_box_fit_errors():
   with pytest.raises(ValueError, match="at least 3"):
     compare_dlib.fit_box_mapping(np.zeros((2, 4)), np.zeros((2, 4)))
-  with pytest.raises(ValueError, match="landmark boxes but"):
+  with pytest.raises(ValueError, match="input boxes but"):
     compare_dlib.fit_box_mapping(np.ones((4, 4)), np.ones((3, 4)))
 
 
