@@ -72,13 +72,6 @@ def count_bucket(n: int, maximum: int) -> int:
 # The crop (on the host: numpy, nothing to compile, whatever the photo size).
 
 
-def crop_frames(boxes) -> tuple[np.ndarray, np.ndarray]:
-  """Per face (scale [F] float32, offset [F, 2] float32): crop_xy = image_xy * s + o.
-  Same numbers as data_pipelines.datasets.crop_frames."""
-  scale, offset = face_frame.crop_transform(np.asarray(boxes, np.float64).reshape(-1, 4))
-  return scale.astype(np.float32), offset.astype(np.float32)
-
-
 def standardise(x):
   """Per image (leading axis) zero mean, unit std, as tf.image.per_image_standardization
   (jax or numpy in, the same kind out)."""
@@ -211,7 +204,7 @@ def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
   photos, box_lists = _normalise_inputs(images, boxes)
   image_index = np.concatenate([np.full(len(b), i, np.int32) for i, b in enumerate(box_lists)])
   all_boxes = np.concatenate(box_lists, 0)
-  scale, offset = crop_frames(all_boxes)
+  scale, offset = face_frame.crop_frames(all_boxes)
   crops = np.empty((len(all_boxes), size, size, 3), np.float32)
   for face, i in enumerate(image_index):
     crops[face] = warp_crop(photos[i], scale[face], offset[face], size)
