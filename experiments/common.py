@@ -43,6 +43,11 @@ flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations on --eval_sp
                      "(0: only at the end; -1: never).")
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (plus the best by eval NME).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "manual", "none"],
+                  "Multi-process start (musica_jax.parallel.initialize_distributed): auto = "
+                  "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
+                  "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
+                  "one process.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0; with --num_processes and --process_id "
                     "calls jax.distributed.initialize.")
