@@ -50,17 +50,19 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
 # --- channel-major, patch-minor layout [C, H, W, m] -------------------------------------
 
 def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m].
+  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m] (float32).
 
   cols[(dy, dx, c), (y, x, m)] = x[c, y+dy, x+dx, m]: the same (dy, dx, c) order as
-  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere.
+  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere. The product runs in
+  x's dtype (bfloat16 compute: bf16 operands) and accumulates in float32.
   """
   cin, h, w, m = x.shape
   cout = kernel.shape[-1]
   cols = jnp.stack([x[:, dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
   cols = cols.reshape(9 * cin, (h - 2) * (w - 2) * m)
-  out = jnp.dot(kernel.reshape(9 * cin, cout).T, cols)
-  return out.reshape(cout, h - 2, w - 2, m) + bias[:, None, None, None]
+  out = jnp.dot(kernel.reshape(9 * cin, cout).T.astype(x.dtype), cols,
+                preferred_element_type=jnp.float32)
+  return out.reshape(cout, h - 2, w - 2, m) + bias.astype(jnp.float32)[:, None, None, None]
 
 
 def max_pool2x2_cm(x: jax.Array) -> jax.Array:
@@ -70,15 +72,20 @@ def max_pool2x2_cm(x: jax.Array) -> jax.Array:
   return x.max(axis=(2, 4))
 
 
-def patch_features(params, patches_cm: jax.Array, use_attention: bool):
+def patch_features(params, patches_cm: jax.Array, use_attention: bool,
+                   compute_dtype: str = "float32"):
   """Per-patch part of one iteration on patches [C, ps, ps, m] (channel-major).
 
   Returns (attended descriptors [m, D] in the (y, x, channel) order of StageNet,
-  mean attention [m]). `params` is one stage's parameter dict.
+  mean attention [m]). `params` is one stage's parameter dict. compute_dtype
+  "bfloat16": the products take bf16 operands and accumulate in float32; activations are
+  stored in bf16 between layers (the descriptors too), biases and the sigmoid in float32.
   """
-  x = jax.nn.relu(conv3x3_cm(patches_cm, params["conv1"]["kernel"], params["conv1"]["bias"]))
+  dt = jnp.dtype(compute_dtype)
+  x = jax.nn.relu(conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
+                             params["conv1"]["bias"])).astype(dt)
   x = max_pool2x2_cm(x)
-  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"]))
+  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"])).astype(dt)
   pooled = max_pool2x2_cm(c2)
   h2, w2 = c2.shape[1:3]
   cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
@@ -86,11 +93,13 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool):
   desc = desc.transpose(1, 2, 0, 3).reshape(-1, desc.shape[-1])     # [D, m], (y, x, ch)
   if use_attention:
     att = params["attention"]
-    a = jax.nn.sigmoid(jnp.dot(att["kernel"].T, desc) + att["bias"][:, None])
-    desc = desc * a
+    a = jax.nn.sigmoid(jnp.dot(att["kernel"].T.astype(dt), desc,
+                               preferred_element_type=jnp.float32)
+                       + att["bias"].astype(jnp.float32)[:, None])
+    desc = (desc * a).astype(dt)
     attention_mean = a.mean(0)
   else:
-    attention_mean = jnp.ones(desc.shape[-1], desc.dtype)
+    attention_mean = jnp.ones(desc.shape[-1], jnp.float32)
   return desc.T, attention_mean
 
 
@@ -98,17 +107,19 @@ def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Arr
   """desc [B, P*D] + hidden [B, H] -> (hidden, displacement [B, N, 2], error [B])."""
   b = desc.shape[0]
   rec = params["recurrent"]
-  rec_in = jnp.concatenate([desc, hidden.astype(desc.dtype)], axis=-1)
-  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"]))
-  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"])
+  dt = jnp.dtype(config.compute_dtype)
+  rec_in = jnp.concatenate([desc.astype(dt), hidden.astype(dt)], axis=-1)
+  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"], dt))
+  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"], dt)
   return hidden, out[:, :-1].reshape(b, config.num_landmarks, 2), out[:, -1]
 
 
-def _dense(x, kernel, bias):
-  """x @ kernel + bias with f32 accumulation (kernel may be stored in bf16)."""
-  if kernel.dtype != x.dtype:
-    x = x.astype(kernel.dtype)
-  return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+def _dense(x, kernel, bias, compute_dtype=jnp.float32):
+  """x @ kernel + bias with f32 accumulation. The operands are bf16 when the compute
+  dtype is bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
+  dt = jnp.bfloat16 if jnp.bfloat16 in (jnp.dtype(compute_dtype), kernel.dtype) else x.dtype
+  return (jnp.dot(x.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
+          + bias.astype(jnp.float32))
 
 
 def to_channel_major(patches: jax.Array) -> jax.Array:
@@ -167,7 +178,8 @@ class StageNet(nn.Module):
         cfg.hidden_size, cfg.init_std, name="recurrent")(p * d + hidden.shape[-1])))
     params["head"] = dict(zip(("kernel", "bias"), _DenseParams(
         2 * cfg.num_landmarks + 1, cfg.init_std, name="head")(cfg.hidden_size)))
-    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention)
+    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,
+                                          cfg.compute_dtype)
     hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden)
     return hidden, displacement, error, attention_mean.reshape(b, p)
 

@@ -1,14 +1,25 @@
 """Cluster readiness: the user's command from an installed wheel, multi-process start."""
+import dataclasses
+import functools
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from musica_jax import cascade
+from musica_jax import config as config_lib
 from musica_jax import parallel
+from musica_jax import pyramid
+from musica_jax import stage_net
+from musica_jax import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WFLW_SAMPLE = (REPO / ".." / "shared" / "data" / "wflw_sample").resolve()
@@ -113,3 +124,103 @@ def test_slurm_environment_forms_two_processes(tmp_path):
   assert "2 process(es)" in outs[0][0] and "step 2/2" in outs[0][0]
   assert "training" not in outs[1][0]          # only process 0 reports
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+# --- accelerator-aware execution and bfloat16 compute ------------------------------------
+
+SMALL = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9),
+                               hidden_size=64, image_size=64)
+
+
+def _inputs(cfg, batch, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  images = jax.random.normal(k1, (batch, cfg.image_size, cfg.image_size, 3))
+  init = jax.random.uniform(k2, (cfg.num_landmarks, 2), minval=10, maxval=cfg.image_size - 10)
+  target = init + 3 * jax.random.normal(k3, (batch, cfg.num_landmarks, 2))
+  return images, init, target
+
+
+def _stage(cfg, params, images, init, compiled=True):
+  """(HLO text, outputs) of one jitted iteration (`cascade.stage_forward`) on the batch:
+  the compiled module, or the lowered StableHLO (operand types spelled out)."""
+  layout, xs = cascade.stage_inputs(cfg)
+  atlas = pyramid.build_atlas(images, layout)
+  shape = cascade.broadcast_init(init, images.shape[0], cfg)
+  hidden = jnp.zeros((images.shape[0], cfg.hidden_size))
+  fn = jax.jit(functools.partial(cascade.stage_forward, cfg))
+  args = (cascade.stage_params(params, 0), atlas, shape, hidden,
+          {k: v[0] for k, v in xs.items()})
+  lowered = fn.lower(*args)
+  return (lowered.compile().as_text() if compiled else lowered.as_text()), fn(*args)
+
+
+def test_accelerator_path_runs_one_batched_pass_without_a_loop(monkeypatch):
+  """On the CPU backend forced into the accelerator path, the compiled stage has no loop
+  over face groups (the CPU path has one) and computes the same outputs."""
+  params = stage_net.init_stacked(jax.random.key(1), SMALL)
+  images, init, _ = _inputs(SMALL, batch=8)
+  monkeypatch.setattr(cascade, "TARGET_CHUNK_PATCHES", 13)     # CPU: 4 groups of 2 faces
+  monkeypatch.setattr(cascade, "EXECUTION", "cpu")
+  assert cascade.face_group_size(8, 6) == 2
+  cpu_hlo, cpu_out = _stage(SMALL, params, images, init)
+  monkeypatch.setattr(cascade, "EXECUTION", "accelerator")
+  assert cascade.face_group_size(8, 6) == 8
+  acc_hlo, acc_out = _stage(SMALL, params, images, init)
+  loop = re.compile(r"\bwhile\(")
+  assert loop.search(cpu_hlo), "the CPU path should loop over face groups"
+  assert not loop.search(acc_hlo), "the accelerator path loops"
+  for a, b in zip(jax.tree.leaves(cpu_out), jax.tree.leaves(acc_out)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  monkeypatch.setattr(cascade, "EXECUTION", "auto")            # this backend is a CPU
+  assert cascade.face_group_size(8, 6) == 2
+
+
+def test_bfloat16_compute_uses_bf16_products_and_keeps_f32_parameters():
+  cfg16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
+  params = stage_net.init_stacked(jax.random.key(1), SMALL)
+  images, init, _ = _inputs(SMALL, batch=4)
+  hlo16, out16 = _stage(cfg16, params, images, init, compiled=False)
+  hlo32, out32 = _stage(SMALL, params, images, init, compiled=False)
+  dots16 = [l for l in hlo16.splitlines() if "dot_general" in l and "->" in l]
+  dots32 = [l for l in hlo32.splitlines() if "dot_general" in l and "->" in l]
+  # conv1, conv2, attention, recurrent, head: bf16 operands, f32 results.
+  assert len(dots16) == 5 and all(
+      re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", l)
+      for l in dots16), dots16
+  assert len(dots32) == 5 and not any("bf16" in l for l in dots32)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out16))
+  shape16, shape32 = out16[0], out32[0]
+  assert float(jnp.abs(shape16 - shape32).max()) < 0.05
+  with pytest.raises(ValueError, match="compute_dtype"):
+    dataclasses.replace(SMALL, compute_dtype="float16")
+
+
+def _train(compute_dtype, steps=40):
+  tcfg = training.TrainConfig(steps=steps, learning_rate=3e-3, decay_steps=1000,
+                              compute_dtype=compute_dtype)
+  state = training.create_train_state(SMALL, tcfg)
+  images, init, target = _inputs(SMALL, batch=8, seed=3)
+  fake = _FakeScheme()
+  step = jax.jit(functools.partial(training.train_step, model_cfg=SMALL, train_cfg=tcfg,
+                                   scheme=fake))
+  losses_ = []
+  for _ in range(steps):
+    state, m = step(state, {"image": images, "landmarks": target}, init)
+    losses_.append(float(m["loss"]))
+  return state, np.asarray(losses_)
+
+
+class _FakeScheme:
+  """What train_step reads of a landmark scheme (inter-ocular NME), for the 10-point model."""
+  outer_eye_corners = (0, 9)
+
+
+def test_bfloat16_training_tracks_float32():
+  """Same seed and data: bf16 compute learns like f32; parameters, EMA and Adam stay f32."""
+  s32, l32 = _train("float32")
+  s16, l16 = _train("bfloat16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((s16.params, s16.ema_params,
+                                                               s16.opt_state)) if x.ndim)
+  assert int(s16.nonfinite_steps) == 0
+  assert l16[-1] < 0.75 * l16[0] and l32[-1] < 0.75 * l32[0]
+  assert abs(l16[-1] - l32[-1]) < 0.05 * l32[-1], (l16[-5:], l32[-5:])
