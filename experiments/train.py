@@ -56,7 +56,8 @@ def train_config_from_flags() -> training.TrainConfig:
     raise app.UsageError(f"--steps must be positive, got {FLAGS.steps}")
   return training.TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                               decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
-                              ema_decay=FLAGS.ema_decay, seed=FLAGS.seed)
+                              ema_decay=FLAGS.ema_decay, seed=FLAGS.seed,
+                              compute_dtype=FLAGS.compute_dtype)
 
 
 class MetricWriter:
