@@ -30,7 +30,8 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     "auto": the arguments when given, else `jax.distributed.initialize()` detects the
       cluster itself (SLURM tasks, Cloud TPU VM pods, Open MPI, Kubernetes). No cluster
       detected, or a SLURM job of one task: a single process, nothing started (one task
-      then sees every local device instead of the one of its SLURM_LOCALID).
+      then sees every local device instead of the one of its SLURM_LOCALID). A process
+      started with one visible GPU (CUDA_VISIBLE_DEVICES) uses that one.
     "none": a single process whatever the environment says.
   Must run before anything touches the XLA backend (device queries, arrays).
   Raises ValueError for an unknown mode or incomplete manual arguments.
@@ -50,8 +51,12 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     return f"process {process_id} of {num_processes} (coordinator {coordinator_address})"
   if os.environ.get("SLURM_NTASKS") == "1":
     return "single process (a SLURM job of one task)"
+  # A scheduler that binds one GPU per task (SLURM --gpus-per-task=1) leaves each task one
+  # visible GPU: index 0, whatever the task's local rank (JAX would pick SLURM_LOCALID).
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+  local_ids = [0] if visible and "," not in visible else None
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_ids)
   except ValueError as e:             # no cluster environment detected
     if "coordinator_address" not in str(e):
       raise

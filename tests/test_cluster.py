@@ -89,7 +89,7 @@ def test_distributed_modes_without_a_cluster(monkeypatch):
 
 
 def _free_port_in_slurm_range():
-  """A free port of the range JAX's SLURM detection derives from the job id."""
+  """A job id whose port (JAX's SLURM detection derives it from the id) is free here."""
   for job_id in range(os.getpid() % 4096, os.getpid() % 4096 + 4096):
     port = job_id % 4096 + 65536 - 4096
     with socket.socket() as s:
@@ -97,32 +97,54 @@ def _free_port_in_slurm_range():
         s.bind(("127.0.0.1", port))
       except OSError:
         continue
-    return job_id, port
+    return job_id
   pytest.skip("no free port in 61440-65535")
 
 
+# Stands in for SLURM's `srun` on localhost: starts SLURM_NTASKS copies of the command with
+# the variables SLURM gives each task, and fails when one of them fails.
+FAKE_SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_NODES=1 \
+      "$@" > "$FAKE_SRUN_LOGS/task$i.out" 2> "$FAKE_SRUN_LOGS/task$i.err" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
+"""
+
+
 @pytest.mark.multiprocess
-def test_slurm_environment_forms_two_processes(tmp_path):
-  """Two processes started as `srun --ntasks=2` would start them (SLURM_* variables, no
-  flags): --distributed=auto forms one 2-process JAX job that trains together."""
-  job_id, _ = _free_port_in_slurm_range()
-  args = ["--flagfile=demo.flags", "--synthetic_train_size=16", "--synthetic_test_size=4",
-          "--batch_size=4", "--eval_batch_size=4", "--hidden_size=16",
-          f"--tfds_dir={tmp_path / 'tfds'}", "--steps=2", "--log_every=1", "--eval_every=-1",
-          "--checkpoint_every=2", f"--workdir={tmp_path / 'run'}"]
-  procs = []
-  for i in range(2):
-    env = _clean_env(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost",
-                     SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
-                     SLURM_STEP_NUM_NODES="1")
-    procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train", *args],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env))
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, o[-1000:] + e[-3000:]
-  assert "2 process(es)" in outs[0][0] and "step 2/2" in outs[0][0]
-  assert "training" not in outs[1][0]          # only process 0 reports
+def test_slurm_recipe_forms_a_two_process_job(tmp_path):
+  """experiments/launch/slurm.sbatch as a 2-task SLURM job would run it (its srun replaced
+  by a localhost stand-in that sets the SLURM_* variables of each task): --distributed=auto
+  forms one 2-process JAX job that trains to the end."""
+  bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
+  bin_dir.mkdir()
+  logs.mkdir()
+  (bin_dir / "srun").write_text(FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  env = _clean_env(
+      PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+      PYTHON=sys.executable, FAKE_SRUN_LOGS=str(logs),
+      SLURM_JOB_ID=str(_free_port_in_slurm_range()), SLURM_NTASKS="2",
+      SLURM_JOB_NODELIST="localhost", MUSICA_DATA_DIR="", MUSICA_WORKDIR=str(tmp_path / "run"),
+      MUSICA_TFDS_DIR=str(tmp_path / "tfds"))
+  env["MUSICA_DATA_DIR"] = str(tmp_path)          # unused by synthetic data, must be set
+  proc = subprocess.run(
+      ["bash", str(REPO / "experiments" / "launch" / "slurm.sbatch"), "demo.flags",
+       "--synthetic_train_size=16", "--synthetic_test_size=4", "--batch_size=4",
+       "--eval_batch_size=4", "--hidden_size=16", "--steps=2", "--log_every=1",
+       "--eval_every=-1", "--checkpoint_every=2"],
+      cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+  out = [(logs / f"task{i}.out").read_text() for i in range(2)]
+  err = [(logs / f"task{i}.err").read_text() for i in range(2)]
+  assert proc.returncode == 0, proc.stderr[-1000:] + err[0][-2000:] + err[1][-2000:]
+  assert "2 process(es)" in out[0] and "step 2/2" in out[0], out[0]
+  assert "training" not in out[1]                # only process 0 reports
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
 
 
