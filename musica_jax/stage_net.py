@@ -47,6 +47,41 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
   return x.max(axis=(-4, -2))
 
 
+@jax.custom_vjp
+def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b (2-D) with bf16 operands and float32 accumulation, in the forward product AND
+  the two backward ones (left to autodiff, the backward products of a mixed dot run in
+  float32 and training gains nothing). a, b: any float dtype (float32 parameters get
+  float32 gradients, accumulated in float32); the result is float32."""
+  return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(a, b):
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  return (jnp.dot(a16, b16, preferred_element_type=jnp.float32),
+          (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype)))
+
+
+def _bf16_matmul_bwd(res, g):
+  a16, b16, a_like, b_like = res
+  g16 = g.astype(jnp.bfloat16)
+  da = jnp.dot(g16, b16.T, preferred_element_type=jnp.float32).astype(a_like.dtype)
+  db = jnp.dot(a16.T, g16, preferred_element_type=jnp.float32).astype(b_like.dtype)
+  return da, db
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def _matmul(a, b):
+  """a @ b with float32 accumulation: bf16 products (`bf16_matmul`) when an operand is
+  bf16, else the plain float32 product."""
+  if jnp.bfloat16 in (a.dtype, b.dtype):
+    return bf16_matmul(a, b)
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 # --- channel-major, patch-minor layout [C, H, W, m] -------------------------------------
 
 def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -60,8 +95,7 @@ def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   cout = kernel.shape[-1]
   cols = jnp.stack([x[:, dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
   cols = cols.reshape(9 * cin, (h - 2) * (w - 2) * m)
-  out = jnp.dot(kernel.reshape(9 * cin, cout).T.astype(x.dtype), cols,
-                preferred_element_type=jnp.float32)
+  out = _matmul(kernel.reshape(9 * cin, cout).T, cols)
   return out.reshape(cout, h - 2, w - 2, m) + bias.astype(jnp.float32)[:, None, None, None]
 
 
@@ -93,8 +127,7 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool,
   desc = desc.transpose(1, 2, 0, 3).reshape(-1, desc.shape[-1])     # [D, m], (y, x, ch)
   if use_attention:
     att = params["attention"]
-    a = jax.nn.sigmoid(jnp.dot(att["kernel"].T.astype(dt), desc,
-                               preferred_element_type=jnp.float32)
+    a = jax.nn.sigmoid(_matmul(att["kernel"].T, desc)
                        + att["bias"].astype(jnp.float32)[:, None])
     desc = (desc * a).astype(dt)
     attention_mean = a.mean(0)
@@ -117,9 +150,11 @@ def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Arr
 def _dense(x, kernel, bias, compute_dtype=jnp.float32):
   """x @ kernel + bias with f32 accumulation. The operands are bf16 when the compute
   dtype is bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
-  dt = jnp.bfloat16 if jnp.bfloat16 in (jnp.dtype(compute_dtype), kernel.dtype) else x.dtype
-  return (jnp.dot(x.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
-          + bias.astype(jnp.float32))
+  if jnp.dtype(compute_dtype) == jnp.bfloat16:
+    return bf16_matmul(x, kernel) + bias.astype(jnp.float32)
+  if kernel.dtype != x.dtype:
+    x = x.astype(kernel.dtype)
+  return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
 
 
 def to_channel_major(patches: jax.Array) -> jax.Array:

@@ -217,6 +217,27 @@ def test_bfloat16_compute_uses_bf16_products_and_keeps_f32_parameters():
     dataclasses.replace(SMALL, compute_dtype="float16")
 
 
+def test_bf16_matmul_backward_products_are_bf16_with_f32_gradients():
+  """The custom gradient of the bf16 product: bf16 operands in all three products, float32
+  accumulation, float32 gradients for float32 parameters, close to the f32 gradient."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k1, (16, 48)).astype(jnp.bfloat16)
+  w = jax.random.normal(k2, (48, 8))
+  g = jax.random.normal(k3, (16, 8))
+  loss16 = lambda x, w: (stage_net.bf16_matmul(x, w) * g).sum()
+  loss32 = lambda x, w: ((x.astype(jnp.float32) @ w) * g).sum()
+  dx16, dw16 = jax.grad(loss16, argnums=(0, 1))(x, w)
+  dx32, dw32 = jax.grad(loss32, argnums=(0, 1))(x, w)
+  assert dx16.dtype == jnp.bfloat16 and dw16.dtype == jnp.float32
+  np.testing.assert_allclose(dw16, dw32, rtol=0.02, atol=0.1)
+  np.testing.assert_allclose(dx16.astype(jnp.float32), dx32, rtol=0.02, atol=0.1)
+  text = jax.jit(jax.value_and_grad(loss16, argnums=(0, 1))).lower(x, w).as_text()
+  dots = [l for l in text.splitlines() if "dot_general" in l and "->" in l]
+  assert len(dots) == 3 and all(
+      re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", l)
+      for l in dots), dots
+
+
 def _train(compute_dtype, steps=40):
   tcfg = training.TrainConfig(steps=steps, learning_rate=3e-3, decay_steps=1000,
                               compute_dtype=compute_dtype)
