@@ -55,6 +55,7 @@ def test_wheel_install_runs_the_users_command_outside_the_repository(tmp_path, t
                         capture_output=True, text=True, env=env, timeout=300)
   assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
   assert (target / "experiments" / "configs" / "wflw98.flags").is_file()
+  assert (target / "experiments" / "launch" / "slurm.sbatch").is_file()
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = _clean_env(PYTHONPATH=str(target))
