@@ -2,6 +2,12 @@
 
   python -m experiments.benchmark --output_json=benchmarks/cpu.json
   python -m experiments.benchmark --variants=68/19 --batch_sizes=1 --repeats=2   # quick
+  # On a GPU/TPU machine, one command (68/68 and 68/19; inference at batch 1, 64 and
+  # 4096; training at batch 128 and 1024; float32 and bfloat16 compute):
+  python -m experiments.benchmark --output_json=benchmarks/gpu_<device>.json
+  # bf16 vs f32 training throughput of 300w19's model at batch 64, one run:
+  python -m experiments.benchmark --variants=68/19 --sections=train --train_batch=64 \
+      --compute_dtypes=float32,bfloat16 --output_json=benchmarks/train_bf16_300w19_cpu.json
 
 Imports only JAX / Flax / Optax (never TensorFlow or data_pipelines), so it runs unchanged
 on a GPU machine. The weights are synthetic (random initialisation) unless --params_npz
@@ -11,11 +17,15 @@ and the JSON says so.
 
 Timings are wall-clock over `--repeats` calls after a warm-up (compilation excluded); the
 best and the median are reported (shared machines are noisy: compare ratios measured in
-the same run). GFLOP/s counts 2 x the analytic multiply-adds of musica_jax.cost (convs,
-attention, recurrent, head); the matrix-product peak is measured in the same run.
+the same run; the training steps of the compute dtypes are timed in alternation). GFLOP/s
+counts 2 x the analytic multiply-adds of musica_jax.cost (convs, attention, recurrent,
+head); the matrix-product peak (a large square product, float32 and bf16 operands with
+float32 accumulation) is measured in the same run, and each fraction is against the peak
+of its own compute dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -38,13 +48,25 @@ from musica_jax import losses
 from musica_jax import stage_net
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON results.")
-_VARIANTS = flags.DEFINE_list("variants", ["68/68", "68/34", "68/19", "98/49"],
-                              "Variants landmarks/patches ('tiny': a small test model).")
+_VARIANTS = flags.DEFINE_list("variants", None,
+                              "Variants landmarks/patches ('tiny': a small test model). Default "
+                              "68/68,68/34,68/19,98/49 on CPU, 68/68,68/19 on GPU/TPU.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None,
-                                 "Inference batch sizes (default 1,64; 1,64,4096 on GPU).")
+                                 "Inference batch sizes (default 1,64; 1,64,4096 on GPU/TPU).")
+_SECTIONS = flags.DEFINE_multi_enum(
+    "sections", ["inference", "latency", "train", "early_exit"],
+    ["inference", "latency", "train", "early_exit"], "What to measure.")
+_COMPUTE_DTYPES = flags.DEFINE_list(
+    "compute_dtypes", None, "Compute dtypes of the inference and training measurements "
+    "(float32, bfloat16; default float32 on CPU, float32,bfloat16 on GPU/TPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (after warm-up).")
 _LATENCY_SAMPLES = flags.DEFINE_integer("latency_samples", 50, "Batch-1 calls for p50/p90.")
-_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 128, "Training-step batch (0: skip).")
+_TRAIN_BATCH = flags.DEFINE_list("train_batch", None,
+                                  "Training-step batches (default 128; 128,1024 on GPU/TPU; "
+                                  "0: skip).")
+_PEAK_SIZE = flags.DEFINE_integer(
+    "peak_size", 0, "Side of the square matrix product of the peak probe (0: 4096 on CPU, "
+    "8192 on GPU/TPU; a 2048 product reads half the peak on the 2-core development CPU).")
 _TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 3, "Timed training steps.")
 _EARLY_EXIT_VARIANTS = flags.DEFINE_list("early_exit_variants", ["68/68", "68/19"],
                                          "Variants for the early-exit section.")
@@ -81,7 +103,7 @@ def device_info() -> dict:
         break
   except OSError:
     pass
-  info["name"] = info["device_kind"] if d.platform == "gpu" else info.get("cpu_model", "cpu")
+  info["name"] = info["device_kind"] if d.platform != "cpu" else info.get("cpu_model", "cpu")
   return info
 
 
@@ -96,11 +118,17 @@ def timed(fn, *args, repeats: int):
   return min(ts), float(np.median(ts))
 
 
-def matmul_peak(on_gpu: bool, repeats: int) -> float:
-  n = 8192 if on_gpu else 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  best, _ = timed(f, a, a, repeats=max(3, repeats))
+def matmul_peak(on_accelerator: bool, repeats: int, compute_dtype: str = "float32") -> float:
+  """GFLOP/s of a large square matrix product (n = 4096 on CPU, 8192 on GPU/TPU, or
+  --peak_size): the rate the model's own products are compared with. bfloat16: bf16
+  operands, float32 accumulation, as the model computes. Two distinct operands, the best
+  of the calls."""
+  n = _PEAK_SIZE.value or (8192 if on_accelerator else 4096)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.float32).astype(compute_dtype)
+  b = jax.random.normal(k2, (n, n), jnp.float32).astype(compute_dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  best, _ = timed(f, a, b, repeats=max(3, repeats))
   return 2 * n ** 3 / best / 1e9
 
 
@@ -131,7 +159,8 @@ def load_params(cfg, path):
 
 
 def make_train_step(cfg, init_shape, corners):
-  """Adam + cascade_loss, as in training (buffers donated, as a training loop would)."""
+  """Adam + cascade_loss, as in training (buffers donated, as a training loop would).
+  cfg.compute_dtype sets the products' dtype; parameters and Adam stay float32."""
   opt = optax.adam(1e-3)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -145,7 +174,68 @@ def make_train_step(cfg, init_shape, corners):
   return opt, step
 
 
-def bench_variant(name, batch_sizes, peak, on_gpu) -> dict:
+def with_dtype(cfg, compute_dtype: str):
+  return dataclasses.replace(cfg, compute_dtype=compute_dtype)
+
+
+def bench_inference(cfg, params, batch_sizes, peaks, dtypes) -> dict:
+  """{dtype: {batch: faces/s, ...}} of the full masked cascade (`run_cascade_jit`)."""
+  macs = cost.cascade_macs(cfg)
+  out = {}
+  for dt in dtypes:
+    run = functools.partial(cascade.run_cascade_jit, config=with_dtype(cfg, dt))
+    out[dt] = {}
+    for b in batch_sizes:
+      images, init, _ = synthetic_inputs(cfg, b)
+      best, med = timed(run, params, images, init, repeats=_REPEATS.value)
+      gflops = 2 * macs * b / best / 1e9
+      out[dt][str(b)] = {"faces_per_s": b / best, "faces_per_s_median": b / med,
+                         "ms_per_batch": best * 1e3, "gflops": gflops,
+                         "fraction_of_matmul_peak": gflops / peaks[dt]}
+  return out
+
+
+def bench_train(cfg, params, batches, dtypes, peaks) -> dict:
+  """{batch: {dtype: samples/s, ...}}: the compute dtypes' steps timed in alternation
+  (round after round, each its best), so a shared machine's load hits them alike."""
+  macs = cost.cascade_macs(cfg)
+  out = {}
+  for b in batches:
+    images, init, target = synthetic_inputs(cfg, b)
+    runners = {}
+    for dt in dtypes:
+      opt, step = make_train_step(with_dtype(cfg, dt), init, CORNERS[cfg.num_landmarks])
+      state = [jax.tree.map(jnp.copy, params), None]
+      state[1] = opt.init(state[0])
+
+      def one(step=step, state=state):
+        state[0], state[1], loss = step(state[0], state[1], images, target)
+        return loss
+      jax.block_until_ready(one())                  # compile + warm up
+      runners[dt] = one
+    times = {dt: [] for dt in dtypes}
+    for _ in range(max(1, _TRAIN_REPEATS.value)):
+      for dt, one in runners.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(one())
+        times[dt].append(time.perf_counter() - t0)
+    row = {}
+    for dt in dtypes:
+      best, med = min(times[dt]), float(np.median(times[dt]))
+      gflops = 3 * 2 * macs * b / best / 1e9
+      row[dt] = {"samples_per_s": b / best, "samples_per_s_median": b / med,
+                 "s_per_step": best, "gflops": gflops,
+                 "fraction_of_matmul_peak": gflops / peaks[dt]}
+    if "float32" in row and "bfloat16" in row:
+      row["bfloat16_speedup"] = row["bfloat16"]["samples_per_s"] / row["float32"]["samples_per_s"]
+      row["bfloat16_speedup_median"] = (row["bfloat16"]["samples_per_s_median"]
+                                        / row["float32"]["samples_per_s_median"])
+    out[str(b)] = row
+    del runners
+  return out
+
+
+def bench_variant(name, batch_sizes, train_batches, peaks, dtypes) -> dict:
   cfg = variant_config(name)
   params = (load_params(cfg, _PARAMS_NPZ.value) if _PARAMS_NPZ.value
             else stage_net.init_stacked(jax.random.key(0), cfg))
@@ -153,16 +243,19 @@ def bench_variant(name, batch_sizes, peak, on_gpu) -> dict:
   row = {"landmarks": cfg.num_landmarks, "patches": cfg.num_patches,
          "iterations": cfg.num_stages, "mmacs": macs / 1e6,
          "mparams": cost.parameter_count(cfg) / 1e6,
-         "weight_mbytes_f32": 4 * cost.parameter_count(cfg) / 2 ** 20, "inference": {}}
+         "weight_mbytes_f32": 4 * cost.parameter_count(cfg) / 2 ** 20}
+  if "inference" in _SECTIONS.value:
+    row["inference"] = bench_inference(cfg, params, batch_sizes, peaks, dtypes)
+  if "latency" in _SECTIONS.value:
+    row["batch1_latency"] = bench_latency(cfg, params)
+  if "train" in _SECTIONS.value and train_batches:
+    row["train_step"] = bench_train(cfg, params, train_batches, dtypes, peaks)
+  return row
+
+
+def bench_latency(cfg, params) -> dict:
+  """Batch-1 latency (all iterations, Ts = -inf): masked cascade and the selective path."""
   run = functools.partial(cascade.run_cascade_jit, config=cfg)
-  for b in batch_sizes:
-    images, init, _ = synthetic_inputs(cfg, b)
-    best, med = timed(run, params, images, init, repeats=_REPEATS.value)
-    gflops = 2 * macs * b / best / 1e9
-    row["inference"][str(b)] = {"faces_per_s": b / best, "faces_per_s_median": b / med,
-                                "ms_per_batch": best * 1e3, "gflops": gflops,
-                                "fraction_of_matmul_peak": gflops / peak}
-  # Batch-1 latency (all iterations, Ts = -inf): masked cascade and the selective path.
   images, init, _ = synthetic_inputs(cfg, 1)
   fast = fast_inference.FastCascade(params, cfg)
   lat = {}
@@ -185,22 +278,7 @@ def bench_variant(name, batch_sizes, peak, on_gpu) -> dict:
     a = np.asarray(fast.run(images, init).landmarks)
     b16 = np.asarray(fast16.run(images, init).landmarks)
     lat["selective_bf16_fc_weights"]["max_landmark_deviation_px"] = float(np.abs(a - b16).max())
-  row["batch1_latency"] = lat
-  if _TRAIN_BATCH.value:
-    b = _TRAIN_BATCH.value
-    images, init, target = synthetic_inputs(cfg, b)
-    opt, step = make_train_step(cfg, init, CORNERS[cfg.num_landmarks])
-    state = [jax.tree.map(jnp.copy, params), None]
-    state[1] = opt.init(state[0])
-
-    def one():
-      state[0], state[1], loss = step(state[0], state[1], images, target)
-      return loss
-    best, med = timed(lambda: one(), repeats=_TRAIN_REPEATS.value)
-    row["train_step"] = {"batch": b, "samples_per_s": b / best,
-                         "samples_per_s_median": b / med, "s_per_step": best,
-                         "gflops": 3 * 2 * macs * b / best / 1e9}
-  return row
+  return lat
 
 
 def pick_ts(errors: np.ndarray, target: float) -> tuple[float, float]:
@@ -267,33 +345,55 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   t_start = time.perf_counter()
   info = device_info()
-  on_gpu = info["platform"] == "gpu"
-  batch_sizes = ([int(x) for x in _BATCH_SIZES.value] if _BATCH_SIZES.value
-                 else [1, 64, 4096] if on_gpu else [1, 64])
-  peak = matmul_peak(on_gpu, _REPEATS.value)
-  print(f"device: {info['name']} ({info['platform']}); matmul peak {peak:.1f} GFLOP/s")
-  result = {"device": info, "matmul_peak_gflops": peak,
+  on_acc = info["platform"] != "cpu"
+  ints = lambda flag, default: [int(x) for x in flag.value] if flag.value else default
+  try:
+    batch_sizes = ints(_BATCH_SIZES, [1, 64, 4096] if on_acc else [1, 64])
+    train_batches = [b for b in ints(_TRAIN_BATCH, [128, 1024] if on_acc else [128]) if b > 0]
+  except ValueError as e:
+    raise app.UsageError(f"--batch_sizes/--train_batch: integers expected ({e})") from None
+  variants = _VARIANTS.value or (["68/68", "68/19"] if on_acc
+                                 else ["68/68", "68/34", "68/19", "98/49"])
+  dtypes = _COMPUTE_DTYPES.value or (["float32", "bfloat16"] if on_acc else ["float32"])
+  bad = [d for d in dtypes if d not in config_lib.COMPUTE_DTYPES]
+  if bad:
+    raise app.UsageError(f"--compute_dtypes: {bad} not in {config_lib.COMPUTE_DTYPES}")
+  peaks = {dt: matmul_peak(on_acc, _REPEATS.value, dt)
+           for dt in sorted(set(dtypes) | {"float32"})}
+  print(f"device: {info['name']} ({info['platform']}); matmul peak "
+        + ", ".join(f"{dt} {v:.1f}" for dt, v in peaks.items()) + " GFLOP/s", flush=True)
+  result = {"device": info, "matmul_peak_gflops": peaks["float32"],
+            "matmul_peak_gflops_by_dtype": peaks,
             "weights": "trained" if _PARAMS_NPZ.value else "synthetic (random init)",
-            "settings": {"batch_sizes": batch_sizes, "repeats": _REPEATS.value,
+            "settings": {"variants": variants, "sections": _SECTIONS.value,
+                         "batch_sizes": batch_sizes, "repeats": _REPEATS.value,
                          "latency_samples": _LATENCY_SAMPLES.value,
-                         "train_batch": _TRAIN_BATCH.value, "dtype": "float32"},
+                         "train_batches": train_batches, "train_repeats": _TRAIN_REPEATS.value,
+                         "compute_dtypes": dtypes,
+                         "one_batched_pass": cascade.one_batched_pass()},
             "variants": {}, "early_exit": {}}
-  for name in _VARIANTS.value:
-    row = bench_variant(name, batch_sizes, peak, on_gpu)
+  for name in variants:
+    row = bench_variant(name, batch_sizes, train_batches, peaks, dtypes)
     result["variants"][name] = row
-    inf = "  ".join(f"b{b}: {row['inference'][str(b)]['faces_per_s']:8.1f}/s "
-                    f"({100 * row['inference'][str(b)]['fraction_of_matmul_peak']:4.1f}%)"
-                    for b in batch_sizes)
-    lat = row["batch1_latency"]
-    print(f"{name:>6} {row['mmacs']:6.1f} MMACs | {inf} | b1 p50/p90 masked "
-          f"{lat['run_cascade_jit']['p50_ms']:.2f}/{lat['run_cascade_jit']['p90_ms']:.2f} ms, "
-          f"selective {lat['selective_f32']['p50_ms']:.2f}/{lat['selective_f32']['p90_ms']:.2f}"
-          + (f", bf16 {lat['selective_bf16_fc_weights']['p50_ms']:.2f}"
-             if "selective_bf16_fc_weights" in lat else "")
-          + (f" | train b{row['train_step']['batch']}: "
-             f"{row['train_step']['samples_per_s']:.1f} samples/s" if "train_step" in row else ""))
-  for name in _EARLY_EXIT_VARIANTS.value:
-    if name not in _VARIANTS.value and not _PARAMS_NPZ.value:
+    parts = [f"{name:>6} {row['mmacs']:6.1f} MMACs"]
+    for dt, rows in row.get("inference", {}).items():
+      parts.append(f"{dt} " + "  ".join(
+          f"b{b}: {r['faces_per_s']:8.1f}/s ({100 * r['fraction_of_matmul_peak']:4.1f}%)"
+          for b, r in rows.items()))
+    if "batch1_latency" in row:
+      lat = row["batch1_latency"]
+      parts.append(f"b1 p50/p90 masked {lat['run_cascade_jit']['p50_ms']:.2f}/"
+                   f"{lat['run_cascade_jit']['p90_ms']:.2f} ms, selective "
+                   f"{lat['selective_f32']['p50_ms']:.2f}/{lat['selective_f32']['p90_ms']:.2f}"
+                   + (f", bf16 {lat['selective_bf16_fc_weights']['p50_ms']:.2f}"
+                      if "selective_bf16_fc_weights" in lat else ""))
+    for b, r in row.get("train_step", {}).items():
+      parts.append(f"train b{b}: " + ", ".join(
+          f"{dt} {r[dt]['samples_per_s']:.1f} samples/s" for dt in dtypes)
+          + (f" (bf16 x{r['bfloat16_speedup']:.2f})" if "bfloat16_speedup" in r else ""))
+    print(" | ".join(parts), flush=True)
+  for name in _EARLY_EXIT_VARIANTS.value if "early_exit" in _SECTIONS.value else []:
+    if name not in variants and not _PARAMS_NPZ.value:
       continue
     ee = bench_early_exit(name)
     result["early_exit"][name] = ee

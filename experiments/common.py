@@ -38,11 +38,19 @@ flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("decay_steps", 15000, "Learning rate x decay_factor every this many steps.")
 flags.DEFINE_float("decay_factor", 0.1, "Staircase learning-rate decay factor.")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA of the weights used for evaluation.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Training products: bfloat16 = bf16 operands with float32 accumulation "
+                  "(parameters, loss and Adam stay float32). Evaluation runs in float32.")
 flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
 flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations on --eval_split "
                      "(0: only at the end; -1: never).")
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (plus the best by eval NME).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "manual", "none"],
+                  "Multi-process start (musica_jax.parallel.initialize_distributed): auto = "
+                  "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
+                  "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
+                  "one process.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0; with --num_processes and --process_id "
                     "calls jax.distributed.initialize.")

@@ -42,15 +42,13 @@ flags.mark_flag_as_required("workdir")
 
 
 def initialise_distributed() -> None:
-  if FLAGS.coordinator_address:
-    if FLAGS.num_processes is None or FLAGS.process_id is None:
-      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-    # Cross-process collectives on CPU hosts (ignored by GPU/TPU backends). Nothing may
-    # touch the XLA backend before initialize(), so no backend query here.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
+  """--distributed: auto-detected cluster, the manual flags, or one process."""
+  try:
+    how = parallel.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                          FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  logging.info("distributed: %s", how)
 
 
 def train_config_from_flags() -> training.TrainConfig:
@@ -58,7 +56,8 @@ def train_config_from_flags() -> training.TrainConfig:
     raise app.UsageError(f"--steps must be positive, got {FLAGS.steps}")
   return training.TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                               decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
-                              ema_decay=FLAGS.ema_decay, seed=FLAGS.seed)
+                              ema_decay=FLAGS.ema_decay, seed=FLAGS.seed,
+                              compute_dtype=FLAGS.compute_dtype)
 
 
 class MetricWriter:

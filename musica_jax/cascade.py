@@ -18,9 +18,10 @@ Shape (fixed by the project): the iterations are one pure stage function compose
 (`pyramid.AtlasLayout`) and each iteration reads its level through scanned (level,
 origin, level size, step scale) arrays: no Python branch per stage.
 
-Speed (2-core CPU): the per-patch network runs in a channel-major layout, chunked over
+Speed: the per-patch network runs in a channel-major layout. On CPU it is chunked over
 groups of faces (`stage_features`): intermediates stay in cache instead of being
-hundreds of MB of fresh allocations. `stage_step` is the straightforward reference (one
+hundreds of MB of fresh allocations. On GPU/TPU (`EXECUTION`) every patch of the batch
+goes through one batched pass: chunks there would be dozens of small sequential kernels. `stage_step` is the straightforward reference (one
 gather into [B, P, 14, 14, 3], the Flax module); the tests loop it over the stages.
 """
 from __future__ import annotations
@@ -115,8 +116,26 @@ def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
 TARGET_CHUNK_PATCHES = 160
 
 
+# Where the per-patch network runs: "auto" (chunked over face groups on the CPU backend,
+# one batched pass on GPU/TPU), "cpu" (always chunked) or "accelerator" (always one pass;
+# the tests force it on the CPU backend). Read at trace time.
+EXECUTION = "auto"
+
+
+def one_batched_pass() -> bool:
+  """Whether the per-patch network runs on the whole batch at once (see EXECUTION)."""
+  if EXECUTION not in ("auto", "cpu", "accelerator"):
+    raise ValueError(f"cascade.EXECUTION must be auto, cpu or accelerator, got {EXECUTION!r}")
+  if EXECUTION == "auto":
+    return jax.default_backend() != "cpu"
+  return EXECUTION == "accelerator"
+
+
 def face_group_size(batch: int, num_patches: int, target: int | None = None) -> int:
-  """Faces per chunk: the largest divisor of `batch` with at most `target` patches."""
+  """Faces per chunk: the largest divisor of `batch` with at most `target` patches
+  (the whole batch on accelerators: `one_batched_pass`)."""
+  if one_batched_pass():
+    return batch
   target = TARGET_CHUNK_PATCHES if target is None else target
   k = max(1, min(batch, target // max(num_patches, 1)))
   while batch % k:
@@ -158,7 +177,8 @@ def stage_features(config: ModelConfig, params, atlas: jax.Array, centres: jax.A
       imgs = imgs if rows is None else jnp.take(imgs, rows, axis=0)
       patches = pyramid.gather_patches_level_cm(imgs, local_face, st.reshape(-1, 2),
                                                 fr.reshape(-1, 2), ps)
-    desc, att = stage_net.patch_features(params, patches, config.use_attention)
+    desc, att = stage_net.patch_features(params, patches, config.use_attention,
+                                         config.compute_dtype)
     return desc.reshape(k, -1), att.reshape(k, p)
 
   if remat:
@@ -246,10 +266,15 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
 # (~60 kB per patch and iteration) would pass this many patches per iteration. Below it,
 # storing them is ~9% faster (68/68, batch 128, 2-core CPU: ~1.5 GB of residuals).
 REMAT_ABOVE_PATCHES = 16384
+# In one batched pass (accelerators) the stored intermediates of a whole iteration are on
+# device memory at once: ~60 kB x patches, 15 GB per iteration at this threshold (batch
+# 1024 of 68/68 stores 4 GB per iteration and is not rematerialised).
+REMAT_ABOVE_PATCHES_ONE_PASS = 262144
 
 
 def _remat_default(batch: int, num_patches: int) -> bool:
-  return batch * num_patches > REMAT_ABOVE_PATCHES
+  limit = REMAT_ABOVE_PATCHES_ONE_PASS if one_batched_pass() else REMAT_ABOVE_PATCHES
+  return batch * num_patches > limit
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

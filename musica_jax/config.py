@@ -7,6 +7,9 @@ from musica_jax import face_frame
 from musica_jax import schemes
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape of a MuSiCa cascade.
@@ -22,6 +25,10 @@ class ModelConfig:
     use_attention: local patch attention on/off (ablation, paper Table 4).
     image_size: side of the square level-0 face crop.
     init_std: truncated-normal std of every weight (reference notes: 0.01).
+    compute_dtype: "float32", or "bfloat16": the network's products take bf16 operands
+      and accumulate in float32 (parameters, loss and optimizer stay float32). An
+      execution choice, not part of the trained model: training sets it from
+      TrainConfig.compute_dtype; saved models and run configs keep "float32".
   """
   num_landmarks: int = 68
   patch_indices: tuple[int, ...] = tuple(range(68))
@@ -32,6 +39,7 @@ class ModelConfig:
   use_attention: bool = True
   image_size: int = face_frame.CROP_SIZE
   init_std: float = 0.01
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
@@ -42,6 +50,8 @@ class ModelConfig:
       raise ValueError(f"levels must be non-negative pyramid levels, got {self.levels}")
     if self.image_size % (2 ** max(self.levels)):
       raise ValueError(f"image_size {self.image_size} must be divisible by 2^{max(self.levels)}")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
     if self.patch_size < 14:
       raise ValueError("patch_size must be at least 14 (two 3x3 convs and two 2x2 pools)")
 

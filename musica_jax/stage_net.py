@@ -47,20 +47,56 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
   return x.max(axis=(-4, -2))
 
 
+@jax.custom_vjp
+def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b (2-D) with bf16 operands and float32 accumulation, in the forward product AND
+  the two backward ones (left to autodiff, the backward products of a mixed dot run in
+  float32 and training gains nothing). a, b: any float dtype (float32 parameters get
+  float32 gradients, accumulated in float32); the result is float32."""
+  return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(a, b):
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  return (jnp.dot(a16, b16, preferred_element_type=jnp.float32),
+          (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype)))
+
+
+def _bf16_matmul_bwd(res, g):
+  a16, b16, a_like, b_like = res
+  g16 = g.astype(jnp.bfloat16)
+  da = jnp.dot(g16, b16.T, preferred_element_type=jnp.float32).astype(a_like.dtype)
+  db = jnp.dot(a16.T, g16, preferred_element_type=jnp.float32).astype(b_like.dtype)
+  return da, db
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def _matmul(a, b):
+  """a @ b with float32 accumulation: bf16 products (`bf16_matmul`) when an operand is
+  bf16, else the plain float32 product."""
+  if jnp.bfloat16 in (a.dtype, b.dtype):
+    return bf16_matmul(a, b)
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 # --- channel-major, patch-minor layout [C, H, W, m] -------------------------------------
 
 def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m].
+  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m] (float32).
 
   cols[(dy, dx, c), (y, x, m)] = x[c, y+dy, x+dx, m]: the same (dy, dx, c) order as
-  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere.
+  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere. The product runs in
+  x's dtype (bfloat16 compute: bf16 operands) and accumulates in float32.
   """
   cin, h, w, m = x.shape
   cout = kernel.shape[-1]
   cols = jnp.stack([x[:, dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
   cols = cols.reshape(9 * cin, (h - 2) * (w - 2) * m)
-  out = jnp.dot(kernel.reshape(9 * cin, cout).T, cols)
-  return out.reshape(cout, h - 2, w - 2, m) + bias[:, None, None, None]
+  out = _matmul(kernel.reshape(9 * cin, cout).T, cols)
+  return out.reshape(cout, h - 2, w - 2, m) + bias.astype(jnp.float32)[:, None, None, None]
 
 
 def max_pool2x2_cm(x: jax.Array) -> jax.Array:
@@ -70,15 +106,20 @@ def max_pool2x2_cm(x: jax.Array) -> jax.Array:
   return x.max(axis=(2, 4))
 
 
-def patch_features(params, patches_cm: jax.Array, use_attention: bool):
+def patch_features(params, patches_cm: jax.Array, use_attention: bool,
+                   compute_dtype: str = "float32"):
   """Per-patch part of one iteration on patches [C, ps, ps, m] (channel-major).
 
   Returns (attended descriptors [m, D] in the (y, x, channel) order of StageNet,
-  mean attention [m]). `params` is one stage's parameter dict.
+  mean attention [m]). `params` is one stage's parameter dict. compute_dtype
+  "bfloat16": the products take bf16 operands and accumulate in float32; activations are
+  stored in bf16 between layers (the descriptors too), biases and the sigmoid in float32.
   """
-  x = jax.nn.relu(conv3x3_cm(patches_cm, params["conv1"]["kernel"], params["conv1"]["bias"]))
+  dt = jnp.dtype(compute_dtype)
+  x = jax.nn.relu(conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
+                             params["conv1"]["bias"])).astype(dt)
   x = max_pool2x2_cm(x)
-  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"]))
+  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"])).astype(dt)
   pooled = max_pool2x2_cm(c2)
   h2, w2 = c2.shape[1:3]
   cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
@@ -86,11 +127,12 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool):
   desc = desc.transpose(1, 2, 0, 3).reshape(-1, desc.shape[-1])     # [D, m], (y, x, ch)
   if use_attention:
     att = params["attention"]
-    a = jax.nn.sigmoid(jnp.dot(att["kernel"].T, desc) + att["bias"][:, None])
-    desc = desc * a
+    a = jax.nn.sigmoid(_matmul(att["kernel"].T, desc)
+                       + att["bias"].astype(jnp.float32)[:, None])
+    desc = (desc * a).astype(dt)
     attention_mean = a.mean(0)
   else:
-    attention_mean = jnp.ones(desc.shape[-1], desc.dtype)
+    attention_mean = jnp.ones(desc.shape[-1], jnp.float32)
   return desc.T, attention_mean
 
 
@@ -98,14 +140,18 @@ def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Arr
   """desc [B, P*D] + hidden [B, H] -> (hidden, displacement [B, N, 2], error [B])."""
   b = desc.shape[0]
   rec = params["recurrent"]
-  rec_in = jnp.concatenate([desc, hidden.astype(desc.dtype)], axis=-1)
-  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"]))
-  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"])
+  dt = jnp.dtype(config.compute_dtype)
+  rec_in = jnp.concatenate([desc.astype(dt), hidden.astype(dt)], axis=-1)
+  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"], dt))
+  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"], dt)
   return hidden, out[:, :-1].reshape(b, config.num_landmarks, 2), out[:, -1]
 
 
-def _dense(x, kernel, bias):
-  """x @ kernel + bias with f32 accumulation (kernel may be stored in bf16)."""
+def _dense(x, kernel, bias, compute_dtype=jnp.float32):
+  """x @ kernel + bias with f32 accumulation. The operands are bf16 when the compute
+  dtype is bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
+  if jnp.dtype(compute_dtype) == jnp.bfloat16:
+    return bf16_matmul(x, kernel) + bias.astype(jnp.float32)
   if kernel.dtype != x.dtype:
     x = x.astype(kernel.dtype)
   return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
@@ -167,7 +213,8 @@ class StageNet(nn.Module):
         cfg.hidden_size, cfg.init_std, name="recurrent")(p * d + hidden.shape[-1])))
     params["head"] = dict(zip(("kernel", "bias"), _DenseParams(
         2 * cfg.num_landmarks + 1, cfg.init_std, name="head")(cfg.hidden_size)))
-    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention)
+    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,
+                                          cfg.compute_dtype)
     hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden)
     return hidden, displacement, error, attention_mean.reshape(b, p)
 

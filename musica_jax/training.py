@@ -33,6 +33,9 @@ class TrainConfig:
   decay_factor: float = 0.1
   ema_decay: float = 0.9999
   seed: int = 0
+  # "bfloat16": the forward and backward products in bf16 with float32 accumulation;
+  # parameters, EMA, loss and Adam stay float32 (ModelConfig.compute_dtype).
+  compute_dtype: str = "float32"
 
 
 @flax.struct.dataclass
@@ -81,8 +84,10 @@ def train_step(state: TrainState, batch: dict, init_shape: jax.Array, *,
   weights = batch.get("mask")
   weights = None if weights is None else weights.astype(jnp.float32)
 
+  run_cfg = dataclasses.replace(model_cfg, compute_dtype=train_cfg.compute_dtype)
+
   def loss_fn(params):
-    out = cascade.run_cascade(params, batch["image"], init_shape, model_cfg)
+    out = cascade.run_cascade(params, batch["image"], init_shape, run_cfg)
     total, parts = losses.cascade_loss(out.shapes, out.errors, batch["landmarks"],
                                        scheme.outer_eye_corners, weights)
     return total, (out, parts)

@@ -3,11 +3,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 CODE = """
 import runpy, sys
 sys.argv = ["benchmark", "--variants=tiny", "--batch_sizes=1,2", "--repeats=1",
             "--latency_samples=2", "--train_batch=2", "--train_repeats=1",
             "--early_exit_variants=tiny", "--early_exit_batch=4", "--bf16=false",
+            "--compute_dtypes=float32,bfloat16", "--peak_size=256",
             "--output_json=" + sys.argv[1]]
 try:
   runpy.run_module("experiments.benchmark", run_name="__main__")
@@ -28,15 +31,21 @@ def test_benchmark_smoke(tmp_path):
   res = json.loads(out.read_text())
   assert {"device", "matmul_peak_gflops", "variants", "early_exit", "weights"} <= set(res)
   assert res["device"]["name"] and res["matmul_peak_gflops"] > 0
+  assert set(res["matmul_peak_gflops_by_dtype"]) == {"float32", "bfloat16"}
   row = res["variants"]["tiny"]
   assert {"mmacs", "inference", "batch1_latency", "train_step"} <= set(row)
-  assert set(row["inference"]) == {"1", "2"}
-  for r in row["inference"].values():
-    assert r["faces_per_s"] > 0 and 0 < r["fraction_of_matmul_peak"]
+  assert set(row["inference"]) == {"float32", "bfloat16"}
+  for by_batch in row["inference"].values():
+    assert set(by_batch) == {"1", "2"}
+    for r in by_batch.values():
+      assert r["faces_per_s"] > 0 and 0 < r["fraction_of_matmul_peak"]
   lat = row["batch1_latency"]
   assert {"run_cascade_jit", "selective_f32"} <= set(lat)
   assert lat["selective_f32"]["p90_ms"] >= lat["selective_f32"]["p50_ms"] > 0
-  assert row["train_step"]["samples_per_s"] > 0
+  train = row["train_step"]["2"]
+  assert train["float32"]["samples_per_s"] > 0 and train["bfloat16"]["samples_per_s"] > 0
+  assert train["bfloat16_speedup"] == pytest.approx(
+      train["bfloat16"]["samples_per_s"] / train["float32"]["samples_per_s"])
   ee = res["early_exit"]["tiny"]
   assert "synthetic" in ee["weights"]
   assert ee["selective_matches_masked"] is True
