@@ -17,7 +17,6 @@ attention, recurrent, head); the matrix-product peak is measured in the same run
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -36,6 +35,7 @@ from musica_jax import cost
 from musica_jax import fast_inference
 from musica_jax import losses
 from musica_jax import stage_net
+from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON results.")
 _VARIANTS = flags.DEFINE_list("variants", ["68/68", "68/34", "68/19", "98/49"],
@@ -306,7 +306,7 @@ def main(argv):
   if _OUTPUT_JSON.value:
     path = pathlib.Path(_OUTPUT_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(strict_json.dumps(result, indent=2))
     print(f"wrote {path}")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 import time
 
 from absl import app
@@ -163,6 +162,8 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
 def load_predictor(workdir, model, checkpoint="latest", max_batch=64):
   if workdir and model:
     raise app.UsageError("give --workdir or --model, not both")
+  if max_batch < 1 or max_batch & (max_batch - 1):
+    raise app.UsageError(f"--max_batch={max_batch}: must be a power of two")
   try:
     if model:
       return predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch)
@@ -305,4 +306,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

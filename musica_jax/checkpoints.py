@@ -3,16 +3,24 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoints intact; `latest_step()` only sees
 finished ones. A run restarted on the same workdir restores the latest step.
+
+`WorkdirLock`: one training run per workdir (below).
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
 import os
+import socket
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from musica_jax import parallel
+from musica_jax import strict_json
 
 BEST_METRIC = "eval_nme"
 
@@ -68,3 +76,76 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+LOCK_FILE = ".musica_lock"
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a training workdir, held by process 0 of a run until it ends.
+
+  `<workdir>/.musica_lock` is locked with flock(2): the kernel releases it when the holder
+  exits in any way (SIGKILL included), so a lock can never outlive its process. The file
+  records the holder (pid, host, start time, command line) for the message a second run
+  gets; a clean release empties it. Finding it non-empty but unlocked means the previous
+  holder died without releasing it (a stale lock): it is taken over and `acquire` says so.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self._fd = None
+
+  @staticmethod
+  def _describe(text: str) -> str:
+    try:
+      h = json.loads(text)
+      return f"pid {h['pid']} on {h['host']} (started {h['started']})"
+    except (ValueError, KeyError, TypeError):
+      return "an unknown process"
+
+  def acquire(self) -> str | None:
+    """Takes the lock; raises WorkdirInUseError if a live process holds it. Returns a
+    note when a stale lock of a dead process was taken over, else None."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 65536, 0).decode(errors="replace")
+      os.close(fd)
+      raise WorkdirInUseError(
+          f"--workdir={os.path.dirname(self.path)} is in use by another training run: "
+          f"{self._describe(holder)} holds {self.path}; wait for it to end or use another "
+          f"--workdir") from None
+    previous = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+    me = strict_json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                     "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "argv": sys.argv})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    if previous:
+      return (f"took over the stale lock of {self._describe(previous)}, which ended "
+              f"without releasing it ({self.path})")
+    return None
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      os.ftruncate(self._fd, 0)
+    finally:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()

@@ -32,6 +32,7 @@ import numpy as np
 
 from musica_jax import quit_head
 from musica_jax import stage_net
+from musica_jax import strict_json
 from musica_jax.config import ModelConfig
 
 FORMAT = "musica-jax-model"
@@ -145,7 +146,7 @@ def save_model(path, params, model_config: ModelConfig, mean_shape, metadata: di
   }
   fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".json")
   with os.fdopen(fd, "w") as f:
-    json.dump(info, f, indent=1)
+    strict_json.dump(info, f, indent=1)
   os.replace(tmp, out / CONFIG_FILE)
   return out
 
