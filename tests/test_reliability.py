@@ -146,3 +146,158 @@ def test_evaluating_broken_weights_fails_and_writes_strict_json(tmp_path):
   split = doc["splits"]["test"]
   assert split["nme_interocular"] is None and split["fr_008"] == 1.0
   assert split["nonfinite_faces"] == 8 and split["auc_008"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# 6. One line for every usage or data error; a failed start leaves no workdir behind.
+
+
+def _pts_folder(root: pathlib.Path, faces: int = 6, bad: bool = True) -> pathlib.Path:
+  """Synthetic faces as .png + .pts; with bad: a truncated .pts and a symlink loop."""
+  from data_pipelines import readers  # noqa: PLC0415
+  from data_pipelines import synthetic_faces  # noqa: PLC0415
+  root.mkdir(parents=True)
+  for i in range(faces):
+    f = synthetic_faces.make_face(5, i, 68)
+    (root / f"face{i}.png").write_bytes(synthetic_faces.encode_png(f.image))
+    readers.write_pts(str(root / f"face{i}.pts"), f.landmarks)
+  if bad:
+    text = (root / "face0.pts").read_text()
+    (root / "face0.pts").write_text(text[:len(text) // 2])        # truncated
+    os.symlink(root / "loop_b.png", root / "loop_a.png")          # ELOOP on any stat
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+  return root
+
+
+TINY = ["--flagfile=demo.flags", "--synthetic_train_size=16", "--synthetic_test_size=8",
+        "--batch_size=8", "--eval_batch_size=8", "--hidden_size=16", "--log_every=1",
+        "--eval_every=-1", "--checkpoint_every=1"]
+
+
+@pytest.mark.slow     # ten programs start (~2.5 min on 2 loaded cores)
+def test_one_line_errors_for_bad_flags_and_data(tmp_path):
+  bad = _pts_folder(tmp_path / "bad")
+  (tmp_path / "empty").mkdir()
+  done = tmp_path / "done"                       # a workdir whose newest checkpoint is 6
+  (done / "checkpoints" / "6").mkdir(parents=True)
+  (done / "keep.txt").write_text("mine")
+  tfds = f"--tfds_dir={tmp_path / 'tfds'}"
+  pts = ["--dataset=pts_folder", "--num_points=68", "--hidden_size=16", "--steps=2", tfds]
+  w = lambda name: f"--workdir={tmp_path / name}"
+  cases = {
+      "ts_nan": ("evaluate", ["--flagfile=demo.flags", "--model=default", "--ts=nan",
+                              f"--output_json={tmp_path / 'e.json'}"]),
+      "checkpoint_every": ("train", [*TINY, w("w1"), "--checkpoint_every=0"]),
+      "log_every": ("train", [*TINY, w("w2"), "--log_every=0"]),
+      "learning_rate": ("train", [*TINY, w("w3"), "--learning_rate=-1"]),
+      "steps_text": ("train", [*TINY, w("w4"), "--steps=abc"]),
+      "empty_data_dir": ("train", [*pts, w("w5"), f"--data_dir={tmp_path / 'empty'}"]),
+      "bad_pts": ("train", [*pts, w("w6"), f"--data_dir={bad}"]),
+      "steps_below_checkpoint": ("train", [*TINY, f"--workdir={done}", "--steps=2"]),
+      "max_batch": ("predict", ["--max_batch=3", f"--image={bad / 'face1.png'}",
+                                "--box=10,10,100,100"]),
+      "skip_bad_with_a_symlink_loop": ("inspect_data", [
+          "--dataset=pts_folder", "--num_points=68", f"--data_dir={bad}", "--skip_bad",
+          tfds, f"--output_json={tmp_path / 'inspect.json'}"]),
+  }
+  r = _run_all(cases)
+  assert_one_line_error(r["ts_nan"], "evaluate", "--ts=nan")
+  assert_one_line_error(r["checkpoint_every"], "train", "--checkpoint_every=0")
+  assert_one_line_error(r["log_every"], "train", "--log_every=0")
+  assert_one_line_error(r["learning_rate"], "train", "--learning_rate=-1")
+  assert_one_line_error(r["steps_text"], "train", "--steps")
+  assert_one_line_error(r["empty_data_dir"], "train", str(tmp_path / "empty"), "empty")
+  assert_one_line_error(r["bad_pts"], "train", str(bad / "face0.pts"), "--skip_bad")
+  assert_one_line_error(r["steps_below_checkpoint"], "train", "--steps=2", "step 6")
+  assert_one_line_error(r["max_batch"], "predict", "--max_batch=3")
+  rc, _, se = r["skip_bad_with_a_symlink_loop"]
+  assert rc == 0, se[-2000:]
+  skipped = _strict_load((tmp_path / "inspect.json").read_text())["splits"]["all"]["skipped"]
+  assert skipped["count"] == 3, skipped          # the truncated .pts and both loop links
+  for name in ("w1", "w2", "w3", "w4", "w5", "w6"):  # a failed start leaves no workdir
+    assert not (tmp_path / name).exists(), name
+  assert (done / "keep.txt").read_text() == "mine" and (done / "checkpoints" / "6").is_dir()
+
+
+def test_verbose_switch_shows_the_traceback(tmp_path):
+  proc = _start("train", [*TINY, f"--workdir={tmp_path / 'w'}", "--learning_rate=nan"],
+                env={common.VERBOSE_ENV: "1"})
+  _, se = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert "Traceback" in se and "train: error: --learning_rate=nan" in se
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Divergence guard (+ the skip count of --skip_bad in train).
+
+
+def test_divergence_guard_rule():
+  rng = np.random.default_rng(0)
+  healthy = training.DivergenceGuard(10.0)
+  loss = 1.2 * np.exp(-np.arange(3000) / 500) + 0.05
+  loss = loss * rng.lognormal(0, 0.5, loss.shape)          # noisy batches, 10x decay
+  assert not any(healthy.update(s, float(l)) for s, l in enumerate(loss, 1))
+  blown = training.DivergenceGuard(10.0)
+  fired = [s for s, l in enumerate([1.1, 1.0, 0.9, 2e6, 3e6, 2e6], 1) if blown.update(s, l)]
+  assert fired[0] == 4 and blown.diverged_at == 4 and "diverged at step 4" in blown.message()
+  off = training.DivergenceGuard(0.0)
+  assert not any(off.update(s, l) for s, l in enumerate([1.0, 1e9, 1e12], 1))
+  with pytest.raises(ValueError):
+    training.DivergenceGuard(0.5)
+
+
+@pytest.mark.slow     # data preparation and a few training steps (~1 min)
+def test_a_diverging_run_stops_without_saving_and_reports_its_skips(tmp_path):
+  data = _pts_folder(tmp_path / "faces", faces=8)
+  workdir = tmp_path / "w"
+  proc = _start("train", ["--dataset=pts_folder", "--num_points=68", f"--data_dir={data}",
+                          "--skip_bad", f"--tfds_dir={tmp_path / 'tfds'}", "--hidden_size=16",
+                          "--batch_size=4", "--steps=40", "--log_every=20", "--eval_every=-1",
+                          "--checkpoint_every=1", "--learning_rate=1e6",
+                          f"--workdir={workdir}"])
+  so, se = proc.communicate(timeout=400)
+  line = assert_one_line_error((proc.returncode, so, se), "train", "diverged",
+                               "--divergence_factor")
+  fired = int(line.split("diverged at step ")[1].split(":")[0])
+  assert fired < 10, line
+  saved = checkpoints.Checkpoints(str(workdir), async_save=False).all_steps()
+  assert saved and max(saved) < fired, (saved, fired)
+  assert "data: skipped 3 bad item(s)" in so, so[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. One run per workdir.
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from musica_jax import checkpoints
+    lock = checkpoints.WorkdirLock(sys.argv[1])
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPO, env=ENV,
+                            text=True, stdout=subprocess.PIPE)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(checkpoints.WorkdirInUseError, match=f"pid {holder.pid} "):
+      checkpoints.WorkdirLock(str(workdir)).acquire()
+    proc = _start("train", [*TINY, f"--workdir={workdir}", "--steps=2"])
+    so, se = proc.communicate(timeout=300)
+    assert_one_line_error((proc.returncode, so, se), "train", "in use", f"pid {holder.pid} ")
+    assert sorted(p.name for p in workdir.iterdir()) == [checkpoints.LOCK_FILE]  # untouched
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  lock = checkpoints.WorkdirLock(str(workdir))
+  note = lock.acquire()                                  # the holder died holding it
+  assert note and f"pid {holder.pid} " in note and "stale" in note
+  lock.release()
+  again = checkpoints.WorkdirLock(str(workdir))
+  assert again.acquire() is None                         # a clean release leaves no note
+  again.release()
