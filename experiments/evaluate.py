@@ -70,8 +70,20 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
+  if step != "latest" and not step.isdigit():
+    raise app.UsageError(f"--checkpoint={step}: a step number or 'latest'")
   number = None if step == "latest" else int(step)
-  state = ckpts.restore(abstract, number)
+
+  def skipped(s, why):    # --checkpoint=latest walks back over damaged checkpoints
+    print(f"warning: checkpoint step {s} in {ckpts.directory} is damaged ({why}); "
+          f"trying the one before", file=sys.stderr, flush=True)
+
+  try:
+    state = ckpts.restore(abstract, number, on_skip=skipped)
+  except checkpoints.DamagedCheckpointError as e:
+    raise common.UserError(f"--workdir={workdir}: {e}") from None
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--workdir={workdir} --checkpoint={step}: {e}") from None
   used = int(state.step)
   ckpts.close()
   return state.ema_params, used, mesh

@@ -134,6 +134,8 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     raise common.UserError(str(e)) from None
   except readers.DataError as e:
     raise common.UserError(f"{e} (use --skip_bad to count and skip bad items)") from None
+  except checkpoints.DamagedCheckpointError as e:
+    raise common.UserError(str(e)) from None
   finally:
     if lock is not None:
       lock.release()
@@ -187,7 +189,14 @@ def _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str, on_start) 
                   out_shardings=rep)()
   ckpts = checkpoints.Checkpoints(workdir, keep=FLAGS.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    state = ckpts.restore(state)
+    damaged = []
+    state = ckpts.restore(state, on_skip=lambda s, why: damaged.append((s, why)))
+    for s, why in damaged:   # set aside so this run can save those steps again
+      where = ckpts.set_aside(s) if jax.process_index() == 0 else "damaged_checkpoints/"
+      say(f"warning: checkpoint step {s} is damaged ({why}); moved to {where}")
+    if damaged and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("musica: damaged checkpoints set aside")
+      ckpts.reload()
     logging.info("resumed from step %d (%s)", int(state.step), ckpts.directory)
     say(f"resumed from checkpoint at step {int(state.step)}")
   start = int(state.step)

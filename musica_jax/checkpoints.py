@@ -4,18 +4,28 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 run killed mid-save leaves the previous checkpoints intact; `latest_step()` only sees
 finished ones. A run restarted on the same workdir restores the latest step.
 
+Content checksums: at save time the SHA-256 of every array of the state (in tree order,
+with its path, dtype and shape) goes to `<workdir>/checkpoint_checksums/<step>.json`.
+`restore` recomputes it on what it read, so a checkpoint whose files were truncated,
+emptied, lost their metadata or had bytes flipped is refused. Without an explicit step it
+walks back from the newest checkpoint to the newest one that restores and matches, and
+reports each one it skipped (step and reason) through `on_skip`. Checkpoints written
+before checksums existed restore unverified.
+
 `WorkdirLock`: one training run per workdir (below).
 """
 from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -23,6 +33,29 @@ from musica_jax import parallel
 from musica_jax import strict_json
 
 BEST_METRIC = "eval_nme"
+CHECKSUM_DIR = "checkpoint_checksums"
+
+
+class DamagedCheckpointError(RuntimeError):
+  """No checkpoint (or not the one asked for) restores with matching checksums."""
+
+
+def state_digest(state) -> str:
+  """SHA-256 of every array of a (replicated) state: path, dtype, shape and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if isinstance(leaf, jax.Array):
+      leaf = leaf.addressable_data(0)       # replicated: any local copy is the whole
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _short(error: BaseException) -> str:
+  """The first line of an orbax / TensorStore error, without its trace."""
+  text = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+  return f"{type(error).__name__}: {text[:300]}"
 
 
 class Checkpoints:
@@ -37,6 +70,7 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.checksum_dir = os.path.join(os.path.abspath(workdir), CHECKSUM_DIR)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -47,16 +81,84 @@ class Checkpoints:
 
   def save(self, step: int, state, eval_nme: float | None = None) -> None:
     metrics = None if eval_nme is None else {BEST_METRIC: float(eval_nme)}
+    if jax.process_index() == 0:
+      self._write_checksum(step, state_digest(state))
     self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
-  def restore(self, template, step: int | None = None):
-    """Restores `step` (default latest) into the structure/shardings of `template`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def _checksum_path(self, step: int) -> str:
+    return os.path.join(self.checksum_dir, f"{int(step)}.json")
+
+  def _write_checksum(self, step: int, digest: str) -> None:
+    os.makedirs(self.checksum_dir, exist_ok=True)
+    tmp = self._checksum_path(step) + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(strict_json.dumps({"step": int(step), "sha256": digest}))
+    os.replace(tmp, self._checksum_path(step))
+    keep = set(self.all_steps()) | {int(step)}      # drop those of deleted checkpoints
+    for name in os.listdir(self.checksum_dir):
+      stem = name.split(".")[0]
+      if stem.isdigit() and int(stem) not in keep and name.endswith(".json"):
+        os.remove(os.path.join(self.checksum_dir, name))
+
+  def expected_digest(self, step: int) -> str | None:
+    try:
+      with open(self._checksum_path(step)) as f:
+        return json.load(f)["sha256"]
+    except FileNotFoundError:
+      return None
+    except (ValueError, KeyError, TypeError):
+      return "unreadable checksum file"
+
+  def restore(self, template, step: int | None = None, on_skip=None):
+    """Restores into the structure/shardings of `template`, checking the content checksum.
+
+    step: that checkpoint or DamagedCheckpointError; None: the newest checkpoint that
+    restores and matches, each damaged newer one reported as on_skip(step, reason).
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    if step not in self.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                              f"available: {self.all_steps()}")
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                f"available: {sorted(steps)}")
+      steps = [step]
+    skipped = []
+    for s in steps:
+      try:
+        return self._restore_checked(template, s)
+      except Exception as e:  # noqa: BLE001 (orbax/TensorStore raise many kinds)
+        reason = _short(e)
+        if step is not None:
+          raise DamagedCheckpointError(
+              f"checkpoint step {s} in {self.directory} is damaged: {reason}") from None
+        skipped.append(f"step {s}: {reason}")
+        if on_skip is not None:
+          on_skip(s, reason)
+    raise DamagedCheckpointError(f"no checkpoint in {self.directory} restores intact: "
+                                 + "; ".join(skipped))
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged checkpoint out of the way (to <workdir>/damaged_checkpoints/), so
+    the run can save that step again; returns where it went."""
+    target_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    os.makedirs(target_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(target_dir, f"{int(step)}-{stamp}")
+    os.replace(os.path.join(self.directory, str(int(step))), target)
+    self._manager.reload()
+    return target
+
+  def _restore_checked(self, template, step: int):
+    state = self._restore_step(template, step)
+    expected = self.expected_digest(step)
+    if expected is not None and state_digest(state) != expected:
+      raise DamagedCheckpointError(
+          f"content does not match the checksum written at save time "
+          f"({self._checksum_path(step)})")
+    return state
+
+  def _restore_step(self, template, step: int):
     # Leaves without a sharding are restored replicated on this job's devices, whatever
     # topology saved them (e.g. evaluating on 1 device what 2 hosts trained).
     rep = parallel.replicated(parallel.make_mesh())
@@ -70,6 +172,10 @@ class Checkpoints:
 
     abstract = jax.tree.map(abstract_leaf, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def reload(self) -> None:
+    """Re-reads the step list (after another process set a damaged step aside)."""
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
