@@ -168,6 +168,16 @@ def quiet_libraries() -> None:
   unless the user asked for more with --verbosity."""
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if not verbose():
+    logging.get_absl_handler().addFilter(_no_library_traces)
+
+
+def _no_library_traces(record) -> bool:
+  """Orbax logs the trace of a failed background write (e.g. a full disk) before the
+  error reaches us; keep its one-line message, drop the trace (MUSICA_VERBOSE keeps it)."""
+  if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+    record.exc_info, record.exc_text = None, None
+  return True
 
 
 def resolve_flagfiles(argv: list[str]) -> list[str]:

@@ -256,7 +256,7 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   if images is None:
     images = load_inputs(paths, boxes)
   ts_v = -np.inf if ts is None else ts
-  tf_v = np.inf if tf is None else tf
+  tf_v = tf            # None: the model's default Tf
   t0 = time.perf_counter()
   try:
     pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v, budget=budget,
@@ -264,11 +264,12 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   except ValueError as e:
     if "budget" in str(e):
       raise app.UsageError(f"--budget: {e}") from e
-    raise
+    raise app.UsageError(str(e)) from e     # a bad image or box: one line
   seconds = time.perf_counter() - t0
   stages = pred_obj.model_config.num_stages
   faces = pred.to_json()
-  result = {"model": pred_obj.metadata, "ts": ts, "tf": tf, "budget": budget,
+  result = {"model": pred_obj.metadata, "ts": ts,
+            "tf": pred_obj.default_tf if tf is None else tf, "budget": budget,
             "budget_mmacs": budget_mmacs, "num_iterations": stages,
             "seconds_including_compile": seconds, "images": []}
   for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):

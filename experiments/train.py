@@ -188,6 +188,19 @@ def _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str, on_start) 
   state = jax.jit(functools.partial(training.create_train_state, model_cfg, train_cfg),
                   out_shardings=rep)()
   ckpts = checkpoints.Checkpoints(workdir, keep=FLAGS.keep_checkpoints)
+  try:
+    return _resume_and_train(model_cfg, train_cfg, data_cfg, workdir, on_start, ckpts,
+                             scheme, mean_shape, mesh, rep, state)
+  except BaseException:
+    try:              # drain orbax's writer threads before the error line
+      ckpts.close()
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+      pass
+    raise
+
+
+def _resume_and_train(model_cfg, train_cfg, data_cfg, workdir, on_start, ckpts, scheme,
+                      mean_shape, mesh, rep, state) -> dict:
   if ckpts.latest_step() is not None:
     damaged = []
     state = ckpts.restore(state, on_skip=lambda s, why: damaged.append((s, why)))

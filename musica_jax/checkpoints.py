@@ -16,7 +16,9 @@ before checksums existed restore unverified.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -81,9 +83,26 @@ class Checkpoints:
 
   def save(self, step: int, state, eval_nme: float | None = None) -> None:
     metrics = None if eval_nme is None else {BEST_METRIC: float(eval_nme)}
-    if jax.process_index() == 0:
-      self._write_checksum(step, state_digest(state))
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    with self._disk_errors(f"checkpoint of step {step}"):
+      if jax.process_index() == 0:
+        self._write_checksum(step, state_digest(state))
+      self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+  @contextlib.contextmanager
+  def _disk_errors(self, what: str):
+    """A full disk (also when orbax reports it late, from its writer thread) as one
+    OSError(ENOSPC) naming the directory, instead of a TensorStore trace."""
+    try:
+      yield
+    except OSError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      text = str(e)
+      if "No space left" in text or "os_error_code='28'" in text:
+        raise OSError(errno.ENOSPC, f"{what}: no space left on device (a checkpoint "
+                      f"write failed; the newest complete checkpoint: "
+                      f"{self.latest_step() or 'none'})", self.directory) from None
+      raise
 
   def _checksum_path(self, step: int) -> str:
     return os.path.join(self.checksum_dir, f"{int(step)}.json")
@@ -178,10 +197,12 @@ class Checkpoints:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_errors("checkpoint"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._disk_errors("checkpoint"):
+      self._manager.close()
 
 
 LOCK_FILE = ".musica_lock"

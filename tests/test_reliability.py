@@ -428,3 +428,118 @@ def test_training_resumes_from_the_newest_intact_checkpoint(checkpointed, tmp_pa
   assert {6, 7} <= set(ck.all_steps())       # step 6 saved again, verified on restore
   assert int(ck.restore(training.create_train_state(cfg, tcfg)).step) == 7
   ck.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Predictor input validation, a default Tf; 7. the model checksum covers model.json.
+
+
+def test_sixteen_bit_greyscale_is_decoded_not_clipped(tmp_path):
+  from PIL import Image  # noqa: PLC0415
+  from musica_jax import predictor  # noqa: PLC0415
+  grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+  Image.fromarray(grey).save(tmp_path / "g16.png")
+  assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+  rgb = predictor.read_image(tmp_path / "g16.png")
+  assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+  np.testing.assert_array_equal(rgb[..., 0], np.round(grey / 257.0).astype(np.uint8))
+  assert 120 < rgb.mean() < 135          # was ~254: PIL's convert("RGB") clips to white
+  Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "f.tiff")
+  with pytest.raises(ValueError, match="unknown value range"):
+    predictor.read_image(tmp_path / "f.tiff")
+
+
+@pytest.mark.parametrize("image_shape, box, message", [
+    ((1, 1, 3), (0, 0, 1, 1), "pixels"),                       # a 1x1 image
+    ((480, 640, 3), (-1e9, -1e9, 1e9, 1e9), "outside"),        # centre inside, box huge
+    ((480, 640, 3), (300, 200, 310, 212), "pixels"),           # an 11-pixel face
+    ((480, 640, 3), (600, 440, 900, 740), "outside"),          # mostly off the photo
+])
+def test_predictor_refuses_boxes_it_cannot_answer(image_shape, box, message):
+  from musica_jax import predictor  # noqa: PLC0415
+  with pytest.raises(ValueError, match=message):
+    predictor.check_box_in_image(np.asarray(box, np.float64), image_shape)
+
+
+def test_plausible_boxes_pass():
+  from musica_jax import predictor  # noqa: PLC0415
+  for box in [(100, 80, 300, 300), (-30, -20, 150, 170), (560, 400, 680, 520)]:
+    predictor.check_box_in_image(np.asarray(box, np.float64), (480, 640, 3))
+
+
+def _tiny_model(path):
+  cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
+  params = stage_net.init_stacked(jax.random.key(0), cfg)
+  bias = np.array(params["head"]["bias"])
+  bias[..., -1] += 0.5                                  # an estimated error of ~0.5
+  params["head"]["bias"] = bias
+  from data_pipelines import synthetic_faces  # noqa: PLC0415
+  face = synthetic_faces.make_face(3, 0, 68)
+  model_io.save_model(path, params, cfg, np.full((68, 2), 114.0) + np.random.default_rng(0)
+                      .normal(0, 20, (68, 2)))
+  return face
+
+
+def test_default_tf_flags_faces_and_the_model_checksum_covers_model_json(tmp_path):
+  from musica_jax import predictor  # noqa: PLC0415
+  face = _tiny_model(tmp_path / "m")
+  box = [float(face.landmarks[:, 0].min()), float(face.landmarks[:, 1].min()),
+         float(face.landmarks[:, 0].max()), float(face.landmarks[:, 1].max())]
+  assert predictor.Predictor.from_saved_model(tmp_path / "m").default_tf == np.inf
+  model_io.set_default_tf(tmp_path / "m", 0.1, {"rule": "test"})
+  p = predictor.Predictor.from_saved_model(tmp_path / "m", max_batch=1)
+  assert p.default_tf == 0.1
+  out = p.predict(face.image, box)
+  assert out.estimated_error[0] > 0.1 and not out.valid.any()   # the default Tf applies
+  assert p.predict(face.image, box, tf=1.0).valid.all()         # an explicit one wins
+  doc = json.loads((tmp_path / "m" / model_io.CONFIG_FILE).read_text())
+  doc["model_config"]["levels"] = [0, 0, 0]                  # edited outside the params
+  (tmp_path / "m" / model_io.CONFIG_FILE).write_text(json.dumps(doc))
+  with pytest.raises(ValueError, match="model_sha256"):
+    model_io.load_model(tmp_path / "m")
+
+
+def test_the_shipped_model_has_a_default_tf_chosen_on_validation():
+  from musica_jax import predictor  # noqa: PLC0415
+  m = model_io.load_model(predictor.default_model_path())
+  doc = json.loads((pathlib.Path(m.path) / model_io.CONFIG_FILE).read_text())
+  assert m.default_tf is not None and 0 < m.default_tf < 1
+  assert doc["default_tf_chosen"]["split"] == "val" and "model_sha256" in doc
+
+
+# ---------------------------------------------------------------------------------------
+# 7. A full disk (a small tmpfs; skipped where mounting is not allowed).
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  mount = tmp_path / "small"
+  mount.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_leaves_no_partial_result_files(small_disk):
+  (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 8192))
+  with pytest.raises(OSError) as e:
+    common.atomic_write_text(small_disk / "run_config.json", "x" * 200_000)
+  assert e.value.errno == 28
+  assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]   # no .run_config.json.*
+
+
+@pytest.mark.slow     # a short training run (~1 min)
+def test_training_onto_a_full_disk_ends_with_one_error_line(small_disk, tmp_path):
+  proc = _start("train", [*TINY, "--steps=3", f"--tfds_dir={tmp_path / 'tfds'}",
+                          f"--workdir={small_disk / 'w'}"])
+  so, se = proc.communicate(timeout=400)
+  assert proc.returncode == 1, se[-3000:]
+  errors = [l for l in se.splitlines() if l.startswith("train: error:")]
+  assert len(errors) == 1 and "no space left on device" in errors[0], se[-3000:]
+  assert se.rstrip().splitlines()[-1] == errors[0]        # the last word is ours
+  assert not [p for p in (small_disk / "w").iterdir() if p.name.startswith(".run_config")]
