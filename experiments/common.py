@@ -125,6 +125,10 @@ def run(main, argv=None) -> None:
   """`app.run` for the entry points: --flagfile lookup, then `main` under the one-line
   error rule above."""
   argv = sys.argv if argv is None else argv
+  if not verbose():
+    # Orbax/TensorStore coroutines abandoned after a failed restore or save print their
+    # trace when collected ("Exception ignored in ..."); the error that matters is ours.
+    sys.unraisablehook = lambda unraisable: None
   try:
     argv = resolve_flagfiles(argv)
   except SystemExit as e:
@@ -175,7 +179,8 @@ def quiet_libraries() -> None:
 def _no_library_traces(record) -> bool:
   """Orbax logs the trace of a failed background write (e.g. a full disk) before the
   error reaches us; keep its one-line message, drop the trace (MUSICA_VERBOSE keeps it)."""
-  if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+  if record.exc_info and (f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+                          or record.name == "asyncio"):
     record.exc_info, record.exc_text = None, None
   return True
 
