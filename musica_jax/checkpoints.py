@@ -38,7 +38,7 @@ BEST_METRIC = "eval_nme"
 CHECKSUM_DIR = "checkpoint_checksums"
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(ValueError):
   """No checkpoint (or not the one asked for) restores with matching checksums."""
 
 

@@ -367,11 +367,15 @@ def restore_workdir(workdir, step="latest"):
   ckpts = checkpoints.Checkpoints(str(wd), async_save=False)
   try:
     number = None if str(step) == "latest" else int(step)
-    state = ckpts.restore(abstract, number)
+    skipped = []          # damaged newer checkpoints that "latest" walked back over
+    state = ckpts.restore(abstract, number, on_skip=lambda s, why: skipped.append(
+        {"step": s, "reason": why}))
   finally:
     ckpts.close()
   info = {"workdir": str(wd.resolve()), "checkpoint_step": int(state.step),
           "data": run.get("data", {}), "train": run.get("train", {})}
+  if skipped:
+    info["skipped_damaged_checkpoints"] = skipped
   return state.ema_params, model_cfg, np.asarray(run["mean_shape"], np.float32), info
 
 
