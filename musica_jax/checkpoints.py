@@ -116,7 +116,8 @@ class Checkpoints:
     keep = set(self.all_steps()) | {int(step)}      # drop those of deleted checkpoints
     for name in os.listdir(self.checksum_dir):
       stem = name.split(".")[0]
-      if stem.isdigit() and int(stem) not in keep and name.endswith(".json"):
+      stale = stem.isdigit() and int(stem) not in keep and name.endswith(".json")
+      if stale or ".json.tmp" in name:    # also the temp file of a killed writer
         os.remove(os.path.join(self.checksum_dir, name))
 
   def expected_digest(self, step: int) -> str | None:
