@@ -80,7 +80,11 @@ def fingerprint(root: str, extra: str = "") -> str:
     dirnames.sort()
     for f in sorted(filenames):
       p = os.path.join(dirpath, f)
-      st = os.stat(p)
+      try:
+        st = os.stat(p)
+      except OSError as e:   # a broken link or symlink loop: the reader skips or names it
+        h.update(f"{os.path.relpath(p, root)}|unreadable {e.errno}\n".encode())
+        continue
       h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
   return h.hexdigest()[:12]
 

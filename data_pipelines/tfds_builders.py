@@ -35,6 +35,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from data_pipelines import readers
 from data_pipelines import sources
 from data_pipelines import synthetic_faces
+from musica_jax import strict_json
 
 _VERSION = tfds.core.Version("1.0.0")
 
@@ -97,7 +98,7 @@ def _write_report(config: MusicaBuilderConfig, scan: sources.ScanResult):
   }
   tmp = config.report_path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
+    strict_json.dump(report, f, indent=1)
   os.replace(tmp, config.report_path)
 
 
@@ -209,6 +210,8 @@ def make_config(dataset: str, data_dir: str, num_points: int, skip_bad: bool,
     if not os.path.isdir(data_dir):
       raise readers.DataError(data_dir or "--data_dir",
                               f"not a directory (--data_dir for --dataset={dataset})")
+    if not any(os.scandir(data_dir)):
+      raise readers.DataError(data_dir, f"empty directory (--data_dir for --dataset={dataset})")
     source_dir = os.path.abspath(data_dir)
     fp = sources.fingerprint(source_dir, f"{num_points}|{skip_bad}")
     name = f"p{num_points}_{'skip' if skip_bad else 'strict'}_{fp}"

@@ -14,7 +14,6 @@ the maximum is (the paper finds it on the upper nose).
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 
 from experiments import common
 from musica_jax import schemes as schemes_lib
+from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
 
@@ -152,7 +152,7 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
            f"{cfg.num_patches} patches, step {info['checkpoint_step']}")
   render(output, per["attention"], mean_shape, cfg.patch_indices, scheme, title)
   out_json = output_json or str(pathlib.Path(output).with_suffix(".json"))
-  common.atomic_write_text(out_json, json.dumps(result, indent=1))
+  common.atomic_write_text(out_json, strict_json.dumps(result, indent=1))
   m = summary["maximum"]
   print(f"{summary['faces']} faces: maximum attention {m['attention']:.4f} at patch {m['patch']} "
         f"= landmark {m['landmark']} ({m['part']}), {m['relative_to_mean']:.2f}x the mean; "
@@ -182,4 +182,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -46,6 +45,7 @@ from musica_jax import cost
 from musica_jax import fast_inference
 from musica_jax import losses
 from musica_jax import stage_net
+from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON results.")
 _VARIANTS = flags.DEFINE_list("variants", None,
@@ -406,7 +406,7 @@ def main(argv):
   if _OUTPUT_JSON.value:
     path = pathlib.Path(_OUTPUT_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(strict_json.dumps(result, indent=2))
     print(f"wrote {path}")
 
 

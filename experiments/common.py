@@ -4,14 +4,25 @@ Flagfiles live in `experiments/configs/`. absl reads `--flagfile=PATH` relative 
 working directory; when PATH does not exist there, the entry points look it up in
 `experiments/configs/`, so `python -m experiments.train --flagfile=wflw98.flags` works
 from the repository root (and anywhere else). Flags given after the flagfile override it.
+
+Errors (`run`): every entry point starts with `common.run(main)`. A bad flag value, a
+missing or damaged input (file, data dir, checkpoint) or any other problem of the user's
+input ends the program with ONE line on stderr, `PROGRAM: error: MESSAGE` naming the flag
+or file, and exit status 1 (2 for flag parsing): no traceback, no help dump. Such errors
+are `app.UsageError`, `UserError` and `OSError` (missing file, permission, symlink loop,
+disk full). `MUSICA_VERBOSE=1` in the environment shows the traceback instead. Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import sys
 import tempfile
+import traceback
 
 from absl import app
 from absl import flags
@@ -20,6 +31,7 @@ import numpy as np
 
 from musica_jax import config as config_lib
 from musica_jax import schemes
+from musica_jax import strict_json
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -51,11 +63,103 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "manual", "none"],
                   "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
                   "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
                   "one process.")
+flags.DEFINE_float("divergence_factor", 10.0, "Divergence guard: stop training (nothing saved) "
+                   "when the moving average of the loss (decay 0.9) exceeds this many times "
+                   "its lowest value in the run; 0 disables it.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0; with --num_processes and --process_id "
                     "calls jax.distributed.initialize.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+VERBOSE_ENV = "MUSICA_VERBOSE"
+
+
+class UserError(Exception):
+  """A problem with the user's input (a flag, a file, the data, a workdir): reported by
+  `run` as one line naming it, no traceback."""
+
+
+def verbose() -> bool:
+  """True when MUSICA_VERBOSE is set to anything but '', '0' or 'false'."""
+  return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def program_name() -> str:
+  return pathlib.Path(sys.argv[0]).stem or "musica"
+
+
+def one_line(error: BaseException) -> str:
+  """The message of an error on one line (an OSError keeps its file name)."""
+  text = str(error) or type(error).__name__
+  if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+    text = f"{text}: {error.filename}"
+  return " ".join(text.split())
+
+
+def fail(message: str, exitcode: int = 1):
+  """Prints `PROGRAM: error: message` on one line to stderr and exits with `exitcode`."""
+  print(f"{program_name()}: error: {' '.join(str(message).split())}", file=sys.stderr,
+        flush=True)
+  sys.exit(exitcode)
+
+
+USER_ERRORS = (app.UsageError, UserError, OSError)
+
+
+def _guarded(main):
+  def guarded_main(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if verbose():
+        traceback.print_exc()
+      fail(one_line(e), getattr(e, "exitcode", None) or 1)
+  return guarded_main
+
+
+def _parse_flags(argv):
+  """absl's flag parsing with one line per error instead of a usage hint."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    if verbose():
+      traceback.print_exc()
+    fail(one_line(e), 2)
+
+
+def run(main, argv=None) -> None:
+  """`app.run` for the entry points: --flagfile lookup, then `main` under the one-line
+  error rule above."""
+  argv = sys.argv if argv is None else argv
+  if not verbose():
+    # Orbax/TensorStore coroutines abandoned after a failed restore or save print their
+    # trace when collected ("Exception ignored in ..."); the error that matters is ours.
+    sys.unraisablehook = lambda unraisable: None
+  try:
+    argv = resolve_flagfiles(argv)
+  except SystemExit as e:
+    fail(str(e.code), 2)
+  app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)
+
+
+def finite_flag(name: str, value, *, positive: bool = False, allow_inf: bool = False):
+  """`value` of float flag --name, refused (UsageError) when NaN, infinite (unless
+  allow_inf) or, with positive, not > 0. None passes through."""
+  if value is None:
+    return None
+  if math.isnan(value) or (math.isinf(value) and not allow_inf):
+    raise app.UsageError(f"--{name}={value}: a finite number is needed")
+  if positive and not value > 0:
+    raise app.UsageError(f"--{name}={value}: must be > 0")
+  return value
+
+
+def int_flag_at_least(name: str, value: int, minimum: int) -> int:
+  if value < minimum:
+    raise app.UsageError(f"--{name}={value}: must be >= {minimum}")
+  return value
 
 
 def start(argv) -> None:
@@ -67,7 +171,7 @@ def start(argv) -> None:
 
 def write_json(path, data, indent: int = 2) -> None:
   """Writes `data` as JSON atomically and says so."""
-  atomic_write_text(path, json.dumps(data, indent=indent))
+  atomic_write_text(path, strict_json.dumps(data, indent=indent))
   print(f"wrote {path}")
 
 
@@ -76,6 +180,17 @@ def quiet_libraries() -> None:
   unless the user asked for more with --verbosity."""
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if not verbose():
+    logging.get_absl_handler().addFilter(_no_library_traces)
+
+
+def _no_library_traces(record) -> bool:
+  """Orbax logs the trace of a failed background write (e.g. a full disk) before the
+  error reaches us; keep its one-line message, drop the trace (MUSICA_VERBOSE keeps it)."""
+  if record.exc_info and (f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+                          or record.name == "asyncio"):
+    record.exc_info, record.exc_text = None, None
+  return True
 
 
 def resolve_flagfiles(argv: list[str]) -> list[str]:
@@ -116,16 +231,27 @@ def atomic_write_text(path, text: str) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; results are for everyone
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)   # a full disk leaves no partial file
+    raise
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 RUN_CONFIG = "run_config.json"
 
 
 def save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape) -> None:
-  atomic_write_text(pathlib.Path(workdir) / RUN_CONFIG, json.dumps({
+  atomic_write_text(pathlib.Path(workdir) / RUN_CONFIG, strict_json.dumps({
       "model": dataclasses.asdict(model_cfg),
       "data": dataclasses.asdict(data_cfg),
       "train": dataclasses.asdict(train_cfg),

@@ -303,4 +303,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -27,7 +27,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -146,4 +145,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

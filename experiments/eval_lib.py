@@ -80,6 +80,8 @@ def summarise(per_face: dict, fr_thresholds=(0.08, 0.10), with_early_exit: bool 
   out["nme_interocular"] = float(last("nme_interocular_per_iteration").mean() * 100)
   out["nme_box"] = float(last("nme_box_per_iteration").mean() * 100)
   io = last("nme_interocular_per_iteration")
+  # Non-finite predictions are failures (metrics.failure_rate), never silently skipped.
+  out["nonfinite_faces"] = metrics.nonfinite_count(io)
   for t in fr_thresholds:
     key = f"{int(round(t * 100)):03d}"
     out[f"fr_{key}"] = metrics.failure_rate(io, t)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -36,6 +35,7 @@ from musica_jax import cost
 from musica_jax import parallel
 from musica_jax import quit_head
 from musica_jax import schemes
+from musica_jax import strict_json
 from musica_jax import training
 
 FLAGS = flags.FLAGS
@@ -70,8 +70,20 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
+  if step != "latest" and not step.isdigit():
+    raise app.UsageError(f"--checkpoint={step}: a step number or 'latest'")
   number = None if step == "latest" else int(step)
-  state = ckpts.restore(abstract, number)
+
+  def skipped(s, why):    # --checkpoint=latest walks back over damaged checkpoints
+    print(f"warning: checkpoint step {s} in {ckpts.directory} is damaged ({why}); "
+          f"trying the one before", file=sys.stderr, flush=True)
+
+  try:
+    state = ckpts.restore(abstract, number, on_skip=skipped)
+  except checkpoints.DamagedCheckpointError as e:
+    raise common.UserError(f"--workdir={workdir}: {e}") from None
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--workdir={workdir} --checkpoint={step}: {e}") from None
   used = int(state.step)
   ckpts.close()
   return state.ema_params, used, mesh
@@ -207,17 +219,29 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
               f"{row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
               f"AUC@0.08 {row['auc_008']:.4f}", flush=True)
   out = pathlib.Path(output_json)
-  common.atomic_write_text(out, json.dumps(result, indent=2))
+  common.atomic_write_text(out, strict_json.dumps(result, indent=2))
   png = out.with_suffix(".ced.png")
   plots.ced_plot(curves, png, threshold=0.10,
                  title=f"CED, {data_cfg.dataset} ({model_cfg.num_landmarks} pts / "
                        f"{model_cfg.num_patches} patches, step {step})")
   print(f"wrote {out} and {png}")
+  broken = {split: v["nonfinite_faces"] for split, v in result["splits"].items()
+            if v["nonfinite_faces"]}
+  if broken:
+    raise common.UserError(
+        "non-finite (NaN/inf) landmarks for " + ", ".join(
+            f"{n} of {result['splits'][s]['faces']} faces of {s}" for s, n in broken.items())
+        + f" (model {workdir or model}, step {step}): broken weights; counted as failures "
+        f"in {out}")
   return result
 
 
 def main(argv):
   common.start(argv)
+  common.finite_flag("ts", FLAGS.ts, allow_inf=True)
+  common.finite_flag("tf", FLAGS.tf, allow_inf=True)
+  common.finite_flag("budget", FLAGS.budget, positive=True)
+  common.finite_flag("budget_mmacs", FLAGS.budget_mmacs, positive=True)
   overrides = {}
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset
@@ -229,4 +253,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

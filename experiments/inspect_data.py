@@ -16,11 +16,9 @@ versus the median face.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -32,6 +30,7 @@ from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common  # shared flags, flagfile lookup
+from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON report.")
 _TOP = flags.DEFINE_integer("top_k", 20, "Faces listed in the balancing report.")
@@ -99,7 +98,7 @@ def main(argv):
   except ValueError as e:   # a data flag out of range or inconsistent
     print(f"inspect_data: error: {e}", file=sys.stderr)
     sys.exit(1)
-  text = json.dumps(result, indent=1)
+  text = strict_json.dumps(result, indent=1)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       f.write(text + "\n")
@@ -117,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

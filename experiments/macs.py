@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 from absl import app
@@ -12,6 +11,7 @@ from absl import flags
 
 from musica_jax import config as config_lib
 from musica_jax import cost
+from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON table.")
 
@@ -45,7 +45,7 @@ def main(argv):
   if _OUTPUT_JSON.value:
     path = pathlib.Path(_OUTPUT_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
+    path.write_text(strict_json.dumps(rows, indent=2))
     print(f"wrote {path}")
 
 

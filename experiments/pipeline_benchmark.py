@@ -10,18 +10,16 @@ preparation, compilation and the first (warm-up) batches are not timed.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common  # shared flags, flagfile lookup
+from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON result.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches.")
@@ -92,7 +90,7 @@ def main(argv):
   result = benchmark(cfg, _NUM_BATCHES.value, _WARMUP.value)
   if _END_TO_END.value:
     result.update(end_to_end(cfg, _NUM_BATCHES.value, _WARMUP.value))
-  text = json.dumps(result)
+  text = strict_json.dumps(result)
   print(text)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
@@ -100,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 import time
 
 from absl import app
@@ -161,6 +160,8 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
 def load_predictor(workdir, model, checkpoint="latest", max_batch=64):
   if workdir and model:
     raise app.UsageError("give --workdir or --model, not both")
+  if max_batch < 1 or max_batch & (max_batch - 1):
+    raise app.UsageError(f"--max_batch={max_batch}: must be a power of two")
   try:
     if model:
       return predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch)
@@ -253,7 +254,7 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   if images is None:
     images = load_inputs(paths, boxes)
   ts_v = -np.inf if ts is None else ts
-  tf_v = np.inf if tf is None else tf
+  tf_v = tf            # None: the model's default Tf
   t0 = time.perf_counter()
   boxes = [find_faces(pred_obj, im, path) if b is None else b
            for path, im, b in zip(paths, images, boxes)]
@@ -263,11 +264,12 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   except ValueError as e:
     if "budget" in str(e):
       raise app.UsageError(f"--budget: {e}") from e
-    raise
+    raise app.UsageError(str(e)) from e     # a bad image or box: one line
   seconds = time.perf_counter() - t0
   stages = pred_obj.model_config.num_stages
   faces = pred.to_json()
-  result = {"model": pred_obj.metadata, "ts": ts, "tf": tf, "budget": budget,
+  result = {"model": pred_obj.metadata, "ts": ts,
+            "tf": pred_obj.default_tf if tf is None else tf, "budget": budget,
             "budget_mmacs": budget_mmacs, "num_iterations": stages,
             "seconds_including_compile": seconds, "images": []}
   for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):
@@ -402,4 +404,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
@@ -161,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -7,7 +7,6 @@ permute the points (left eye drawn in right-eye colour) is visible.
 """
 from __future__ import annotations
 
-import sys
 
 from absl import app
 from absl import flags
@@ -65,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

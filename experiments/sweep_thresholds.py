@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -357,4 +356,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import pathlib
-import sys
+import shutil
 import time
 
 # TensorFlow (input pipeline only) must never take the accelerators from JAX.
@@ -28,13 +27,16 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
+from data_pipelines import datasets
 from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
+from data_pipelines import readers
 from experiments import common
 from experiments import eval_lib
 from musica_jax import checkpoints
 from musica_jax import parallel
 from musica_jax import schemes
+from musica_jax import strict_json
 from musica_jax import training
 
 FLAGS = flags.FLAGS
@@ -52,8 +54,19 @@ def initialise_distributed() -> None:
 
 
 def train_config_from_flags() -> training.TrainConfig:
-  if FLAGS.steps <= 0:
-    raise app.UsageError(f"--steps must be positive, got {FLAGS.steps}")
+  """The training config, every training flag checked against its range (UsageError)."""
+  for name in ("steps", "decay_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    common.int_flag_at_least(name, getattr(FLAGS, name), 1)
+  common.int_flag_at_least("eval_every", FLAGS.eval_every, -1)
+  common.finite_flag("learning_rate", FLAGS.learning_rate, positive=True)
+  common.finite_flag("decay_factor", FLAGS.decay_factor, positive=True)
+  common.finite_flag("ema_decay", FLAGS.ema_decay)
+  if not 0 <= FLAGS.ema_decay < 1:
+    raise app.UsageError(f"--ema_decay={FLAGS.ema_decay}: must be in [0, 1)")
+  common.finite_flag("divergence_factor", FLAGS.divergence_factor)
+  if 0 < FLAGS.divergence_factor <= 1:
+    raise app.UsageError(f"--divergence_factor={FLAGS.divergence_factor}: must be > 1 "
+                         f"(or 0 to disable the guard)")
   return training.TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                               decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
                               ema_decay=FLAGS.ema_decay, seed=FLAGS.seed,
@@ -76,7 +89,7 @@ class MetricWriter:
     if not self.enabled:
       return
     with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+      f.write(strict_json.dumps({"step": step, **values}) + "\n")
     with self._tb.as_default(step=step):
       for k, v in values.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -96,9 +109,50 @@ def _fmt_time(seconds: float) -> str:
 
 
 def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates at the end."""
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates at the end.
+
+  Process 0 holds the workdir's lock (`checkpoints.WorkdirLock`) for the whole run: a
+  second run on the same workdir stops at once with one line. A run that fails before
+  its first step removes the workdir if it created it."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  created = not os.path.exists(workdir)
+  ready = []              # set once the training loop starts
+  lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if lock is not None:
+      note = lock.acquire()
+      if note:
+        say(f"note: {note}")
+    if not created:
+      check_steps_vs_checkpoints(workdir, train_cfg.steps)
+    return _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir,
+                               lambda: ready.append(True))
+  except checkpoints.WorkdirInUseError as e:
+    lock = None           # not ours: leave its file alone
+    raise common.UserError(str(e)) from None
+  except readers.DataError as e:
+    raise common.UserError(f"{e} (use --skip_bad to count and skip bad items)") from None
+  except checkpoints.DamagedCheckpointError as e:
+    raise common.UserError(str(e)) from None
+  finally:
+    if lock is not None:
+      lock.release()
+      if created and not ready:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_steps_vs_checkpoints(workdir: str, steps: int) -> None:
+  """--steps below the newest checkpoint would train nothing: a usage error."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  newest = max((int(p.name) for p in directory.glob("*") if p.name.isdigit()), default=None)
+  if newest is not None and newest > steps:
+    raise app.UsageError(f"--steps={steps} is below the newest checkpoint (step {newest}) "
+                         f"in {directory}: nothing to train; give --steps > {newest} to "
+                         f"continue, or a new --workdir")
+
+
+def _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str, on_start) -> dict:
   scheme = schemes.get_scheme(data_cfg.num_points)
   previous = None
   if (pathlib.Path(workdir) / common.RUN_CONFIG).exists():
@@ -124,6 +178,7 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     mean_shape = np.asarray(input_pipeline.dataset_statistics(data_cfg)["mean_shape"],
                             np.float32)
   if jax.process_index() == 0:
+    report_skips(data_cfg)
     common.save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape)
 
   mesh = parallel.make_mesh()
@@ -132,8 +187,28 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   state = jax.jit(functools.partial(training.create_train_state, model_cfg, train_cfg),
                   out_shardings=rep)()
   ckpts = checkpoints.Checkpoints(workdir, keep=FLAGS.keep_checkpoints)
+  try:
+    return _resume_and_train(model_cfg, train_cfg, data_cfg, workdir, on_start, ckpts,
+                             scheme, mean_shape, mesh, rep, state)
+  except BaseException:
+    try:              # drain orbax's writer threads before the error line
+      ckpts.close()
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+      pass
+    raise
+
+
+def _resume_and_train(model_cfg, train_cfg, data_cfg, workdir, on_start, ckpts, scheme,
+                      mean_shape, mesh, rep, state) -> dict:
   if ckpts.latest_step() is not None:
-    state = ckpts.restore(state)
+    damaged = []
+    state = ckpts.restore(state, on_skip=lambda s, why: damaged.append((s, why)))
+    for s, why in damaged:   # set aside so this run can save those steps again
+      where = ckpts.set_aside(s) if jax.process_index() == 0 else "damaged_checkpoints/"
+      say(f"warning: checkpoint step {s} is damaged ({why}); moved to {where}")
+    if damaged and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("musica: damaged checkpoints set aside")
+      ckpts.reload()
     logging.info("resumed from step %d (%s)", int(state.step), ckpts.directory)
     say(f"resumed from checkpoint at step {int(state.step)}")
   start = int(state.step)
@@ -160,14 +235,28 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
     writer.write(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
     return summary
 
+  guard = training.DivergenceGuard(FLAGS.divergence_factor)
+  pending = []            # (step, loss on device) not yet seen by the guard
+
   def check_finite(step):
+    """Stops (one line, nothing saved) on a non-finite step or a diverged loss."""
     bad = int(state.nonfinite_steps)
     if bad:
       last = ckpts.latest_step()
-      raise FloatingPointError(
+      raise common.UserError(
           f"non-finite loss or gradient at or before step {step}: training stopped. "
           f"The update was not applied and nothing was saved; the last good checkpoint is "
           f"step {last} in {ckpts.directory}. Lower --learning_rate or check the data.")
+    losses = jax.device_get([loss for _, loss in pending])
+    for (s, _), loss in zip(pending, losses):
+      guard.update(s, float(loss))
+    pending.clear()
+    if guard.diverged_at is not None:
+      ckpts.wait()
+      raise common.UserError(
+          f"training stopped: {guard.message()}. Nothing was saved after step "
+          f"{guard.diverged_at - 1}; the newest checkpoint is step {ckpts.latest_step()} "
+          f"in {ckpts.directory}. Lower --learning_rate.")
 
   t0, s0 = time.perf_counter(), start
   samples_per_step = data_cfg.batch_size
@@ -175,9 +264,11 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   say(f"training {model_cfg.num_landmarks} landmarks / {model_cfg.num_patches} patches on "
       f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} process(es); steps {start} -> {train_cfg.steps}")
+  on_start()
   for step in range(start + 1, train_cfg.steps + 1):
     batch = parallel.shard_batch(next(batches), mesh)
     state, m = step_fn(state, batch, init_shape)
+    pending.append((step, m["loss"]))
     last = step == train_cfg.steps
     if step % FLAGS.log_every == 0 or last:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -207,18 +298,27 @@ def train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str) -> dict:
   return summary
 
 
+def report_skips(data_cfg) -> None:
+  """One line when the data preparation skipped bad items (--skip_bad)."""
+  skipped = datasets.report(data_cfg).get("skipped", [])
+  if skipped:
+    counts = readers.SkipLog(skipped).counts()
+    say(f"data: skipped {len(skipped)} bad item(s) of {data_cfg.data_dir} "
+        f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); listed in "
+        f"{datasets.builder_config(data_cfg).report_path}")
+
+
 def main(argv):
   common.start(argv)
   initialise_distributed()
-  try:
+  try:    # flags out of range or inconsistent: one line, before anything is created
     data_cfg = data_flags.config_from_flags()
-  except ValueError as e:   # a data flag out of range or inconsistent: one line
-    print(f"train: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  model_cfg = common.model_config_from_flags(data_cfg.num_points)
+    model_cfg = common.model_config_from_flags(data_cfg.num_points)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   train_cfg = train_config_from_flags()
   train_and_evaluate(model_cfg, train_cfg, data_cfg, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

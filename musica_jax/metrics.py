@@ -1,7 +1,10 @@
 """Evaluation metrics: NME under three normalisations, failure rate, AUC and the CED.
 
 `per_face_nme` is jnp (jit-able, used inside batched evaluation); the aggregates are
-host-side numpy over the per-face values of a whole split.
+host-side numpy over the per-face values of a whole split. A face whose NME is not finite
+(NaN or inf: broken weights, a degenerate prediction) is a failure at every threshold and
+contributes nothing to the AUC; `nonfinite_count` reports how many there were, so a result
+never reads "FR 0%" for predictions that are NaN.
 """
 from __future__ import annotations
 
@@ -40,10 +43,22 @@ def per_face_nme(pred, target, scheme: LandmarkScheme, kind: str, box=None):
   return err / normalising_distance(target, scheme, kind, box)
 
 
-def failure_rate(nme, threshold: float) -> float:
-  """Fraction of faces whose NME is above `threshold` (e.g. 0.08 or 0.10)."""
+def _errors(nme) -> np.ndarray:
+  """Per-face NMEs as float64 with every non-finite value (NaN, -inf, inf) set to +inf:
+  a prediction that is not a number is as wrong as can be."""
   nme = np.asarray(nme, np.float64)
-  return float(np.mean(nme > threshold))
+  return np.where(np.isfinite(nme), nme, np.inf)
+
+
+def nonfinite_count(nme) -> int:
+  """Number of faces whose NME is NaN or infinite."""
+  return int(np.sum(~np.isfinite(np.asarray(nme, np.float64))))
+
+
+def failure_rate(nme, threshold: float) -> float:
+  """Fraction of faces whose NME is above `threshold` (e.g. 0.08 or 0.10), or not finite."""
+  nme = _errors(nme)
+  return float(np.mean(~(nme <= threshold))) if nme.size else float("nan")
 
 
 def auc(nme, threshold: float) -> float:
@@ -52,21 +67,23 @@ def auc(nme, threshold: float) -> float:
   Exact for the empirical CED: each face contributes (threshold - e) / threshold when its
   error e is below the threshold, else 0.
   """
-  nme = np.asarray(nme, np.float64)
+  nme = _errors(nme)
   return float(np.mean(np.clip(threshold - nme, 0.0, None)) / threshold)
 
 
 def ced(nme, threshold: float, num: int = 201):
   """The cumulative error distribution: (x [num], fraction of faces with NME <= x)."""
-  nme = np.sort(np.asarray(nme, np.float64))
+  nme = np.sort(_errors(nme))
   x = np.linspace(0.0, threshold, num)
   return x, np.searchsorted(nme, x, side="right") / max(len(nme), 1)
 
 
 def summarise(nme, thresholds=(0.08, 0.10)) -> dict:
-  """NME (percent), failure rate and AUC at each threshold for per-face NMEs."""
+  """NME (percent; NaN when any face is not finite), failure rate and AUC at each
+  threshold for per-face NMEs, and the count of non-finite faces."""
   nme = np.asarray(nme, np.float64)
-  out = {"faces": int(nme.size), "nme": float(nme.mean() * 100) if nme.size else float("nan")}
+  out = {"faces": int(nme.size), "nme": float(nme.mean() * 100) if nme.size else float("nan"),
+         "nonfinite_faces": nonfinite_count(nme)}
   for t in thresholds:
     key = f"{int(round(t * 100)):03d}"
     out[f"fr_{key}"] = failure_rate(nme, t)

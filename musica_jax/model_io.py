@@ -2,7 +2,11 @@
 
     <dir>/model.json   format tag and version, ModelConfig, mean shape [N, 2] (crop
                        pixels), parameter dtype, per-array shapes, a SHA-256 of the
-                       parameter file, and free-form metadata (training run, evaluation).
+                       parameter file, free-form metadata (training run, evaluation),
+                       optionally the default failure threshold `default_tf` (chosen on a
+                       validation split, `experiments.choose_tf`), and `model_sha256`: a
+                       SHA-256 of all the other fields (the parameter checksum included),
+                       so an edit anywhere in the model (e.g. `levels`) is refused.
     <dir>/params.npz   the stacked stage parameters, one array per leaf, keyed by its path
                        ("conv1/kernel", ...). bfloat16 storage keeps the raw 16-bit words
                        (uint16) because .npz has no bfloat16; `load_model` turns them back
@@ -32,6 +36,7 @@ import numpy as np
 
 from musica_jax import quit_head
 from musica_jax import stage_net
+from musica_jax import strict_json
 from musica_jax.config import ModelConfig
 
 FORMAT = "musica-jax-model"
@@ -51,6 +56,7 @@ class LoadedModel:
   path: str
   quit_head: Any = None       # stacked quit-head parameters (musica_jax.quit_head) or None
   quit_info: dict | None = None   # its quit_head.json (kind, calibration profile, ...)
+  default_tf: float | None = None  # failure threshold chosen on validation (None: none)
 
 
 def _key(path) -> str:
@@ -99,6 +105,37 @@ def _jsonable(x):
   return x
 
 
+def _model_digest(info: dict) -> str:
+  """SHA-256 of model.json's content without its own checksum field (canonical JSON)."""
+  body = {k: v for k, v in json.loads(strict_json.dumps(info)).items() if k != "model_sha256"}
+  return hashlib.sha256(strict_json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_model_json(out: pathlib.Path, info: dict) -> None:
+  info = {**info, "model_sha256": _model_digest(info)}
+  fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      strict_json.dump(info, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / CONFIG_FILE)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def set_default_tf(path, tf: float, how: dict) -> None:
+  """Records the model's default failure threshold (and how it was chosen) in model.json,
+  re-stamping its checksum. The model is loaded (and so verified) first."""
+  if not (np.isfinite(tf) and tf > 0):
+    raise ValueError(f"default Tf must be a positive number, got {tf}")
+  load_model(path)
+  out = pathlib.Path(path)
+  info = json.loads((out / CONFIG_FILE).read_text())
+  info.update(default_tf=float(tf), default_tf_chosen=_jsonable(how))
+  _write_model_json(out, info)
+
+
 def save_model(path, params, model_config: ModelConfig, mean_shape, metadata: dict | None = None,
                dtype: str = "float32") -> pathlib.Path:
   """Writes the model directory `path` (created; existing model files are replaced).
@@ -143,10 +180,7 @@ def save_model(path, params, model_config: ModelConfig, mean_shape, metadata: di
       "num_parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
       "metadata": _jsonable(metadata or {}),
   }
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(info, f, indent=1)
-  os.replace(tmp, out / CONFIG_FILE)
+  _write_model_json(out, info)
   return out
 
 
@@ -191,6 +225,9 @@ def load_model(path, verify: bool = True) -> LoadedModel:
   dtype = info.get("param_dtype")
   if dtype not in DTYPES:
     raise ValueError(f"model {path}: unknown param_dtype {dtype!r}")
+  if verify and info.get("model_sha256") and _model_digest(info) != info["model_sha256"]:
+    raise ValueError(f"model {path}: {CONFIG_FILE} does not match its checksum "
+                     f"(model_sha256): edited after export?")
   if verify and info.get("params_sha256") and _sha256(p / PARAMS_FILE) != info["params_sha256"]:
     raise ValueError(f"model {path}: {PARAMS_FILE} does not match the checksum in "
                      f"{CONFIG_FILE} (truncated or replaced file?)")
@@ -221,5 +258,6 @@ def load_model(path, verify: bool = True) -> LoadedModel:
     raise ValueError(f"model {path}: quit head: {e}") from e
   return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
                      metadata=info.get("metadata", {}), dtype=dtype, path=str(p),
+                     default_tf=info.get("default_tf"),
                      quit_head=None if head is None else head[0],
                      quit_info=None if head is None else head[1])

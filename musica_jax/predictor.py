@@ -120,11 +120,32 @@ def warp_crop(image: np.ndarray, scale: float, offset, size: int = face_frame.CR
 
 def read_image(path) -> np.ndarray:
   """A photo file (a path or a binary file object) as RGB uint8 [H, W, 3] (PIL;
-  greyscale/RGBA converted to RGB)."""
+  greyscale/RGBA converted to RGB; 16-bit greyscale scaled to 8 bits, see
+  `_high_bit_depth_to_rgb8`)."""
   from PIL import Image  # noqa: PLC0415
   with Image.open(path) as im:
     im.load()
+    if im.mode in HIGH_BIT_DEPTH_MODES:
+      return _high_bit_depth_to_rgb8(im, path)
     return np.asarray(im.convert("RGB"))
+
+
+# PIL modes whose convert("RGB") clips every value above 255 to white.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _high_bit_depth_to_rgb8(im, path) -> np.ndarray:
+  """16-bit greyscale (PIL modes I;16*, and I for a 16-bit PNG) -> RGB uint8 by value /
+  257 (65535 -> 255); 32-bit integer or float images are refused: their range is unknown."""
+  sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+  if not sixteen:
+    raise ValueError(f"{path}: {im.mode} image ({im.format}) with an unknown value range; "
+                     f"convert it to 8-bit RGB first")
+  grey = np.asarray(im, np.float64)
+  if grey.min() < 0 or grey.max() > 65535:
+    raise ValueError(f"{path}: 16-bit image with values outside 0..65535")
+  grey = np.round(grey / 257.0).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def check_image(image, where: str = "image") -> np.ndarray:
@@ -162,7 +183,35 @@ def check_box_in_image(box, image_shape, where: str = "box") -> np.ndarray:
     raise ValueError(f"{where}: box {box.tolist()} is outside the {w}x{h} image (its centre "
                      f"({cx:.1f}, {cy:.1f}) is not in the image; boxes are x0,y0,x1,y1 in "
                      f"pixels)")
+  check_face_box_size(box, image_shape, where)
   return box
+
+
+# The smallest face box (sqrt(width x height), photo pixels) the model is asked about: the
+# crop is 228 px, so a smaller face is blown up more than 10x and its landmarks are noise.
+MIN_FACE_SIZE = 20.0
+# The least fraction of a box's area that must lie inside the photo (a face at a corner, its
+# box centred inside the photo, has about a quarter inside; detector boxes stick
+# out a little at the border; a box mostly outside holds no face).
+MIN_BOX_INSIDE = 0.25
+
+
+def check_face_box_size(box, image_shape, where: str = "box") -> None:
+  """Refuses face boxes below MIN_FACE_SIZE pixels, and boxes with less than
+  MIN_BOX_INSIDE of their area inside the photo (a huge box, a tiny photo)."""
+  h, w = image_shape[:2]
+  bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
+  size = float(np.sqrt(bw * bh))
+  if size < MIN_FACE_SIZE:
+    raise ValueError(f"{where}: box {np.round(box, 1).tolist()} is a {size:.1f}-pixel face; "
+                     f"the model needs at least {MIN_FACE_SIZE:g} pixels (image {w}x{h})")
+  iw = max(0.0, min(float(box[2]), w) - max(float(box[0]), 0.0))
+  ih = max(0.0, min(float(box[3]), h) - max(float(box[1]), 0.0))
+  inside = iw * ih / (bw * bh)
+  if inside < MIN_BOX_INSIDE:
+    raise ValueError(f"{where}: box {np.round(box, 1).tolist()} lies {100 * (1 - inside):.0f}% "
+                     f"outside the {w}x{h} image (at most {100 * (1 - MIN_BOX_INSIDE):.0f}% "
+                     f"allowed)")
 
 
 def _normalise_inputs(images, boxes):
@@ -266,11 +315,15 @@ def restore_workdir(workdir, step="latest"):
   ckpts = checkpoints.Checkpoints(str(wd), async_save=False)
   try:
     number = None if str(step) == "latest" else int(step)
-    state = ckpts.restore(abstract, number)
+    skipped = []          # damaged newer checkpoints that "latest" walked back over
+    state = ckpts.restore(abstract, number, on_skip=lambda s, why: skipped.append(
+        {"step": s, "reason": why}))
   finally:
     ckpts.close()
   info = {"workdir": str(wd.resolve()), "checkpoint_step": int(state.step),
           "data": run.get("data", {}), "train": run.get("train", {})}
+  if skipped:
+    info["skipped_damaged_checkpoints"] = skipped
   return state.ema_params, model_cfg, np.asarray(run["mean_shape"], np.float32), info
 
 
@@ -295,7 +348,8 @@ class Predictor:
 
   def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
                max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
-               quit_params=None, quit_info: dict | None = None, face_finder=None):
+               quit_params=None, quit_info: dict | None = None, face_finder=None,
+               default_tf: float | None = None):
     if not isinstance(model_config, ModelConfig):
       raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     mean_shape = np.asarray(mean_shape, np.float32)
@@ -314,6 +368,9 @@ class Predictor:
     self.params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
     self._init = jnp.asarray(mean_shape)
     self.quit_info = quit_info
+    # The failure threshold `predict` uses when given none (model.json's default_tf,
+    # chosen on a validation split; inf: every face valid).
+    self.default_tf = np.inf if default_tf is None else float(default_tf)
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
     self._face_finder = face_finder
 
@@ -337,6 +394,7 @@ class Predictor:
     """A directory written by model_io.save_model / experiments.export_model."""
     m = model_io.load_model(path)
     meta = dict(m.metadata, model_path=str(path), param_dtype=m.dtype)
+    kwargs.setdefault("default_tf", m.default_tf)
     return cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
@@ -397,7 +455,7 @@ class Predictor:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
-  def predict(self, images, boxes=None, ts: float = -np.inf, tf: float = np.inf,
+  def predict(self, images, boxes=None, ts: float = -np.inf, tf: float | None = None,
               budget: float | None = None, budget_mmacs: float | None = None) -> Prediction:
     """Landmarks for every box of every image.
 
@@ -409,9 +467,11 @@ class Predictor:
       estimated error, or the model's quit head) is < ts (-inf: every iteration).
     budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
       multiply-adds in millions; the faces that need it most get the later iterations.
-    tf: valid = final estimated error < tf.
+    tf: valid = final estimated error < tf; None: the model's `default_tf` (chosen on
+      validation data, see experiments.choose_tf; inf when the model has none).
     Both dials skip the computation of the faces that quit (they save time).
     """
+    tf = self.default_tf if tf is None else tf
     for name, v in (("ts", ts), ("tf", tf)):
       if v is None or np.isnan(v):
         raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")

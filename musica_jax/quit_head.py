@@ -40,6 +40,7 @@ import optax
 
 from musica_jax import cost
 from musica_jax import face_frame
+from musica_jax import strict_json
 
 KINDS = ("gain", "error")
 PARAMS_FILE = "quit_head.npz"
@@ -200,7 +201,7 @@ def save(directory, params: dict | None, info: dict) -> None:
     _atomic(directory / PARAMS_FILE, lambda fh: np.savez(
         fh, **{k: np.asarray(v, np.float32) for k, v in params.items()}), binary=True)
   doc = {"format": FORMAT, "version": VERSION, **info}
-  _atomic(directory / INFO_FILE, lambda fh: json.dump(doc, fh, indent=1))
+  _atomic(directory / INFO_FILE, lambda fh: strict_json.dump(doc, fh, indent=1))
 
 
 def _atomic(path: pathlib.Path, write, binary: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""The pure training step: Adam with a staircase schedule, EMA weights, NaN guard.
+"""The pure training step: Adam with a staircase schedule, EMA weights, NaN guard, and the
+host-side divergence guard.
 
 No TensorFlow, no I/O: experiments/train.py feeds batches and owns checkpoints.
 The model is deterministic (no dropout): all training randomness is augmentation and
@@ -13,6 +14,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from musica_jax import cascade
@@ -156,3 +158,45 @@ def eval_outputs(params, batch: dict, init_shape, *, model_cfg: ModelConfig,
   res["shapes"] = out.shapes
   res["attention"] = out.attention
   return res
+
+
+class DivergenceGuard:
+  """Stops a run whose loss blew up while staying finite (host side, no device sync).
+
+  The rule: s_t, the exponential moving average of the per-step loss (decay `smoothing`,
+  bias-corrected so s_1 is the first loss), is compared with its lowest value so far in
+  this process; the run has diverged when s_t > factor x min(s). A healthy run's smoothed
+  loss stays within a small multiple of its best (lr decay, GDB resampling and hard
+  batches move it by well under 2x); a too-high learning rate sends it up by orders of
+  magnitude within a few steps. factor <= 0 disables the guard. The state is not
+  checkpointed: a resumed run starts a fresh reference from its first steps.
+  """
+
+  def __init__(self, factor: float = 10.0, smoothing: float = 0.9):
+    if not (factor <= 0 or factor > 1):
+      raise ValueError(f"divergence factor must be > 1 (or <= 0 to disable), got {factor}")
+    if not 0 <= smoothing < 1:
+      raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    self.factor, self.smoothing = float(factor), float(smoothing)
+    self._ema, self._weight, self.best, self.best_step = 0.0, 0.0, float("inf"), None
+    self.smoothed = float("nan")
+    self.diverged_at = None            # the step at which the rule fired
+
+  def update(self, step: int, loss: float) -> bool:
+    """Feeds the loss of `step` (steps in order); True once the run has diverged.
+    Non-finite losses are the NaN guard's business (TrainState.nonfinite_steps)."""
+    if self.factor <= 0 or not np.isfinite(loss):
+      return self.diverged_at is not None
+    self._ema = self.smoothing * self._ema + (1 - self.smoothing) * float(loss)
+    self._weight = self.smoothing * self._weight + (1 - self.smoothing)
+    self.smoothed = self._ema / self._weight
+    if self.smoothed < self.best:
+      self.best, self.best_step = self.smoothed, step
+    if self.diverged_at is None and self.smoothed > self.factor * self.best:
+      self.diverged_at = step
+    return self.diverged_at is not None
+
+  def message(self) -> str:
+    return (f"the loss diverged at step {self.diverged_at}: its moving average "
+            f"{self.smoothed:.4g} is above {self.factor:g}x its best {self.best:.4g} "
+            f"(step {self.best_step}; rule: --divergence_factor)")

@@ -78,6 +78,10 @@ def test_refuses_bad_inputs_and_files(tmp_path):
   info = json.loads((d / model_io.CONFIG_FILE).read_text())
   info["model_config"]["hidden_size"] = 64
   (d / model_io.CONFIG_FILE).write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="model_sha256"):    # model.json's own checksum
+    model_io.load_model(d)
+  del info["model_sha256"]                                  # as a model exported before it
+  (d / model_io.CONFIG_FILE).write_text(json.dumps(info))
   with pytest.raises(ValueError, match="the config needs"):
     model_io.load_model(d)
   (d / model_io.PARAMS_FILE).unlink()

@@ -1,0 +1,545 @@
+"""Reliability: nothing lost, nothing wrong passed off as right, one line per bad input.
+
+The SIGKILL resume tests live in tests/test_train.py. Here: NaN-aware metrics and strict
+JSON, one-line errors for bad flags and data, the divergence guard, the workdir lock,
+damaged checkpoints, predictor input validation and a full disk.
+"""
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import eval_lib
+from musica_jax import checkpoints
+from musica_jax import config as config_lib
+from musica_jax import metrics
+from musica_jax import model_io
+from musica_jax import schemes
+from musica_jax import stage_net
+from musica_jax import strict_json
+from musica_jax import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+ENV.pop(common.VERBOSE_ENV, None)
+
+
+def _strict_load(text: str):
+  def refuse(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def _start(program: str, args, cwd=REPO, env=None):
+  return subprocess.Popen([sys.executable, "-m", f"experiments.{program}", *map(str, args)],
+                          cwd=cwd, env={**ENV, **(env or {})}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _run_all(cases, parallel: int = 4, timeout: int = 400):
+  """Runs {name: (program, args)} a few at a time -> {name: (returncode, stdout, stderr)}."""
+  out, names = {}, list(cases)
+  for i in range(0, len(names), parallel):
+    procs = {n: _start(*cases[n]) for n in names[i:i + parallel]}
+    for n, p in procs.items():
+      so, se = p.communicate(timeout=timeout)
+      out[n] = (p.returncode, so, se)
+  return out
+
+
+def assert_one_line_error(result, program: str, *must_contain: str):
+  """Non-zero exit, no traceback, no help dump, exactly one `PROGRAM: error:` line that
+  names what it must (the flag, the file)."""
+  rc, so, se = result
+  assert rc != 0, (so[-2000:], se[-2000:])
+  assert "Traceback" not in se, se[-3000:]
+  assert "--helpfull" not in se + so and "flags:" not in se, se[-3000:]
+  lines = [l for l in se.splitlines() if l.startswith(f"{program}: error:")]
+  assert len(lines) == 1, se[-3000:]
+  for text in must_contain:
+    assert text in lines[0], (text, lines[0])
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# 3. NaN-aware metrics, strict JSON.
+
+
+def test_a_nonfinite_prediction_is_a_failure():
+  nme = np.array([0.01, np.nan, np.inf, 0.05])
+  assert metrics.failure_rate(nme, 0.08) == 0.5          # was 0.0 for NaN and 0.25 here
+  assert metrics.auc(nme, 0.08) == pytest.approx((0.07 / 0.08 + 0.03 / 0.08) / 4)
+  assert metrics.nonfinite_count(nme) == 2
+  x, y = metrics.ced(nme, 0.08, num=3)
+  assert y[-1] == 0.5
+  s = metrics.summarise(np.full(3, np.nan))
+  assert s["fr_008"] == 1.0 and s["auc_008"] == 0.0 and s["nonfinite_faces"] == 3
+  per_face = {k: np.full((3, 4), np.nan) for k in (
+      "nme_interpupil_per_iteration", "nme_interocular_per_iteration",
+      "nme_box_per_iteration", "estimated_error")}
+  per_face.update(iterations=np.full(4, 3), nme_interocular_init=np.full(4, 0.2),
+                  nme_interpupil_init=np.full(4, 0.3))
+  summary = eval_lib.summarise(per_face)
+  assert summary["fr_008"] == 1.0 and summary["nonfinite_faces"] == 4
+
+
+def test_strict_json_writes_null_for_nonfinite_values(tmp_path):
+  data = {"nme": float("nan"), "list": [np.float32(np.inf), -math.inf, np.int64(3)],
+          "array": np.array([1.5, np.nan]), "ok": 0.25, "flag": np.bool_(True)}
+  back = _strict_load(strict_json.dumps(data))
+  assert back == {"nme": None, "list": [None, None, 3], "array": [1.5, None], "ok": 0.25,
+                  "flag": True}
+  common.write_json(tmp_path / "r.json", data)
+  assert _strict_load((tmp_path / "r.json").read_text())["nme"] is None
+  assert (tmp_path / "r.json").stat().st_mode & 0o044 == 0o044   # readable by all
+
+
+def test_every_result_writer_goes_through_strict_json():
+  """No module writes JSON with Python's default (NaN-permitting) encoder."""
+  allowed = {
+      "musica_jax/strict_json.py": "the strict encoder itself",
+      "experiments/sweep_thresholds.py": "its _plain() turns every non-finite into a string",
+  }
+  offenders = []
+  for folder in ("musica_jax", "experiments", "data_pipelines"):
+    for path in sorted((REPO / folder).rglob("*.py")):
+      rel = str(path.relative_to(REPO))
+      if rel in allowed:
+        continue
+      for i, line in enumerate(path.read_text().splitlines(), 1):
+        if ("json.dump(" in line or "json.dumps(" in line) and "strict_json." not in line \
+            and "sort_keys=True" not in line:      # a hash key, not a file
+          offenders.append(f"{rel}:{i}: {line.strip()}")
+  assert not offenders, offenders
+
+
+def _broken_model(path):
+  """A model whose activations overflow: finite weights x 1e30 -> NaN landmarks."""
+  cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
+  params = jax.tree.map(lambda x: np.asarray(x) * 1e30,
+                        stage_net.init_stacked(jax.random.key(0), cfg))
+  mean = np.stack(np.meshgrid(np.linspace(80, 150, 17), np.linspace(80, 150, 4)), -1)
+  model_io.save_model(path, params, cfg, mean.reshape(-1, 2)[:68])
+  return path
+
+
+def test_evaluating_broken_weights_fails_and_writes_strict_json(tmp_path):
+  model = _broken_model(tmp_path / "broken")
+  out = tmp_path / "eval.json"
+  proc = _start("evaluate", [
+      "--flagfile=demo.flags", f"--model={model}", f"--output_json={out}",
+      "--synthetic_train_size=8", "--synthetic_test_size=8", "--eval_batch_size=8",
+      f"--tfds_dir={tmp_path / 'tfds'}", "--ts=0.01"])
+  result = (proc.wait(timeout=400), proc.stdout.read(), proc.stderr.read())
+  assert_one_line_error(result, "evaluate", "non-finite", "8 of 8 faces of test")
+  doc = _strict_load(out.read_text())
+  split = doc["splits"]["test"]
+  assert split["nme_interocular"] is None and split["fr_008"] == 1.0
+  assert split["nonfinite_faces"] == 8 and split["auc_008"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# 6. One line for every usage or data error; a failed start leaves no workdir behind.
+
+
+def _pts_folder(root: pathlib.Path, faces: int = 6, bad: bool = True) -> pathlib.Path:
+  """Synthetic faces as .png + .pts; with bad: a truncated .pts and a symlink loop."""
+  from data_pipelines import readers  # noqa: PLC0415
+  from data_pipelines import synthetic_faces  # noqa: PLC0415
+  root.mkdir(parents=True)
+  for i in range(faces):
+    f = synthetic_faces.make_face(5, i, 68)
+    (root / f"face{i}.png").write_bytes(synthetic_faces.encode_png(f.image))
+    readers.write_pts(str(root / f"face{i}.pts"), f.landmarks)
+  if bad:
+    text = (root / "face0.pts").read_text()
+    (root / "face0.pts").write_text(text[:len(text) // 2])        # truncated
+    os.symlink(root / "loop_b.png", root / "loop_a.png")          # ELOOP on any stat
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+  return root
+
+
+TINY = ["--flagfile=demo.flags", "--synthetic_train_size=16", "--synthetic_test_size=8",
+        "--batch_size=8", "--eval_batch_size=8", "--hidden_size=16", "--log_every=1",
+        "--eval_every=-1", "--checkpoint_every=1"]
+
+
+@pytest.mark.slow     # ten programs start (~2.5 min on 2 loaded cores)
+def test_one_line_errors_for_bad_flags_and_data(tmp_path):
+  bad = _pts_folder(tmp_path / "bad")
+  (tmp_path / "empty").mkdir()
+  done = tmp_path / "done"                       # a workdir whose newest checkpoint is 6
+  (done / "checkpoints" / "6").mkdir(parents=True)
+  (done / "keep.txt").write_text("mine")
+  tfds = f"--tfds_dir={tmp_path / 'tfds'}"
+  pts = ["--dataset=pts_folder", "--num_points=68", "--hidden_size=16", "--steps=2", tfds]
+  w = lambda name: f"--workdir={tmp_path / name}"
+  cases = {
+      "ts_nan": ("evaluate", ["--flagfile=demo.flags", "--model=default", "--ts=nan",
+                              f"--output_json={tmp_path / 'e.json'}"]),
+      "checkpoint_every": ("train", [*TINY, w("w1"), "--checkpoint_every=0"]),
+      "log_every": ("train", [*TINY, w("w2"), "--log_every=0"]),
+      "learning_rate": ("train", [*TINY, w("w3"), "--learning_rate=-1"]),
+      "steps_text": ("train", [*TINY, w("w4"), "--steps=abc"]),
+      "empty_data_dir": ("train", [*pts, w("w5"), f"--data_dir={tmp_path / 'empty'}"]),
+      "bad_pts": ("train", [*pts, w("w6"), f"--data_dir={bad}"]),
+      "steps_below_checkpoint": ("train", [*TINY, f"--workdir={done}", "--steps=2"]),
+      "max_batch": ("predict", ["--max_batch=3", f"--image={bad / 'face1.png'}",
+                                "--box=10,10,100,100"]),
+      "skip_bad_with_a_symlink_loop": ("inspect_data", [
+          "--dataset=pts_folder", "--num_points=68", f"--data_dir={bad}", "--skip_bad",
+          tfds, f"--output_json={tmp_path / 'inspect.json'}"]),
+  }
+  r = _run_all(cases)
+  assert_one_line_error(r["ts_nan"], "evaluate", "--ts=nan")
+  assert_one_line_error(r["checkpoint_every"], "train", "--checkpoint_every=0")
+  assert_one_line_error(r["log_every"], "train", "--log_every=0")
+  assert_one_line_error(r["learning_rate"], "train", "--learning_rate=-1")
+  assert_one_line_error(r["steps_text"], "train", "--steps")
+  assert_one_line_error(r["empty_data_dir"], "train", str(tmp_path / "empty"), "empty")
+  assert_one_line_error(r["bad_pts"], "train", str(bad / "face0.pts"), "--skip_bad")
+  assert_one_line_error(r["steps_below_checkpoint"], "train", "--steps=2", "step 6")
+  assert_one_line_error(r["max_batch"], "predict", "--max_batch=3")
+  rc, _, se = r["skip_bad_with_a_symlink_loop"]
+  assert rc == 0, se[-2000:]
+  skipped = _strict_load((tmp_path / "inspect.json").read_text())["splits"]["all"]["skipped"]
+  assert skipped["count"] == 3, skipped          # the truncated .pts and both loop links
+  for name in ("w1", "w2", "w3", "w4", "w5", "w6"):  # a failed start leaves no workdir
+    assert not (tmp_path / name).exists(), name
+  assert (done / "keep.txt").read_text() == "mine" and (done / "checkpoints" / "6").is_dir()
+
+
+def test_verbose_switch_shows_the_traceback(tmp_path):
+  proc = _start("train", [*TINY, f"--workdir={tmp_path / 'w'}", "--learning_rate=nan"],
+                env={common.VERBOSE_ENV: "1"})
+  _, se = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert "Traceback" in se and "train: error: --learning_rate=nan" in se
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Divergence guard (+ the skip count of --skip_bad in train).
+
+
+def test_divergence_guard_rule():
+  rng = np.random.default_rng(0)
+  healthy = training.DivergenceGuard(10.0)
+  loss = 1.2 * np.exp(-np.arange(3000) / 500) + 0.05
+  loss = loss * rng.lognormal(0, 0.5, loss.shape)          # noisy batches, 10x decay
+  assert not any(healthy.update(s, float(l)) for s, l in enumerate(loss, 1))
+  blown = training.DivergenceGuard(10.0)
+  fired = [s for s, l in enumerate([1.1, 1.0, 0.9, 2e6, 3e6, 2e6], 1) if blown.update(s, l)]
+  assert fired[0] == 4 and blown.diverged_at == 4 and "diverged at step 4" in blown.message()
+  off = training.DivergenceGuard(0.0)
+  assert not any(off.update(s, l) for s, l in enumerate([1.0, 1e9, 1e12], 1))
+  with pytest.raises(ValueError):
+    training.DivergenceGuard(0.5)
+
+
+@pytest.mark.slow     # data preparation and a few training steps (~1 min)
+def test_a_diverging_run_stops_without_saving_and_reports_its_skips(tmp_path):
+  data = _pts_folder(tmp_path / "faces", faces=8)
+  workdir = tmp_path / "w"
+  proc = _start("train", ["--dataset=pts_folder", "--num_points=68", f"--data_dir={data}",
+                          "--skip_bad", f"--tfds_dir={tmp_path / 'tfds'}", "--hidden_size=16",
+                          "--batch_size=4", "--steps=40", "--log_every=20", "--eval_every=-1",
+                          "--checkpoint_every=1", "--learning_rate=1e6",
+                          f"--workdir={workdir}"])
+  so, se = proc.communicate(timeout=400)
+  line = assert_one_line_error((proc.returncode, so, se), "train", "diverged",
+                               "--divergence_factor")
+  fired = int(line.split("diverged at step ")[1].split(":")[0])
+  assert fired < 10, line
+  saved = checkpoints.Checkpoints(str(workdir), async_save=False).all_steps()
+  assert saved and max(saved) < fired, (saved, fired)
+  assert "data: skipped 3 bad item(s)" in so, so[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. One run per workdir.
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from musica_jax import checkpoints
+    lock = checkpoints.WorkdirLock(sys.argv[1])
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPO, env=ENV,
+                            text=True, stdout=subprocess.PIPE)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(checkpoints.WorkdirInUseError, match=f"pid {holder.pid} "):
+      checkpoints.WorkdirLock(str(workdir)).acquire()
+    proc = _start("train", [*TINY, f"--workdir={workdir}", "--steps=2"])
+    so, se = proc.communicate(timeout=300)
+    assert_one_line_error((proc.returncode, so, se), "train", "in use", f"pid {holder.pid} ")
+    assert sorted(p.name for p in workdir.iterdir()) == [checkpoints.LOCK_FILE]  # untouched
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  lock = checkpoints.WorkdirLock(str(workdir))
+  note = lock.acquire()                                  # the holder died holding it
+  assert note and f"pid {holder.pid} " in note and "stale" in note
+  lock.release()
+  again = checkpoints.WorkdirLock(str(workdir))
+  assert again.acquire() is None                         # a clean release leaves no note
+  again.release()
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Damaged checkpoints: restore walks back, evaluate names the damaged step.
+
+
+def _workdir_with_checkpoints(workdir: pathlib.Path, steps=(2, 4, 6)):
+  """A training workdir (run_config + checkpoints at `steps`, distinct contents) made
+  in-process: a tiny model, no training."""
+  from data_pipelines import config as data_config  # noqa: PLC0415
+  cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
+  tcfg = training.TrainConfig(steps=max(steps))
+  state = training.create_train_state(cfg, tcfg)
+  common.save_run_config(workdir, cfg, data_config.DataConfig(), tcfg,
+                         np.full((68, 2), 100.0, np.float32))
+  ck = checkpoints.Checkpoints(str(workdir), keep=len(steps))
+  for s in steps:
+    state = state.replace(step=np.int32(s),
+                          params=jax.tree.map(lambda x: x + 0.01, state.params))
+    ck.save(s, state)
+  ck.wait()
+  ck.close()
+  return cfg, tcfg
+
+
+def _flip_bytes(path: pathlib.Path):
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 16] = bytes(255 - b for b in data[mid:mid + 16])
+  path.write_bytes(bytes(data))
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+DAMAGES = {
+    "flipped_bytes": lambda d: _flip_bytes(_largest_file(d)),
+    "truncated_data": lambda d: os.truncate(_largest_file(d), _largest_file(d).stat().st_size // 3),
+    "missing_metadata": lambda d: (d / "default" / "_METADATA").unlink(),
+    "emptied_step": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
+                               if p.is_file()],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ckpt") / "w"
+  cfg, tcfg = _workdir_with_checkpoints(workdir)
+  return workdir, cfg, tcfg
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_restore_walks_back_over_a_damaged_checkpoint(checkpointed, tmp_path, damage):
+  import shutil  # noqa: PLC0415
+  source, cfg, tcfg = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  DAMAGES[damage](workdir / "checkpoints" / "6")
+  template = training.create_train_state(cfg, tcfg)
+  ck = checkpoints.Checkpoints(str(workdir), async_save=False)
+  skipped = []
+  state = ck.restore(template, on_skip=lambda s, why: skipped.append((s, why)))
+  assert int(state.step) == 4 and [s for s, _ in skipped] == [6], skipped
+  with pytest.raises(checkpoints.DamagedCheckpointError, match="step 6"):
+    ck.restore(template, 6)
+  assert int(ck.restore(template, 2).step) == 2
+  ck.close()
+
+
+def test_flipped_bytes_are_caught_by_the_checksum_alone(checkpointed, tmp_path):
+  """Orbax reads a checkpoint with flipped data bytes without complaint; the content
+  checksum written at save time is what refuses it."""
+  import shutil  # noqa: PLC0415
+  source, cfg, tcfg = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  _flip_bytes(_largest_file(workdir / "checkpoints" / "6"))
+  template = training.create_train_state(cfg, tcfg)
+  ck = checkpoints.Checkpoints(str(workdir), async_save=False)
+  try:
+    unchecked = ck._restore_step(template, 6)        # what restore read before checksums
+  except Exception:  # noqa: BLE001  (this orbax caught it itself: the walk-back test covers it)
+    unchecked = None
+  if unchecked is not None:
+    assert checkpoints.state_digest(unchecked) != ck.expected_digest(6)
+  with pytest.raises(checkpoints.DamagedCheckpointError):
+    ck.restore(template, 6)
+  ck.close()
+
+
+def test_evaluate_names_the_damaged_step_and_walks_back_for_latest(checkpointed, tmp_path):
+  import shutil  # noqa: PLC0415
+  source, _, _ = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  DAMAGES["truncated_data"](workdir / "checkpoints" / "6")
+  common_args = ["--flagfile=demo.flags", f"--workdir={workdir}", "--synthetic_train_size=8",
+                 "--synthetic_test_size=8", "--eval_batch_size=8",
+                 f"--tfds_dir={tmp_path / 'tfds'}"]
+  r = _run_all({
+      "step6": ("evaluate", [*common_args, "--checkpoint=6", f"--output_json={tmp_path / 'a.json'}"]),
+      "latest": ("evaluate", [*common_args, f"--output_json={tmp_path / 'b.json'}"])})
+  assert_one_line_error(r["step6"], "evaluate", "step 6", "damaged")
+  rc, so, se = r["latest"]
+  assert rc == 0, se[-3000:]
+  assert "Traceback" not in se and "checkpoint step 6" in se and "damaged" in se
+  assert _strict_load((tmp_path / "b.json").read_text())["checkpoint_step"] == 4
+
+
+@pytest.mark.slow     # a short training run (~1 min)
+def test_training_resumes_from_the_newest_intact_checkpoint(checkpointed, tmp_path):
+  import shutil  # noqa: PLC0415
+  source, cfg, tcfg = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  DAMAGES["missing_metadata"](workdir / "checkpoints" / "6")
+  proc = _start("train", [*TINY, f"--workdir={workdir}", "--steps=7",
+                          f"--tfds_dir={tmp_path / 'tfds'}"])
+  so, se = proc.communicate(timeout=400)
+  assert proc.returncode == 0, se[-3000:]
+  assert "warning: checkpoint step 6 is damaged" in so and "resumed from checkpoint at step 4" in so
+  assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["6"]
+  ck = checkpoints.Checkpoints(str(workdir), async_save=False)
+  assert {6, 7} <= set(ck.all_steps())       # step 6 saved again, verified on restore
+  assert int(ck.restore(training.create_train_state(cfg, tcfg)).step) == 7
+  ck.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Predictor input validation, a default Tf; 7. the model checksum covers model.json.
+
+
+def test_sixteen_bit_greyscale_is_decoded_not_clipped(tmp_path):
+  from PIL import Image  # noqa: PLC0415
+  from musica_jax import predictor  # noqa: PLC0415
+  grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+  Image.fromarray(grey).save(tmp_path / "g16.png")
+  assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+  rgb = predictor.read_image(tmp_path / "g16.png")
+  assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+  np.testing.assert_array_equal(rgb[..., 0], np.round(grey / 257.0).astype(np.uint8))
+  assert 120 < rgb.mean() < 135          # was ~254: PIL's convert("RGB") clips to white
+  Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "f.tiff")
+  with pytest.raises(ValueError, match="unknown value range"):
+    predictor.read_image(tmp_path / "f.tiff")
+
+
+@pytest.mark.parametrize("image_shape, box, message", [
+    ((1, 1, 3), (0, 0, 1, 1), "pixels"),                       # a 1x1 image
+    ((480, 640, 3), (-1e9, -1e9, 1e9, 1e9), "outside"),        # centre inside, box huge
+    ((480, 640, 3), (300, 200, 310, 212), "pixels"),           # an 11-pixel face
+    ((480, 640, 3), (600, 440, 900, 740), "outside"),          # mostly off the photo
+])
+def test_predictor_refuses_boxes_it_cannot_answer(image_shape, box, message):
+  from musica_jax import predictor  # noqa: PLC0415
+  with pytest.raises(ValueError, match=message):
+    predictor.check_box_in_image(np.asarray(box, np.float64), image_shape)
+
+
+def test_plausible_boxes_pass():
+  from musica_jax import predictor  # noqa: PLC0415
+  for box in [(100, 80, 300, 300), (-30, -20, 150, 170), (560, 400, 680, 520)]:
+    predictor.check_box_in_image(np.asarray(box, np.float64), (480, 640, 3))
+
+
+def _tiny_model(path):
+  cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
+  params = stage_net.init_stacked(jax.random.key(0), cfg)
+  bias = np.array(params["head"]["bias"])
+  bias[..., -1] += 0.5                                  # an estimated error of ~0.5
+  params["head"]["bias"] = bias
+  from data_pipelines import synthetic_faces  # noqa: PLC0415
+  face = synthetic_faces.make_face(3, 0, 68)
+  model_io.save_model(path, params, cfg, np.full((68, 2), 114.0) + np.random.default_rng(0)
+                      .normal(0, 20, (68, 2)))
+  return face
+
+
+def test_default_tf_flags_faces_and_the_model_checksum_covers_model_json(tmp_path):
+  from musica_jax import predictor  # noqa: PLC0415
+  face = _tiny_model(tmp_path / "m")
+  box = [float(face.landmarks[:, 0].min()), float(face.landmarks[:, 1].min()),
+         float(face.landmarks[:, 0].max()), float(face.landmarks[:, 1].max())]
+  assert predictor.Predictor.from_saved_model(tmp_path / "m").default_tf == np.inf
+  model_io.set_default_tf(tmp_path / "m", 0.1, {"rule": "test"})
+  p = predictor.Predictor.from_saved_model(tmp_path / "m", max_batch=1)
+  assert p.default_tf == 0.1
+  out = p.predict(face.image, box)
+  assert out.estimated_error[0] > 0.1 and not out.valid.any()   # the default Tf applies
+  assert p.predict(face.image, box, tf=1.0).valid.all()         # an explicit one wins
+  doc = json.loads((tmp_path / "m" / model_io.CONFIG_FILE).read_text())
+  doc["model_config"]["levels"] = [0, 0, 0]                  # edited outside the params
+  (tmp_path / "m" / model_io.CONFIG_FILE).write_text(json.dumps(doc))
+  with pytest.raises(ValueError, match="model_sha256"):
+    model_io.load_model(tmp_path / "m")
+
+
+def test_the_shipped_model_has_a_default_tf_chosen_on_validation():
+  from musica_jax import predictor  # noqa: PLC0415
+  m = model_io.load_model(predictor.default_model_path())
+  doc = json.loads((pathlib.Path(m.path) / model_io.CONFIG_FILE).read_text())
+  assert m.default_tf is not None and 0 < m.default_tf < 1
+  assert doc["default_tf_chosen"]["split"] == "val" and "model_sha256" in doc
+
+
+# ---------------------------------------------------------------------------------------
+# 7. A full disk (a small tmpfs; skipped where mounting is not allowed).
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  mount = tmp_path / "small"
+  mount.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_leaves_no_partial_result_files(small_disk):
+  (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 8192))
+  with pytest.raises(OSError) as e:
+    common.atomic_write_text(small_disk / "run_config.json", "x" * 200_000)
+  assert e.value.errno == 28
+  assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]   # no .run_config.json.*
+
+
+@pytest.mark.slow     # a short training run (~1 min)
+def test_training_onto_a_full_disk_ends_with_one_error_line(small_disk, tmp_path):
+  proc = _start("train", [*TINY, "--steps=3", f"--tfds_dir={tmp_path / 'tfds'}",
+                          f"--workdir={small_disk / 'w'}"])
+  so, se = proc.communicate(timeout=400)
+  assert proc.returncode == 1, se[-3000:]
+  errors = [l for l in se.splitlines() if l.startswith("train: error:")]
+  assert len(errors) == 1 and "no space left on device" in errors[0], se[-3000:]
+  assert se.rstrip().splitlines()[-1] == errors[0]        # the last word is ours
+  assert not [p for p in (small_disk / "w").iterdir() if p.name.startswith(".run_config")]
