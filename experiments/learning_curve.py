@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 
 from experiments import common
+from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", [], "Training workdirs (each with metrics.jsonl).")
@@ -128,7 +129,7 @@ def main(argv):
   summary = {label: {"workdir": w, **summarise(runs[label], FLAGS.metric, FLAGS.fit_points)}
              for label, w in zip(labels, FLAGS.workdirs)}
   summary = {"metric": FLAGS.metric, "command": "python -m experiments.learning_curve " + " ".join(sys.argv[1:]), "runs": summary}
-  print(json.dumps(summary, indent=1))
+  print(strict_json.dumps(summary, indent=1))
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, summary)
   if FLAGS.output_png:
@@ -136,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

@@ -25,7 +25,6 @@ predictor's numbers (tested).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 import jax
@@ -35,6 +34,7 @@ import numpy as np
 
 from musica_jax import cascade
 from musica_jax import face_frame
+from musica_jax import strict_json
 from musica_jax.config import ModelConfig
 
 FORMAT = "musica-jax-stablehlo"
@@ -111,4 +111,4 @@ def weight_dtype(params) -> str:
 
 
 def dumps(info: dict) -> str:
-  return json.dumps(info, indent=1)
+  return strict_json.dumps(info, indent=1)
