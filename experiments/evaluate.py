@@ -40,7 +40,9 @@ from musica_jax import training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_json", None, "Where to write the results JSON.")
-flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, or 'latest'.")
+flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, 'latest', or "
+                    "'best' (the kept checkpoint with the lowest --eval_split NME logged in "
+                    "training, i.e. chosen on the validation split).")
 flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
                     "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
 flags.DEFINE_float("ts", None, "Early exit: success threshold on the quitting score (the "
@@ -70,11 +72,31 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
-  number = None if step == "latest" else int(step)
+  if step == "best":
+    number = best_eval_step(workdir, ckpts.all_steps())
+  else:
+    number = None if step == "latest" else int(step)
   state = ckpts.restore(abstract, number)
   used = int(state.step)
   ckpts.close()
   return state.ema_params, used, mesh
+
+
+def best_eval_step(workdir: str, steps) -> int:
+  """The step among `steps` with the lowest inter-ocular NME of training's evaluations
+  (the split training evaluated on: `val` for the 300W flagfiles) in metrics.jsonl."""
+  log = pathlib.Path(workdir) / "metrics.jsonl"
+  nme = {}
+  if log.exists():
+    for line in log.read_text().splitlines():
+      rec = json.loads(line)
+      if "eval/nme_interocular" in rec:
+        nme[int(rec["step"])] = float(rec["eval/nme_interocular"])
+  scored = [s for s in steps if s in nme]
+  if not scored:
+    raise app.UsageError(f"--checkpoint=best: no checkpoint of {workdir} has an evaluation "
+                         f"in {log}")
+  return min(scored, key=lambda s: (nme[s], s))
 
 
 def load_exported(model: str):
