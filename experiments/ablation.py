@@ -30,14 +30,19 @@ from experiments import common
 from experiments import results_table
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("runs_dir", None, "One workdir per row: <runs_dir>/<row>.")
-flags.DEFINE_string("data_dir", None, "The 300W folder (official layout); default: the "
-                    "flagfiles' ../shared/data/300w, relative to the working directory.")
-flags.DEFINE_boolean("run", False, "Train and evaluate the rows that have no result yet.")
-flags.DEFINE_list("rows", [], "Only these rows (default: all).")
-# --output_md: defined by experiments.results_table (whose training-time reading is reused).
-flags.DEFINE_string("output_json", None, "Write the rows (JSON) here.")
-flags.mark_flags_as_required(["runs_dir"])
+
+
+def define_flags():
+  """Defined when run as a program (importing the module defines none, so tests can import
+  it beside other entry points). --data_dir is data_pipelines.flags', --output_md
+  experiments.results_table's (whose training-time reading is reused)."""
+  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
+  flags.DEFINE_string("runs_dir", None, "One workdir per row: <runs_dir>/<row>.")
+  flags.DEFINE_boolean("run", False, "Train and evaluate the rows that have no result yet.")
+  flags.DEFINE_list("rows", [], "Only these rows (default: all).")
+  flags.DEFINE_string("output_json", None, "Write the rows (JSON) here.")
+  flags.mark_flags_as_required(["runs_dir"])
+
 
 # The one budget of every row (flags after the row's flagfile).
 BUDGET = ("--steps=300", "--batch_size=32", "--seed=0", "--learning_rate=1e-3",
@@ -154,9 +159,10 @@ def main(argv):
   unknown = set(FLAGS.rows) - {r[0] for r in ROWS}
   if unknown:
     raise app.UsageError(f"--rows: unknown {sorted(unknown)}; known: {[r[0] for r in ROWS]}")
+  data_dir = FLAGS.data_dir if FLAGS["data_dir"].present else None   # the flagfiles' default
   if FLAGS.run:
-    run_rows(rows, FLAGS.runs_dir, FLAGS.data_dir)
-  recs = collect(rows, FLAGS.runs_dir, FLAGS.data_dir)
+    run_rows(rows, FLAGS.runs_dir, data_dir)
+  recs = collect(rows, FLAGS.runs_dir, data_dir)
   table = markdown(recs)
   print(table)
   if FLAGS.output_md:
@@ -167,4 +173,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, argv=common.resolve_flagfiles(sys.argv))

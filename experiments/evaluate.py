@@ -99,26 +99,6 @@ def best_eval_step(workdir: str, steps) -> int:
   return min(scored, key=lambda s: (nme[s], s))
 
 
-def load_exported(model: str):
-  """(params replicated on all devices, ModelConfig, mean shape, provenance, mesh) of an
-  exported model directory, or of the shipped default model for model == 'default'."""
-  from musica_jax import model_io  # noqa: PLC0415
-  from musica_jax import predictor  # noqa: PLC0415
-  try:
-    path = predictor.default_model_path() if model == "default" else model
-    loaded = model_io.load_model(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(f"--model={model}: {e}") from e
-  mesh = parallel.make_mesh()
-  info = {"model_path": os.path.abspath(loaded.path), "model_name": loaded.metadata.get("name"),
-          "param_dtype": loaded.dtype,
-          "checkpoint_step": loaded.metadata.get("source", {}).get("checkpoint_step"),
-          "trained_in": loaded.metadata.get("source", {}).get("workdir")}
-  info["quit_policy"] = (loaded.quit_info or {}).get("design")
-  return (parallel.replicate(loaded.params, mesh), loaded.model_config, loaded.mean_shape,
-          info, mesh, (loaded.quit_head, loaded.quit_info))
-
-
 def load_checkpoint(workdir: str, checkpoint: str):
   """The same for a training workdir's checkpoint (EMA weights)."""
   run = common.load_run_config(workdir)
@@ -129,6 +109,17 @@ def load_checkpoint(workdir: str, checkpoint: str):
   quit = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size) or (None, None)
   info["quit_policy"] = (quit[1] or {}).get("design")
   return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh, quit
+
+
+def load_model_or_checkpoint(workdir: str | None, model: str | None, checkpoint: str = "latest"):
+  """--workdir's checkpoint or --model (an exported directory, or 'default'), exactly one:
+  (params, ModelConfig, mean shape, provenance, mesh, (quit head, quit info))."""
+  if bool(workdir) == bool(model):
+    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
+                         "exported model directory, or 'default')")
+  if model:
+    return eval_lib.load_exported(model)
+  return load_checkpoint(workdir, checkpoint)
 
 
 def musica_row(summary: dict, model_cfg, info: dict) -> dict:
@@ -163,13 +154,8 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
              tf=None, checkpoint: str = "latest", model: str | None = None,
              with_dlib: bool = False, dlib_box_fit_json: str | None = None,
              budget: float | None = None, budget_mmacs: float | None = None) -> dict:
-  if (workdir is None) == (model is None):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
-                         "exported model directory, or 'default')")
-  if model is not None:
-    params, model_cfg, mean_shape, info, mesh, quit = load_exported(model)
-  else:
-    params, model_cfg, mean_shape, info, mesh, quit = load_checkpoint(workdir, checkpoint)
+  params, model_cfg, mean_shape, info, mesh, quit = load_model_or_checkpoint(
+      workdir, model, checkpoint)
   capacities = None
   if budget is not None or budget_mmacs is not None:
     try:

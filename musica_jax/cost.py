@@ -1,4 +1,4 @@
-"""Model cost: multiply-adds and parameter counts, analytically from the config.
+"""Model cost: multiply-adds, parameter counts and weight memory, analytically from the config.
 
 Counted: the two convolutions (im2col products), local patch attention, the recurrent
 FC and the head, per iteration. Not counted: pyramid, patch sampling, pooling and
@@ -75,3 +75,14 @@ def parameter_count(config: ModelConfig) -> int:
   elif config.global_attention == "gcn":
     per_stage += d * config.gcn_hidden + config.gcn_hidden + config.gcn_hidden + 1
   return per_stage * config.num_stages
+
+
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2}
+
+
+def weight_megabytes(config: ModelConfig, dtype: str = "float32") -> float:
+  """Memory of the weights in MB (1e6 bytes) stored as `dtype` (the exported model's
+  params.npz is this plus a few kB of archive headers)."""
+  if dtype not in BYTES_PER_WEIGHT:
+    raise ValueError(f"dtype must be one of {sorted(BYTES_PER_WEIGHT)}, got {dtype!r}")
+  return parameter_count(config) * BYTES_PER_WEIGHT[dtype] / 1e6
