@@ -63,6 +63,9 @@ ROWS = (
     ("global_gcn", "global attention, GCN", "300w19.flags", ("--global_attention=gcn",), 12.37),
     ("mobile", "phone model (23 patches, 2 it., no local attention)", "300w_mobile.flags",
      (), None),
+    # The baseline again with another seed (initialisation and data order): how far two
+    # trainings of the same model lie apart at this budget, the noise level of the table.
+    ("baseline_seed1", "MuSiCa19, seed 1 (noise level)", "300w19.flags", ("--seed=1",), None),
 )
 
 
