@@ -103,3 +103,17 @@ def test_ablation_table_from_the_rows_evaluations(tmp_path):
     assert flag in by["global_gcn"]["train_command"] and flag in by["mobile"]["train_command"]
   md = ablation.markdown(recs)
   assert "+12.5%" in md and "+12.37%" in md and "(not run)" in md
+
+
+def test_ablation_table_states_the_noise_level(tmp_path):
+  rows = [r for r in ablation.ROWS if r[0] in ("baseline", "baseline_seed1")]
+  for name, nme in (("baseline", 8.0), ("baseline_seed1", 8.4)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "common.json").write_text(json.dumps({
+        "checkpoint_step": 300, "mmacs_full_cascade": 27.7,
+        "splits": {"common": {"faces": 554, "nme_interpupil": nme, "nme_interocular": nme,
+                              "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+  md = ablation.markdown(ablation.collect(rows, str(tmp_path), None))
+  assert "lands 5.0% from seed 0" in md
+  assert "--seed=1" in md
