@@ -156,6 +156,15 @@ def markdown(recs: list[dict]) -> str:
     lines += ["", f"Noise level: the same baseline trained with seed 1 lands {noise:.1f}% from "
               "seed 0. A change within about that band is not separated from training noise at "
               "this budget; only changes well beyond it say something about the option."]
+  else:
+    lines += ["", "Noise level not measured (the row `baseline_seed1` has not run): two "
+              "trainings of one model at this short budget can differ by several percent, so "
+              "changes of a few percent are not separated from training noise."]
+  if "nme_interpupil" in by.get("inverted_bottleneck", {}):
+    lines += ["", "The inverted-bottleneck blocks start from a He-scaled initialisation (with "
+              "the paper's std 0.01 for every weight, three stacked products per block would "
+              "start near zero; the conv extractor keeps std 0.01): after 300 steps that "
+              "head start, not the architecture, may be what the row measures."]
   lines += ["", "The paper's column is its Table 4 (MuSiCa68 baseline, fully trained, 300W "
             "challenging set; its GCN row, 8.60 against 8.16, is +5.4%, not the +12.37% "
             "printed). Here: MuSiCa19 baseline, a short budget, the common set, so only the "
