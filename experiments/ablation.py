@@ -157,9 +157,10 @@ def markdown(recs: list[dict]) -> str:
               "seed 0. A change within about that band is not separated from training noise at "
               "this budget; only changes well beyond it say something about the option."]
   else:
-    lines += ["", "Noise level not measured (the row `baseline_seed1` has not run): two "
-              "trainings of one model at this short budget can differ by several percent, so "
-              "changes of a few percent are not separated from training noise."]
+    lines += ["", "Noise level not measured (the row `baseline_seed1` has not run): how far "
+              "two trainings of one model lie apart at this short budget is unknown, so "
+              "changes of a few percent are not shown to be more than training noise. Every "
+              "row's best `val` checkpoint is its last (step 300): all were still improving."]
   if "nme_interpupil" in by.get("inverted_bottleneck", {}):
     lines += ["", "The inverted-bottleneck blocks start from a He-scaled initialisation (with "
               "the paper's std 0.01 for every weight, three stacked products per block would "
