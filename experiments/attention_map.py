@@ -1,6 +1,6 @@
 r"""What is the cascade looking at? (paper section 3.5, Figure 6)
 
-  python -m experiments.attention_map --flagfile=300w68.flags --workdir=W \
+  python -m experiments.attention_map --flagfile=300w68.flags (--workdir=W | --model=DIR|default) \
       --output=attention.png [--output_json=attention.json] [--eval_split=common]
       [--checkpoint=STEP]
 
@@ -41,6 +41,8 @@ def define_flags():
   _define("string", "output", None, "PNG to write (Figure 6).")
   _define("string", "output_json", None, "JSON to write (default: next to --output).")
   _define("string", "checkpoint", "latest", "Checkpoint step, or 'latest'.")
+  _define("string", "model", None, "An exported model directory (experiments.export_model) "
+          "instead of --workdir; 'default' = the model shipped in musica_jax/default_model.")
 
 
 def part_of(scheme: schemes_lib.LandmarkScheme, landmark: int) -> str:
@@ -126,13 +128,21 @@ def render(path, attention, mean_shape, patch_indices, scheme, title: str = "") 
   plt.close(fig)
 
 
-def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="latest") -> dict:
+def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="latest",
+                  model=None) -> dict:
   from experiments import eval_lib  # noqa: PLC0415
   from musica_jax import parallel  # noqa: PLC0415
   from musica_jax import predictor as predictor_lib  # noqa: PLC0415
-  params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
+  if bool(workdir) == bool(model):
+    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
+                         "exported model directory, or 'default')")
+  if model:
+    params, cfg, mean_shape, info, _, _ = eval_lib.load_exported(model)
+  else:
+    params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
+  source = f"--workdir={workdir}" if workdir else f"--model={model}"
   if not cfg.use_attention:
-    raise app.UsageError(f"--workdir={workdir}: this model has no patch attention "
+    raise app.UsageError(f"{source}: this model has no patch attention "
                          f"(use_attention=False)")
   if data_cfg.num_points != cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model has "
@@ -143,7 +153,8 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
   per = eval_lib.run_split(parallel.replicate(params, mesh), data_cfg, split, cfg, scheme,
                            mean_shape, mesh, keep_landmarks=True)
   summary = summarise_attention(per["attention"], cfg.patch_indices, scheme)
-  result = {"workdir": os.path.abspath(workdir), "checkpoint_step": info["checkpoint_step"],
+  result = {"workdir": os.path.abspath(workdir) if workdir else None,
+            "model_path": info.get("model_path"), "checkpoint_step": info["checkpoint_step"],
             "dataset": data_cfg.dataset, "split": split,
             "model": {"landmarks": cfg.num_landmarks, "patches": cfg.num_patches},
             "command": "python -m experiments.attention_map " + " ".join(sys.argv[1:]),
@@ -164,11 +175,12 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
 def main(argv):
   common.start(argv)
   from data_pipelines import flags as data_flags  # noqa: PLC0415
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (a training run)")
+  if bool(FLAGS.workdir) == bool(FLAGS.model):
+    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
+                         "exported model directory, or 'default')")
   if not FLAGS.output:
     raise app.UsageError("--output=PNG is required")
-  run = common.load_run_config(FLAGS.workdir)
+  run = common.load_run_config(FLAGS.workdir) if FLAGS.workdir else {}
   overrides = {}
   if not FLAGS["dataset"].present:     # default to the run's own evaluation data
     for k in ("dataset", "data_dir", "num_points", "eval_split", "tfds_dir",
@@ -177,7 +189,8 @@ def main(argv):
       if k in run.get("data", {}) and not FLAGS[k].present:
         overrides[k] = run["data"][k]
   data_cfg = data_flags.config_from_flags(**overrides)
-  attention_map(FLAGS.workdir, data_cfg, FLAGS.output, FLAGS.output_json, FLAGS.checkpoint)
+  attention_map(FLAGS.workdir, data_cfg, FLAGS.output, FLAGS.output_json, FLAGS.checkpoint,
+                FLAGS.model)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,15 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 FLAGS = flags.FLAGS
 
 flags.DEFINE_integer("num_patches", 0, "Patches per iteration (0 = one per landmark). "
-                     "Built-in subsets: 68/34/19 (68 points), 98/49/44 (98 points).")
+                     "Built-in subsets: 68/34/23/19 (68 points), 98/49/44 (98 points).")
 flags.DEFINE_list("levels", ["2", "1", "0"], "Pyramid level read by each iteration.")
 flags.DEFINE_boolean("use_attention", True, "Local patch attention (paper 3.1).")
+flags.DEFINE_enum("extractor", "conv", list(config_lib.EXTRACTORS),
+                  "Per-patch feature extractor: two 3x3 convs (the paper's) or MobileNetV2 "
+                  "inverted bottlenecks (paper Table 4 ablation).")
+flags.DEFINE_enum("global_attention", "none", list(config_lib.GLOBAL_ATTENTIONS),
+                  "Global patch attention over all patches of a face: none, fc or gcn "
+                  "(k-nearest-patch graph; paper Table 4 ablation).")
 flags.DEFINE_integer("hidden_size", 512, "Recurrent state size.")
 
 # Training flags: defined here so every entry point accepts the same flagfiles.
@@ -222,6 +228,8 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
   try:
     return config_lib.for_scheme(scheme, FLAGS.num_patches or None, levels=levels,
                                  use_attention=FLAGS.use_attention,
+                                 extractor=FLAGS.extractor,
+                                 global_attention=FLAGS.global_attention,
                                  hidden_size=FLAGS.hidden_size)
   except ValueError as e:
     raise ValueError(f"--num_patches/--levels: {e}") from e

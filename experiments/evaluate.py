@@ -40,7 +40,9 @@ from musica_jax import training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_json", None, "Where to write the results JSON.")
-flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, or 'latest'.")
+flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, 'latest', or "
+                    "'best' (the kept checkpoint with the lowest --eval_split NME logged in "
+                    "training, i.e. chosen on the validation split).")
 flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
                     "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
 flags.DEFINE_float("ts", None, "Early exit: success threshold on the quitting score (the "
@@ -70,9 +72,12 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
   ckpts = checkpoints.Checkpoints(workdir, async_save=False)
-  if step != "latest" and not step.isdigit():
-    raise app.UsageError(f"--checkpoint={step}: a step number or 'latest'")
-  number = None if step == "latest" else int(step)
+  if step not in ("latest", "best") and not step.isdigit():
+    raise app.UsageError(f"--checkpoint={step}: a step number, 'latest' or 'best'")
+  if step == "best":
+    number = best_eval_step(workdir, ckpts.all_steps())
+  else:
+    number = None if step == "latest" else int(step)
 
   def skipped(s, why):    # --checkpoint=latest walks back over damaged checkpoints
     print(f"warning: checkpoint step {s} in {ckpts.directory} is damaged ({why}); "
@@ -89,24 +94,21 @@ def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
   return state.ema_params, used, mesh
 
 
-def load_exported(model: str):
-  """(params replicated on all devices, ModelConfig, mean shape, provenance, mesh) of an
-  exported model directory, or of the shipped default model for model == 'default'."""
-  from musica_jax import model_io  # noqa: PLC0415
-  from musica_jax import predictor  # noqa: PLC0415
-  try:
-    path = predictor.default_model_path() if model == "default" else model
-    loaded = model_io.load_model(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(f"--model={model}: {e}") from e
-  mesh = parallel.make_mesh()
-  info = {"model_path": os.path.abspath(loaded.path), "model_name": loaded.metadata.get("name"),
-          "param_dtype": loaded.dtype,
-          "checkpoint_step": loaded.metadata.get("source", {}).get("checkpoint_step"),
-          "trained_in": loaded.metadata.get("source", {}).get("workdir")}
-  info["quit_policy"] = (loaded.quit_info or {}).get("design")
-  return (parallel.replicate(loaded.params, mesh), loaded.model_config, loaded.mean_shape,
-          info, mesh, (loaded.quit_head, loaded.quit_info))
+def best_eval_step(workdir: str, steps) -> int:
+  """The step among `steps` with the lowest inter-ocular NME of training's evaluations
+  (the split training evaluated on: `val` for the 300W flagfiles) in metrics.jsonl."""
+  log = pathlib.Path(workdir) / "metrics.jsonl"
+  nme = {}
+  if log.exists():
+    for line in log.read_text().splitlines():
+      rec = json.loads(line)
+      if "eval/nme_interocular" in rec:
+        nme[int(rec["step"])] = float(rec["eval/nme_interocular"])
+  scored = [s for s in steps if s in nme]
+  if not scored:
+    raise app.UsageError(f"--checkpoint=best: no checkpoint of {workdir} has an evaluation "
+                         f"in {log}")
+  return min(scored, key=lambda s: (nme[s], s))
 
 
 def load_checkpoint(workdir: str, checkpoint: str):
@@ -119,6 +121,17 @@ def load_checkpoint(workdir: str, checkpoint: str):
   quit = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size) or (None, None)
   info["quit_policy"] = (quit[1] or {}).get("design")
   return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh, quit
+
+
+def load_model_or_checkpoint(workdir: str | None, model: str | None, checkpoint: str = "latest"):
+  """--workdir's checkpoint or --model (an exported directory, or 'default'), exactly one:
+  (params, ModelConfig, mean shape, provenance, mesh, (quit head, quit info))."""
+  if bool(workdir) == bool(model):
+    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
+                         "exported model directory, or 'default')")
+  if model:
+    return eval_lib.load_exported(model)
+  return load_checkpoint(workdir, checkpoint)
 
 
 def musica_row(summary: dict, model_cfg, info: dict) -> dict:
@@ -153,13 +166,8 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
              tf=None, checkpoint: str = "latest", model: str | None = None,
              with_dlib: bool = False, dlib_box_fit_json: str | None = None,
              budget: float | None = None, budget_mmacs: float | None = None) -> dict:
-  if (workdir is None) == (model is None):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
-                         "exported model directory, or 'default')")
-  if model is not None:
-    params, model_cfg, mean_shape, info, mesh, quit = load_exported(model)
-  else:
-    params, model_cfg, mean_shape, info, mesh, quit = load_checkpoint(workdir, checkpoint)
+  params, model_cfg, mean_shape, info, mesh, quit = load_model_or_checkpoint(
+      workdir, model, checkpoint)
   capacities = None
   if budget is not None or budget_mmacs is not None:
     try:

@@ -12,10 +12,21 @@ Images without annotations and WFLW list entries whose image is missing are alwa
 --val_seed) are listed with their faces per source folder. With --balancing=gdb|pdb it
 also reports the top-20 faces of the train split by score and their oversampling ratio
 versus the median face.
+
+  python -m experiments.inspect_data --flagfile=300w68.flags --train_split=train \
+      --figure5=results/300w_figure5.png
+
+`--figure5=PNG` draws the paper's Figure 5 from the --train_split faces: top row, a random
+sample (--figure5_seed) of the top-20 faces by Mahalanobis distance from the mean shape
+(GDB's score: --gdb_components PCA components of the Procrustes-aligned shapes); bottom
+row, the faces with the most extreme values on the first principal axis (PDB's score;
+half from each end). Each face is its evaluation crop with the annotated landmarks.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
+import io
 import os
 import sys
 
@@ -30,10 +41,17 @@ from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common  # shared flags, flagfile lookup
+from experiments import plots
+from musica_jax import face_frame
+from musica_jax import predictor
 from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON report.")
 _TOP = flags.DEFINE_integer("top_k", 20, "Faces listed in the balancing report.")
+_FIGURE5 = flags.DEFINE_string("figure5", "", "Also draw the paper's Figure 5 (faces far "
+                               "from the mean by Mahalanobis distance vs by the first "
+                               "principal axis) to this PNG.")
+_FIGURE5_SEED = flags.DEFINE_integer("figure5_seed", 0, "Seed of Figure 5's random sample.")
 
 
 def _parts(cfg, split: str) -> tuple[str, ...]:
@@ -84,6 +102,59 @@ def inspect(cfg, top_k: int = 20) -> dict:
   return out
 
 
+def figure5_faces(cfg, landmarks, per_row: int = 6, top: int = 20, seed: int = 0) -> dict:
+  """Indices of Figure 5's faces: {"mahalanobis": a random `per_row` of the `top` faces by
+  Mahalanobis distance, "first_axis": the `per_row` most extreme on the first principal
+  axis (half from each end), plus each face's score}."""
+  if len(landmarks) < max(top, per_row) + 1:
+    raise ValueError(f"Figure 5 needs more than {max(top, per_row)} faces, the split has "
+                     f"{len(landmarks)}")
+  gdb = balancing_lib.compute(dataclasses.replace(cfg, balancing="gdb"), landmarks)
+  pdb = balancing_lib.compute(dataclasses.replace(cfg, balancing="pdb"), landmarks)
+  top_idx = np.argsort(-gdb.score)[:top]
+  rng = np.random.default_rng(seed)
+  maha = top_idx[np.sort(rng.choice(top, per_row, replace=False))]
+  order = np.argsort(pdb.score)
+  first = np.concatenate([order[:per_row // 2], order[::-1][:per_row - per_row // 2]])
+  return {"mahalanobis": maha, "first_axis": first, "mahalanobis_score": gdb.score,
+          "first_axis_score": pdb.score}
+
+
+def draw_figure5(cfg, path: str, seed: int = 0) -> dict:
+  """Writes Figure 5 to `path`; returns the faces drawn (file ids and scores)."""
+  train = datasets.load_split(cfg, cfg.train_split)
+  picks = figure5_faces(cfg, train.landmarks, seed=seed)
+  rows = [("mahalanobis", "Mahalanobis d"), ("first_axis", "1st axis")]
+  idx = np.concatenate([picks[k] for k, _ in rows])
+  photos = [predictor.read_image(io.BytesIO(train.images[i])) for i in idx]
+  crops, scale, offset, _, _ = predictor.face_crops(photos, [train.boxes[i][None] for i in idx])
+  crops = np.asarray(crops)[:len(idx)]
+  points = face_frame.to_crop(train.landmarks[idx], scale[:len(idx)], offset[:len(idx)])
+  fig, axes = plots.plt.subplots(2, len(idx) // 2, figsize=(2.2 * len(idx) // 2, 5.2))
+  out = {}
+  for r, (key, label) in enumerate(rows):
+    out[key] = []
+    for c, i in enumerate(picks[key]):
+      k = r * (len(idx) // 2) + c
+      img = crops[k]
+      lo, hi = img.min(), img.max()
+      ax = axes[r, c]
+      ax.imshow((img - lo) / max(hi - lo, 1e-6))
+      ax.scatter(points[k, :, 0], points[k, :, 1], s=2, c="lime")
+      score = picks[f"{key}_score"][i]
+      ax.set_title(f"{label} {score:.2f}", fontsize=8)
+      ax.axis("off")
+      out[key].append({"file_id": str(train.file_ids[i]), "score": float(score)})
+  fig.suptitle(f"Top: random {len(picks['mahalanobis'])} of the 20 faces farthest from the "
+               f"mean (Mahalanobis, {cfg.gdb_components} components). Bottom: extremes of "
+               f"the first principal axis. {cfg.dataset} {cfg.train_split}, "
+               f"{len(train)} faces", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plots.plt.close(fig)
+  return out
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
@@ -91,6 +162,8 @@ def main(argv):
   try:
     cfg = data_flags.config_from_flags()
     result = inspect(cfg, _TOP.value)
+    if _FIGURE5.value:
+      result["figure5"] = draw_figure5(cfg, _FIGURE5.value, _FIGURE5_SEED.value)
   except readers.DataError as e:
     print(f"inspect_data: error: {e}\n(use --skip_bad to count and skip bad items)",
           file=sys.stderr)
@@ -108,6 +181,9 @@ def main(argv):
     c = result["val_carve"]
     print(f"val carved from {c['source']} (fraction {c['fraction']:g}, seed {c['seed']}): "
           f"{c['faces']}, val per folder {c['val_by_folder']}, overlap {c['overlap']}")
+  if "figure5" in result:
+    print(f"wrote {_FIGURE5.value} (Figure 5: {len(result['figure5']['mahalanobis'])} + "
+          f"{len(result['figure5']['first_axis'])} faces)")
   if "balancing" in result:
     print("top faces by balancing score:")
     for t in result["balancing"]["top"]:

@@ -1,6 +1,6 @@
 r"""Early-exit analysis ("knowing when to quit", paper 3.2): Ts sweep, Tf, Figures 1, 2, 7.
 
-  python -m experiments.sweep_thresholds --flagfile=300w68.flags --workdir=W \
+  python -m experiments.sweep_thresholds --flagfile=300w68.flags (--workdir=W | --model=DIR|default) \
       --output_json=sweep.json --plot=figure2.png [--eval_split=common]
       [--figure7_workdirs=W19,W34 [--figure7_plot=P --figure7_json=J]]
       [--figure1=figure1.png --figure1_faces=6 --figure1_ts=0.03]
@@ -59,7 +59,7 @@ flags.DEFINE_list("working_mmacs", [], "Working points: Ts for these budgets of 
 flags.DEFINE_float("tf_ts", None, "Ts under which the Tf analysis runs (the final estimate "
                    "is that of each face's exit iteration); default: the full cascade.")
 flags.DEFINE_list("figure7_workdirs", [], "Figure 7: more trained variants (workdirs); "
-                  "--workdir is always one of the lines.")
+                  "--workdir (or --model) is always one of the lines.")
 flags.DEFINE_string("figure7_plot", None, "Figure 7 PNG (default: next to --output_json).")
 flags.DEFINE_string("figure7_json", None, "Figure 7 JSON (default: next to --output_json).")
 flags.DEFINE_string("figure1", None, "Figure 1 PNG (a grid of faces x iterations).")
@@ -82,19 +82,18 @@ def _floats(values, name):
     raise app.UsageError(f"--{name}: numbers expected, got {values}") from e
 
 
-def evaluate_workdir(workdir, data_cfg, split, keep_landmarks, checkpoint="latest"):
-  """(run config, model config, checkpoint step, per-face outputs of the full cascade)."""
-  run = common.load_run_config(workdir)
-  model_cfg = run["model_config"]
+def evaluate_workdir(workdir, data_cfg, split, keep_landmarks, checkpoint="latest", model=None):
+  """(provenance, model config, checkpoint step, per-face outputs of the full cascade) of a
+  training workdir's checkpoint or of an exported model (--model=DIR|default)."""
+  params, model_cfg, mean_shape, info, mesh, _ = evaluate.load_model_or_checkpoint(
+      workdir, model, checkpoint)
   if data_cfg.num_points != model_cfg.num_landmarks:
-    raise app.UsageError(f"--num_points={data_cfg.num_points} but the model in {workdir} "
-                         f"has {model_cfg.num_landmarks} landmarks")
-  train_cfg = training.TrainConfig(**run["train"])
+    raise app.UsageError(f"--num_points={data_cfg.num_points} but the model in "
+                         f"{workdir or model} has {model_cfg.num_landmarks} landmarks")
   scheme = schemes.get_scheme(model_cfg.num_landmarks)
-  params, step, mesh = evaluate.restore_ema_params(workdir, model_cfg, train_cfg, checkpoint)
-  per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, run["mean_shape"],
+  per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
                                 mesh, keep_landmarks=keep_landmarks)
-  return run, model_cfg, step, per_face
+  return info, model_cfg, info["checkpoint_step"], per_face
 
 
 def variant_name(model_cfg, workdir) -> str:
@@ -155,7 +154,7 @@ def _default_path(output_json, suffix):
   return str(p.with_name(p.stem + suffix))
 
 
-def run(workdir, output_json, data_cfg, *, plot=None, checkpoint="latest", num_ts=300,
+def run(workdir, output_json, data_cfg, *, model=None, plot=None, checkpoint="latest", num_ts=300,
         draws=50, seed=0, norm="interocular", compare_iterations=2.0, target_nme=(),
         budget_iterations=(), budget_mmacs=(), tf_ts=None, figure7_workdirs=(),
         figure7_plot=None, figure7_json=None, figure1=None, figure1_faces=6,
@@ -166,9 +165,10 @@ def run(workdir, output_json, data_cfg, *, plot=None, checkpoint="latest", num_t
   split = splits[0]
   if len(splits) > 1:
     print(f"note: several eval splits given ({data_cfg.eval_split}); using {split}")
-  run_cfg, model_cfg, step, per_face = evaluate_workdir(workdir, data_cfg, split,
-                                                        keep_landmarks=bool(figure1),
-                                                        checkpoint=checkpoint)
+  info, model_cfg, step, per_face = evaluate_workdir(workdir, data_cfg, split,
+                                                     keep_landmarks=bool(figure1),
+                                                     checkpoint=checkpoint, model=model)
+  source = info.get("workdir") or info["model_path"]   # absolute
   a = analyse(per_face, model_cfg, norm, num_ts, draws, seed, compare_iterations)
   nme, est, sw = a["nme"], a["estimated"], a["sweep"]
   mmacs_it = a["mmacs_per_iteration"]
@@ -200,7 +200,8 @@ def run(workdir, output_json, data_cfg, *, plot=None, checkpoint="latest", num_t
   calib = eep.calibration(est, per_face["true_error"], nme / 100.0)
   synthetic = data_cfg.dataset == "synthetic_faces"
   result = {
-      "workdir": os.path.abspath(workdir), "checkpoint_step": step,
+      "workdir": info.get("workdir"), "model_path": info.get("model_path"),
+      "checkpoint_step": step,
       "dataset": data_cfg.dataset, "split": split, "faces": f,
       "synthetic_data": synthetic,
       "model": dataclasses.asdict(model_cfg),
@@ -271,12 +272,12 @@ def run(workdir, output_json, data_cfg, *, plot=None, checkpoint="latest", num_t
   if figure7_workdirs:
     variants = []
     seen = set()
-    for wd in [workdir] + list(figure7_workdirs):
+    for wd in [source] + list(figure7_workdirs):
       key = os.path.abspath(wd)
       if key in seen:
         continue
       seen.add(key)
-      if key == os.path.abspath(workdir):
+      if key == source:
         cfg_v, step_v, a_v = model_cfg, step, a
       else:
         _, cfg_v, step_v, pf_v = evaluate_workdir(wd, data_cfg, split, keep_landmarks=False)
@@ -345,7 +346,8 @@ def main(argv):
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset
   data_cfg = data_flags.config_from_flags(**overrides)
-  run(FLAGS.workdir, FLAGS.output_json, data_cfg, plot=FLAGS.plot, checkpoint=FLAGS.checkpoint,
+  run(FLAGS.workdir, FLAGS.output_json, data_cfg, model=FLAGS.model, plot=FLAGS.plot,
+      checkpoint=FLAGS.checkpoint,
       num_ts=FLAGS.num_ts, draws=FLAGS.draws, seed=FLAGS.policy_seed,
       norm=FLAGS.nme_normalisation, compare_iterations=FLAGS.compare_iterations,
       target_nme=FLAGS.target_nme, budget_iterations=FLAGS.working_iterations,

@@ -105,7 +105,7 @@ def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
   patches = pyramid.sample_patches(atlas, centres, xs["level"], xs["origin"],
                                    xs["level_size"], config.patch_size)
-  hidden, disp, err, att = stage_net.apply_stage(config, params, patches, hidden)
+  hidden, disp, err, att = stage_net.apply_stage(config, params, patches, hidden, centres)
   return shape + xs["step_scale"] * disp, hidden, err, att
 
 
@@ -201,7 +201,7 @@ def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: 
   `face_index`: see `stage_features` (shape and hidden are then the subset's)."""
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
   desc, att = stage_features(config, params, atlas, centres, xs, remat, face_index)
-  hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden)
+  hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden, centres)
   return shape + xs["step_scale"] * disp, hidden, err, att
 
 

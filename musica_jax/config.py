@@ -8,6 +8,8 @@ from musica_jax import schemes
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+EXTRACTORS = ("conv", "inverted_bottleneck")
+GLOBAL_ATTENTIONS = ("none", "fc", "gcn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,17 @@ class ModelConfig:
     conv_features: channels of both convolutions (32).
     hidden_size: recurrent state size (512).
     use_attention: local patch attention on/off (ablation, paper Table 4).
+    extractor: per-patch feature extractor (paper Table 4): "conv" (two 3x3 convolutions,
+      the paper's model) or "inverted_bottleneck" (each conv replaced by a MobileNetV2
+      block: 1x1 expand x`ib_expansion`, ReLU6, depthwise 3x3 VALID, ReLU6, linear 1x1
+      project; the same 256-d descriptor).
+    global_attention: a weighting of each patch descriptor computed from all patches of
+      the face (paper Table 4): "none", "fc" (sigmoid(FC(all descriptors) -> P)) or "gcn"
+      (two graph-convolution layers over the `gcn_neighbours` nearest patches on the
+      current shape estimate -> sigmoid, one weight per patch).
+    ib_expansion: expansion factor of the inverted bottlenecks (MobileNetV2: 6).
+    gcn_neighbours: k of the patch graph (k nearest patch centres, plus self loops).
+    gcn_hidden: width of the GCN's first layer (per patch).
     image_size: side of the square level-0 face crop.
     init_std: truncated-normal std of every weight (reference notes: 0.01).
     compute_dtype: "float32", or "bfloat16": the network's products take bf16 operands
@@ -37,6 +50,11 @@ class ModelConfig:
   conv_features: int = 32
   hidden_size: int = 512
   use_attention: bool = True
+  extractor: str = "conv"
+  global_attention: str = "none"
+  ib_expansion: int = 6
+  gcn_neighbours: int = 4
+  gcn_hidden: int = 64
   image_size: int = face_frame.CROP_SIZE
   init_std: float = 0.01
   compute_dtype: str = "float32"
@@ -52,6 +70,13 @@ class ModelConfig:
       raise ValueError(f"image_size {self.image_size} must be divisible by 2^{max(self.levels)}")
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+    if self.extractor not in EXTRACTORS:
+      raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
+    if self.global_attention not in GLOBAL_ATTENTIONS:
+      raise ValueError(f"global_attention must be one of {GLOBAL_ATTENTIONS}, "
+                       f"got {self.global_attention!r}")
+    if min(self.ib_expansion, self.gcn_neighbours, self.gcn_hidden) < 1:
+      raise ValueError("ib_expansion, gcn_neighbours and gcn_hidden must be positive")
     if self.patch_size < 14:
       raise ValueError("patch_size must be at least 14 (two 3x3 convs and two 2x2 pools)")
 

@@ -1,4 +1,4 @@
-"""Model cost: multiply-adds and parameter counts, analytically from the config.
+"""Model cost: multiply-adds, parameter counts and weight memory, analytically from the config.
 
 Counted: the two convolutions (im2col products), local patch attention, the recurrent
 FC and the head, per iteration. Not counted: pyramid, patch sampling, pooling and
@@ -15,15 +15,40 @@ def stage_macs(config: ModelConfig) -> dict:
   conv1_out = p - 2
   conv2_out = conv1_out // 2 - 2
   d = config.descriptor_size
-  per_patch = {
-      "conv1": conv1_out ** 2 * k * 3 * c,
-      "conv2": conv2_out ** 2 * k * c * c,
-      "attention": d * d if config.use_attention else 0,
-  }
+  if config.extractor == "inverted_bottleneck":
+    per_patch = {
+        "ib1": _inverted_bottleneck_macs(p, 3, c, config.ib_expansion),
+        "ib2": _inverted_bottleneck_macs(conv1_out // 2, c, c, config.ib_expansion),
+    }
+  else:
+    per_patch = {
+        "conv1": conv1_out ** 2 * k * 3 * c,
+        "conv2": conv2_out ** 2 * k * c * c,
+    }
+  per_patch["attention"] = d * d if config.use_attention else 0
   out = {name: v * config.num_patches for name, v in per_patch.items()}
+  out["global_attention"] = _global_attention_macs(config)
   out["recurrent"] = (config.num_patches * d + config.hidden_size) * config.hidden_size
   out["head"] = config.hidden_size * (2 * config.num_landmarks + 1)
   return out
+
+
+def _inverted_bottleneck_macs(side: int, cin: int, cout: int, expansion: int) -> int:
+  """1x1 expand on side^2, depthwise 3x3 VALID and 1x1 project on (side-2)^2 positions."""
+  hidden = cin * expansion
+  return side ** 2 * cin * hidden + (side - 2) ** 2 * (9 * hidden + hidden * cout)
+
+
+def _global_attention_macs(config: ModelConfig) -> int:
+  """FC: all descriptors -> P weights. GCN: per patch D -> G and G -> 1 products plus two
+  propagations over the P x P adjacency (dense products, as `knn_adjacency` computes them;
+  the graph itself, distances and top-k, is not counted)."""
+  p, d = config.num_patches, config.descriptor_size
+  if config.global_attention == "fc":
+    return p * d * p
+  if config.global_attention == "gcn":
+    return p * d * config.gcn_hidden + p * p * config.gcn_hidden + p * config.gcn_hidden + p * p
+  return 0
 
 
 def cascade_macs(config: ModelConfig, iterations: float | None = None) -> float:
@@ -37,6 +62,27 @@ def parameter_count(config: ModelConfig) -> int:
   per_stage = (27 * c + c) + (9 * c * c + c) + (h * (2 * config.num_landmarks + 1)
                                                   + 2 * config.num_landmarks + 1)
   per_stage += (config.num_patches * d + h) * h + h
+  if config.extractor == "inverted_bottleneck":   # replace the two convs' parameters
+    per_stage -= (27 * c + c) + (9 * c * c + c)
+    for cin in (3, c):
+      hidden = cin * config.ib_expansion
+      per_stage += (cin * hidden + hidden) + (9 * hidden + hidden) + (hidden * c + c)
   if config.use_attention:
     per_stage += d * d + d
+  p = config.num_patches
+  if config.global_attention == "fc":
+    per_stage += p * d * p + p
+  elif config.global_attention == "gcn":
+    per_stage += d * config.gcn_hidden + config.gcn_hidden + config.gcn_hidden + 1
   return per_stage * config.num_stages
+
+
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2}
+
+
+def weight_megabytes(config: ModelConfig, dtype: str = "float32") -> float:
+  """Memory of the weights in MB (1e6 bytes) stored as `dtype` (the exported model's
+  params.npz is this plus a few kB of archive headers)."""
+  if dtype not in BYTES_PER_WEIGHT:
+    raise ValueError(f"dtype must be one of {sorted(BYTES_PER_WEIGHT)}, got {dtype!r}")
+  return parameter_count(config) * BYTES_PER_WEIGHT[dtype] / 1e6

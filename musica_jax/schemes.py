@@ -119,6 +119,11 @@ def _ibug68() -> LandmarkScheme:
           # Ours, flip-closed: jaw every other point (9), brow ends and middles (6),
           # nose bridge top/tip + nostril ends and centre (5), four points per eye (8),
           # mouth corners, outer top/bottom centres, inner top/bottom centres (6).
+          # Ours, the phone model (paper 4.3 on 68 points), flip-closed: jaw every fourth
+          # point (5), brow ends (4), nose bridge top, nose bottom centre, nostril ends (4),
+          # eye corners and the outer upper lid points (6), mouth corners and centres (4).
+          23: (0, 4, 8, 12, 16, 17, 21, 22, 26, 27, 33, 31, 35,
+               36, 37, 39, 42, 44, 45, 48, 51, 54, 57),
           34: (0, 2, 4, 6, 8, 10, 12, 14, 16,
                17, 19, 21, 22, 24, 26,
                27, 30, 31, 33, 35,

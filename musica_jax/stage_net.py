@@ -116,10 +116,14 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool,
   stored in bf16 between layers (the descriptors too), biases and the sigmoid in float32.
   """
   dt = jnp.dtype(compute_dtype)
-  x = jax.nn.relu(conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
-                             params["conv1"]["bias"])).astype(dt)
-  x = max_pool2x2_cm(x)
-  c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"], params["conv2"]["bias"])).astype(dt)
+  if "ib1_expand" in params:           # extractor="inverted_bottleneck" (float32 products)
+    c2 = inverted_bottleneck_maps(params, patches_cm).astype(dt)
+  else:
+    x = jax.nn.relu(conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
+                               params["conv1"]["bias"])).astype(dt)
+    x = max_pool2x2_cm(x)
+    c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"],
+                                params["conv2"]["bias"])).astype(dt)
   pooled = max_pool2x2_cm(c2)
   h2, w2 = c2.shape[1:3]
   cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
@@ -136,9 +140,15 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool,
   return desc.T, attention_mean
 
 
-def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Array):
-  """desc [B, P*D] + hidden [B, H] -> (hidden, displacement [B, N, 2], error [B])."""
+def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Array,
+                   centres: jax.Array | None = None):
+  """desc [B, P*D] + hidden [B, H] -> (hidden, displacement [B, N, 2], error [B]).
+
+  centres [B, P, 2]: the patch centres (the GCN's patch graph; unused otherwise).
+  """
   b = desc.shape[0]
+  if config.global_attention != "none":
+    desc = global_patch_attention(config, params, desc, centres)
   rec = params["recurrent"]
   dt = jnp.dtype(config.compute_dtype)
   rec_in = jnp.concatenate([desc.astype(dt), hidden.astype(dt)], axis=-1)
@@ -155,6 +165,84 @@ def _dense(x, kernel, bias, compute_dtype=jnp.float32):
   if kernel.dtype != x.dtype:
     x = x.astype(kernel.dtype)
   return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+
+
+# --- Table 4 ablations: inverted-bottleneck extractor, global patch attention -----------
+
+def conv1x1_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """1x1 conv + bias: [Cin, H, W, m] -> [Cout, H, W, m] (kernel [Cin, Cout])."""
+  cin, h, w, m = x.shape
+  out = jnp.dot(kernel.T, x.reshape(cin, h * w * m))
+  return out.reshape(kernel.shape[1], h, w, m) + bias[:, None, None, None]
+
+
+def depthwise3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """VALID depthwise 3x3 conv + bias: [C, H, W, m] -> [C, H-2, W-2, m] (kernel [3, 3, C])."""
+  _, h, w, _ = x.shape
+  out = sum(x[:, dy:h - 2 + dy, dx:w - 2 + dx] * kernel[dy, dx][:, None, None, None]
+            for dy in range(3) for dx in range(3))
+  return out + bias[:, None, None, None]
+
+
+def inverted_bottleneck_cm(params, prefix: str, x: jax.Array) -> jax.Array:
+  """MobileNetV2 block without residual (the spatial size changes): 1x1 expand, ReLU6,
+  depthwise 3x3 VALID, ReLU6, linear 1x1 projection. [Cin, H, W, m] -> [Cout, H-2, W-2, m]."""
+  e, d, pr = (params[f"{prefix}_{n}"] for n in ("expand", "depthwise", "project"))
+  x = jax.nn.relu6(conv1x1_cm(x, e["kernel"], e["bias"]))
+  x = jax.nn.relu6(depthwise3x3_cm(x, d["kernel"], d["bias"]))
+  return conv1x1_cm(x, pr["kernel"], pr["bias"])
+
+
+def inverted_bottleneck_maps(params, patches_cm: jax.Array) -> jax.Array:
+  """The conv extractor's layout with each 3x3 conv replaced by an inverted bottleneck:
+  [3, ps, ps, m] -> ib1 -> maxpool 2 -> ib2 -> [C, ps/2 - 3, ps/2 - 3, m] (the 'c2' map,
+  linear as MobileNetV2's bottleneck outputs)."""
+  x = max_pool2x2_cm(inverted_bottleneck_cm(params, "ib1", patches_cm))
+  return inverted_bottleneck_cm(params, "ib2", x)
+
+
+def knn_adjacency(centres: jax.Array, k: int) -> jax.Array:
+  """[B, P, 2] patch centres -> [B, P, P] symmetric-normalised adjacency D^-1/2 (A+I) D^-1/2
+  of the graph joining each patch to its k nearest patches (made symmetric), with self loops
+  (Kipf & Welling's GCN propagation matrix)."""
+  p = centres.shape[1]
+  k = min(k, p - 1)
+  d2 = jnp.sum((centres[:, :, None, :] - centres[:, None, :, :]) ** 2, axis=-1)
+  eye = jnp.eye(p, dtype=bool)
+  if k > 0:
+    _, nearest = jax.lax.top_k(-jnp.where(eye, jnp.inf, d2), k)       # [B, P, k]
+    a = jax.nn.one_hot(nearest, p, dtype=jnp.float32).sum(axis=2) > 0
+    a = a | jnp.swapaxes(a, 1, 2)
+  else:
+    a = jnp.zeros(d2.shape, bool)
+  a = (a | eye).astype(jnp.float32)
+  inv_sqrt = jax.lax.rsqrt(a.sum(-1))
+  return a * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+
+
+def global_patch_attention(config: ModelConfig, params, desc: jax.Array,
+                           centres: jax.Array | None) -> jax.Array:
+  """desc [B, P*D] -> desc with each patch's descriptor scaled by a weight in (0, 1)
+  computed from all patches of the face ("fc") or from its graph neighbourhood ("gcn")."""
+  b = desc.shape[0]
+  p, d = config.num_patches, config.descriptor_size
+  g = params["global_attention"]
+  if config.global_attention == "fc":
+    weights = jax.nn.sigmoid(_dense(desc, g["kernel"], g["bias"]))            # [B, P]
+  elif config.global_attention == "gcn":
+    if centres is None:
+      raise ValueError("global_attention='gcn' needs the patch centres (its patch graph)")
+    adj = knn_adjacency(centres.astype(jnp.float32), config.gcn_neighbours)
+    h = desc.reshape(b, p, d)
+    matmul = lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    h = jax.nn.relu(jnp.einsum("bpq,bqf->bpf", adj, matmul(h, g["kernel"]))
+                    + g["bias"].astype(jnp.float32))                          # [B, P, G]
+    g2 = params["global_attention_out"]
+    s = jnp.einsum("bpq,bq->bp", adj, matmul(h, g2["kernel"])[..., 0])
+    weights = jax.nn.sigmoid(s + g2["bias"][0].astype(jnp.float32))           # [B, P]
+  else:
+    raise ValueError(f"unknown global_attention {config.global_attention!r}")
+  return (desc.reshape(b, p, d) * weights[..., None].astype(desc.dtype)).reshape(b, p * d)
 
 
 def to_channel_major(patches: jax.Array) -> jax.Array:
@@ -191,31 +279,82 @@ class _DenseParams(nn.Module):
     return kernel, bias
 
 
+class _DepthwiseParams(nn.Module):
+  """Declares a depthwise 3x3 kernel [3, 3, C] and bias [C]."""
+  init_std: float
+
+  @nn.compact
+  def __call__(self, channels: int):
+    kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
+                        (3, 3, channels), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return kernel, bias
+
+
+def _declare_inverted_bottlenecks(cfg: ModelConfig, cin: int) -> dict:
+  """Parameters of `inverted_bottleneck_maps` (called inside StageNet's compact scope).
+
+  He-scaled init (not `init_std`): with std 0.01 the three stacked products of each block
+  would scale its input by ~2e-5 (1e-4 for the second), the two blocks by ~1e-8, against
+  ~1e-2 for the two convolutions with std 0.01. (So at equal steps this extractor starts
+  from a differently scaled initialisation than the conv baseline.)
+  """
+  out = {}
+  c = cfg.conv_features
+  for name, c_in in (("ib1", cin), ("ib2", c)):
+    hidden = c_in * cfg.ib_expansion
+    out[f"{name}_expand"] = dict(zip(("kernel", "bias"), _DenseParams(
+        hidden, (2.0 / c_in) ** 0.5, name=f"{name}_expand")(c_in)))
+    out[f"{name}_depthwise"] = dict(zip(("kernel", "bias"), _DepthwiseParams(
+        (2.0 / 9) ** 0.5, name=f"{name}_depthwise")(hidden)))
+    out[f"{name}_project"] = dict(zip(("kernel", "bias"), _DenseParams(
+        c, (1.0 / hidden) ** 0.5, name=f"{name}_project")(hidden)))
+  return out
+
+
+def _declare_global_attention(cfg: ModelConfig) -> dict:
+  """Parameters of `global_patch_attention` (none for global_attention="none")."""
+  p, d = cfg.num_patches, cfg.descriptor_size
+  dense = lambda name, cin, cout: {name: dict(zip(("kernel", "bias"), _DenseParams(
+      cout, cfg.init_std, name=name)(cin)))}
+  if cfg.global_attention == "fc":
+    return dense("global_attention", p * d, p)
+  if cfg.global_attention == "gcn":
+    return {**dense("global_attention", d, cfg.gcn_hidden), **dense("global_attention_out", cfg.gcn_hidden, 1)}
+  return {}
+
+
+
 class StageNet(nn.Module):
   """The network of one iteration. Returns (hidden, displacement, error, attention)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, patches: jax.Array, hidden: jax.Array):
+  def __call__(self, patches: jax.Array, hidden: jax.Array, centres: jax.Array | None = None):
     cfg = self.config
     b, p = patches.shape[:2]
     c = patches.shape[-1]
     d = cfg.descriptor_size
     params = {}
-    params["conv1"] = dict(zip(("kernel", "bias"), _ConvParams(
-        cfg.conv_features, cfg.init_std, name="conv1")(c)))
-    params["conv2"] = dict(zip(("kernel", "bias"), _ConvParams(
-        cfg.conv_features, cfg.init_std, name="conv2")(cfg.conv_features)))
+    if cfg.extractor == "inverted_bottleneck":
+      params.update(_declare_inverted_bottlenecks(cfg, c))
+    else:
+      params["conv1"] = dict(zip(("kernel", "bias"), _ConvParams(
+          cfg.conv_features, cfg.init_std, name="conv1")(c)))
+      params["conv2"] = dict(zip(("kernel", "bias"), _ConvParams(
+          cfg.conv_features, cfg.init_std, name="conv2")(cfg.conv_features)))
     if cfg.use_attention:
       params["attention"] = dict(zip(("kernel", "bias"), _DenseParams(
           d, cfg.init_std, name="attention")(d)))
+    params.update(_declare_global_attention(cfg))
     params["recurrent"] = dict(zip(("kernel", "bias"), _DenseParams(
         cfg.hidden_size, cfg.init_std, name="recurrent")(p * d + hidden.shape[-1])))
     params["head"] = dict(zip(("kernel", "bias"), _DenseParams(
         2 * cfg.num_landmarks + 1, cfg.init_std, name="head")(cfg.hidden_size)))
     desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,
                                           cfg.compute_dtype)
-    hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden)
+    hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden,
+                                                 centres)
     return hidden, displacement, error, attention_mean.reshape(b, p)
 
 
@@ -228,9 +367,10 @@ def init_stacked(key: jax.Array, config: ModelConfig) -> Any:
   p = config.patch_size
   patches = jnp.zeros((1, config.num_patches, p, p, 3), jnp.float32)
   hidden = jnp.zeros((1, config.hidden_size), jnp.float32)
+  centres = jnp.zeros((1, config.num_patches, 2), jnp.float32)
   keys = jax.random.split(key, config.num_stages)
-  return jax.vmap(lambda k: net.init(k, patches, hidden)["params"])(keys)
+  return jax.vmap(lambda k: net.init(k, patches, hidden, centres)["params"])(keys)
 
 
-def apply_stage(config: ModelConfig, params, patches, hidden):
-  return StageNet(config).apply({"params": params}, patches, hidden)
+def apply_stage(config: ModelConfig, params, patches, hidden, centres=None):
+  return StageNet(config).apply({"params": params}, patches, hidden, centres)

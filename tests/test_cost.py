@@ -35,7 +35,7 @@ def test_macs_command_matches_the_paper(tmp_path):
   subprocess.run([sys.executable, "-m", "experiments.macs", f"--output_json={out}"],
                  check=True, capture_output=True)
   rows = json.loads(out.read_text())
-  assert set(rows) == {"68/68", "68/34", "68/19", "98/98", "98/49", "98/44"}
+  assert set(rows) >= {"68/68", "68/34", "68/19", "98/98", "98/49", "98/44"}
   assert rows["68/68"]["mmacs"] == pytest.approx(95, rel=0.05)
   assert rows["68/19"]["mmacs"] == pytest.approx(26, rel=0.10)
   assert rows["98/98"]["mmacs"] == pytest.approx(138, rel=0.05)

@@ -1,0 +1,119 @@
+"""The analysis commands accept --model=DIR|default; inspect_data draws Figure 5;
+experiments.ablation makes its table from the rows' evaluations."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipelines import config as data_config
+from experiments import ablation
+from experiments import inspect_data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _small(tmp_path, train=8):
+  return ["--flagfile=demo.flags", f"--tfds_dir={tmp_path / 'tfds'}", "--eval_batch_size=8",
+          f"--synthetic_train_size={train}", "--synthetic_test_size=8"]
+
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO,
+                        env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_and_attention_map_run_the_shipped_model(tmp_path):
+  small = _small(tmp_path)
+  out = tmp_path / "sweep.json"
+  res = _run("sweep_thresholds", *small, "--model=default", f"--output_json={out}",
+             f"--plot={tmp_path / 'fig2.png'}", "--draws=3", "--num_ts=20")
+  assert res.returncode == 0, res.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["faces"] == 8 and data["workdir"] is None
+  assert data["model_path"].endswith("default_model")
+  assert len(data["model"]["patch_indices"]) == 19      # the shipped MuSiCa19
+  assert data["sweep"]["mean_iterations"][0] == 3.0
+  png = tmp_path / "att.png"
+  res = _run("attention_map", *small, "--model=default", f"--output={png}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  att = json.loads(png.with_suffix(".json").read_text())
+  assert att["faces"] == 8 and att["model_path"].endswith("default_model") and png.stat().st_size
+  # Both --workdir and --model: one line, non-zero exit, no traceback.
+  res = _run("attention_map", *small, f"--workdir={tmp_path}", "--model=default",
+             f"--output={png}")
+  assert res.returncode != 0 and "Traceback" not in res.stderr
+  assert "exactly one of --workdir" in res.stderr + res.stdout
+
+
+def test_figure5_picks_far_faces_and_first_axis_extremes():
+  rng = np.random.default_rng(0)
+  base = np.stack([np.cos(np.linspace(0, 6, 68)), np.sin(np.linspace(0, 6, 68))], -1) * 50
+  shapes = base + rng.normal(0, 0.5, (60, 68, 2))
+  # Faces 0-4: a deformation of one landmark group far from the rest (Mahalanobis outliers).
+  shapes[:5, 48:68] += rng.normal(0, 6, (5, 20, 2))
+  cfg = data_config.DataConfig(gdb_components=10)
+  picks = inspect_data.figure5_faces(cfg, shapes, per_row=6, top=20, seed=1)
+  score = picks["mahalanobis_score"]
+  top20 = set(np.argsort(-score)[:20].tolist())
+  assert set(picks["mahalanobis"].tolist()) <= top20 and len(set(picks["mahalanobis"])) == 6
+  assert set(range(5)) <= top20
+  first = picks["first_axis_score"]
+  order = np.argsort(first)
+  assert set(picks["first_axis"].tolist()) == set(order[:3].tolist()) | set(order[-3:].tolist())
+  other = inspect_data.figure5_faces(cfg, shapes, per_row=6, top=20, seed=2)
+  assert set(other["first_axis"].tolist()) == set(picks["first_axis"].tolist())
+  with pytest.raises(ValueError, match="more than 20"):
+    inspect_data.figure5_faces(cfg, shapes[:15])
+
+
+def test_inspect_data_draws_figure5(tmp_path):
+  png = tmp_path / "fig5.png"
+  out = tmp_path / "r.json"
+  res = _run("inspect_data", *_small(tmp_path, train=24), "--balancing=gdb",
+             f"--figure5={png}", f"--output_json={out}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert png.stat().st_size > 10000
+  rep = json.loads(out.read_text())["figure5"]
+  assert len(rep["mahalanobis"]) == len(rep["first_axis"]) == 6
+
+
+def test_ablation_table_from_the_rows_evaluations(tmp_path):
+  rows = [r for r in ablation.ROWS if r[0] in ("baseline", "global_gcn", "mobile")]
+  for name, nme in (("baseline", 8.0), ("global_gcn", 9.0)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "common.json").write_text(json.dumps({
+        "checkpoint_step": 200, "mmacs_full_cascade": 27.7,
+        "splits": {"common": {"faces": 554, "nme_interpupil": nme, "nme_interocular": nme * 0.7,
+                              "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+  recs = ablation.collect(rows, str(tmp_path), "/data/300w")
+  by = {r["row"]: r for r in recs}
+  assert by["global_gcn"]["change_pct"] == pytest.approx(12.5)
+  assert by["baseline"]["change_pct"] == 0
+  assert "nme_interpupil" not in by["mobile"]
+  assert "--global_attention=gcn" in by["global_gcn"]["train_command"]
+  assert "--data_dir=/data/300w" in by["global_gcn"]["train_command"]
+  assert "--checkpoint=best" in by["global_gcn"]["evaluate_command"]
+  for flag in ablation.BUDGET:
+    assert flag in by["global_gcn"]["train_command"] and flag in by["mobile"]["train_command"]
+  md = ablation.markdown(recs)
+  assert "+12.5%" in md and "+12.37%" in md and "(not run)" in md
+
+
+def test_ablation_table_states_the_noise_level(tmp_path):
+  rows = [r for r in ablation.ROWS if r[0] in ("baseline", "baseline_seed1")]
+  for name, nme in (("baseline", 8.0), ("baseline_seed1", 8.4)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "common.json").write_text(json.dumps({
+        "checkpoint_step": 300, "mmacs_full_cascade": 27.7,
+        "splits": {"common": {"faces": 554, "nme_interpupil": nme, "nme_interocular": nme,
+                              "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+  md = ablation.markdown(ablation.collect(rows, str(tmp_path), None))
+  assert "lands 5.0% from seed 0" in md
+  assert "--seed=1" in md
