@@ -8,6 +8,7 @@ the package's default model, `musica_jax/default_model/model.json`: bfloat16).
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 from absl import app
