@@ -30,6 +30,7 @@ from data_pipelines import augment
 from data_pipelines import balancing as balancing_lib
 from data_pipelines import config as config_lib
 from data_pipelines import datasets
+from musica_jax import atomic_io
 from musica_jax import face_frame
 from musica_jax import schemes
 
@@ -84,10 +85,7 @@ def dataset_statistics(cfg: config_lib.DataConfig) -> dict:
       stats = {k: z[k] for k in z.files}
   else:
     stats = datasets.compute_statistics(datasets.load_split(cfg, cfg.train_split))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **stats)
-    os.replace(tmp, path)
+    atomic_io.write(path, lambda f: np.savez(f, **stats), binary=True)
   return {"mean_shape": stats["mean_shape"].astype(np.float32),
           "std_shape": stats["std_shape"].astype(np.float32),
           "num_faces": int(stats["num_faces"]), "split": cfg.train_split,

@@ -35,6 +35,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from data_pipelines import readers
 from data_pipelines import sources
 from data_pipelines import synthetic_faces
+from musica_jax import atomic_io
 from musica_jax import strict_json
 
 _VERSION = tfds.core.Version("1.0.0")
@@ -96,10 +97,7 @@ def _write_report(config: MusicaBuilderConfig, scan: sources.ScanResult):
       "skipped": scan.skips.items,
       "notes": scan.notes,
   }
-  tmp = config.report_path + ".tmp"
-  with open(tmp, "w") as f:
-    strict_json.dump(report, f, indent=1)
-  os.replace(tmp, config.report_path)
+  atomic_io.write(config.report_path, lambda f: strict_json.dump(report, f, indent=1))
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder):

@@ -28,6 +28,7 @@ from absl import flags
 
 from experiments import common
 from experiments import results_table
+from musica_jax import atomic_io
 
 FLAGS = flags.FLAGS
 
@@ -189,7 +190,7 @@ def main(argv):
   table = markdown(recs)
   print(table)
   if FLAGS.output_md:
-    common.atomic_write_text(FLAGS.output_md, table)
+    atomic_io.write_text(FLAGS.output_md, table)
     print(f"wrote {FLAGS.output_md}")
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, {"budget": list(BUDGET), "rows": recs})

@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 
 from experiments import common
+from musica_jax import atomic_io
 from musica_jax import schemes as schemes_lib
 from musica_jax import strict_json
 
@@ -163,7 +164,7 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
            f"{cfg.num_patches} patches, step {info['checkpoint_step']}")
   render(output, per["attention"], mean_shape, cfg.patch_indices, scheme, title)
   out_json = output_json or str(pathlib.Path(output).with_suffix(".json"))
-  common.atomic_write_text(out_json, strict_json.dumps(result, indent=1))
+  atomic_io.write_text(out_json, strict_json.dumps(result, indent=1))
   m = summary["maximum"]
   print(f"{summary['faces']} faces: maximum attention {m['attention']:.4f} at patch {m['patch']} "
         f"= landmark {m['landmark']} ({m['part']}), {m['relative_to_mean']:.2f}x the mean; "

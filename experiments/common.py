@@ -21,7 +21,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import traceback
 
 from absl import app
@@ -29,6 +28,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from musica_jax import atomic_io
 from musica_jax import config as config_lib
 from musica_jax import schemes
 from musica_jax import strict_json
@@ -177,7 +177,7 @@ def start(argv) -> None:
 
 def write_json(path, data, indent: int = 2) -> None:
   """Writes `data` as JSON atomically and says so."""
-  atomic_write_text(path, strict_json.dumps(data, indent=indent))
+  atomic_io.write_text(path, strict_json.dumps(data, indent=indent))
   print(f"wrote {path}")
 
 
@@ -235,31 +235,11 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     raise ValueError(f"--num_patches/--levels: {e}") from e
 
 
-def atomic_write_text(path, text: str) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; results are for everyone
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)   # a full disk leaves no partial file
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
 RUN_CONFIG = "run_config.json"
 
 
 def save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape) -> None:
-  atomic_write_text(pathlib.Path(workdir) / RUN_CONFIG, strict_json.dumps({
+  atomic_io.write_text(pathlib.Path(workdir) / RUN_CONFIG, strict_json.dumps({
       "model": dataclasses.asdict(model_cfg),
       "data": dataclasses.asdict(data_cfg),
       "train": dataclasses.asdict(train_cfg),

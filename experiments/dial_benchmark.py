@@ -36,6 +36,7 @@ import numpy as np
 from data_pipelines import datasets
 from data_pipelines import flags as data_flags
 from experiments import common
+from musica_jax import atomic_io
 from musica_jax import cascade
 from musica_jax import cost
 from musica_jax import early_exit_policies as eep
@@ -298,7 +299,7 @@ def main(argv):
     res = run(FLAGS.model, data_cfg, FLAGS.split, FLAGS.budgets, FLAGS.ts_for_budgets, FLAGS.rounds,
         FLAGS.batch1_faces, FLAGS.output_json, FLAGS.calibration_png)
   if FLAGS.output_md:
-    common.atomic_write_text(FLAGS.output_md, markdown_table(res))
+    atomic_io.write_text(FLAGS.output_md, markdown_table(res))
     print(f"wrote {FLAGS.output_md}")
 
 

@@ -30,6 +30,7 @@ from data_pipelines import flags as data_flags
 from experiments import common
 from experiments import eval_lib
 from experiments import plots
+from musica_jax import atomic_io
 from musica_jax import checkpoints
 from musica_jax import cost
 from musica_jax import parallel
@@ -227,7 +228,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
               f"{row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
               f"AUC@0.08 {row['auc_008']:.4f}", flush=True)
   out = pathlib.Path(output_json)
-  common.atomic_write_text(out, strict_json.dumps(result, indent=2))
+  atomic_io.write_text(out, strict_json.dumps(result, indent=2))
   png = out.with_suffix(".ced.png")
   plots.ced_plot(curves, png, threshold=0.10,
                  title=f"CED, {data_cfg.dataset} ({model_cfg.num_landmarks} pts / "

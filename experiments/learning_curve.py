@@ -26,13 +26,18 @@ from experiments import common
 from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("workdirs", [], "Training workdirs (each with metrics.jsonl).")
-flags.DEFINE_list("labels", [], "Legend labels, one per workdir (default: folder names).")
-flags.DEFINE_enum("metric", "nme_interocular", ["nme_interocular", "nme_interpupil"],
-                  "Evaluation metric to plot and fit.")
-flags.DEFINE_integer("fit_points", 4, "Evaluations (the last ones) the per-doubling fit uses.")
-flags.DEFINE_string("output_png", None, "Plot here.")
-flags.DEFINE_string("output_json", None, "Summary JSON here.")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program, so tests can import the
+  functions beside other entry points)."""
+  flags.DEFINE_list("workdirs", [], "Training workdirs (each with metrics.jsonl).")
+  flags.DEFINE_list("labels", [], "Legend labels, one per workdir (default: folder names).")
+  flags.DEFINE_enum("metric", "nme_interocular", ["nme_interocular", "nme_interpupil"],
+                    "Evaluation metric to plot and fit.")
+  flags.DEFINE_integer("fit_points", 4, "Evaluations (the last ones) the per-doubling fit uses.")
+  flags.DEFINE_string("output_png", None, "Plot here.")
+  flags.DEFINE_string("output_json", None, "Summary JSON here.")
 
 
 def read_run(workdir) -> dict:
@@ -137,4 +142,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

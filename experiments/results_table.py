@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
+from musica_jax import atomic_io
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("evals", [], "Evaluation JSONs written by experiments.evaluate.")
@@ -156,7 +157,7 @@ def main(argv):
   md, _ = table(FLAGS.evals, FLAGS.split)
   print(md)
   if FLAGS.output_md:
-    common.atomic_write_text(pathlib.Path(FLAGS.output_md), md)
+    atomic_io.write_text(pathlib.Path(FLAGS.output_md), md)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from experiments import common
 from experiments import eval_lib
 from experiments import evaluate   # defines --output_json, --checkpoint, --eval_dataset
 from experiments import policy_plots
+from musica_jax import atomic_io
 from musica_jax import cost
 from musica_jax import early_exit_policies as eep
 from musica_jax import schemes
@@ -298,14 +299,14 @@ def run(workdir, output_json, data_cfg, *, model=None, plot=None, checkpoint="la
     policy_plots.figure7(variants, f7_png, title=f"{data_cfg.dataset}/{split}{data_note}: "
                          "NME vs multiply-adds, one line per model over Ts",
                          nme_label=nme_label)
-    common.atomic_write_text(f7_json, json.dumps({
+    atomic_io.write_text(f7_json, json.dumps({
         "dataset": data_cfg.dataset, "split": split, "synthetic_data": synthetic,
         "nme_normalisation": norm, "nme_units": "percent", "variants": _plain(variants)},
         indent=1, default=_json_default))
     result["figure7"] = {"png": f7_png, "json": f7_json}
     written += [f7_png, f7_json]
 
-  common.atomic_write_text(out, json.dumps(_plain(result), indent=1, default=_json_default))
+  atomic_io.write_text(out, json.dumps(_plain(result), indent=1, default=_json_default))
   print("wrote " + ", ".join(written))
   return result
 

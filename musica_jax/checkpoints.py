@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from musica_jax import atomic_io
 from musica_jax import parallel
 from musica_jax import strict_json
 
@@ -108,16 +109,13 @@ class Checkpoints:
     return os.path.join(self.checksum_dir, f"{int(step)}.json")
 
   def _write_checksum(self, step: int, digest: str) -> None:
-    os.makedirs(self.checksum_dir, exist_ok=True)
-    tmp = self._checksum_path(step) + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(strict_json.dumps({"step": int(step), "sha256": digest}))
-    os.replace(tmp, self._checksum_path(step))
+    atomic_io.write_text(self._checksum_path(step),
+                         strict_json.dumps({"step": int(step), "sha256": digest}))
     keep = set(self.all_steps()) | {int(step)}      # drop those of deleted checkpoints
     for name in os.listdir(self.checksum_dir):
       stem = name.split(".")[0]
       stale = stem.isdigit() and int(stem) not in keep and name.endswith(".json")
-      if stale or ".json.tmp" in name:    # also the temp file of a killed writer
+      if stale or name.startswith("."):    # also atomic_io's temp file of a killed writer
         os.remove(os.path.join(self.checksum_dir, name))
 
   def expected_digest(self, step: int) -> str | None:

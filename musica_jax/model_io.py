@@ -27,13 +27,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from musica_jax import atomic_io
 from musica_jax import quit_head
 from musica_jax import stage_net
 from musica_jax import strict_json
@@ -113,15 +113,7 @@ def _model_digest(info: dict) -> str:
 
 def _write_model_json(out: pathlib.Path, info: dict) -> None:
   info = {**info, "model_sha256": _model_digest(info)}
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      strict_json.dump(info, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / CONFIG_FILE)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  atomic_io.write(out / CONFIG_FILE, lambda f: strict_json.dump(info, f, indent=1))
 
 
 def set_default_tf(path, tf: float, how: dict) -> None:
@@ -166,11 +158,8 @@ def save_model(path, params, model_config: ModelConfig, mean_shape, metadata: di
 
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=".params.", suffix=".npz")
-  os.close(fd)
-  np.savez(tmp, **stored)
-  digest = _sha256(tmp)
-  os.replace(tmp, out / PARAMS_FILE)
+  digest = _sha256(atomic_io.write(out / PARAMS_FILE, lambda f: np.savez(f, **stored),
+                                   binary=True))
   info = {
       "format": FORMAT, "version": VERSION,
       "model_config": dataclasses.asdict(model_config),

@@ -31,13 +31,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from musica_jax import atomic_io
 from musica_jax import cost
 from musica_jax import face_frame
 from musica_jax import strict_json
@@ -198,18 +198,10 @@ def save(directory, params: dict | None, info: dict) -> None:
   if params is None:
     (directory / PARAMS_FILE).unlink(missing_ok=True)
   else:
-    _atomic(directory / PARAMS_FILE, lambda fh: np.savez(
+    atomic_io.write(directory / PARAMS_FILE, lambda fh: np.savez(
         fh, **{k: np.asarray(v, np.float32) for k, v in params.items()}), binary=True)
   doc = {"format": FORMAT, "version": VERSION, **info}
-  _atomic(directory / INFO_FILE, lambda fh: strict_json.dump(doc, fh, indent=1))
-
-
-def _atomic(path: pathlib.Path, write, binary: bool = False) -> None:
-  """write(file) into a temporary file beside `path`, then rename it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "wb" if binary else "w") as fh:
-    write(fh)
-  os.replace(tmp, path)
+  atomic_io.write(directory / INFO_FILE, lambda fh: strict_json.dump(doc, fh, indent=1))
 
 
 _KEYS = ("w1", "b1", "w2", "b2", "mean", "std", "exp_output")

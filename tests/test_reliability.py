@@ -20,6 +20,7 @@ import pytest
 
 from experiments import common
 from experiments import eval_lib
+from musica_jax import atomic_io
 from musica_jax import checkpoints
 from musica_jax import config as config_lib
 from musica_jax import metrics
@@ -528,7 +529,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_leaves_no_partial_result_files(small_disk):
   (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 8192))
   with pytest.raises(OSError) as e:
-    common.atomic_write_text(small_disk / "run_config.json", "x" * 200_000)
+    atomic_io.write_text(small_disk / "run_config.json", "x" * 200_000)
   assert e.value.errno == 28
   assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]   # no .run_config.json.*
 
