@@ -18,7 +18,6 @@ target: rectified L1 / (N * outer-eye distance), a fraction).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 
@@ -39,6 +38,7 @@ from musica_jax import atomic_io
 from musica_jax import cost
 from musica_jax import early_exit_policies as eep
 from musica_jax import schemes
+from musica_jax import strict_json
 from musica_jax import training
 
 FLAGS = flags.FLAGS
@@ -299,40 +299,17 @@ def run(workdir, output_json, data_cfg, *, model=None, plot=None, checkpoint="la
     policy_plots.figure7(variants, f7_png, title=f"{data_cfg.dataset}/{split}{data_note}: "
                          "NME vs multiply-adds, one line per model over Ts",
                          nme_label=nme_label)
-    atomic_io.write_text(f7_json, json.dumps({
+    atomic_io.write_text(f7_json, strict_json.dumps({
         "dataset": data_cfg.dataset, "split": split, "synthetic_data": synthetic,
-        "nme_normalisation": norm, "nme_units": "percent", "variants": _plain(variants)},
-        indent=1, default=_json_default))
+        "nme_normalisation": norm, "nme_units": "percent", "variants": variants},
+        indent=1, nonfinite="string"))
     result["figure7"] = {"png": f7_png, "json": f7_json}
     written += [f7_png, f7_json]
 
-  atomic_io.write_text(out, json.dumps(_plain(result), indent=1, default=_json_default))
+  # Infinite thresholds (a rule switched off) are settings here: written as "inf" strings.
+  atomic_io.write_text(out, strict_json.dumps(result, indent=1, nonfinite="string"))
   print("wrote " + ", ".join(written))
   return result
-
-
-def _plain(x):
-  """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to "inf"/"-inf"/"nan"
-  (strict JSON has no infinities; float("-inf") reads them back)."""
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _plain(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not np.isfinite(x):
-    return str(x)
-  return x
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def main(argv):
