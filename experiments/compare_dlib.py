@@ -161,10 +161,7 @@ def summarise(pred, gt, scheme=schemes.IBUG68) -> tuple[dict, np.ndarray]:
   io = np.asarray(metrics.per_face_nme(pred, gt, scheme, "interocular"))
   out = {"faces": int(len(gt)), "nme_interpupil": float(ip.mean() * 100),
          "nme_interocular": float(io.mean() * 100)}
-  for t in (0.08, 0.10):
-    key = f"{int(round(t * 100)):03d}"
-    out[f"fr_{key}"] = metrics.failure_rate(io, t)
-    out[f"auc_{key}"] = metrics.auc(io, t)
+  out.update(metrics.fr_auc(io))
   return out, io
 
 

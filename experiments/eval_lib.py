@@ -86,10 +86,7 @@ def summarise(per_face: dict, fr_thresholds=(0.08, 0.10), with_early_exit: bool 
   io = last("nme_interocular_per_iteration")
   # Non-finite predictions are failures (metrics.failure_rate), never silently skipped.
   out["nonfinite_faces"] = metrics.nonfinite_count(io)
-  for t in fr_thresholds:
-    key = f"{int(round(t * 100)):03d}"
-    out[f"fr_{key}"] = metrics.failure_rate(io, t)
-    out[f"auc_{key}"] = metrics.auc(io, t)
+  out.update(metrics.fr_auc(io, fr_thresholds))
   out["nme_per_iteration"] = [float(x.mean() * 100)
                               for x in per_face["nme_interocular_per_iteration"]]
   out["nme_interpupil_per_iteration"] = [float(x.mean() * 100)

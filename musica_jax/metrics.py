@@ -78,14 +78,22 @@ def ced(nme, threshold: float, num: int = 201):
   return x, np.searchsorted(nme, x, side="right") / max(len(nme), 1)
 
 
+def fr_auc(nme, thresholds=(0.08, 0.10)) -> dict:
+  """{"fr_008": failure rate, "auc_008": AUC, ...} at each threshold (key: percent, 3 digits):
+  the one place the result files' FR/AUC fields are made."""
+  out = {}
+  for t in thresholds:
+    key = f"{int(round(t * 100)):03d}"
+    out[f"fr_{key}"] = failure_rate(nme, t)
+    out[f"auc_{key}"] = auc(nme, t)
+  return out
+
+
 def summarise(nme, thresholds=(0.08, 0.10)) -> dict:
   """NME (percent; NaN when any face is not finite), failure rate and AUC at each
   threshold for per-face NMEs, and the count of non-finite faces."""
   nme = np.asarray(nme, np.float64)
   out = {"faces": int(nme.size), "nme": float(nme.mean() * 100) if nme.size else float("nan"),
          "nonfinite_faces": nonfinite_count(nme)}
-  for t in thresholds:
-    key = f"{int(round(t * 100)):03d}"
-    out[f"fr_{key}"] = failure_rate(nme, t)
-    out[f"auc_{key}"] = auc(nme, t)
+  out.update(fr_auc(nme, thresholds))
   return out
