@@ -198,4 +198,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=common.resolve_flagfiles(sys.argv))
+  common.run(main)

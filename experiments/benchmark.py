@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import common
 from musica_jax import cascade
 from musica_jax import config as config_lib
 from musica_jax import cost
@@ -354,6 +355,12 @@ def main(argv):
     raise app.UsageError(f"--batch_sizes/--train_batch: integers expected ({e})") from None
   variants = _VARIANTS.value or (["68/68", "68/19"] if on_acc
                                  else ["68/68", "68/34", "68/19", "98/49"])
+  for name in list(variants) + list(_EARLY_EXIT_VARIANTS.value):
+    try:
+      variant_config(name)
+    except ValueError as e:
+      raise app.UsageError(f"--variants={name}: landmarks/patches such as 68/19 expected "
+                           f"({e})") from None
   dtypes = _COMPUTE_DTYPES.value or (["float32", "bfloat16"] if on_acc else ["float32"])
   bad = [d for d in dtypes if d not in config_lib.COMPUTE_DTYPES]
   if bad:
@@ -411,4 +418,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -14,6 +14,7 @@ import pathlib
 from absl import app
 from absl import flags
 
+from experiments import common
 from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import model_io
@@ -95,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -26,3 +26,20 @@ def test_every_entry_point_parses_its_flags():
       if proc.returncode not in (0, 1) or "Traceback" in err or "--helpfull" not in out:
         failed.append(f"{name}: {err.strip().splitlines()[-1] if err.strip() else out[-200:]}")
   assert not failed, failed
+
+
+def test_every_entry_point_refuses_an_unknown_flag_in_one_line():
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  failed = []
+  for start in range(0, len(PROGRAMS), 4):
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"experiments.{name}",
+                                     "--no_such_flag_xyz=1"], cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name in PROGRAMS[start:start + 4]}
+    for name, proc in procs.items():
+      out, err = proc.communicate(timeout=300)
+      ours = [l for l in err.splitlines() if l.startswith(f"{name}: error:")]
+      if (proc.returncode != 2 or len(ours) != 1 or "no_such_flag_xyz" not in ours[0]
+          or "Traceback" in err or "--helpfull" in out + err):
+        failed.append(f"{name}: rc {proc.returncode}: {(err or out).strip()[-300:]}")
+  assert not failed, failed
