@@ -358,7 +358,7 @@ def main(argv):
   for name in list(variants) + list(_EARLY_EXIT_VARIANTS.value):
     try:
       variant_config(name)
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
       raise app.UsageError(f"--variants={name}: landmarks/patches such as 68/19 expected "
                            f"({e})") from None
   dtypes = _COMPUTE_DTYPES.value or (["float32", "bfloat16"] if on_acc else ["float32"])
