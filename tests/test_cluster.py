@@ -74,19 +74,31 @@ def test_wheel_install_runs_the_users_command_outside_the_repository(tmp_path, t
   assert (elsewhere / "run" / "checkpoints" / "2").is_dir()
 
 
-def test_distributed_modes_without_a_cluster(monkeypatch):
-  for k in list(os.environ):
-    if k.startswith(("SLURM_", "OMPI_")) or k in ("KUBERNETES_SERVICE_HOST",
-                                                   "JAX_COORDINATOR_ADDRESS"):
-      monkeypatch.delenv(k)
-  assert "single process" in parallel.initialize_distributed("none")
-  assert "no cluster" in parallel.initialize_distributed("auto")
-  monkeypatch.setenv("SLURM_NTASKS", "1")
-  assert "one task" in parallel.initialize_distributed("auto")
-  with pytest.raises(ValueError, match="--coordinator_address, --num_processes"):
-    parallel.initialize_distributed("manual", "127.0.0.1:1234", None, 0)
-  with pytest.raises(ValueError, match="--distributed=mpi"):
-    parallel.initialize_distributed("mpi")
+_MODES_CODE = """
+import os, pytest
+from musica_jax import parallel
+assert "single process" in parallel.initialize_distributed("none")
+assert "no cluster" in parallel.initialize_distributed("auto")
+os.environ["SLURM_NTASKS"] = "1"
+assert "one task" in parallel.initialize_distributed("auto")
+with pytest.raises(ValueError, match="--coordinator_address, --num_processes"):
+  parallel.initialize_distributed("manual", "127.0.0.1:1234", None, 0)
+with pytest.raises(ValueError, match="--distributed=mpi"):
+  parallel.initialize_distributed("mpi")
+print("ok")
+"""
+
+
+def test_distributed_modes_without_a_cluster():
+  # A fresh process: jax.distributed must start before anything touches the XLA backend,
+  # which earlier tests in this process have done.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_"))
+         and k not in ("KUBERNETES_SERVICE_HOST", "JAX_COORDINATOR_ADDRESS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-c", _MODES_CODE], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 def _free_port_in_slurm_range():
