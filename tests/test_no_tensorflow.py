@@ -2,15 +2,20 @@ import subprocess
 import sys
 
 
+def _run_fresh(code: str) -> None:
+  """Runs `code` in a new interpreter (nothing imported yet); it prints ok at the end."""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert "ok" in out.stdout
+
+
 def test_musica_jax_never_imports_tensorflow():
   code = ("import sys, pkgutil, importlib, musica_jax\n"
           "for m in pkgutil.walk_packages(musica_jax.__path__, 'musica_jax.'):\n"
           "  importlib.import_module(m.name)\n"
           "assert 'tensorflow' not in sys.modules, 'musica_jax imported tensorflow'\n"
           "print('ok')")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr
-  assert "ok" in out.stdout
+  _run_fresh(code)
 
 
 def test_numpy_side_of_data_pipelines_and_model_entry_points_do_not_import_tensorflow():
@@ -23,9 +28,7 @@ def test_numpy_side_of_data_pipelines_and_model_entry_points_do_not_import_tenso
           "import data_pipelines.augment\n"
           "assert 'tensorflow' in sys.modules\n"
           "print('ok')")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr
-  assert "ok" in out.stdout
+  _run_fresh(code)
 
 
 def test_predict_box_from_pts_uses_the_one_reader(tmp_path):
