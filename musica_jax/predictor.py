@@ -214,13 +214,18 @@ def check_face_box_size(box, image_shape, where: str = "box") -> None:
                      f"allowed)")
 
 
-def _normalise_inputs(images, boxes):
-  """-> (list of photos, list of [K_i, 4] box arrays, single-image input?)."""
+def _photo_list(images) -> tuple[list, bool]:
+  """-> (the photos as a list, was the input a single photo?)."""
   if isinstance(images, np.ndarray) and images.ndim == 4:
     images = list(images)          # a batch of same-size photos
-  single = not isinstance(images, (list, tuple))
-  if single:
-    images = [images]
+  if isinstance(images, (list, tuple)):
+    return list(images), False
+  return [images], True
+
+
+def _normalise_inputs(images, boxes):
+  """-> (list of photos, list of [K_i, 4] box arrays)."""
+  images, single = _photo_list(images)
   if single:
     boxes = [boxes]
   elif not isinstance(boxes, (list, tuple)) or len(boxes) != len(images):
@@ -477,12 +482,9 @@ class Predictor:
         raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
     budget = self.budget_iterations(budget, budget_mmacs)
     if boxes is None:
-      if isinstance(images, np.ndarray) and images.ndim == 4:
-        images = list(images)
-      if isinstance(images, (list, tuple)):
-        boxes = [self.find_faces(im) for im in images]
-      else:
-        boxes = self.find_faces(images)
+      photos, single = _photo_list(images)
+      boxes = [self.find_faces(im) for im in photos]
+      images, boxes = (photos[0], boxes[0]) if single else (photos, boxes)
     crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
     out = self.run_fast(crops, ts, tf, budget)
     crop_lm = np.asarray(out["landmarks"], np.float32)

@@ -81,7 +81,7 @@ def test_pil_decoding_matches_pipeline_decoding(shared_data):
 
 
 def _naive_crop(image, scale, offset, size):
-  """Per pixel bilinear with constant-0 fill (reference for warp_crops)."""
+  """Per pixel bilinear with constant-0 fill (reference for warp_crop)."""
   h, w, _ = image.shape
   out = np.zeros((size, size, 3), np.float64)
   img = image.astype(np.float64)
