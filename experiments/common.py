@@ -54,7 +54,12 @@ flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics of the run."
 flags.DEFINE_integer("steps", 30000, "Total training steps.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("decay_steps", 15000, "Learning rate x decay_factor every this many steps.")
-flags.DEFINE_float("decay_factor", 0.1, "Staircase learning-rate decay factor.")
+flags.DEFINE_float("decay_factor", 0.1, "Staircase learning-rate decay factor (cosine: the "
+                   "final learning rate is learning_rate x decay_factor).")
+flags.DEFINE_enum("lr_schedule", "staircase", ["staircase", "cosine"],
+                  "staircase: x decay_factor every decay_steps (the paper's); cosine: linear "
+                  "warm-up over --warmup_steps, then cosine decay until --steps.")
+flags.DEFINE_integer("warmup_steps", 0, "--lr_schedule=cosine: linear warm-up steps.")
 flags.DEFINE_float("ema_decay", 0.9999, "EMA of the weights used for evaluation.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Training products: bfloat16 = bf16 operands with float32 accumulation "

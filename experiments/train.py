@@ -58,6 +58,10 @@ def train_config_from_flags() -> training.TrainConfig:
   for name in ("steps", "decay_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     common.int_flag_at_least(name, getattr(FLAGS, name), 1)
   common.int_flag_at_least("eval_every", FLAGS.eval_every, -1)
+  common.int_flag_at_least("warmup_steps", FLAGS.warmup_steps, 0)
+  if FLAGS.lr_schedule == "cosine" and FLAGS.warmup_steps >= FLAGS.steps:
+    raise app.UsageError(f"--warmup_steps={FLAGS.warmup_steps}: must be below --steps="
+                         f"{FLAGS.steps}")
   common.finite_flag("learning_rate", FLAGS.learning_rate, positive=True)
   common.finite_flag("decay_factor", FLAGS.decay_factor, positive=True)
   common.finite_flag("ema_decay", FLAGS.ema_decay)
@@ -70,7 +74,8 @@ def train_config_from_flags() -> training.TrainConfig:
   return training.TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                               decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
                               ema_decay=FLAGS.ema_decay, seed=FLAGS.seed,
-                              compute_dtype=FLAGS.compute_dtype)
+                              compute_dtype=FLAGS.compute_dtype,
+                              lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps)
 
 
 class MetricWriter:

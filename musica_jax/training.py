@@ -38,6 +38,13 @@ class TrainConfig:
   # "bfloat16": the forward and backward products in bf16 with float32 accumulation;
   # parameters, EMA, loss and Adam stay float32 (ModelConfig.compute_dtype).
   compute_dtype: str = "float32"
+  # "staircase": the paper's (x decay_factor every decay_steps); "cosine": linear warm-up
+  # from 0 over warmup_steps, then cosine decay to learning_rate x decay_factor at `steps`.
+  lr_schedule: str = "staircase"
+  warmup_steps: int = 0
+
+
+LR_SCHEDULES = ("staircase", "cosine")
 
 
 @flax.struct.dataclass
@@ -51,6 +58,13 @@ class TrainState:
 
 
 def learning_rate_schedule(cfg: TrainConfig):
+  if cfg.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.decay_factor)
+  if cfg.lr_schedule != "staircase":
+    raise ValueError(f"lr_schedule {cfg.lr_schedule!r}: one of {LR_SCHEDULES}")
   return optax.exponential_decay(cfg.learning_rate, transition_steps=cfg.decay_steps,
                                  decay_rate=cfg.decay_factor, staircase=True)
 

@@ -83,3 +83,20 @@ def test_failure_rate_auc_and_ced_by_hand():
   assert np.trapezoid(y, x) / 0.08 == pytest.approx(metrics.auc(nme, 0.08), abs=1e-4)
   s = metrics.summarise(nme)
   assert s["faces"] == 4 and s["nme"] == pytest.approx(8.75) and s["fr_010"] == 0.25
+
+
+def test_learning_rate_schedules_staircase_and_warmup_cosine():
+  from musica_jax import training
+  stair = training.learning_rate_schedule(training.TrainConfig(
+      steps=100, learning_rate=1e-3, decay_steps=40, decay_factor=0.1))
+  np.testing.assert_allclose([float(stair(s)) for s in (0, 39, 40, 80)],
+                             [1e-3, 1e-3, 1e-4, 1e-5], rtol=1e-6)
+  cos = training.learning_rate_schedule(training.TrainConfig(
+      steps=100, learning_rate=1e-3, decay_factor=0.1, lr_schedule="cosine",
+      warmup_steps=10))
+  values = np.array([float(cos(s)) for s in range(101)])
+  assert values[0] == 0.0 and abs(values[10] - 1e-3) < 1e-9       # warm-up to the peak
+  assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) < 0)
+  np.testing.assert_allclose(values[100], 1e-4, rtol=1e-5)         # ends at lr x factor
+  with pytest.raises(ValueError, match="lr_schedule"):
+    training.learning_rate_schedule(training.TrainConfig(lr_schedule="linear"))
