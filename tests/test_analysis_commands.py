@@ -117,3 +117,25 @@ def test_ablation_table_states_the_noise_level(tmp_path):
   md = ablation.markdown(ablation.collect(rows, str(tmp_path), None))
   assert "lands 5.0% from seed 0" in md
   assert "--seed=1" in md
+
+
+def test_recipe_table_is_judged_on_val_only(tmp_path):
+  rows = [r for r in ablation.RECIPE_ROWS if r[0] in ("baseline", "cosine", "batch64")]
+  for name, nme in (("baseline", 8.0), ("cosine", 7.6)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "val.json").write_text(json.dumps({
+        "checkpoint_step": 300, "mmacs_full_cascade": 27.7,
+        "splits": {"val": {"faces": 202, "nme_interpupil": nme, "nme_interocular": nme,
+                           "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+    (d / "common.json").write_text("not read: the recipe table never looks at the test set")
+  recs = ablation.collect(rows, str(tmp_path), None, "val")
+  by = {r["row"]: r for r in recs}
+  assert by["cosine"]["change_pct"] == pytest.approx(-5.0)
+  assert "--eval_split=val" in by["cosine"]["evaluate_command"]
+  assert "--lr_schedule=cosine" in by["cosine"]["train_command"]
+  # the batch row keeps the samples: 64 x 150 = 32 x 300, its flags after the budget's
+  cmd = by["batch64"]["train_command"]
+  assert cmd.index("--batch_size=64") > cmd.index("--batch_size=32")
+  md = ablation.recipe_markdown(recs)
+  assert "-5.0%" in md and "202 faces" in md and "(not run)" in md and "common" not in md
