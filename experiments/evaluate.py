@@ -14,6 +14,7 @@ holding both rows from this run) and a CED plot PNG next to it (dlib's curve inc
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 import os
 import pathlib
