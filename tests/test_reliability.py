@@ -25,6 +25,7 @@ from musica_jax import checkpoints
 from musica_jax import config as config_lib
 from musica_jax import metrics
 from musica_jax import model_io
+from musica_jax import run_config
 from musica_jax import schemes
 from musica_jax import stage_net
 from musica_jax import strict_json
@@ -314,7 +315,7 @@ def _workdir_with_checkpoints(workdir: pathlib.Path, steps=(2, 4, 6)):
   cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
   tcfg = training.TrainConfig(steps=max(steps))
   state = training.create_train_state(cfg, tcfg)
-  common.save_run_config(workdir, cfg, data_config.DataConfig(), tcfg,
+  run_config.save(workdir, cfg, data_config.DataConfig(), tcfg,
                          np.full((68, 2), 100.0, np.float32))
   ck = checkpoints.Checkpoints(str(workdir), keep=len(steps))
   for s in steps:
@@ -500,8 +501,7 @@ def test_default_tf_flags_faces_and_the_model_checksum_covers_model_json(tmp_pat
 
 
 def test_the_shipped_model_has_a_default_tf_chosen_on_validation():
-  from musica_jax import predictor  # noqa: PLC0415
-  m = model_io.load_model(predictor.default_model_path())
+  m = model_io.load_model(model_io.default_model_path())
   doc = json.loads((pathlib.Path(m.path) / model_io.CONFIG_FILE).read_text())
   assert m.default_tf is not None and 0 < m.default_tf < 1
   assert doc["default_tf_chosen"]["split"] == "val" and "model_sha256" in doc
