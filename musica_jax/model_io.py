@@ -372,7 +372,10 @@ def restore(workdir, step="latest", on_skip=None) -> LoadedModel:
     meta["skipped_damaged_checkpoints"] = skipped
   if step == "best":
     meta["chosen_on"] = run.get("data", {}).get("eval_split")
-  head = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size)
+  try:
+    head = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size)
+  except (ValueError, KeyError, OSError) as e:
+    raise ValueError(f"workdir {workdir}: quit head: {e}") from e
   return LoadedModel(params=params, model_config=model_cfg, mean_shape=run["mean_shape"],
                      metadata=meta, dtype="float32", path=str(workdir),
                      quit_head=None if head is None else head[0],
@@ -386,9 +389,9 @@ def load(source, step="latest", on_skip=None) -> LoadedModel:
   if str(source) == "default":
     source = default_model_path()
   p = pathlib.Path(source)
-  if (p / CONFIG_FILE).is_file() or not (p / run_config.RUN_CONFIG).is_file():
-    if step != "latest":
-      raise StepError(f"checkpoint step {step!r}: {source} is an exported model (one set "
-                      f"of weights), not a training workdir")
-    return load_model(p)
-  return restore(p, step, on_skip)
+  if run_config.path(p).is_file() and not (p / CONFIG_FILE).is_file():
+    return restore(p, step, on_skip)
+  if step != "latest" and is_model_dir(p):
+    raise StepError(f"checkpoint step {step!r}: {source} is an exported model (one set "
+                    f"of weights), not a training workdir")
+  return load_model(p)      # also the errors of a path that holds neither
