@@ -170,6 +170,14 @@ def test_best_is_the_kept_checkpoint_with_the_lowest_evaluation(run_dir, tmp_pat
   export_model.export(str(run_dir), str(tmp_path / "m"), checkpoint="best")
   exported = common.model_provenance(model_io.load(tmp_path / "m"))
   assert exported["checkpoint_chosen_on"] == "val" and exported["checkpoint_step"] == 4
+  # The results table reads the key evaluate writes (here without a workdir to look in).
+  from experiments import results_table  # noqa: PLC0415
+  split = {"faces": 1, "nme_interpupil": 5.0, "nme_interocular": 3.5, "fr_008": 0.0,
+           "auc_008": 0.5}
+  (tmp_path / "eval.json").write_text(json.dumps(
+      {**exported, "trained_in": None, "splits": {"common": split},
+       "model": {"num_landmarks": 68, "patch_indices": list(range(19))}}))
+  assert results_table.rows_from(str(tmp_path / "eval.json"), "common")[0]["chosen_on"] == "val"
 
 
 def test_run_config_reads_older_and_newer_files(tmp_path):
