@@ -24,6 +24,7 @@ import numpy as np
 
 from experiments import common
 from musica_jax import atomic_io
+from musica_jax import run_config
 from musica_jax import schemes as schemes_lib
 from musica_jax import strict_json
 
@@ -133,14 +134,9 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
                   model=None) -> dict:
   from experiments import eval_lib  # noqa: PLC0415
   from musica_jax import parallel  # noqa: PLC0415
-  from musica_jax import predictor as predictor_lib  # noqa: PLC0415
-  if bool(workdir) == bool(model):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
-                         "exported model directory, or 'default')")
-  if model:
-    params, cfg, mean_shape, info, _, _ = eval_lib.load_exported(model)
-  else:
-    params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
+  loaded = common.load_model(workdir, model, checkpoint)
+  params, cfg, mean_shape = loaded.params, loaded.model_config, loaded.mean_shape
+  info = common.model_provenance(loaded)
   source = f"--workdir={workdir}" if workdir else f"--model={model}"
   if not cfg.use_attention:
     raise app.UsageError(f"{source}: this model has no patch attention "
@@ -177,11 +173,13 @@ def main(argv):
   common.start(argv)
   from data_pipelines import flags as data_flags  # noqa: PLC0415
   if bool(FLAGS.workdir) == bool(FLAGS.model):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
-                         "exported model directory, or 'default')")
+    raise app.UsageError(common.MODEL_SOURCES)
   if not FLAGS.output:
     raise app.UsageError("--output=PNG is required")
-  run = common.load_run_config(FLAGS.workdir) if FLAGS.workdir else {}
+  try:
+    run = run_config.load(FLAGS.workdir) if FLAGS.workdir else {}
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(f"--workdir={FLAGS.workdir}: {e}") from e
   overrides = {}
   if not FLAGS["dataset"].present:     # default to the run's own evaluation data
     for k in ("dataset", "data_dir", "num_points", "eval_split", "tfds_dir",

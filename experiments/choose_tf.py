@@ -32,10 +32,9 @@ from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common
 from experiments import eval_lib
-from experiments import evaluate   # --model, --output_json and the model loader
+from experiments import evaluate   # noqa: F401  (defines --model, --output_json)
 from musica_jax import cascade
 from musica_jax import model_io
-from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
 
 FLAGS = flags.FLAGS
@@ -78,7 +77,9 @@ def main(argv):
                          f"split (e.g. val)")
   common.finite_flag("fail_nme", FLAGS.fail_nme, positive=True)
   common.finite_flag("tf_margin", FLAGS.tf_margin, positive=True)
-  params, cfg, mean_shape, info, mesh, _ = evaluate.load_exported(model)
+  loaded = common.load_model(None, model)
+  cfg, mean_shape = loaded.model_config, loaded.mean_shape
+  info, (params, mesh) = common.model_provenance(loaded), eval_lib.on_devices(loaded)
   scheme = schemes.get_scheme(cfg.num_landmarks)
   per_face = eval_lib.run_split(params, data_cfg, split, cfg, scheme, mean_shape, mesh)
   estimated = per_face["estimated_error"][-1]
@@ -110,7 +111,7 @@ def main(argv):
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, result)
   if FLAGS.install:
-    path = predictor_lib.default_model_path() if model == "default" else model
+    path = loaded.path
     model_io.set_default_tf(path, tf, how)
     print(f"installed default_tf={tf:.5f} in {path}/{model_io.CONFIG_FILE}")
 

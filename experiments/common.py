@@ -1,4 +1,4 @@
-"""Shared pieces of the absl entry points: flagfile lookup, model flags, run config files.
+"""Shared pieces of the absl entry points: flagfile lookup, model flags, the model loader.
 
 Flagfiles live in `experiments/configs/`. absl reads `--flagfile=PATH` relative to the
 working directory; when PATH does not exist there, the entry points look it up in
@@ -15,8 +15,6 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -26,10 +24,10 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from musica_jax import atomic_io
 from musica_jax import config as config_lib
+from musica_jax import model_io
 from musica_jax import schemes
 from musica_jax import strict_json
 
@@ -240,24 +238,64 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     raise ValueError(f"--num_patches/--levels: {e}") from e
 
 
-RUN_CONFIG = "run_config.json"
+MODEL_SOURCES = ("give exactly one of --workdir (a training run) and --model (an exported "
+                 "model directory, or 'default')")
 
 
-def save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape) -> None:
-  atomic_io.write_text(pathlib.Path(workdir) / RUN_CONFIG, strict_json.dumps({
-      "model": dataclasses.asdict(model_cfg),
-      "data": dataclasses.asdict(data_cfg),
-      "train": dataclasses.asdict(train_cfg),
-      "mean_shape": np.asarray(mean_shape, np.float64).tolist(),
-  }, indent=1))
+def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest", *,
+               default_if_none: bool = False) -> model_io.LoadedModel:
+  """THE model loader of the entry points (over `model_io.load` / `model_io.restore`):
+  --workdir's checkpoint (--checkpoint: a step, 'latest' or 'best') or --model (an
+  exported directory, or 'default'), exactly one; default_if_none: neither = the shipped
+  model. Problems become one line naming the flag (app.UsageError, or UserError for a
+  damaged checkpoint). A damaged checkpoint that 'latest' walks back over is a warning on
+  stderr."""
+  if workdir and model:
+    raise app.UsageError("give --workdir or --model, not both" if default_if_none
+                         else MODEL_SOURCES)
+  if not workdir and not model and not default_if_none:
+    raise app.UsageError(MODEL_SOURCES)
+  if not workdir:
+    try:
+      return model_io.load(model or "default")
+    except model_io.NoDefaultModelError as e:
+      raise app.UsageError(f"no --model or --workdir given, and {e}" if not model
+                           else f"--model={model}: {e}") from e
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(f"--model={model}: {e}") from e
+
+  def skipped(step, why):
+    print(f"warning: checkpoint step {step} in {os.path.join(workdir, 'checkpoints')} is "
+          f"damaged ({why}); trying the one before", file=sys.stderr, flush=True)
+
+  from musica_jax import checkpoints  # noqa: PLC0415  (orbax: only for workdirs)
+  try:
+    return model_io.restore(workdir, checkpoint, on_skip=skipped)
+  except model_io.StepError as e:
+    raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
+  except checkpoints.DamagedCheckpointError as e:
+    raise UserError(f"--workdir={workdir}: {e}") from None
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--workdir={workdir} --checkpoint={checkpoint}: {e}") from None
+  except ValueError as e:
+    raise app.UsageError(f"--workdir={workdir}: {e}") from None
 
 
-def load_run_config(workdir) -> dict:
-  """(model config, raw dict) of a training run's workdir."""
-  path = pathlib.Path(workdir) / RUN_CONFIG
-  if not path.exists():
-    raise FileNotFoundError(f"--workdir={workdir}: no {RUN_CONFIG}; is this a training workdir?")
-  raw = json.loads(path.read_text())
-  raw["model_config"] = config_lib.ModelConfig(**raw["model"])
-  raw["mean_shape"] = np.asarray(raw["mean_shape"], np.float32)
-  return raw
+def model_provenance(m: model_io.LoadedModel) -> dict:
+  """Where a loaded model came from, as the results JSONs record it (evaluate,
+  sweep_thresholds, choose_tf, attention_map)."""
+  if m.from_workdir:
+    info = {"workdir": m.metadata["workdir"], "checkpoint_step": m.metadata["checkpoint_step"]}
+    if "skipped_damaged_checkpoints" in m.metadata:
+      info["skipped_damaged_checkpoints"] = m.metadata["skipped_damaged_checkpoints"]
+    chosen_on = m.metadata.get("chosen_on")
+  else:
+    source = m.metadata.get("source", {})
+    info = {"model_path": os.path.abspath(m.path), "model_name": m.metadata.get("name"),
+            "param_dtype": m.dtype, "checkpoint_step": source.get("checkpoint_step"),
+            "trained_in": source.get("workdir")}
+    chosen_on = source.get("chosen_on")
+  if chosen_on:       # --checkpoint=best: the split training evaluated on
+    info["checkpoint_chosen_on"] = chosen_on
+  info["quit_policy"] = (m.quit_info or {}).get("design")
+  return info

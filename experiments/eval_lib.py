@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import functools
-import os
 
-from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +10,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
 from musica_jax import metrics
-from musica_jax import model_io
 from musica_jax import parallel
-from musica_jax import predictor
 from musica_jax import training
 from musica_jax.config import ModelConfig
 from musica_jax.schemes import LandmarkScheme
@@ -103,19 +99,8 @@ def summarise(per_face: dict, fr_thresholds=(0.08, 0.10), with_early_exit: bool 
   return out
 
 
-def load_exported(model: str):
-  """(params replicated on all devices, ModelConfig, mean shape, provenance, mesh) of an
-  exported model directory, or of the shipped default model for model == 'default'."""
-  try:
-    path = predictor.default_model_path() if model == "default" else model
-    loaded = model_io.load_model(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(f"--model={model}: {e}") from e
+def on_devices(loaded) -> tuple:
+  """(parameters of a loaded model (`common.load_model`) replicated over all devices,
+  the mesh) for `run_split`."""
   mesh = parallel.make_mesh()
-  info = {"model_path": os.path.abspath(loaded.path), "model_name": loaded.metadata.get("name"),
-          "param_dtype": loaded.dtype,
-          "checkpoint_step": loaded.metadata.get("source", {}).get("checkpoint_step"),
-          "trained_in": loaded.metadata.get("source", {}).get("workdir")}
-  info["quit_policy"] = (loaded.quit_info or {}).get("design")
-  return (parallel.replicate(loaded.params, mesh), loaded.model_config, loaded.mean_shape,
-          info, mesh, (loaded.quit_head, loaded.quit_info))
+  return parallel.replicate(loaded.params, mesh), mesh

@@ -14,8 +14,6 @@ holding both rows from this run) and a CED plot PNG next to it (dlib's curve inc
 from __future__ import annotations
 
 import dataclasses
-import json
-import functools
 import os
 import pathlib
 import sys
@@ -24,7 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 
 from data_pipelines import flags as data_flags
@@ -32,19 +29,17 @@ from experiments import common
 from experiments import eval_lib
 from experiments import plots
 from musica_jax import atomic_io
-from musica_jax import checkpoints
 from musica_jax import cost
-from musica_jax import parallel
 from musica_jax import quit_head
 from musica_jax import schemes
 from musica_jax import strict_json
-from musica_jax import training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_json", None, "Where to write the results JSON.")
 flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, 'latest', or "
                     "'best' (the kept checkpoint with the lowest --eval_split NME logged in "
-                    "training, i.e. chosen on the validation split).")
+                    "training, i.e. chosen on the validation split; the JSON records that split as "
+                    "checkpoint_chosen_on).")
 flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
                     "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
 flags.DEFINE_float("ts", None, "Early exit: success threshold on the quitting score (the "
@@ -65,75 +60,6 @@ flags.DEFINE_string("dlib_box_fit_json", None, "With --with_dlib: reuse dlib's b
                     "an earlier JSON (e.g. results/dlib_300w_common.json) instead of running "
                     "its detector on the training faces (~80 s).")
 flags.mark_flags_as_required(["output_json"])
-
-
-def restore_ema_params(workdir: str, model_cfg, train_cfg, step: str):
-  """EMA parameters of a checkpoint (replicated on all devices)."""
-  mesh = parallel.make_mesh()
-  rep = parallel.replicated(mesh)
-  abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
-  ckpts = checkpoints.Checkpoints(workdir, async_save=False)
-  if step not in ("latest", "best") and not step.isdigit():
-    raise app.UsageError(f"--checkpoint={step}: a step number, 'latest' or 'best'")
-  if step == "best":
-    number = best_eval_step(workdir, ckpts.all_steps())
-  else:
-    number = None if step == "latest" else int(step)
-
-  def skipped(s, why):    # --checkpoint=latest walks back over damaged checkpoints
-    print(f"warning: checkpoint step {s} in {ckpts.directory} is damaged ({why}); "
-          f"trying the one before", file=sys.stderr, flush=True)
-
-  try:
-    state = ckpts.restore(abstract, number, on_skip=skipped)
-  except checkpoints.DamagedCheckpointError as e:
-    raise common.UserError(f"--workdir={workdir}: {e}") from None
-  except FileNotFoundError as e:
-    raise app.UsageError(f"--workdir={workdir} --checkpoint={step}: {e}") from None
-  used = int(state.step)
-  ckpts.close()
-  return state.ema_params, used, mesh
-
-
-def best_eval_step(workdir: str, steps) -> int:
-  """The step among `steps` with the lowest inter-ocular NME of training's evaluations
-  (the split training evaluated on: `val` for the 300W flagfiles) in metrics.jsonl."""
-  log = pathlib.Path(workdir) / "metrics.jsonl"
-  nme = {}
-  if log.exists():
-    for line in log.read_text().splitlines():
-      rec = json.loads(line)
-      if "eval/nme_interocular" in rec:
-        nme[int(rec["step"])] = float(rec["eval/nme_interocular"])
-  scored = [s for s in steps if s in nme]
-  if not scored:
-    raise app.UsageError(f"--checkpoint=best: no checkpoint of {workdir} has an evaluation "
-                         f"in {log}")
-  return min(scored, key=lambda s: (nme[s], s))
-
-
-def load_checkpoint(workdir: str, checkpoint: str):
-  """The same for a training workdir's checkpoint (EMA weights)."""
-  run = common.load_run_config(workdir)
-  model_cfg = run["model_config"]
-  train_cfg = training.TrainConfig(**run["train"])
-  params, step, mesh = restore_ema_params(workdir, model_cfg, train_cfg, checkpoint)
-  info = {"workdir": os.path.abspath(workdir), "checkpoint_step": step}
-  quit = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size) or (None, None)
-  info["quit_policy"] = (quit[1] or {}).get("design")
-  return params, model_cfg, np.asarray(run["mean_shape"], np.float32), info, mesh, quit
-
-
-def load_model_or_checkpoint(workdir: str | None, model: str | None, checkpoint: str = "latest"):
-  """--workdir's checkpoint or --model (an exported directory, or 'default'), exactly one:
-  (params, ModelConfig, mean shape, provenance, mesh, (quit head, quit info))."""
-  if bool(workdir) == bool(model):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (an "
-                         "exported model directory, or 'default')")
-  if model:
-    return eval_lib.load_exported(model)
-  return load_checkpoint(workdir, checkpoint)
 
 
 def musica_row(summary: dict, model_cfg, info: dict) -> dict:
@@ -168,15 +94,17 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
              tf=None, checkpoint: str = "latest", model: str | None = None,
              with_dlib: bool = False, dlib_box_fit_json: str | None = None,
              budget: float | None = None, budget_mmacs: float | None = None) -> dict:
-  params, model_cfg, mean_shape, info, mesh, quit = load_model_or_checkpoint(
-      workdir, model, checkpoint)
+  loaded = common.load_model(workdir, model, checkpoint)
+  model_cfg, mean_shape = loaded.model_config, loaded.mean_shape
+  info = common.model_provenance(loaded)    # with checkpoint_chosen_on for 'best'
+  params, mesh = eval_lib.on_devices(loaded)
   capacities = None
   if budget is not None or budget_mmacs is not None:
     try:
-      budget = quit_head.budget_iterations(model_cfg, quit[1], budget, budget_mmacs)
+      budget = quit_head.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)
     except ValueError as e:
       raise app.UsageError(f"--budget: {e}") from e
-    capacities = quit_head.budget_capacities(quit[1], budget, data_cfg.eval_batch_size)
+    capacities = quit_head.budget_capacities(loaded.quit_info, budget, data_cfg.eval_batch_size)
   if data_cfg.num_points != model_cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model "
                          f"({workdir or model}) has {model_cfg.num_landmarks} landmarks")
@@ -204,7 +132,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   curves = {}
   for split in splits:
     per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
-                                  mesh, ts_v, tf_v, quit_params=quit[0],
+                                  mesh, ts_v, tf_v, quit_params=loaded.quit_head,
                                   capacities=capacities)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if early:

@@ -28,7 +28,7 @@ import pathlib
 from absl import app
 from absl import flags
 
-from experiments import common  # noqa: F401  (defines --workdir)
+from experiments import common
 from musica_jax import model_io
 from musica_jax import portable
 from musica_jax import predictor as predictor_lib
@@ -48,7 +48,7 @@ def define_flags():
   _define("string", "output", None, "Model directory to write (created).")
   if "dtype" not in FLAGS:
     flags.DEFINE_enum("dtype", "float32", list(model_io.DTYPES), "Parameter storage dtype.")
-  _define("string", "checkpoint", "latest", "Checkpoint step to export, or 'latest'.")
+  _define("string", "checkpoint", "latest", "Checkpoint step to export, 'latest' or 'best'.")
   _define("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) to "
           "store in the metadata.")
   _define("string", "name", None, "Optional model name stored in the metadata.")
@@ -65,7 +65,8 @@ def define_flags():
 
 def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = "latest",
            eval_json: str | None = None, name: str | None = None) -> dict:
-  params, cfg, mean_shape, info = predictor_lib.restore_workdir(workdir, checkpoint)
+  m = common.load_model(workdir, None, checkpoint)
+  cfg, info = m.model_config, m.metadata
   meta = {"source": info, "exported_with": "python -m experiments.export_model"}
   if name:
     meta["name"] = name
@@ -74,7 +75,7 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
       meta["evaluation"] = json.loads(pathlib.Path(eval_json).read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise app.UsageError(f"--eval_json={eval_json}: cannot read it as JSON: {e}") from e
-  out = model_io.save_model(output, params, cfg, mean_shape, meta, dtype=dtype)
+  out = model_io.save_model(output, m.params, cfg, m.mean_shape, meta, dtype=dtype)
   size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
   summary = {"output": str(out.resolve()), "dtype": dtype, "bytes": size,
              "checkpoint_step": info["checkpoint_step"], "landmarks": cfg.num_landmarks,
@@ -139,10 +140,7 @@ def export_savedmodel(output: str, workdir: str | None = None, model: str | None
 
 
 def _load(workdir, model, checkpoint):
-  if model:
-    return (predictor_lib.Predictor.default() if model == "default"
-            else predictor_lib.Predictor.from_saved_model(model))
-  return predictor_lib.Predictor.from_workdir(workdir, checkpoint)
+  return predictor_lib.Predictor.from_loaded(common.load_model(workdir, model, checkpoint))
 
 
 def main(argv):

@@ -44,8 +44,6 @@ from experiments import common
 from musica_jax import cascade
 from musica_jax import early_exit_policies as eep
 from musica_jax import metrics
-from musica_jax import model_io
-from musica_jax import predictor
 from musica_jax import quit_head
 from musica_jax import schemes
 
@@ -151,8 +149,8 @@ def profile(score: np.ndarray, num_stages: int, points: int = 200) -> dict:
 def run(model: str, data_cfg, output_json: str, fit_batches: int, val_batches: int,
         fit_seed: int, val_seed: int, test_split: str, head_steps: int, install: bool,
         mild_fraction: float = 0.5, install_design: str | None = None) -> dict:
-  path = predictor.default_model_path() if model == "default" else model
-  loaded = model_io.load_model(path)
+  loaded = common.load_model(None, model)
+  path = loaded.path
   cfg, params = loaded.model_config, jax.tree.map(jnp.asarray, loaded.params)
   scheme = schemes.get_scheme(cfg.num_landmarks)
   init = jnp.asarray(loaded.mean_shape)

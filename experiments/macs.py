@@ -18,7 +18,6 @@ from experiments import common
 from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import model_io
-from musica_jax import predictor
 from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON table.")
@@ -44,8 +43,8 @@ OTHER_VARIANTS = (
 def shipped_dtype() -> str:
   """The parameter dtype of the package's default model (bfloat16), float32 without one."""
   try:
-    path = predictor.default_model_path() / model_io.CONFIG_FILE
-  except predictor.NoDefaultModelError:
+    path = model_io.default_model_path() / model_io.CONFIG_FILE
+  except model_io.NoDefaultModelError:
     return "float32"
   return json.loads(path.read_text())["param_dtype"]
 

@@ -158,21 +158,10 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
 
 
 def load_predictor(workdir, model, checkpoint="latest", max_batch=64):
-  if workdir and model:
-    raise app.UsageError("give --workdir or --model, not both")
   if max_batch < 1 or max_batch & (max_batch - 1):
     raise app.UsageError(f"--max_batch={max_batch}: must be a power of two")
-  try:
-    if model:
-      return predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch)
-    if workdir:
-      return predictor_lib.Predictor.from_workdir(workdir, checkpoint, max_batch=max_batch)
-    return predictor_lib.Predictor.default(max_batch=max_batch)
-  except predictor_lib.NoDefaultModelError as e:
-    raise app.UsageError(f"no --model or --workdir given, and {e}") from e
-  except (FileNotFoundError, ValueError) as e:
-    flag = f"--model={model}" if model else f"--workdir={workdir}"
-    raise app.UsageError(f"{flag}: {e}") from e
+  loaded = common.load_model(workdir, model, checkpoint, default_if_none=True)
+  return predictor_lib.Predictor.from_loaded(loaded, max_batch=max_batch)
 
 
 # ---------------------------------------------------------------------------------------

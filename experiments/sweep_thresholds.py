@@ -86,8 +86,9 @@ def _floats(values, name):
 def evaluate_workdir(workdir, data_cfg, split, keep_landmarks, checkpoint="latest", model=None):
   """(provenance, model config, checkpoint step, per-face outputs of the full cascade) of a
   training workdir's checkpoint or of an exported model (--model=DIR|default)."""
-  params, model_cfg, mean_shape, info, mesh, _ = evaluate.load_model_or_checkpoint(
-      workdir, model, checkpoint)
+  loaded = common.load_model(workdir, model, checkpoint)
+  model_cfg, mean_shape = loaded.model_config, loaded.mean_shape
+  info, (params, mesh) = common.model_provenance(loaded), eval_lib.on_devices(loaded)
   if data_cfg.num_points != model_cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model in "
                          f"{workdir or model} has {model_cfg.num_landmarks} landmarks")

@@ -35,6 +35,7 @@ from experiments import common
 from experiments import eval_lib
 from musica_jax import checkpoints
 from musica_jax import parallel
+from musica_jax import run_config
 from musica_jax import schemes
 from musica_jax import strict_json
 from musica_jax import training
@@ -160,8 +161,8 @@ def check_steps_vs_checkpoints(workdir: str, steps: int) -> None:
 def _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str, on_start) -> dict:
   scheme = schemes.get_scheme(data_cfg.num_points)
   previous = None
-  if (pathlib.Path(workdir) / common.RUN_CONFIG).exists():
-    previous = common.load_run_config(workdir)
+  if run_config.path(workdir).exists():
+    previous = run_config.load(workdir)
     if previous["model_config"] != model_cfg:
       raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
                            f"({previous['model_config']}); use a new workdir or the same "
@@ -184,7 +185,7 @@ def _train_and_evaluate(model_cfg, train_cfg, data_cfg, workdir: str, on_start) 
                             np.float32)
   if jax.process_index() == 0:
     report_skips(data_cfg)
-    common.save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape)
+    run_config.save(workdir, model_cfg, data_cfg, train_cfg, mean_shape)
 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(data_cfg.batch_size)

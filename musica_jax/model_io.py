@@ -18,6 +18,13 @@ Optional, beside them: quit_head.npz + quit_head.json, a learned quitting signal
 No TensorFlow, no orbax: numpy + JAX only. `load_model` checks every array against the
 shapes a fresh `stage_net.init_stacked` would make for the stored config, so a file that
 does not match its config is refused with a message naming the array.
+
+THE way to load a model (every entry point, the predictor and the tests use it):
+`load(source, step)`: an exported directory (`load_model`), 'default' (the shipped model,
+`DEFAULT_MODEL_DIR`) or a training workdir (`restore`: the EMA weights of a checkpoint,
+"latest", "best" or a step number; orbax is imported only then). Both give a
+`LoadedModel` (float32 numpy parameters on the host; replicate them over devices with
+`parallel.replicate`).
 """
 from __future__ import annotations
 
@@ -25,7 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 from typing import Any
 
@@ -35,8 +41,10 @@ import numpy as np
 
 from musica_jax import atomic_io
 from musica_jax import quit_head
+from musica_jax import run_config
 from musica_jax import stage_net
 from musica_jax import strict_json
+from musica_jax import training
 from musica_jax.config import ModelConfig
 
 FORMAT = "musica-jax-model"
@@ -44,19 +52,47 @@ VERSION = 1
 CONFIG_FILE = "model.json"
 PARAMS_FILE = "params.npz"
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
+METRICS_LOG = "metrics.jsonl"       # training's log: "best" reads its evaluations
+BEST_METRIC = "eval/nme_interocular"
 
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A model from an exported directory or from a training workdir's checkpoint."""
   params: Any                 # stacked stage parameters (float32 numpy arrays)
   model_config: ModelConfig
   mean_shape: np.ndarray      # float32 [N, 2], crop pixels: the cascade's initial shape
+  # Exported: model.json's metadata (name, "source": the training run, "evaluation").
+  # Workdir: the provenance: workdir, checkpoint_step, data, train,
+  # skipped_damaged_checkpoints (when "latest" walked back), chosen_on (step "best").
   metadata: dict
-  dtype: str                  # storage dtype of the parameters
-  path: str
+  dtype: str                  # storage dtype of the parameters (a checkpoint: float32)
+  path: str                   # the model directory or the workdir, as given
   quit_head: Any = None       # stacked quit-head parameters (musica_jax.quit_head) or None
   quit_info: dict | None = None   # its quit_head.json (kind, calibration profile, ...)
   default_tf: float | None = None  # failure threshold chosen on validation (None: none)
+  from_workdir: bool = False  # True: restored from a training checkpoint
+
+
+class NoDefaultModelError(FileNotFoundError):
+  pass
+
+
+class StepError(ValueError):
+  """A checkpoint step that is not a number, 'latest' or 'best', or 'best' without any
+  evaluation logged for a kept checkpoint."""
+
+
+def default_model_path() -> pathlib.Path:
+  """The package's shipped model directory; NoDefaultModelError when it is absent."""
+  if not is_model_dir(DEFAULT_MODEL_DIR):
+    raise NoDefaultModelError(
+        f"no default model ships with this installation: {DEFAULT_MODEL_DIR} "
+        f"({CONFIG_FILE} + {PARAMS_FILE}) does not exist. Give a model "
+        f"explicitly (a training workdir, or a directory written by "
+        f"`python -m experiments.export_model --workdir=W --output=DIR`).")
+  return DEFAULT_MODEL_DIR
 
 
 def _key(path) -> str:
@@ -250,3 +286,112 @@ def load_model(path, verify: bool = True) -> LoadedModel:
                      default_tf=info.get("default_tf"),
                      quit_head=None if head is None else head[0],
                      quit_info=None if head is None else head[1])
+
+
+def best_step(workdir, steps) -> int:
+  """The step among `steps` with the lowest inter-ocular NME of training's evaluations in
+  `<workdir>/metrics.jsonl` (on the split training evaluated on, run_config's
+  data.eval_split: `val` for the 300W flagfiles); ties go to the earlier step. Lines that
+  are not JSON (a run killed mid-write) are passed over. StepError when no step in
+  `steps` has an evaluation."""
+  log = pathlib.Path(workdir) / METRICS_LOG
+  nme = {}
+  if log.is_file():
+    for line in log.read_text().splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(rec, dict) and BEST_METRIC in rec and "step" in rec:
+        nme[int(rec["step"])] = float(rec[BEST_METRIC])
+  scored = [s for s in steps if s in nme and np.isfinite(nme[s])]
+  if not scored:
+    raise StepError(f"no checkpoint of {workdir} has an evaluation in {log}")
+  return min(scored, key=lambda s: (nme[s], s))
+
+
+def _step_number(step) -> int | str:
+  """'latest' | 'best' | a step number (int or digit string)."""
+  if step in ("latest", "best"):
+    return step
+  if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step >= 0:
+    return int(step)
+  if isinstance(step, str) and step.isdigit():
+    return int(step)
+  raise StepError(f"checkpoint step {step!r}: a step number, 'latest' or 'best'")
+
+
+def restore_state(workdir, step="latest", on_skip=None):
+  """(the whole training state of a checkpoint, on this process's first device; the run
+  config (`run_config.load`); the damaged checkpoints skipped, [{"step", "reason"}]).
+  `step` and the errors as in `restore`, which is what evaluation wants: this one is for
+  looking at the raw weights or the optimiser state."""
+  from musica_jax import checkpoints  # noqa: PLC0415  (orbax: only for workdirs)
+  wanted = _step_number(step)
+  run = run_config.load(workdir)
+  if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+    raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
+  abstract = jax.eval_shape(functools.partial(training.create_train_state,
+                                              run["model_config"], run["train_config"]))
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                          abstract)
+  skipped = []
+
+  def skip(s, why):
+    skipped.append({"step": int(s), "reason": why})
+    if on_skip is not None:
+      on_skip(s, why)
+
+  ckpts = checkpoints.Checkpoints(str(workdir), async_save=False)
+  try:
+    number = best_step(workdir, ckpts.all_steps()) if wanted == "best" else (
+        None if wanted == "latest" else wanted)
+    state = ckpts.restore(abstract, number, on_skip=skip)
+  finally:
+    ckpts.close()
+  return state, run, skipped
+
+
+def restore(workdir, step="latest", on_skip=None) -> LoadedModel:
+  """The EMA parameters of a training workdir's checkpoint, as a LoadedModel.
+
+  step: "latest" (the newest checkpoint that restores intact: damaged newer ones are
+  reported as on_skip(step, reason) and listed in metadata["skipped_damaged_checkpoints"]),
+  "best" (`best_step`; metadata["chosen_on"] names the split it was chosen on), or a
+  step number (that checkpoint or checkpoints.DamagedCheckpointError).
+  Errors: FileNotFoundError (no run_config.json, no such checkpoint), StepError,
+  ValueError (an unreadable run config or quit head), DamagedCheckpointError.
+  """
+  state, run, skipped = restore_state(workdir, step, on_skip)
+  model_cfg = run["model_config"]
+  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), state.ema_params)
+  meta = {"workdir": str(pathlib.Path(workdir).resolve()), "checkpoint_step": int(state.step),
+          "data": run.get("data", {}), "train": run.get("train", {})}
+  if skipped:
+    meta["skipped_damaged_checkpoints"] = skipped
+  if step == "best":
+    meta["chosen_on"] = run.get("data", {}).get("eval_split")
+  try:
+    head = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size)
+  except (ValueError, KeyError, OSError) as e:
+    raise ValueError(f"workdir {workdir}: quit head: {e}") from e
+  return LoadedModel(params=params, model_config=model_cfg, mean_shape=run["mean_shape"],
+                     metadata=meta, dtype="float32", path=str(workdir),
+                     quit_head=None if head is None else head[0],
+                     quit_info=None if head is None else head[1], from_workdir=True)
+
+
+def load(source, step="latest", on_skip=None) -> LoadedModel:
+  """A model from whatever `source` holds: 'default' (the shipped model), an exported
+  model directory (`load_model`; `step` must stay "latest") or a training workdir
+  (`restore(source, step, on_skip)`)."""
+  if str(source) == "default":
+    source = default_model_path()
+  p = pathlib.Path(source)
+  if run_config.path(p).is_file() and not (p / CONFIG_FILE).is_file():
+    return restore(p, step, on_skip)
+  if step != "latest" and is_model_dir(p):
+    raise StepError(f"checkpoint step {step!r}: {source} is an exported model (one set "
+                    f"of weights), not a training workdir")
+  return load_model(p)      # also the errors of a path that holds neither

@@ -25,10 +25,7 @@ dct_method="INTEGER_ACCURATE".
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import pathlib
 from typing import Any
 
 import jax
@@ -41,22 +38,6 @@ from musica_jax import model_io
 from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
 
-DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
-
-
-class NoDefaultModelError(FileNotFoundError):
-  pass
-
-
-def default_model_path() -> pathlib.Path:
-  """The package's shipped model directory; NoDefaultModelError when it is absent."""
-  if not model_io.is_model_dir(DEFAULT_MODEL_DIR):
-    raise NoDefaultModelError(
-        f"no default model ships with this installation: {DEFAULT_MODEL_DIR} "
-        f"({model_io.CONFIG_FILE} + {model_io.PARAMS_FILE}) does not exist. Give a model "
-        f"explicitly (a training workdir, or a directory written by "
-        f"`python -m experiments.export_model --workdir=W --output=DIR`).")
-  return DEFAULT_MODEL_DIR
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,39 +280,6 @@ class Prediction:
 # The predictor.
 
 
-def restore_workdir(workdir, step="latest"):
-  """(EMA params, ModelConfig, mean shape [N, 2], info dict) of a training run's checkpoint
-  ("latest" or a step number), on the first device, without TensorFlow."""
-  from musica_jax import checkpoints
-  from musica_jax import training
-  wd = pathlib.Path(workdir)
-  cfg_path = wd / "run_config.json"
-  if not cfg_path.is_file():
-    raise FileNotFoundError(f"workdir {workdir}: no run_config.json; is this a training workdir?")
-  if not (wd / "checkpoints").is_dir():
-    raise FileNotFoundError(f"workdir {workdir}: no checkpoints/ folder")
-  run = json.loads(cfg_path.read_text())
-  model_cfg = ModelConfig(**run["model"])
-  train_cfg = training.TrainConfig(**run["train"])
-  abstract = jax.eval_shape(functools.partial(training.create_train_state, model_cfg, train_cfg))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                          abstract)
-  ckpts = checkpoints.Checkpoints(str(wd), async_save=False)
-  try:
-    number = None if str(step) == "latest" else int(step)
-    skipped = []          # damaged newer checkpoints that "latest" walked back over
-    state = ckpts.restore(abstract, number, on_skip=lambda s, why: skipped.append(
-        {"step": s, "reason": why}))
-  finally:
-    ckpts.close()
-  info = {"workdir": str(wd.resolve()), "checkpoint_step": int(state.step),
-          "data": run.get("data", {}), "train": run.get("train", {})}
-  if skipped:
-    info["skipped_damaged_checkpoints"] = skipped
-  return state.ema_params, model_cfg, np.asarray(run["mean_shape"], np.float32), info
-
-
 class Predictor:
   """A trained cascade + the evaluation crop, for photos and face boxes.
 
@@ -387,26 +335,29 @@ class Predictor:
     return np.asarray(self._face_finder(check_image(image)), np.float64).reshape(-1, 4)
 
   @classmethod
-  def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
-    """EMA weights of a training run's checkpoint ("latest" or a step number)."""
-    params, cfg, mean_shape, info = restore_workdir(workdir, step)
-    quit = quit_head_lib.load(workdir, cfg.num_stages, cfg.hidden_size) or (None, None)
-    return cls(params, cfg, mean_shape, metadata=info, quit_params=quit[0],
-               quit_info=quit[1], **kwargs)
-
-  @classmethod
-  def from_saved_model(cls, path, **kwargs) -> "Predictor":
-    """A directory written by model_io.save_model / experiments.export_model."""
-    m = model_io.load_model(path)
-    meta = dict(m.metadata, model_path=str(path), param_dtype=m.dtype)
+  def from_loaded(cls, m: model_io.LoadedModel, **kwargs) -> "Predictor":
+    """A model loaded by `model_io.load` / `restore` / `load_model`."""
+    meta = dict(m.metadata)
+    if not m.from_workdir:
+      meta.update(model_path=str(m.path), param_dtype=m.dtype)
     kwargs.setdefault("default_tf", m.default_tf)
     return cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
   @classmethod
+  def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
+    """EMA weights of a training run's checkpoint ("latest", "best" or a step number)."""
+    return cls.from_loaded(model_io.restore(workdir, step), **kwargs)
+
+  @classmethod
+  def from_saved_model(cls, path, **kwargs) -> "Predictor":
+    """A directory written by model_io.save_model / experiments.export_model."""
+    return cls.from_loaded(model_io.load_model(path), **kwargs)
+
+  @classmethod
   def default(cls, **kwargs) -> "Predictor":
     """The package's shipped model (musica_jax/default_model/)."""
-    return cls.from_saved_model(default_model_path(), **kwargs)
+    return cls.from_loaded(model_io.load("default"), **kwargs)
 
   def crops(self, images, boxes):
     """Standardised crops exactly as the evaluation pipeline makes them (see face_crops)."""

@@ -18,3 +18,34 @@ def shared_data():
 def tfds_dir(tmp_path_factory):
   """One TFDS data dir for the whole test session, so the real 300W data is prepared once."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def make_workdir():
+  """make(workdir, steps=(2, 4, 6), data=None, mean_shape=None) -> (ModelConfig,
+  TrainConfig): a training workdir made in-process (run_config.json + checkpoints at
+  `steps`; raw and EMA weights differ from each other and from step to step): a tiny
+  model, no training."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from data_pipelines import config as data_config  # noqa: PLC0415
+  from musica_jax import checkpoints, run_config, schemes, training  # noqa: PLC0415
+  from musica_jax import config as config_lib  # noqa: PLC0415
+
+  def make(workdir, steps=(2, 4, 6), data=None, mean_shape=None):
+    cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
+    tcfg = training.TrainConfig(steps=max(steps))
+    state = training.create_train_state(cfg, tcfg)
+    if mean_shape is None:
+      mean_shape = np.full((68, 2), 100.0, np.float32)
+    run_config.save(workdir, cfg, data or data_config.DataConfig(), tcfg, mean_shape)
+    ck = checkpoints.Checkpoints(str(workdir), keep=len(steps))
+    for s in steps:
+      state = state.replace(step=np.int32(s),
+                            params=jax.tree.map(lambda x: x + 0.01, state.params),
+                            ema_params=jax.tree.map(lambda x: x - 0.02, state.ema_params))
+      ck.save(s, state)
+    ck.wait()
+    ck.close()
+    return cfg, tcfg
+  return make

@@ -257,7 +257,7 @@ def test_memory_column_is_the_weights_in_float32_and_as_shipped(tmp_path):
   subprocess.run([sys.executable, "-m", "experiments.macs", f"--output_json={out}"],
                  check=True, capture_output=True)
   rows = json.loads(out.read_text())
-  shipped = model_io.load_model(predictor_lib.default_model_path())
+  shipped = model_io.load_model(model_io.default_model_path())
   for name in ("68/68", "68/19", "68/19 global GCN", "68/23 phone (2 it., no local attention)"):
     r = rows[name]
     assert r["memory_mb_float32"] == pytest.approx(r["mparams"] * 4, rel=1e-3)
@@ -265,6 +265,6 @@ def test_memory_column_is_the_weights_in_float32_and_as_shipped(tmp_path):
     assert r["memory_mb_shipped"] == pytest.approx(r["mparams"] * 2, rel=1e-3)
   cfg = shipped.model_config
   name = f"{cfg.num_landmarks}/{cfg.num_patches}"
-  size = (predictor_lib.default_model_path() / model_io.PARAMS_FILE).stat().st_size / 1e6
+  size = (model_io.default_model_path() / model_io.PARAMS_FILE).stat().st_size / 1e6
   assert size == pytest.approx(rows[name]["memory_mb_shipped"], rel=0.01)
   assert rows["68/23 phone (2 it., no local attention)"]["iterations"] == 2

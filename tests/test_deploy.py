@@ -59,7 +59,7 @@ def test_exported_default_model_runs_without_model_code(tmp_path):
   """experiments.export_model --format=stablehlo on the shipped model; a fresh process
   that cannot import musica_jax loads it and reproduces Predictor.predict's landmarks
   (crop frame) and estimated error on a photo."""
-  if not model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
     pytest.skip("no default model ships with this checkout")
   from experiments import export_model
   info = export_model.export_portable(str(tmp_path / "hlo"), model="default",
@@ -259,7 +259,7 @@ def test_predict_cli_without_box_draws_every_detected_face(tmp_path):
 def test_savedmodel_export_matches_the_predictor(tmp_path):
   """--format=savedmodel (TensorFlow, via jax2tf): the serving signature gives the
   predictor's full-cascade landmarks and estimated error for any batch size."""
-  if not model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
     pytest.skip("no default model ships with this checkout")
   import tensorflow as tf
   from experiments import export_model

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from musica_jax import model_io
-from musica_jax import predictor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DLIB_JSON = REPO / "results" / "dlib_300w_common.json"
@@ -40,7 +39,7 @@ def default_model_run(shared_data, tfds_dir, tmp_path_factory):
 def test_shipped_model_reproduces_its_evaluation(default_model_run):
   result, out = default_model_run
   got = result["splits"]["common"]
-  model = model_io.load_model(predictor.default_model_path())
+  model = model_io.load_model(model_io.default_model_path())
   meta = model.metadata
   want = meta["evaluation"]["splits"]["common"]     # the f32 checkpoint's evaluation
   assert got["faces"] == want["faces"] == 554
@@ -80,7 +79,7 @@ def test_budget_dial_on_the_common_set(shared_data, tfds_dir, tmp_path):
   """--budget runs the fast path with the shipped model's quitting profile: about that
   many mean iterations (the last, partly padded batch may use fewer slots), an NME between
   the full cascade's and that of one iteration."""
-  if not model_io.is_model_dir(predictor.DEFAULT_MODEL_DIR):
+  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
     pytest.skip("no default model ships with this checkout")
   out = tmp_path / "budget.json"
   proc = _evaluate("--flagfile=300w19.flags", "--eval_split=common",

@@ -18,6 +18,21 @@ def test_musica_jax_never_imports_tensorflow():
   _run_fresh(code)
 
 
+def test_the_loading_path_imports_no_tensorflow_and_orbax_only_for_a_workdir():
+  # model_io / run_config load a model on a host without TensorFlow; an exported model
+  # needs no orbax either (it is imported when a training workdir is restored).
+  code = ("import sys\n"
+          "from musica_jax import model_io, run_config\n"
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+          "assert 'orbax.checkpoint' not in sys.modules, 'orbax imported'\n"
+          "m = model_io.load('default') if model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR) "
+          "else None\n"
+          "assert 'orbax.checkpoint' not in sys.modules, 'orbax imported by load_model'\n"
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+          "print('ok')")
+  _run_fresh(code)
+
+
 def test_numpy_side_of_data_pipelines_and_model_entry_points_do_not_import_tensorflow():
   # GPU hosts have no TensorFlow: the one .pts reader (data_pipelines.readers) and the
   # model-side entry points that use it must import without it.

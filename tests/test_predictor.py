@@ -195,15 +195,15 @@ def test_boxes_must_pair_with_images():
 
 
 def test_no_default_model_message(tmp_path, monkeypatch):
-  monkeypatch.setattr(predictor_lib, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
-  with pytest.raises(predictor_lib.NoDefaultModelError, match="export_model"):
+  monkeypatch.setattr(model_io, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+  with pytest.raises(model_io.NoDefaultModelError, match="export_model"):
     predictor_lib.Predictor.default()
 
 
 def test_shipped_default_model_on_real_test_faces(shared_data):
   """The shipped model localises real 300W common-set faces far better than its mean
   shape (the README's full-set numbers come from experiments.evaluate)."""
-  if not model_io.is_model_dir(predictor_lib.DEFAULT_MODEL_DIR):
+  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
     pytest.skip("no default model ships with this checkout")
   from data_pipelines import readers
   from musica_jax import face_frame, metrics, schemes

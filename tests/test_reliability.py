@@ -307,25 +307,6 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_pa
 # 2. Damaged checkpoints: restore walks back, evaluate names the damaged step.
 
 
-def _workdir_with_checkpoints(workdir: pathlib.Path, steps=(2, 4, 6)):
-  """A training workdir (run_config + checkpoints at `steps`, distinct contents) made
-  in-process: a tiny model, no training."""
-  from data_pipelines import config as data_config  # noqa: PLC0415
-  cfg = config_lib.for_scheme(schemes.get_scheme(68), 19, hidden_size=16)
-  tcfg = training.TrainConfig(steps=max(steps))
-  state = training.create_train_state(cfg, tcfg)
-  common.save_run_config(workdir, cfg, data_config.DataConfig(), tcfg,
-                         np.full((68, 2), 100.0, np.float32))
-  ck = checkpoints.Checkpoints(str(workdir), keep=len(steps))
-  for s in steps:
-    state = state.replace(step=np.int32(s),
-                          params=jax.tree.map(lambda x: x + 0.01, state.params))
-    ck.save(s, state)
-  ck.wait()
-  ck.close()
-  return cfg, tcfg
-
-
 def _flip_bytes(path: pathlib.Path):
   data = bytearray(path.read_bytes())
   mid = len(data) // 2
@@ -347,9 +328,9 @@ DAMAGES = {
 
 
 @pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory):
+def checkpointed(tmp_path_factory, make_workdir):
   workdir = tmp_path_factory.mktemp("ckpt") / "w"
-  cfg, tcfg = _workdir_with_checkpoints(workdir)
+  cfg, tcfg = make_workdir(workdir)
   return workdir, cfg, tcfg
 
 
@@ -500,8 +481,7 @@ def test_default_tf_flags_faces_and_the_model_checksum_covers_model_json(tmp_pat
 
 
 def test_the_shipped_model_has_a_default_tf_chosen_on_validation():
-  from musica_jax import predictor  # noqa: PLC0415
-  m = model_io.load_model(predictor.default_model_path())
+  m = model_io.load_model(model_io.default_model_path())
   doc = json.loads((pathlib.Path(m.path) / model_io.CONFIG_FILE).read_text())
   assert m.default_tf is not None and 0 < m.default_tf < 1
   assert doc["default_tf_chosen"]["split"] == "val" and "model_sha256" in doc

@@ -1,5 +1,4 @@
 """Training entry point: flags, resume after SIGKILL, NaN guard, multi-device equivalence."""
-import functools
 import os
 import pathlib
 import signal
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 
 from experiments import common
-from musica_jax import checkpoints
-from musica_jax import training
+from musica_jax import model_io
+from musica_jax import run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,12 +35,7 @@ def _train(args, workdir, env=None, **kw):
 
 def _final_params(workdir):
   """Step, raw and EMA parameters of the latest checkpoint, as flat numpy arrays."""
-  run = common.load_run_config(workdir)
-  cfg, tcfg = run["model_config"], training.TrainConfig(**run["train"])
-  abstract = jax.eval_shape(functools.partial(training.create_train_state, cfg, tcfg))
-  ck = checkpoints.Checkpoints(str(workdir), async_save=False)
-  state = ck.restore(abstract)
-  ck.close()
+  state, _, _ = model_io.restore_state(workdir)
   return int(state.step), [np.asarray(x) for x in jax.tree.leaves((state.params, state.ema_params))]
 
 
@@ -69,7 +63,7 @@ def test_unknown_flag_and_missing_data_dir_fail_clearly(tmp_path, tiny_flags):
 def test_flags_after_flagfile_override_it(tmp_path, tiny_flags):
   out = _train([*tiny_flags, "--steps=2", "--num_patches=34"], tmp_path / "w")
   assert out.returncode == 0, out.stderr[-3000:]
-  run = common.load_run_config(tmp_path / "w")
+  run = run_config.load(tmp_path / "w")
   assert run["model_config"].num_patches == 34       # demo.flags says 19
   assert run["train"]["steps"] == 2
   assert "step 2/2" in out.stdout and "samples/s" in out.stdout and "ETA" in out.stdout
