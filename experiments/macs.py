@@ -9,7 +9,6 @@ the package's default model, `musica_jax/default_model/model.json`: bfloat16).
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import app
 from absl import flags
@@ -21,7 +20,12 @@ from musica_jax import model_io
 from musica_jax import predictor
 from musica_jax import strict_json
 
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON table.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flag (defined only when run as a program)."""
+  common.define_flag("string", "output_json", None, "Where to write the JSON table.")
 
 VARIANTS = (("ibug68", 68), ("ibug68", 34), ("ibug68", 19),
             ("wflw98", 98), ("wflw98", 49), ("wflw98", 44))
@@ -88,12 +92,10 @@ def main(argv):
     print(f"{name:>40} {r['mmacs']:8.1f} {str(r.get('paper_mmacs') or '-'):>6} "
           f"{r['mparams']:8.2f} {r['memory_mb_float32']:7.1f} {r['memory_mb_shipped']:12.1f} "
           f"{str(r.get('paper_memory_mb') or '-'):>8}")
-  if _OUTPUT_JSON.value:
-    path = pathlib.Path(_OUTPUT_JSON.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(strict_json.dumps(rows, indent=2))
-    print(f"wrote {path}")
+  if FLAGS.output_json:
+    common.write_json(FLAGS.output_json, rows)
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

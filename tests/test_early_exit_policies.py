@@ -180,12 +180,16 @@ def test_sweep_thresholds_command(tmp_path):
                   "--steps=3", "--eval_every=0", "--checkpoint_every=3", "--log_every=1"],
                  cwd=repo, env=env, check=True, capture_output=True)
   out = tmp_path / "sweep.json"
-  res = subprocess.run(
-      [sys.executable, "-m", "experiments.sweep_thresholds", *small, f"--workdir={wd}",
-       f"--output_json={out}", f"--plot={tmp_path / 'fig2.png'}", "--draws=5",
-       f"--figure1={tmp_path / 'fig1.png'}", "--figure1_faces=3",
-       f"--figure7_workdirs={wd}"], cwd=repo, env=env, capture_output=True, text=True)
-  assert res.returncode == 0, res.stderr[-3000:]
+  from data_pipelines import config as data_config  # noqa: PLC0415
+  from experiments import sweep_thresholds_lib  # noqa: PLC0415
+  data_cfg = data_config.DataConfig(dataset="synthetic_faces", num_points=68,
+                                    eval_split="test", tfds_dir=str(tfds), batch_size=8,
+                                    eval_batch_size=8, synthetic_train_size=16,
+                                    synthetic_test_size=8)
+  sweep_thresholds_lib.run(sweep_thresholds_lib.SweepConfig(
+      output_json=str(out), workdir=str(wd), plot=str(tmp_path / "fig2.png"), draws=5,
+      figure1=str(tmp_path / "fig1.png"), figure1_faces=3, figure7_workdirs=(str(wd),)),
+      data_cfg)
   data = json.loads(out.read_text())
   assert data["faces"] == 8 and data["synthetic_data"]
   sw = data["sweep"]
