@@ -130,7 +130,7 @@ def _dlib_paths(items, images, box_fit_json) -> dict:
   except (ImportError, OSError, KeyError, FileNotFoundError) as e:
     print(f"latency: no dlib rows ({e})")
     return {}
-  rects = [compare_dlib._box_to_rect(dlib, mapping.apply(it.box[None])[0]) for it in items]
+  rects = [compare_dlib.box_to_rect(dlib, mapping.apply(it.box[None])[0]) for it in items]
 
   def ert(f):
     shape = sp(images[f], rects[f])

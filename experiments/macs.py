@@ -18,7 +18,6 @@ from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import model_io
 from musica_jax import predictor
-from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
 
@@ -81,10 +80,7 @@ def table() -> dict:
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  rows = table()
+def print_table(rows: dict) -> None:
   dtype = next(iter(rows.values()))["shipped_dtype"]
   print(f"{'variant':>40} {'MMACs':>8} {'paper':>6} {'Mparams':>8} {'MB f32':>7} "
         f"{'MB ' + dtype:>12} {'paper MB':>8}")
@@ -92,6 +88,13 @@ def main(argv):
     print(f"{name:>40} {r['mmacs']:8.1f} {str(r.get('paper_mmacs') or '-'):>6} "
           f"{r['mparams']:8.2f} {r['memory_mb_float32']:7.1f} {r['memory_mb_shipped']:12.1f} "
           f"{str(r.get('paper_memory_mb') or '-'):>8}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  rows = table()
+  print_table(rows)
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, rows)
 

@@ -310,8 +310,8 @@ def run_video(source, pred_obj, ts=None, tf=None, output=None, output_json=None,
     result["frames"].append(entry)
   result["redetections"] = tracker.redetections
   result["seconds_including_compile"] = time.perf_counter() - t0
-  print(f"{source}: {len(result['frames'])} frames, "
-        f"{sum(len(f['faces']) for f in result['frames'])} faces, "
+  faces = sum(len(f["faces"]) for f in result["frames"])
+  print(f"{source}: {len(result['frames'])} frames, {faces} faces, "
         f"{tracker.redetections} detector runs" + (f" -> {out_dir}/" if out_dir else ""))
   if output_json:
     common.write_json(output_json, result, indent=1)

@@ -69,6 +69,7 @@ def define_flags() -> None:
   d("integer", "figure1_faces", 6, "Figure 1: number of faces (columns).")
   d("float", "figure1_ts", None, "Figure 1: Ts; default: the swept Ts nearest to "
     "--compare_iterations mean iterations.")
+  flags.mark_flags_as_required(["output_json"])
 
 
 def _floats(values, name):
@@ -79,8 +80,6 @@ def _floats(values, name):
 
 
 def config_from_flags() -> sweep_thresholds_lib.SweepConfig:
-  if not FLAGS.output_json:
-    raise app.UsageError("--output_json is required")
   return sweep_thresholds_lib.SweepConfig(
       output_json=FLAGS.output_json, workdir=FLAGS.workdir, model=FLAGS.model,
       checkpoint=FLAGS.checkpoint, plot=FLAGS.plot, num_ts=FLAGS.num_ts, draws=FLAGS.draws,
