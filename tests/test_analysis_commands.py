@@ -1,5 +1,6 @@
 """The analysis commands accept --model=DIR|default; inspect_data draws Figure 5;
 experiments.ablation makes its table from the rows' evaluations."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -81,12 +82,9 @@ def test_figure5_picks_far_faces_and_first_axis_extremes():
 
 def test_inspect_data_draws_figure5(tmp_path):
   png = tmp_path / "fig5.png"
-  out = tmp_path / "r.json"
-  res = _run("inspect_data", *_small(tmp_path, train=24), "--balancing=gdb",
-             f"--figure5={png}", f"--output_json={out}")
-  assert res.returncode == 0, res.stderr[-3000:]
+  cfg = dataclasses.replace(_small_data(tmp_path, train=24), balancing="gdb")
+  rep = inspect_data.draw_figure5(cfg, str(png))
   assert png.stat().st_size > 10000
-  rep = json.loads(out.read_text())["figure5"]
   assert len(rep["mahalanobis"]) == len(rep["first_axis"]) == 6
 
 
