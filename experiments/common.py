@@ -171,6 +171,15 @@ def int_flag_at_least(name: str, value: int, minimum: int) -> int:
   return value
 
 
+def define_flag(kind: str, name: str, default, help_: str, **kwargs) -> None:
+  """flags.DEFINE_<kind>(name, ...) unless a module imported in this process already
+  defined --name. Entry points call it from their `define_flags()`, run only under
+  `if __name__ == "__main__"`, so importing an entry point (tests, other programs)
+  defines none of its flags."""
+  if name not in FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_, **kwargs)
+
+
 def start(argv) -> None:
   """First lines of every entry point's main: no stray arguments, quiet libraries."""
   if len(argv) > 1:

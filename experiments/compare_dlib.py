@@ -30,7 +30,6 @@ licence restricts the model to non-commercial use.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -52,12 +51,6 @@ from musica_jax import schemes
 
 FLAGS = flags.FLAGS
 DLIB_MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
-INSTALL_HINT = detector_lib.INSTALL_HINT
-
-
-def _define(kind, name, default, help_):
-  if name not in FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_)
 
 
 def define_flags():
@@ -66,12 +59,13 @@ def define_flags():
   --eval_batch_size, --tfds_dir, ...) are data_pipelines.flags', so the 300w flagfiles
   work here."""
   from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
-  _define("string", "output_json", None, "Where to write the side-by-side JSON.")
-  _define("string", "box_fit_json", None, "Reuse the box fit from an earlier output JSON "
-          "(skips running the detector on the training set).")
-  _define("integer", "fit_max_faces", 0, "Use at most this many training faces for the box "
-          "fit (0 = all; for quick checks).")
-  _define("integer", "max_faces", 0, "Evaluate at most this many faces (0 = all; quick checks).")
+  d = common.define_flag
+  d("string", "output_json", None, "Where to write the side-by-side JSON.")
+  d("string", "box_fit_json", None, "Reuse the box fit from an earlier output JSON "
+    "(skips running the detector on the training set).")
+  d("integer", "fit_max_faces", 0, "Use at most this many training faces for the box "
+    "fit (0 = all; for quick checks).")
+  d("integer", "max_faces", 0, "Evaluate at most this many faces (0 = all; quick checks).")
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,7 +77,7 @@ def find_dlib_model() -> pathlib.Path:
   without importing it (it imports pkg_resources)."""
   spec = importlib.util.find_spec("face_recognition_models")
   if spec is None:
-    raise ImportError(f"face_recognition_models is not installed: {INSTALL_HINT}")
+    raise ImportError(f"face_recognition_models is not installed: {detector_lib.INSTALL_HINT}")
   dirs = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
   for d in dirs:
     path = pathlib.Path(d) / "models" / DLIB_MODEL_FILE
@@ -93,23 +87,10 @@ def find_dlib_model() -> pathlib.Path:
                           f"installed without its models?)")
 
 
-import_dlib = detector_lib.import_dlib
+import_dlib = detector_lib.import_dlib     # experiments.evaluate --with_dlib calls it here
 
 
-# ---------------------------------------------------------------------------------------
-# The box mapping (musica_jax.detector; re-exported here for the existing callers).
-
-BoxMapping = detector_lib.BoxMapping
-fit_box_mapping = detector_lib.fit_box_mapping
-iou = detector_lib.iou
-match_detection = detector_lib.match_detection
-
-
-def _rect_to_box(r) -> list[float]:
-  return [float(r.left()), float(r.top()), float(r.right()), float(r.bottom())]
-
-
-def _box_to_rect(dlib, box):
+def box_to_rect(dlib, box):
   x0, y0, x1, y1 = (int(round(v)) for v in box)
   return dlib.rectangle(x0, y0, x1, y1)
 
@@ -124,8 +105,9 @@ def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
     image = predictor_lib.read_image(item.image_path)
     k, dets = None, []
     for upsample in ((0, 1) if upsample_retry else (0,)):
-      dets = [_rect_to_box(r) for r in detector(image, upsample)]
-      k = match_detection(item.box, dets)
+      dets = [[float(r.left()), float(r.top()), float(r.right()), float(r.bottom())]
+              for r in detector(image, upsample)]
+      k = detector_lib.match_detection(item.box, dets)
       if k is not None:
         break
     if k is None:
@@ -134,18 +116,18 @@ def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
     lbs.append(np.asarray(item.box, np.float64))
     dbs.append(dets[k])
   return {"landmark_boxes": np.asarray(lbs).reshape(-1, 4),
-          "detector_boxes": np.asarray(dbs).reshape(-1, 4), "found": len(lbs),
-          "missed": missed, "seconds": time.perf_counter() - t0}
+    "detector_boxes": np.asarray(dbs).reshape(-1, 4), "found": len(lbs),
+    "missed": missed, "seconds": time.perf_counter() - t0}
 
 
-def run_dlib(dlib, predictor, items, mapping: BoxMapping) -> tuple[np.ndarray, float]:
+def run_dlib(dlib, predictor, items, mapping) -> tuple[np.ndarray, float]:
   """dlib landmarks [M, 68, 2] (0-based pixels) from the mapped landmark boxes, and the
   shape predictor's mean milliseconds per face."""
   out, seconds = [], 0.0
   boxes = mapping.apply(np.stack([it.box for it in items]))
   for item, box in zip(items, boxes):
     image = predictor_lib.read_image(item.image_path)
-    rect = _box_to_rect(dlib, box)
+    rect = box_to_rect(dlib, box)
     t0 = time.perf_counter()
     shape = predictor(image, rect)
     seconds += time.perf_counter() - t0
@@ -191,14 +173,14 @@ def dlib_side(data_dir: str, split: str = "common", box_fit_json: str | None = N
       fit = json.loads(pathlib.Path(box_fit_json).read_text())["box_fit"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
       raise app.UsageError(f"{box_fit_json}: no box_fit in it ({e})") from e
-    mapping = BoxMapping(**fit["mapping"])
+    mapping = detector_lib.BoxMapping(**fit["mapping"])
     box_fit = dict(fit, reused_from=os.path.abspath(box_fit_json))
   else:
     train = split_items(data_dir, "train")
     if fit_max_faces:
       train = train[::max(1, len(train) // fit_max_faces)][:fit_max_faces]
     det = detect_training_boxes(dlib, train)
-    mapping = fit_box_mapping(det["landmark_boxes"], det["detector_boxes"])
+    mapping = detector_lib.fit_box_mapping(det["landmark_boxes"], det["detector_boxes"])
     box_fit = {"mapping": mapping.to_json(), "train_faces": len(train),
                "detector_found": det["found"], "detector_missed": det["missed"],
                "detector": "dlib.get_frontal_face_detector (HOG), upsample 0, "
@@ -221,7 +203,7 @@ def dlib_side(data_dir: str, split: str = "common", box_fit_json: str | None = N
         f"inter-ocular {row['nme_interocular']:.2f}% FR@0.08 {row['fr_008'] * 100:.2f}% "
         f"AUC@0.08 {row['auc_008']:.4f}; {ms:.2f} ms/face", flush=True)
   return {"row": row, "box_fit": box_fit, "file_ids": [it.file_id for it in items],
-          "nme_interocular_per_face": io}
+    "nme_interocular_per_face": io}
 
 
 PROTOCOL = ("face box from the ground-truth landmarks; dlib gets it mapped to its "

@@ -22,30 +22,21 @@ Needs the peers extra (dlib) for latency's dlib rows, detector and video.
 """
 from __future__ import annotations
 
-import os
 import sys
-import time
 
-from absl import app
 from absl import flags
-import numpy as np
 
 from experiments import common
-from experiments import compare_dlib
-from musica_jax import face_frame
-from musica_jax import metrics
-from musica_jax import predictor as predictor_lib
-from musica_jax import schemes
+from experiments import deploy_benchmark_lib
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   from data_pipelines import flags as data_flags  # noqa: F401,PLC0415  (--data_dir)
-  d = lambda kind, name, default, help_: (name in FLAGS) or getattr(
-      flags, f"DEFINE_{kind}")(name, default, help_)
+  d = common.define_flag
   d("string", "output_json", None, "Where to write the results (JSON).")
-  d("list", "sections", ["folder", "latency", "detector", "video"], "Sections to run.")
+  d("list", "sections", list(deploy_benchmark_lib.SECTIONS), "Sections to run.")
   d("string", "model", "default", "Exported model directory, or 'default'.")
   d("integer", "max_faces", 0, "Use at most this many common faces (0 = all).")
   d("integer", "latency_faces", 100, "Faces timed in the latency section.")
@@ -61,262 +52,18 @@ def define_flags():
     "--format=savedmodel; DIR/saved_model) at batch 1 (imports TensorFlow).")
 
 
-def _nme(pred, gt, kind="interpupil"):
-  return np.asarray(metrics.per_face_nme(np.asarray(pred, np.float64),
-                                         np.asarray(gt, np.float64), schemes.IBUG68, kind))
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def folder_section(model, items, images) -> dict:
-  """First pass of a fresh predictor vs the warm pass, photo by photo."""
-  t0 = time.perf_counter()
-  pred = _load(model)
-  load_s = time.perf_counter() - t0
-  passes, first_face = [], None
-  for _ in range(2):
-    t0 = time.perf_counter()
-    for it, im in zip(items, images):
-      pred.predict(im, it.box)
-      if first_face is None:
-        first_face = time.perf_counter() - t0
-    passes.append(time.perf_counter() - t0)
-  sizes = {im.shape[:2] for im in images}
-  n = len(items)
-  return {"faces": n, "distinct_photo_sizes": len(sizes), "load_seconds": load_s,
-          "first_face_seconds (compilation or cache load)": first_face,
-          "first_pass_seconds": passes[0], "warm_pass_seconds": passes[1],
-          "first_ms_per_face": 1e3 * passes[0] / n, "warm_ms_per_face": 1e3 * passes[1] / n,
-          "first_over_warm": passes[0] / passes[1]}
-
-
-def _load(model):
-  return (predictor_lib.Predictor.default() if model == "default"
-          else predictor_lib.Predictor.from_saved_model(model))
-
-
-def latency_section(pred, items, images, ts_list, budgets, box_fit_json, rounds=3,
-                    savedmodel=None) -> dict:
-  """Batch 1 on each face: every path `rounds` times, the fastest kept; median over faces."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from musica_jax import detector as detector_lib  # noqa: PLC0415
-  from musica_jax import fast_inference  # noqa: PLC0415
-  from musica_jax import portable  # noqa: PLC0415
-  gt = np.stack([it.landmarks for it in items])
-  exp = jax.export.deserialize(portable.export_stablehlo(pred.params, pred.model_config,
-                                                          pred.mean_shape))
-  bf16 = fast_inference.FastCascade(pred.params, pred.model_config, weight_dtype=jnp.bfloat16)
-  framed = [pred.crops(im, it.box)[:3] for it, im in zip(items, images)]  # crop, scale, offset
-  init = jnp.asarray(pred.mean_shape)
-
-  def predict_path(**kw):
-    def run(f):
-      out = pred.predict(images[f], items[f].box, **kw)
-      return out.landmarks[0], int(out.iterations[0])
-    return run
-
-  def crop_only(fn):
-    def run(f):
-      crop, scale, offset = framed[f]
-      lm = fn(crop)
-      return face_frame.from_crop(np.asarray(lm, np.float64), scale, offset)[0], 3
-    return run
-
-  paths = {"full (predict, crop incl.)": predict_path(),
-           **{f"ts {t} (predict)": predict_path(ts=float(t)) for t in ts_list},
-           **{f"budget {b} (predict)": predict_path(budget=float(b)) for b in budgets},
-           "crop alone (host)": lambda f: (pred.crops(images[f], items[f].box), None)[1:],
-           "full, crop given (Predictor.run_fast)": crop_only(
-               lambda c: pred.run_fast(c)["landmarks"]),
-           "full, crop given, bf16 recurrent+head weights": crop_only(
-               lambda c: np.asarray(bf16.run(c, init).landmarks)),
-           "full, crop given, exported StableHLO": crop_only(
-               lambda c: np.asarray(exp.call(c)[0]))}
-  if savedmodel:
-    import tensorflow as tf  # noqa: PLC0415
-    serve = tf.saved_model.load(savedmodel).signatures["serving_default"]
-    paths["full, crop given, TensorFlow SavedModel"] = crop_only(
-        lambda c: serve(crops=tf.constant(c))["landmarks"].numpy())
-  try:
-    dlib = detector_lib.import_dlib()
-    import json as _json  # noqa: PLC0415
-    mapping = detector_lib.BoxMapping(**_json.load(open(box_fit_json))["box_fit"]["mapping"])
-    sp = dlib.shape_predictor(str(compare_dlib.find_dlib_model()))
-    hog = dlib.get_frontal_face_detector()
-    rects = [compare_dlib._box_to_rect(dlib, mapping.apply(it.box[None])[0]) for it in items]
-
-    def ert(f):
-      shape = sp(images[f], rects[f])
-      return np.asarray([[shape.part(i).x, shape.part(i).y] for i in range(68)], float), None
-
-    paths["dlib ERT 68 (shape predictor, its box given)"] = ert
-    paths["dlib HOG detector (per photo)"] = lambda f: (hog(images[f], 0), None)[1:]
-  except (ImportError, OSError, KeyError, FileNotFoundError) as e:
-    print(f"latency: no dlib rows ({e})")
-  for run in paths.values():       # warm-up (compilation) outside the timing
-    run(0)
-  # Per face: every path `rounds` times back to back (the path order shuffled face by face,
-  # so no path always follows the same one: the HOG detector, for one, leaves the caches
-  # and thread pool cold), its fastest call kept (the machine is shared: the minimum is the
-  # least disturbed).
-  names = list(paths)
-  order_rng = np.random.default_rng(0)
-  fastest = {k: [] for k in names}
-  results = {k: ([], []) for k in names}
-  for f in range(len(items)):
-    for j in order_rng.permutation(len(names)):
-      k = names[j]
-      best = np.inf
-      for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = paths[k](f)
-        best = min(best, time.perf_counter() - t0)
-      fastest[k].append(best)
-      if out and out[0] is not None:
-        results[k][0].append(out[0]); results[k][1].append(out[1])
-  best = {k: float(np.median(v)) for k, v in fastest.items()}
-  rows = {}
-  for k in paths:
-    rows[k] = {"median_ms": 1e3 * best[k]}
-    lms, its = results[k]
-    if lms:
-      rows[k]["nme_interpupil"] = 100 * float(_nme(np.stack(lms), gt).mean())
-      if its and its[0] is not None:
-        rows[k]["mean_iterations"] = float(np.mean(its))
-  full = rows["full (predict, crop incl.)"]["median_ms"]
-  ert_key = "dlib ERT 68 (shape predictor, its box given)"
-  for r in rows.values():
-    r["over_full"] = r["median_ms"] / full
-    if ert_key in rows:
-      r["over_dlib_ert"] = r["median_ms"] / rows[ert_key]["median_ms"]
-  return {"faces": len(items), "rounds": rounds, "rows": rows,
-          "timing": "batch 1; per face every path `rounds` times back to back (order "
-                    "shuffled face by face), the fastest call kept; median over faces"}
-
-
-def detector_section(pred, items, images) -> dict:
-  from musica_jax import detector as detector_lib  # noqa: PLC0415
-  finder = detector_lib.FaceFinder(pred.model_config.num_landmarks)
-  gt = np.stack([it.landmarks for it in items])
-  det_boxes, found, secs = [], [], 0.0
-  for it, im in zip(items, images):
-    t0 = time.perf_counter()
-    boxes = finder(im)
-    secs += time.perf_counter() - t0
-    k = detector_lib.match_detection(it.box, boxes)
-    found.append(k is not None)
-    det_boxes.append(boxes[k] if k is not None else it.box)
-  found = np.asarray(found)
-  by_gt = pred.predict(images, [it.box for it in items]).landmarks
-  by_det = pred.predict(images, det_boxes).landmarks
-  out = {"faces": len(items), "found": int(found.sum()), "fraction_found": float(found.mean()),
-         "detector_ms_per_photo": 1e3 * secs / len(items),
-         "match": "IoU >= 0.3 between the mapped detector box and the ground-truth box"}
-  for name, lm in (("gt_boxes", by_gt), ("detector_boxes", by_det)):
-    for kind in ("interpupil", "interocular"):
-      e = _nme(lm, gt, kind)
-      out[f"{name}_nme_{kind}_found"] = 100 * float(e[found].mean())
-      if name == "gt_boxes":
-        out[f"{name}_nme_{kind}_all"] = 100 * float(e.mean())
-    out[f"{name}_fr_008_found"] = metrics.failure_rate(_nme(lm, gt, "interocular")[found], 0.08)
-  return out
-
-
-def synthetic_sequence(image, landmarks, frames: int, seed: int = 0):
-  """A face moved, scaled and rotated frame by frame (smooth, random phases): (frames
-  [T] HxWx3 uint8 of the photo's size, landmarks [T, N, 2] transformed the same way)."""
-  from PIL import Image  # noqa: PLC0415
-  rng = np.random.default_rng(seed)
-  h, w = image.shape[:2]
-  c = landmarks.mean(0)
-  ph = rng.uniform(0, 2 * np.pi, 4)
-  pil = Image.fromarray(image)
-  out_frames, out_lm = [], []
-  for t in range(frames):
-    u = 2 * np.pi * t / max(frames, 1)
-    angle = np.deg2rad(15 * np.sin(u + ph[0]))
-    scale = 1.0 + 0.15 * np.sin(2 * u + ph[1])
-    shift = np.array([0.12 * w * np.sin(u + ph[2]), 0.08 * h * np.sin(u + ph[3])])
-    m = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    tr = c + shift - m @ c                          # p_out = m p + tr (pixel centres)
-    minv = np.linalg.inv(m)
-    # PIL's affine works in pixel-edge coordinates (centre + 0.5).
-    off = -minv @ (tr + 0.5) + 0.5
-    coeffs = (minv[0, 0], minv[0, 1], off[0], minv[1, 0], minv[1, 1], off[1])
-    out_frames.append(np.asarray(pil.transform((w, h), Image.AFFINE, coeffs, Image.BILINEAR)))
-    out_lm.append(landmarks @ m.T + tr)
-  return out_frames, np.asarray(out_lm)
-
-
-def video_section(pred, item, image, frames, tf) -> dict:
-  from musica_jax import tracking  # noqa: PLC0415
-  seq, gt = synthetic_sequence(image, item.landmarks, frames)
-  tracker = tracking.FaceTracker(pred, tf=tf)
-  nme, est, iters, redet, times = [], [], [], [], []
-  for frame, g in zip(seq, gt):
-    t0 = time.perf_counter()
-    step = tracker.step(frame)
-    times.append(time.perf_counter() - t0)
-    p = step.prediction
-    redet.append(step.redetected)
-    if len(p):
-      k = int(np.argmin([np.abs(p.landmarks[j] - g).mean() for j in range(len(p))]))
-      nme.append(float(_nme(p.landmarks[k][None], g[None], "interocular")[0]))
-      est.append(float(p.estimated_error[k])); iters.append(int(p.iterations[k]))
-    else:
-      nme.append(np.nan)
-  nme = np.asarray(nme)
-  return {"source_face": item.file_id, "frames": frames, "tf": tf,
-          "redetections": int(tracker.redetections),
-          "redetected_frames": [i for i, r in enumerate(redet) if r],
-          "frames_without_face": int(np.isnan(nme).sum()),
-          "nme_interocular_mean": 100 * float(np.nanmean(nme)),
-          "nme_interocular_max": 100 * float(np.nanmax(nme)),
-          "estimated_error_mean": float(np.mean(est)), "mean_iterations": float(np.mean(iters)),
-          "ms_per_frame_median_after_first": 1e3 * float(np.median(times[1:]))}
-
-
 def main(argv):
   common.start(argv)
-  if FLAGS.compilation_cache:
-    from experiments import predict as predict_cli  # noqa: PLC0415
-    predict_cli.enable_compilation_cache(FLAGS.compilation_cache)
-  if not FLAGS.data_dir or not os.path.isdir(FLAGS.data_dir):
-    raise app.UsageError(f"--data_dir={FLAGS.data_dir}: not a directory (300W)")
-  items = compare_dlib.split_items(FLAGS.data_dir, FLAGS.eval_split or "common")
-  if FLAGS.max_faces:
-    items = items[:FLAGS.max_faces]
-  images = [predictor_lib.read_image(it.image_path) for it in items]
-  result = {"command": "python -m experiments.deploy_benchmark " + " ".join(sys.argv[1:]),
-            "split": FLAGS.eval_split or "common", "model": FLAGS.model,
-            "cpu_count": os.cpu_count()}
-  sections = set(FLAGS.sections)
-  if "folder" in sections:        # first: nothing compiled yet in this process
-    result["folder"] = folder_section(FLAGS.model, items, images)
-    print("folder:", result["folder"], flush=True)
-  pred = _load(FLAGS.model)
-  try:
-    if "latency" in sections:
-      n = FLAGS.latency_faces or len(items)
-      step = max(1, len(items) // n)
-      sel = list(range(0, len(items), step))[:n]
-      result["latency"] = latency_section(pred, [items[i] for i in sel], [images[i] for i in sel],
-                                          FLAGS.latency_ts, FLAGS.latency_budgets,
-                                          FLAGS.dlib_box_fit_json, FLAGS.latency_rounds,
-                                          FLAGS.savedmodel)
-      for k, v in result["latency"]["rows"].items():
-        print(f"latency {k}: {v}", flush=True)
-    if "detector" in sections:
-      result["detector"] = detector_section(pred, items, images)
-      print("detector:", result["detector"], flush=True)
-    if "video" in sections:
-      result["video"] = video_section(pred, items[0], images[0], FLAGS.video_frames,
-                                      FLAGS.video_tf)
-      print("video:", result["video"], flush=True)
-  except ImportError as e:
-    raise app.UsageError(str(e)) from e
+  cfg = deploy_benchmark_lib.DeployConfig(
+      data_dir=FLAGS.data_dir, split=FLAGS.eval_split or "common",
+      sections=tuple(FLAGS.sections), model=FLAGS.model, max_faces=FLAGS.max_faces,
+      latency_faces=FLAGS.latency_faces, latency_rounds=FLAGS.latency_rounds,
+      latency_ts=tuple(FLAGS.latency_ts), latency_budgets=tuple(FLAGS.latency_budgets),
+      dlib_box_fit_json=FLAGS.dlib_box_fit_json, video_frames=FLAGS.video_frames,
+      video_tf=FLAGS.video_tf, compilation_cache=FLAGS.compilation_cache,
+      savedmodel=FLAGS.savedmodel)
+  result = deploy_benchmark_lib.run(
+      cfg, "python -m experiments.deploy_benchmark " + " ".join(sys.argv[1:]))
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, result, indent=1)
 

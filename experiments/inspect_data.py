@@ -46,12 +46,18 @@ from musica_jax import face_frame
 from musica_jax import predictor
 from musica_jax import strict_json
 
-_OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON report.")
-_TOP = flags.DEFINE_integer("top_k", 20, "Faces listed in the balancing report.")
-_FIGURE5 = flags.DEFINE_string("figure5", "", "Also draw the paper's Figure 5 (faces far "
-                               "from the mean by Mahalanobis distance vs by the first "
-                               "principal axis) to this PNG.")
-_FIGURE5_SEED = flags.DEFINE_integer("figure5_seed", 0, "Seed of Figure 5's random sample.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program, so tests can import the
+  functions beside other entry points)."""
+  d = common.define_flag
+  d("string", "output_json", "", "Where to write the JSON report.")
+  d("integer", "top_k", 20, "Faces listed in the balancing report.")
+  d("string", "figure5", "", "Also draw the paper's Figure 5 (faces far from the mean by "
+    "Mahalanobis distance vs by the first principal axis) to this PNG.")
+  d("integer", "figure5_seed", 0, "Seed of Figure 5's random sample.")
 
 
 def _parts(cfg, split: str) -> tuple[str, ...]:
@@ -161,9 +167,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # TFDS is chatty at INFO
   try:
     cfg = data_flags.config_from_flags()
-    result = inspect(cfg, _TOP.value)
-    if _FIGURE5.value:
-      result["figure5"] = draw_figure5(cfg, _FIGURE5.value, _FIGURE5_SEED.value)
+    result = inspect(cfg, FLAGS.top_k)
+    if FLAGS.figure5:
+      result["figure5"] = draw_figure5(cfg, FLAGS.figure5, FLAGS.figure5_seed)
   except readers.DataError as e:
     print(f"inspect_data: error: {e}\n(use --skip_bad to count and skip bad items)",
           file=sys.stderr)
@@ -172,8 +178,8 @@ def main(argv):
     print(f"inspect_data: error: {e}", file=sys.stderr)
     sys.exit(1)
   text = strict_json.dumps(result, indent=1)
-  if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
       f.write(text + "\n")
   summary = {s: (e["faces"], e["skipped"]["count"]) for s, e in result["splits"].items()}
   print(f"faces, skipped per split: {summary}")
@@ -182,7 +188,7 @@ def main(argv):
     print(f"val carved from {c['source']} (fraction {c['fraction']:g}, seed {c['seed']}): "
           f"{c['faces']}, val per folder {c['val_by_folder']}, overlap {c['overlap']}")
   if "figure5" in result:
-    print(f"wrote {_FIGURE5.value} (Figure 5: {len(result['figure5']['mahalanobis'])} + "
+    print(f"wrote {FLAGS.figure5} (Figure 5: {len(result['figure5']['mahalanobis'])} + "
           f"{len(result['figure5']['first_axis'])} faces)")
   if "balancing" in result:
     print("top faces by balancing score:")
@@ -192,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

@@ -9,7 +9,6 @@ the package's default model, `musica_jax/default_model/model.json`: bfloat16).
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import app
 from absl import flags
@@ -18,9 +17,13 @@ from experiments import common
 from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import model_io
-from musica_jax import strict_json
 
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the JSON table.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flag (defined only when run as a program)."""
+  common.define_flag("string", "output_json", None, "Where to write the JSON table.")
 
 VARIANTS = (("ibug68", 68), ("ibug68", 34), ("ibug68", 19),
             ("wflw98", 98), ("wflw98", 49), ("wflw98", 44))
@@ -76,10 +79,7 @@ def table() -> dict:
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  rows = table()
+def print_table(rows: dict) -> None:
   dtype = next(iter(rows.values()))["shipped_dtype"]
   print(f"{'variant':>40} {'MMACs':>8} {'paper':>6} {'Mparams':>8} {'MB f32':>7} "
         f"{'MB ' + dtype:>12} {'paper MB':>8}")
@@ -87,12 +87,17 @@ def main(argv):
     print(f"{name:>40} {r['mmacs']:8.1f} {str(r.get('paper_mmacs') or '-'):>6} "
           f"{r['mparams']:8.2f} {r['memory_mb_float32']:7.1f} {r['memory_mb_shipped']:12.1f} "
           f"{str(r.get('paper_memory_mb') or '-'):>8}")
-  if _OUTPUT_JSON.value:
-    path = pathlib.Path(_OUTPUT_JSON.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(strict_json.dumps(rows, indent=2))
-    print(f"wrote {path}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  rows = table()
+  print_table(rows)
+  if FLAGS.output_json:
+    common.write_json(FLAGS.output_json, rows)
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

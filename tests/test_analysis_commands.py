@@ -1,5 +1,6 @@
 """The analysis commands accept --model=DIR|default; inspect_data draws Figure 5;
 experiments.ablation makes its table from the rows' evaluations."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -27,12 +28,20 @@ def _run(module, *args):
                         env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def _small_data(tmp_path, train=8):
+  """The DataConfig of _small (demo.flags: synthetic faces, 68 points, split test)."""
+  return data_config.DataConfig(dataset="synthetic_faces", num_points=68, eval_split="test",
+                                tfds_dir=str(tmp_path / "tfds"), eval_batch_size=8,
+                                synthetic_train_size=train, synthetic_test_size=8)
+
+
 def test_sweep_and_attention_map_run_the_shipped_model(tmp_path):
+  from experiments import sweep_thresholds_lib  # noqa: PLC0415
   small = _small(tmp_path)
   out = tmp_path / "sweep.json"
-  res = _run("sweep_thresholds", *small, "--model=default", f"--output_json={out}",
-             f"--plot={tmp_path / 'fig2.png'}", "--draws=3", "--num_ts=20")
-  assert res.returncode == 0, res.stderr[-3000:]
+  sweep_thresholds_lib.run(sweep_thresholds_lib.SweepConfig(
+      output_json=str(out), model="default", plot=str(tmp_path / "fig2.png"), draws=3,
+      num_ts=20), _small_data(tmp_path))
   data = json.loads(out.read_text())
   assert data["faces"] == 8 and data["workdir"] is None
   assert data["model_path"].endswith("default_model")
@@ -73,12 +82,9 @@ def test_figure5_picks_far_faces_and_first_axis_extremes():
 
 def test_inspect_data_draws_figure5(tmp_path):
   png = tmp_path / "fig5.png"
-  out = tmp_path / "r.json"
-  res = _run("inspect_data", *_small(tmp_path, train=24), "--balancing=gdb",
-             f"--figure5={png}", f"--output_json={out}")
-  assert res.returncode == 0, res.stderr[-3000:]
+  cfg = dataclasses.replace(_small_data(tmp_path, train=24), balancing="gdb")
+  rep = inspect_data.draw_figure5(cfg, str(png))
   assert png.stat().st_size > 10000
-  rep = json.loads(out.read_text())["figure5"]
   assert len(rep["mahalanobis"]) == len(rep["first_axis"]) == 6
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import compare_dlib
+from musica_jax import detector
 
 
 def _boxes(rng, n):
@@ -16,17 +17,17 @@ def _boxes(rng, n):
 
 def test_box_fit_recovers_a_known_mapping():
   rng = np.random.default_rng(0)
-  truth = compare_dlib.BoxMapping(a=0.02, b=0.11, c=0.95, d=0.12, e=0.07, f=1.01)
+  truth = detector.BoxMapping(a=0.02, b=0.11, c=0.95, d=0.12, e=0.07, f=1.01)
   lb = _boxes(rng, 300)
   exact = truth.apply(lb)
-  fit = compare_dlib.fit_box_mapping(lb, exact)
+  fit = detector.fit_box_mapping(lb, exact)
   for k in "abcdef":
     assert getattr(fit, k) == pytest.approx(getattr(truth, k), abs=1e-9), k
   assert fit.residual_rms < 1e-9 and fit.faces == 300
   # With detector-like noise (1% of the box size) the fit is still close.
   size = np.sqrt((lb[:, 2] - lb[:, 0]) * (lb[:, 3] - lb[:, 1]))[:, None]
   noisy = exact + rng.normal(0, 0.01, exact.shape) * size
-  fit = compare_dlib.fit_box_mapping(lb, noisy)
+  fit = detector.fit_box_mapping(lb, noisy)
   # (w and h are correlated, so c/d and e/f trade off: check the mapped boxes.)
   assert fit.a == pytest.approx(truth.a, abs=0.01) and fit.b == pytest.approx(truth.b, abs=0.01)
   fresh = _boxes(rng, 200)
@@ -36,26 +37,26 @@ def test_box_fit_recovers_a_known_mapping():
 
 
 def test_box_fit_is_translation_and_scale_equivariant():
-  m = compare_dlib.BoxMapping(a=0.05, b=0.1, c=1.1, d=0.0, e=0.0, f=1.2)
+  m = detector.BoxMapping(a=0.05, b=0.1, c=1.1, d=0.0, e=0.0, f=1.2)
   box = np.array([[10.0, 20.0, 110.0, 140.0]])
   moved = box * 2.0 + np.array([30.0, -5.0, 30.0, -5.0])
   np.testing.assert_allclose(m.apply(moved), m.apply(box) * 2.0 + [30, -5, 30, -5])
-  np.testing.assert_allclose(compare_dlib.BoxMapping().apply(box), box)
+  np.testing.assert_allclose(detector.BoxMapping().apply(box), box)
 
 
 def test_box_fit_errors():
   with pytest.raises(ValueError, match="at least 3"):
-    compare_dlib.fit_box_mapping(np.zeros((2, 4)), np.zeros((2, 4)))
+    detector.fit_box_mapping(np.zeros((2, 4)), np.zeros((2, 4)))
   with pytest.raises(ValueError, match="input boxes but"):
-    compare_dlib.fit_box_mapping(np.ones((4, 4)), np.ones((3, 4)))
+    detector.fit_box_mapping(np.ones((4, 4)), np.ones((3, 4)))
 
 
 def test_match_detection():
   lb = np.array([100.0, 100.0, 200.0, 220.0])
   dets = [[0, 0, 50, 50], [90, 110, 210, 230], [300, 300, 400, 400]]
-  assert compare_dlib.match_detection(lb, dets) == 1
-  assert compare_dlib.match_detection(lb, [[0, 0, 50, 50]]) is None
-  assert compare_dlib.match_detection(lb, []) is None
+  assert detector.match_detection(lb, dets) == 1
+  assert detector.match_detection(lb, [[0, 0, 50, 50]]) is None
+  assert detector.match_detection(lb, []) is None
 
 
 def test_summarise_perfect_and_shifted():

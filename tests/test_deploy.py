@@ -213,18 +213,19 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
   frames and run through `experiments.predict --video`: one detection, then tracked with a
   low error on every frame."""
   _needs_dlib()
-  from experiments import compare_dlib, deploy_benchmark, predict
+  from experiments import compare_dlib, deploy_benchmark_lib, predict_lib
   from musica_jax import metrics, schemes
   from PIL import Image
   it = compare_dlib.split_items(str(shared_data / "300w"), "helen_testset")[0]
-  frames, gt = deploy_benchmark.synthetic_sequence(predictor_lib.read_image(it.image_path),
-                                                   it.landmarks, 16)
+  frames, gt = deploy_benchmark_lib.synthetic_sequence(
+      predictor_lib.read_image(it.image_path), it.landmarks, 16)
   d = tmp_path / "frames"
   d.mkdir()
   for i, f in enumerate(frames):
     Image.fromarray(f).save(d / f"{i:03d}.png")
-  res = predict.run_video(str(d), predictor_lib.Predictor.default(), tf=0.08,
-                          output=str(tmp_path / "overlay"), output_json=str(tmp_path / "v.json"))
+  res = predict_lib.run_video(str(d), predictor_lib.Predictor.default(), tf=0.08,
+                              output=str(tmp_path / "overlay"),
+                              output_json=str(tmp_path / "v.json"))
   assert len(res["frames"]) == 16 and res["frames"][0]["redetected"]
   assert res["redetections"] <= 2
   lm = np.stack([np.asarray(f["faces"][0]["landmarks"]) for f in res["frames"]])
@@ -237,22 +238,22 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
 def test_predict_cli_without_box_draws_every_detected_face(tmp_path):
   """experiments.predict with no --box: the face finder's faces, all in the JSON and the
   overlay; a photo where it finds none is reported, not an error."""
-  from experiments import predict
+  from experiments import predict_lib
   from PIL import Image
   p = _small_predictor()
   p._face_finder = _FakeFinder([(10, 10, 50, 55), (60, 15, 100, 60)])
   rng = np.random.default_rng(8)
   path = tmp_path / "two.png"
   Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
-  boxes = predict.boxes_for([str(path)], [], False)
+  boxes = predict_lib.boxes_for([str(path)], [], False)
   assert boxes == [None]
-  res = predict.run([str(path)], boxes, p, output=str(tmp_path / "o.png"),
-                    output_json=str(tmp_path / "o.json"))
+  res = predict_lib.run([str(path)], boxes, p, output=str(tmp_path / "o.png"),
+                        output_json=str(tmp_path / "o.json"))
   faces = res["images"][0]["faces"]
   assert len(faces) == 2 and (tmp_path / "o.png").is_file()
   np.testing.assert_allclose(faces[1]["box"], [60, 15, 100, 60])
   p._face_finder = _FakeFinder(np.zeros((0, 4)))
-  assert predict.run([str(path)], [None], p)["images"][0]["faces"] == []
+  assert predict_lib.run([str(path)], [None], p)["images"][0]["faces"] == []
 
 
 @pytest.mark.slow

@@ -139,6 +139,31 @@ def test_working_points():
     eep.ts_for_budget(sw)
 
 
+def test_threshold_analysis_working_points_tf_and_figure1_faces():
+  from musica_jax import threshold_analysis as ta  # noqa: PLC0415
+  sw = eep.sweep(NME, EST, ts_values=[-np.inf, 0.15, 0.25, np.inf])
+  # Default targets: the full cascade's NME (2.75) + 1%, 5%, 10%; default budgets.
+  wp = ta.working_points(sw, 2.75, 10.0)
+  assert [t["target"] for t in wp["target_nme"]] == pytest.approx([2.7775, 2.8875, 3.025])
+  assert [t["point"]["ts"] for t in wp["target_nme"]] == [-np.inf, -np.inf, 0.15]
+  assert [b["budget"] for b in wp["budget_iterations"]] == [1.25, 1.5, 2.0, 2.5]
+  assert wp["budget_iterations"][-1]["point"]["ts"] == 0.15 and wp["budget_mmacs"] == []
+  given = ta.working_points(sw, 2.75, 10.0, target_nme=(3.5,), budget_mmacs=(25.0,))
+  assert given["target_nme"][0]["point"]["ts"] == 0.25
+  assert given["budget_mmacs"][0]["point"]["ts"] == 0.15
+  # Tf under Ts=0.25: exits [2, 0, 1, 2] -> final NME [2, 2, 3, 7], estimates [.3, .1, .2, .7].
+  tf = ta.tf_analysis(NME, EST, 0.25)
+  assert tf["mean_iterations"] == pytest.approx(2.25)
+  assert tf["failure_threshold_nme"] == 8.0 and tf["ts"] == 0.25
+  assert ta.tf_analysis(NME, EST, None)["mean_iterations"] == 3.0
+  # Figure 1: faces spread over the exit iterations, ordered by exit iteration.
+  exit_idx = np.array([0, 0, 0, 1, 2, 2, 0, 1])
+  picked = ta.pick_figure1_faces(exit_idx, 4)
+  assert len(set(picked.tolist())) == 4 and set(exit_idx[picked]) == {0, 1, 2}
+  assert list(exit_idx[picked]) == sorted(exit_idx[picked])
+  assert len(ta.pick_figure1_faces(exit_idx, 20)) == 8
+
+
 def test_compare_at():
   sw = {"ts": [np.inf, 0.1, -np.inf], "mean_iterations": [1.0, 2.0, 3.0],
         "nme_policy": [5.0, 3.0, 2.0], "nme_random": [5.0, 4.0, 2.0],
@@ -180,12 +205,16 @@ def test_sweep_thresholds_command(tmp_path):
                   "--steps=3", "--eval_every=0", "--checkpoint_every=3", "--log_every=1"],
                  cwd=repo, env=env, check=True, capture_output=True)
   out = tmp_path / "sweep.json"
-  res = subprocess.run(
-      [sys.executable, "-m", "experiments.sweep_thresholds", *small, f"--workdir={wd}",
-       f"--output_json={out}", f"--plot={tmp_path / 'fig2.png'}", "--draws=5",
-       f"--figure1={tmp_path / 'fig1.png'}", "--figure1_faces=3",
-       f"--figure7_workdirs={wd}"], cwd=repo, env=env, capture_output=True, text=True)
-  assert res.returncode == 0, res.stderr[-3000:]
+  from data_pipelines import config as data_config  # noqa: PLC0415
+  from experiments import sweep_thresholds_lib  # noqa: PLC0415
+  data_cfg = data_config.DataConfig(dataset="synthetic_faces", num_points=68,
+                                    eval_split="test", tfds_dir=str(tfds), batch_size=8,
+                                    eval_batch_size=8, synthetic_train_size=16,
+                                    synthetic_test_size=8)
+  sweep_thresholds_lib.run(sweep_thresholds_lib.SweepConfig(
+      output_json=str(out), workdir=str(wd), plot=str(tmp_path / "fig2.png"), draws=5,
+      figure1=str(tmp_path / "fig1.png"), figure1_faces=3, figure7_workdirs=(str(wd),)),
+      data_cfg)
   data = json.loads(out.read_text())
   assert data["faces"] == 8 and data["synthetic_data"]
   sw = data["sweep"]

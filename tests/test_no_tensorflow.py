@@ -50,12 +50,12 @@ def test_predict_box_from_pts_uses_the_one_reader(tmp_path):
   from absl import app  # noqa: PLC0415
   import pytest  # noqa: PLC0415
   from data_pipelines import readers  # noqa: PLC0415
-  from experiments import predict  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   pts = np.array([[10.0, 20.0], [30.0, 25.0], [20.0, 50.0]])
   readers.write_pts(str(tmp_path / "a.pts"), pts)
-  (box,) = predict.boxes_for([str(tmp_path / "a.jpg")], [], from_pts=True)
+  (box,) = predict_lib.boxes_for([str(tmp_path / "a.jpg")], [], from_pts=True)
   np.testing.assert_allclose(box, [[10.0, 20.0, 30.0, 50.0]], atol=1e-5)
   (tmp_path / "b.pts").write_text("version: 1\nn_points: 3\n{\n1 2\n}\n")
   with pytest.raises(app.UsageError, match="b.pts"):
-    predict.boxes_for([str(tmp_path / "b.jpg")], [], from_pts=True)
+    predict_lib.boxes_for([str(tmp_path / "b.jpg")], [], from_pts=True)

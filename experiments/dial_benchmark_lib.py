@@ -1,0 +1,329 @@
+"""The accuracy / compute dial of experiments.dial_benchmark, flag-free: `run(DialConfig,
+data_cfg)` measures every working point (accuracy, then interleaved timing rounds, then
+through Predictor.predict) and returns the result dict it writes; `markdown_table` renders
+the README's table from it."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+
+from absl import app
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import datasets
+from experiments import common
+from musica_jax import cascade
+from musica_jax import cost
+from musica_jax import early_exit_policies as eep
+from musica_jax import losses
+from musica_jax import metrics
+from musica_jax import predictor as predictor_lib
+from musica_jax import quit_head
+from musica_jax import schemes
+
+
+@dataclasses.dataclass(frozen=True)
+class DialConfig:
+  """The flags of experiments.dial_benchmark."""
+  output_json: str
+  model: str = "default"
+  split: str = "common"
+  budgets: tuple[float, ...] = (2.75, 2.5, 2.25, 2.0, 1.75, 1.5)
+  ts_for_budgets: tuple[float, ...] = (2.5, 2.0)
+  rounds: int = 5
+  batch1_faces: int = 0
+  calibration_png: str | None = None
+
+
+def _nme(landmarks, gt, scheme) -> dict:
+  lm, gt = jnp.asarray(landmarks), jnp.asarray(gt)
+  return {kind: float(np.mean(np.asarray(metrics.per_face_nme(lm, gt, scheme, kind))) * 100)
+          for kind in ("interpupil", "interocular")}
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def calibration_plot(estimated, true_nme, path, title) -> dict:
+  """Reliability diagram: faces binned by E (deciles), mean true NME per bin vs mean E."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  e, t = np.asarray(estimated, np.float64), np.asarray(true_nme, np.float64)
+  edges = np.quantile(e, np.linspace(0, 1, 11))
+  which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, 9)
+  bins = [{"mean_estimated": float(e[which == k].mean()), "mean_true": float(t[which == k].mean()),
+           "faces": int((which == k).sum())} for k in range(10) if (which == k).any()]
+  fig, ax = plt.subplots(1, 2, figsize=(10, 4.2))
+  ax[0].scatter(e * 100, t * 100, s=5, alpha=0.4, label="faces")
+  ax[0].plot([b["mean_estimated"] * 100 for b in bins], [b["mean_true"] * 100 for b in bins],
+             "o-", color="C3", label="decile means")
+  lim = max(np.quantile(e, 0.99), np.quantile(t, 0.99)) * 100
+  ax[0].plot([0, lim], [0, lim], "k--", lw=0.8, label="perfect calibration")
+  ax[0].set(xlim=(0, lim), ylim=(0, lim), xlabel="estimated error E (%)",
+            ylabel="true error (%, the estimate's target)", title="reliability")
+  ax[0].legend(fontsize=8)
+  order = np.argsort(-e)
+  frac = np.arange(1, e.size + 1) / e.size
+  ax[1].plot(frac * 100, np.cumsum(t[order]) / np.arange(1, e.size + 1) * 100,
+             label="faces of highest E first")
+  ax[1].plot(frac * 100, np.cumsum(np.sort(t)[::-1]) / np.arange(1, e.size + 1) * 100, "--",
+             label="oracle (highest true error first)")
+  ax[1].axhline(t.mean() * 100, color="grey", lw=0.8, label="random order")
+  ax[1].set(xlabel="faces flagged (%)", ylabel="mean true error of flagged faces (%)",
+            title="what a threshold on E flags")
+  ax[1].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return {"bins": bins}
+
+
+def markdown_table(res: dict) -> str:
+  """The README's working-point table from a result of `run`."""
+  b = res["batch_size"]
+  full = res["full_cascade"]
+  lines = [f"| working point | mean it. (batch {b} / 1) | MMACs/face | NME inter-pupil, batch {b} "
+           f"(change) | ms/face batch {b} (speed-up) | NME inter-pupil, batch 1 | ms/face batch 1 "
+           f"(speed-up) |", "|---|---|---|---|---|---|---|",
+           f"| full cascade, masked (reference) | 3 / 3 | {full['mmacs_per_face']:.1f} | "
+           f"{full['nme']['interpupil']:.2f} | {full[f'batch{b}_ms_per_face']:.2f} (1.00x) | "
+           f"{full['nme']['interpupil']:.2f} | {full['batch1_ms_per_face']:.2f} (1.00x) |"]
+  for r in res["working_points"]:
+    x, y = r[f"batch{b}"], r["batch1"]
+    lines.append(
+        f"| {r['working_point']} | {x['mean_iterations']:.2f} / {y['mean_iterations']:.2f} | "
+        f"{x['mmacs_per_face']:.1f} | {x['nme']['interpupil']:.2f} "
+        f"({x['nme_change_vs_full_pct']:+.1f}%) | {x['ms_per_face']:.2f} "
+        f"({x['speedup_vs_full_cascade']:.2f}x) | {y['nme']['interpupil']:.2f} "
+        f"({y['nme_change_vs_full_pct']:+.1f}%) | {y['ms_per_face']:.2f} "
+        f"({y['speedup_vs_full_cascade']:.2f}x) |")
+  return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class _Faces:
+  """The split's faces, decoded and cropped once: photos and boxes for Predictor.predict,
+  crops and ground truth in crop pixels for the cascade."""
+  photos: list
+  boxes: list
+  crops: np.ndarray
+  gt: np.ndarray
+
+
+def _load(model: str, max_batch: int):
+  return (predictor_lib.Predictor.default(max_batch=max_batch) if model == "default" else
+          predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch))
+
+
+def _faces(pred, data_cfg, split) -> _Faces:
+  data = datasets.load_split(data_cfg, split)
+  photos = [predictor_lib.read_image(io.BytesIO(x)) for x in data.images]
+  boxes = [np.asarray(bx, np.float64) for bx in data.boxes]
+  crops, scale, offset, _, _ = pred.crops(photos, boxes)
+  gt = (np.asarray(data.landmarks, np.float64) * scale[:, None, None] + offset[:, None, :])
+  return _Faces(photos, boxes, crops, gt)
+
+
+def _points(info, budgets, ts_budgets) -> list[tuple[str, dict]]:
+  """(name, run_fast keywords) of the full cascade and every working point."""
+  points = [("full cascade (fast path, Ts=-inf)", dict())]
+  points += [(f"budget {float(x):g}", dict(budget=float(x))) for x in budgets]
+  points += [(f"Ts {quit_head.threshold_for_budget(info, float(x)):.4g}",
+              dict(ts=quit_head.threshold_for_budget(info, float(x)))) for x in ts_budgets]
+  return points
+
+
+class _Paths:
+  """The timed calls: the full masked cascade and each working point's fast path, over
+  every face in padded batches and over the first n1 faces one by one."""
+
+  def __init__(self, pred, crops, batch: int, n1: int):
+    self.pred, self.crops, self.b, self.n1 = pred, crops, batch, n1
+    self.f = crops.shape[0]
+
+  def full_batched(self):
+    """The full masked cascade over every face, in padded batches (CascadeOutputs)."""
+    pred, crops, b, outs = self.pred, self.crops, self.b, []
+    for s in range(0, self.f, b):
+      part = crops[s:s + b]
+      if part.shape[0] < b:
+        part = jnp.concatenate([part, jnp.zeros((b - part.shape[0],) + part.shape[1:])])
+      outs.append(cascade.run_cascade_jit(pred.params, part, pred._init, pred.model_config))
+    return outs
+
+  def full_single(self):
+    pred = self.pred
+    return [cascade.run_cascade_jit(pred.params, self.crops[i:i + 1], pred._init,
+                                    pred.model_config).landmarks for i in range(self.n1)]
+
+  def fast(self, kw, crops=None):
+    return self.pred.run_fast(self.crops if crops is None else crops,
+                              kw.get("ts", -np.inf), np.inf, kw.get("budget"))
+
+  def fast_batched(self, kw):
+    return lambda: self.fast(kw)
+
+  def fast_single(self, kw):
+    return lambda: [self.fast(kw, self.crops[i:i + 1])["landmarks"] for i in range(self.n1)]
+
+
+def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
+  """Rows of the working points' accuracy at both batch sizes, the full cascade's
+  landmarks, final E and NME (and every program compiled before any timing)."""
+  f, b = paths.f, paths.b
+  full_outs = paths.full_batched()
+  ref = np.concatenate([np.asarray(o.landmarks) for o in full_outs])[:f]
+  final_e = np.concatenate([np.asarray(o.errors[-1]) for o in full_outs])[:f]
+  full_nme = _nme(ref, gt, scheme)
+  paths.full_single()
+  rows = []
+  for name, kw in points:
+    out_b = paths.fast(kw)
+    singles = [paths.fast(kw, paths.crops[i:i + 1]) for i in range(f)]
+    it1 = np.concatenate([s["iterations"] for s in singles])
+    lm1 = np.concatenate([s["landmarks"] for s in singles])
+    rows.append({"working_point": name, **{k: v for k, v in kw.items()},
+                 f"batch{b}": {"mean_iterations": float(out_b["iterations"].mean()),
+                               "mmacs_per_face": float(out_b["iterations"].mean() * per_it),
+                               "nme": _nme(out_b["landmarks"], gt, scheme)},
+                 "batch1": {"mean_iterations": float(it1.mean()),
+                            "mmacs_per_face": float(it1.mean() * per_it),
+                            "nme": _nme(lm1, gt, scheme)}})
+  return rows, ref, final_e, full_nme
+
+
+def _timing(paths: _Paths, points, rounds: int) -> dict:
+  """Seconds per face of every path, `rounds` rounds (every path once per round, in the
+  same order): {"full_b", "full_1", "b<k>", "s<k>": [per round]}."""
+  f, n1, b = paths.f, paths.n1, paths.b
+  times = {"full_b": [], "full_1": [], **{f"b{k}": [] for k in range(len(points))},
+           **{f"s{k}": [] for k in range(len(points))}}
+  for r in range(rounds):
+    times["full_b"].append(_timed(paths.full_batched) / f)
+    times["full_1"].append(_timed(paths.full_single) / n1)
+    for k, (_, kw) in enumerate(points):
+      times[f"b{k}"].append(_timed(paths.fast_batched(kw)) / f)
+      times[f"s{k}"].append(_timed(paths.fast_single(kw)) / n1)
+    print(f"timing round {r + 1}/{rounds}: full cascade {np.median(times['full_b']) * 1e3:.3f} "
+          f"ms/face at batch {b}, {np.median(times['full_1']) * 1e3:.3f} at batch 1", flush=True)
+  return times
+
+
+def _speedups(rows, med, b: int, num_stages: int, full_nme) -> None:
+  """Each row's ms/face and speed-up over the full cascade (fastest rounds), in place."""
+  for k, row in enumerate(rows):
+    for key, tk, fk in ((f"batch{b}", f"b{k}", "full_b"), ("batch1", f"s{k}", "full_1")):
+      d = row[key]
+      d["ms_per_face"] = med[tk] * 1e3
+      d["speedup_vs_full_cascade"] = med[fk] / med[tk]
+      d["ideal_speedup"] = num_stages / d["mean_iterations"]
+      d["fraction_of_ideal"] = d["speedup_vs_full_cascade"] / d["ideal_speedup"]
+      d["nme_change_vs_full_pct"] = (d["nme"]["interpupil"] / full_nme["interpupil"] - 1) * 100
+    x, y = row[f"batch{b}"], row["batch1"]
+    print(f"{row['working_point']:>36}: batch {b}: {x['mean_iterations']:.2f} it, "
+          f"NME {x['nme']['interpupil']:.3f} ({x['nme_change_vs_full_pct']:+.1f}%), "
+          f"x{x['speedup_vs_full_cascade']:.2f} (ideal x{x['ideal_speedup']:.2f}); "
+          f"batch 1: {y['mean_iterations']:.2f} it, NME "
+          f"{y['nme']['interpupil']:.3f}, x{y['speedup_vs_full_cascade']:.2f}", flush=True)
+
+
+def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) -> dict:
+  """Through Predictor.predict, from photos and boxes (the crop included): the smallest
+  budget whose NME stays within 2% of the full cascade's, at each batch size."""
+  f, photos, boxes = len(faces.photos), faces.photos, faces.boxes
+  through = {}
+  for key, nb in ((f"batch{b}", f), ("batch1", n1)):
+    ok = [r for r in rows if r["working_point"].startswith("budget")
+          and r[key]["nme_change_vs_full_pct"] <= 2.0]
+    if not ok:
+      continue
+    chosen = min(ok, key=lambda r: r["budget"])["budget"]
+    if nb == f:
+      calls = {"full": lambda: pred.predict(photos, boxes),
+               "dial": lambda: pred.predict(photos, boxes, budget=chosen)}
+    else:
+      calls = {"full": lambda: [pred.predict(photos[i], boxes[i]) for i in range(n1)],
+               "dial": lambda: [pred.predict(photos[i], boxes[i], budget=chosen)
+                                for i in range(n1)]}
+    t = {k: [] for k in calls}
+    for fn in calls.values():
+      fn()
+    for _ in range(rounds):
+      for k, fn in calls.items():
+        t0 = time.perf_counter()
+        fn()
+        t[k].append((time.perf_counter() - t0) / nb)
+    m = {k: float(np.min(v)) for k, v in t.items()}
+    through[key] = {"budget": chosen, "ms_per_face_full": m["full"] * 1e3,
+                    "ms_per_face_dial": m["dial"] * 1e3, "speedup": m["full"] / m["dial"]}
+    print(f"Predictor.predict (crop included), {key}, budget {chosen:g}: "
+          f"{m['full'] * 1e3:.2f} -> {m['dial'] * 1e3:.2f} ms/face, x{m['full'] / m['dial']:.2f}",
+          flush=True)
+  return through
+
+
+def _calibration(ref, final_e, gt, scheme, path, split) -> dict:
+  """E after the last iteration against its training target (the rectified L1 error over
+  the outer-eye distance): correlations and the reliability plot at `path`."""
+  target = np.asarray(losses.per_iteration_error(
+      jnp.asarray(ref[None], jnp.float32), jnp.asarray(gt, jnp.float32),
+      scheme.outer_eye_corners))[0]
+  out = {"png": path, "pearson": eep.pearson(final_e, target),
+         "spearman": eep.spearman(final_e, target),
+         **calibration_plot(final_e, target, path,
+                            f"estimated error E vs its target (L1 / outer-eye distance), "
+                            f"{split} ({len(ref)} faces), after the last iteration")}
+  print(f"wrote {path}")
+  return out
+
+
+def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
+  """Every working point of cfg.model on cfg.split: the result (also written to
+  cfg.output_json)."""
+  pred = _load(cfg.model, data_cfg.eval_batch_size)
+  mcfg, info = pred.model_config, pred.quit_info
+  if info is None:
+    raise app.UsageError(f"--model={cfg.model}: no quitting profile (run experiments."
+                         f"fit_quit_head --install first)")
+  scheme = schemes.get_scheme(mcfg.num_landmarks)
+  b = data_cfg.eval_batch_size
+  faces = _faces(pred, data_cfg, cfg.split)
+  f = faces.crops.shape[0]
+  print(f"{cfg.split}: {f} faces; model {mcfg.num_landmarks} pts / {mcfg.num_patches} "
+        f"patches, quitting policy {info.get('design')}", flush=True)
+  per_it = cost.cascade_macs(mcfg, 1) / 1e6
+  n1 = f if not cfg.batch1_faces else min(cfg.batch1_faces, f)
+  paths = _Paths(pred, faces.crops, b, n1)
+  points = _points(info, cfg.budgets, cfg.ts_for_budgets)
+  rows, ref, final_e, full_nme = _accuracy(paths, points, faces.gt, scheme, per_it)
+  times = _timing(paths, points, cfg.rounds)
+  # The fastest round of each path: interference from other processes only ever adds
+  # time, so the minimum is the steadiest estimate on a shared machine (medians in JSON).
+  med = {k: float(np.min(v)) for k, v in times.items()}
+  _speedups(rows, med, b, mcfg.num_stages, full_nme)
+  through = _through_predictor(pred, faces, rows, b, n1, cfg.rounds)
+  result = {"command": command,
+            "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+            "model": pred.metadata.get("name") or cfg.model, "split": cfg.split, "faces": f,
+            "batch_size": b, "batch1_faces_timed": n1, "rounds": cfg.rounds,
+            "quit_policy": info.get("design"), "mmacs_per_iteration": per_it,
+            "full_cascade": {"nme": full_nme, "mmacs_per_face": per_it * mcfg.num_stages,
+                             f"batch{b}_ms_per_face": med["full_b"] * 1e3,
+                             "batch1_ms_per_face": med["full_1"] * 1e3},
+            "working_points": rows, "through_predictor": through,
+            "timing": "fastest of --rounds interleaved rounds (ms per face)",
+            "median_ms_per_face": {k: float(np.median(v)) * 1e3 for k, v in times.items()}}
+  if cfg.calibration_png:
+    result["calibration"] = _calibration(ref, final_e, faces.gt, scheme,
+                                         cfg.calibration_png, cfg.split)
+  common.write_json(cfg.output_json, result)
+  return result
