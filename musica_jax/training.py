@@ -1,7 +1,7 @@
 """The pure training step: Adam with a staircase schedule, EMA weights, NaN guard, and the
 host-side divergence guard.
 
-No TensorFlow, no I/O: experiments/train.py feeds batches and owns checkpoints.
+No TensorFlow, no I/O: experiments/train_lib.py feeds batches and owns checkpoints.
 The model is deterministic (no dropout): all training randomness is augmentation and
 sampling in the input pipeline, derived there from (seed, example, epoch). The only
 key used here initialises the parameters: `jax.random.fold_in(root_key, 0)`.
@@ -45,6 +45,17 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("staircase", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Cadence of the training loop (experiments/train_lib.py), recorded in run_config.json
+  ("loop"); not part of the optimisation, so a resumed run may change it."""
+  log_every: int = 50            # steps between progress lines (and divergence checks)
+  eval_every: int = 1000         # steps between evaluations; 0: only at the end; -1: never
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3      # the latest kept, plus the best by eval NME
+  divergence_factor: float = 10.0  # DivergenceGuard's factor; 0 = off
 
 
 @flax.struct.dataclass
