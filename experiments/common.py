@@ -236,7 +236,7 @@ RUN_CONFIG = "run_config.json"
 
 def save_run_config(workdir, model_cfg, data_cfg, train_cfg, mean_shape,
                     loop_cfg=None) -> None:
-  """run_config.json; `loop_cfg` (training.LoopConfig) adds a "loop" section (files
+  """run_config.json; `loop_cfg` (config.LoopConfig) adds a "loop" section (files
   written before it existed have none; nothing needs it to resume or evaluate)."""
   atomic_io.write_text(pathlib.Path(workdir) / RUN_CONFIG, strict_json.dumps({
       "model": dataclasses.asdict(model_cfg),

@@ -4,8 +4,9 @@ One absl flag per field, with the field's name and default, as the data flags
 (`data_pipelines/flags.py`):
 - model: --num_patches (a patch subset of the scheme, 0 = all; `config.for_scheme`) and
   the `ModelConfig` fields in MODEL_FIELDS, defaults from `ModelConfig()`;
-- training: every `training.TrainConfig` field but `seed` (the data flag --seed sets it);
-- loop: every `training.LoopConfig` field (cadence of experiments/train_lib.py).
+- training: every `TrainConfig` field but `seed` (the data flag --seed sets it);
+- loop: every `LoopConfig` field (cadence of experiments/train_lib.py);
+all three dataclasses in `musica_jax/config.py`.
 A new field of these dataclasses becomes a flag by adding its help text below (and, for a
 model field, its name to MODEL_FIELDS). Range checks are the entry point's
 (experiments/train.py); the dataclasses validate what they own.
@@ -19,14 +20,13 @@ from absl import flags
 from data_pipelines import flags as data_flags
 from musica_jax import config as config_lib
 from musica_jax import schemes
-from musica_jax import training
 
 FLAGS = flags.FLAGS
 
 MODEL_FIELDS = ("levels", "use_attention", "extractor", "global_attention", "hidden_size")
-TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig)
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.TrainConfig)
                      if f.name != "seed")
-LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(training.LoopConfig))
+LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.LoopConfig))
 
 _HELP = {
     # model
@@ -65,7 +65,7 @@ _ENUMS = {
     "extractor": config_lib.EXTRACTORS,
     "global_attention": config_lib.GLOBAL_ATTENTIONS,
     "compute_dtype": config_lib.COMPUTE_DTYPES,
-    "lr_schedule": training.LR_SCHEDULES,
+    "lr_schedule": config_lib.LR_SCHEDULES,
 }
 
 
@@ -75,9 +75,9 @@ def _define():
   flags.DEFINE_integer("num_patches", 0, _HELP["num_patches"])
   data_flags.define_from_dataclass(config_lib.ModelConfig, _HELP, names=MODEL_FIELDS,
                                    enums=_ENUMS)
-  data_flags.define_from_dataclass(training.TrainConfig, _HELP, names=TRAIN_FIELDS,
+  data_flags.define_from_dataclass(config_lib.TrainConfig, _HELP, names=TRAIN_FIELDS,
                                    enums=_ENUMS)
-  data_flags.define_from_dataclass(training.LoopConfig, _HELP, enums=_ENUMS)
+  data_flags.define_from_dataclass(config_lib.LoopConfig, _HELP, enums=_ENUMS)
 
 
 _define()
@@ -93,16 +93,17 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     raise ValueError(f"--levels: comma-separated integers expected, got {FLAGS.levels}") from e
   values = {name: getattr(FLAGS, name) for name in MODEL_FIELDS}
   try:
-    return config_lib.for_scheme(scheme, FLAGS.num_patches or None, **{**values,
-                                                                        "levels": levels})
+    return config_lib.for_scheme(scheme, FLAGS.num_patches or None,
+                                 **{**values, "levels": levels})
   except ValueError as e:
     raise ValueError(f"--num_patches/--levels: {e}") from e
 
 
-def train_config_from_flags(seed: int) -> training.TrainConfig:
+def train_config_from_flags(seed: int) -> config_lib.TrainConfig:
   """TrainConfig from the parsed training flags; `seed` is the data config's."""
-  return training.TrainConfig(seed=seed, **{name: getattr(FLAGS, name) for name in TRAIN_FIELDS})
+  return config_lib.TrainConfig(seed=seed,
+                                **{name: getattr(FLAGS, name) for name in TRAIN_FIELDS})
 
 
-def loop_config_from_flags() -> training.LoopConfig:
-  return training.LoopConfig(**{name: getattr(FLAGS, name) for name in LOOP_FIELDS})
+def loop_config_from_flags() -> config_lib.LoopConfig:
+  return config_lib.LoopConfig(**{name: getattr(FLAGS, name) for name in LOOP_FIELDS})

@@ -43,9 +43,9 @@ from musica_jax import training
 class Config:
   """Everything a training run reads: model, optimisation, data and loop cadence."""
   model: config_lib.ModelConfig
-  train: training.TrainConfig
+  train: config_lib.TrainConfig
   data: data_config.DataConfig
-  loop: training.LoopConfig = dataclasses.field(default_factory=training.LoopConfig)
+  loop: config_lib.LoopConfig = dataclasses.field(default_factory=config_lib.LoopConfig)
 
 
 class MetricWriter:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from absl import app
 from absl import flags
 
 from experiments import common
@@ -116,6 +117,24 @@ def test_a_nested_flagfile_resolves_by_name_from_any_folder(tmp_path, monkeypatc
   (tmp_path / "loop.flags").write_text("--flagfile=loop.flags\n")
   with pytest.raises(SystemExit, match="includes itself"):
     common.resolve_flagfiles(["p", "--flagfile=loop.flags"])
+
+
+def test_flag_defaults_are_the_dataclass_defaults(parse_flags):
+  from musica_jax import config as config_lib  # noqa: PLC0415
+  cfg = _config(parse_flags, ["--dataset=synthetic_faces", "--seed=5"])
+  assert cfg.model == config_lib.for_scheme(68)
+  assert cfg.train == config_lib.TrainConfig(seed=5) and cfg.loop == config_lib.LoopConfig()
+  cfg = _config(parse_flags, ["--dataset=synthetic_faces", "--lr_schedule=cosine",
+                              "--warmup_steps=10", "--compute_dtype=bfloat16", "--nouse_attention",
+                              "--levels=1,0", "--eval_every=-1", "--divergence_factor=0"])
+  assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.compute_dtype) == (
+      "cosine", 10, "bfloat16")
+  assert cfg.model.levels == (1, 0) and not cfg.model.use_attention
+  assert (cfg.loop.eval_every, cfg.loop.divergence_factor) == (-1, 0.0)
+  with pytest.raises(flags.Error, match="lr_schedule"):
+    _config(parse_flags, ["--lr_schedule=linear"])
+  with pytest.raises(app.UsageError, match="--keep_checkpoints=0"):
+    _config(parse_flags, ["--dataset=synthetic_faces", "--keep_checkpoints=0"])
 
 
 def test_unknown_flag_and_missing_data_dir_fail_clearly(tmp_path, tiny_flags, parse_flags):
