@@ -53,24 +53,39 @@ _HELP = {
 _DEFINED = False
 
 
+def define_from_dataclass(cls, help_: dict, *, names=None, enums=None, defaults=None) -> None:
+  """One absl flag per field of dataclass `cls` (or per field in `names`): the field's
+  name, its default (or `defaults[name]`), the flag type from the default's type (bool,
+  int, float, str; a tuple becomes a comma-separated list), `enums[name]` as the choices
+  of a string field, the help text from `help_` (or a pointer to the dataclass)."""
+  enums, defaults = enums or {}, defaults or {}
+  for f in dataclasses.fields(cls):
+    if names is not None and f.name not in names:
+      continue
+    default = defaults.get(f.name, f.default)
+    text = help_.get(f.name, f"{cls.__name__}.{f.name} (see {cls.__module__}).")
+    if f.name in enums:
+      flags.DEFINE_enum(f.name, default, list(enums[f.name]), text)
+    elif isinstance(default, bool):
+      flags.DEFINE_boolean(f.name, default, text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(f.name, default, text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(f.name, default, text)
+    elif isinstance(default, str):
+      flags.DEFINE_string(f.name, default, text)
+    elif isinstance(default, tuple):
+      flags.DEFINE_list(f.name, [str(x) for x in default], text)
+    else:
+      raise TypeError(f"{cls.__name__}.{f.name}: no flag type for {type(default)}")
+
+
 def _define():
   global _DEFINED
   if _DEFINED or "dataset" in FLAGS:
     _DEFINED = True
     return
-  for f in dataclasses.fields(config_lib.DataConfig):
-    default = f.default
-    help_ = _HELP.get(f.name, f"DataConfig.{f.name} (see data_pipelines/config.py).")
-    if isinstance(default, bool):
-      flags.DEFINE_boolean(f.name, default, help_)
-    elif isinstance(default, int):
-      flags.DEFINE_integer(f.name, default, help_)
-    elif isinstance(default, float):
-      flags.DEFINE_float(f.name, default, help_)
-    elif isinstance(default, str):
-      flags.DEFINE_string(f.name, default, help_)
-    else:
-      raise TypeError(f"DataConfig.{f.name}: no flag type for {type(default)}")
+  define_from_dataclass(config_lib.DataConfig, _HELP)
   _DEFINED = True
 
 

@@ -1,9 +1,10 @@
-"""Shared pieces of the absl entry points: flagfile lookup, model flags, the model loader.
+"""Shared pieces of the absl entry points: flagfile lookup, the shared flags, the model loader.
 
-Flagfiles live in `experiments/configs/`. absl reads `--flagfile=PATH` relative to the
-working directory; when PATH does not exist there, the entry points look it up in
-`experiments/configs/`, so `python -m experiments.train --flagfile=wflw98.flags` works
-from the repository root (and anywhere else). Flags given after the flagfile override it.
+Flagfiles live in `experiments/configs/`. `--flagfile=NAME` is a path from the working
+directory or, when there is none, a name in `experiments/configs/`, so
+`python -m experiments.train --flagfile=wflw98.flags` works from any folder (and from an
+installed wheel). A flagfile may include another (`--flagfile=300w_base.flags` as a line),
+looked up the same way. Flags given after a flagfile override it.
 
 Errors (`run`): every entry point starts with `common.run(main)`. A bad flag value, a
 missing or damaged input (file, data dir, checkpoint) or any other problem of the user's
@@ -25,56 +26,24 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import config_flags  # noqa: F401 (defines the model/training/loop flags)
 from musica_jax import atomic_io
-from musica_jax import config as config_lib
 from musica_jax import model_io
-from musica_jax import schemes
 from musica_jax import strict_json
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_integer("num_patches", 0, "Patches per iteration (0 = one per landmark). "
-                     "Built-in subsets: 68/34/23/19 (68 points), 98/49/44 (98 points).")
-flags.DEFINE_list("levels", ["2", "1", "0"], "Pyramid level read by each iteration.")
-flags.DEFINE_boolean("use_attention", True, "Local patch attention (paper 3.1).")
-flags.DEFINE_enum("extractor", "conv", list(config_lib.EXTRACTORS),
-                  "Per-patch feature extractor: two 3x3 convs (the paper's) or MobileNetV2 "
-                  "inverted bottlenecks (paper Table 4 ablation).")
-flags.DEFINE_enum("global_attention", "none", list(config_lib.GLOBAL_ATTENTIONS),
-                  "Global patch attention over all patches of a face: none, fc or gcn "
-                  "(k-nearest-patch graph; paper Table 4 ablation).")
-flags.DEFINE_integer("hidden_size", 512, "Recurrent state size.")
-
-# Training flags: defined here so every entry point accepts the same flagfiles.
+# The model, training and loop flags (experiments/config_flags.py, from their dataclasses)
+# and the data flags (data_pipelines/flags.py) are defined on import, so every entry point
+# accepts the same flagfiles.
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics of the run.")
-flags.DEFINE_integer("steps", 30000, "Total training steps.")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_integer("decay_steps", 15000, "Learning rate x decay_factor every this many steps.")
-flags.DEFINE_float("decay_factor", 0.1, "Staircase learning-rate decay factor (cosine: the "
-                   "final learning rate is learning_rate x decay_factor).")
-flags.DEFINE_enum("lr_schedule", "staircase", ["staircase", "cosine"],
-                  "staircase: x decay_factor every decay_steps (the paper's); cosine: linear "
-                  "warm-up over --warmup_steps, then cosine decay until --steps.")
-flags.DEFINE_integer("warmup_steps", 0, "--lr_schedule=cosine: linear warm-up steps.")
-flags.DEFINE_float("ema_decay", 0.9999, "EMA of the weights used for evaluation.")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                  "Training products: bfloat16 = bf16 operands with float32 accumulation "
-                  "(parameters, loss and Adam stay float32). Evaluation runs in float32.")
-flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
-flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations on --eval_split "
-                     "(0: only at the end; -1: never).")
-flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
-flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (plus the best by eval NME).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "manual", "none"],
                   "Multi-process start (musica_jax.parallel.initialize_distributed): auto = "
                   "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
                   "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
                   "one process.")
-flags.DEFINE_float("divergence_factor", 10.0, "Divergence guard: stop training (nothing saved) "
-                   "when the moving average of the loss (decay 0.9) exceeds this many times "
-                   "its lowest value in the run; 0 disables it.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0; with --num_processes and --process_id "
                     "calls jax.distributed.initialize.")
@@ -211,40 +180,61 @@ def _no_library_traces(record) -> bool:
   return True
 
 
-def resolve_flagfiles(argv: list[str]) -> list[str]:
-  """Rewrites --flagfile=NAME to experiments/configs/NAME when NAME is not a path here."""
+def find_flagfile(name: str, where: str = "") -> pathlib.Path:
+  """The flagfile --flagfile=NAME names: NAME from the working directory, else NAME (or
+  NAME.flags) in experiments/configs/. SystemExit with one line when neither exists."""
+  if os.path.exists(name):
+    return pathlib.Path(name)
+  candidate = CONFIG_DIR / name
+  if not candidate.exists() and not name.endswith(".flags"):
+    candidate = CONFIG_DIR / f"{name}.flags"
+  if not candidate.exists():
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.flags"))
+    raise SystemExit(f"--flagfile={name}{where}: no such file here or in {CONFIG_DIR} "
+                     f"(known: {', '.join(known)})")
+  return candidate
+
+
+_FLAGFILE = ("--flagfile=", "-flagfile=")
+
+
+def _flagfile_lines(path: pathlib.Path, stack: tuple = ()) -> list[str]:
+  """The flags of a flagfile, absl's format (blank lines and lines starting with # or //
+  skipped, each line one flag), with nested --flagfile lines expanded in place."""
+  if path.resolve() in stack:
+    raise SystemExit(f"--flagfile={path}: includes itself (through "
+                     f"{' -> '.join(p.name for p in stack)})")
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise SystemExit(f"--flagfile={path}: {one_line(e)}") from None
   out = []
-  for arg in argv:
-    for prefix in ("--flagfile=", "-flagfile="):
-      if arg.startswith(prefix):
-        name = arg[len(prefix):]
-        if not os.path.exists(name):
-          candidate = CONFIG_DIR / name
-          if not candidate.exists() and not name.endswith(".flags"):
-            candidate = CONFIG_DIR / f"{name}.flags"
-          if not candidate.exists():
-            known = sorted(p.name for p in CONFIG_DIR.glob("*.flags"))
-            raise SystemExit(f"--flagfile={name}: no such file here or in {CONFIG_DIR} "
-                             f"(known: {', '.join(known)})")
-          arg = prefix + str(candidate)
-    out.append(arg)
+  for line in lines:
+    if not line.strip() or line.startswith(("#", "//")):
+      continue
+    if line.startswith(_FLAGFILE):
+      name = os.path.expanduser(line.split("=", 1)[1].strip())
+      out += _flagfile_lines(find_flagfile(name, f" (in {path})"), (*stack, path.resolve()))
+    else:
+      out.append(line.strip())
   return out
 
 
-def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
-  scheme = schemes.get_scheme(num_points)
-  try:
-    levels = tuple(int(l) for l in FLAGS.levels)
-  except ValueError as e:
-    raise ValueError(f"--levels: comma-separated integers expected, got {FLAGS.levels}") from e
-  try:
-    return config_lib.for_scheme(scheme, FLAGS.num_patches or None, levels=levels,
-                                 use_attention=FLAGS.use_attention,
-                                 extractor=FLAGS.extractor,
-                                 global_attention=FLAGS.global_attention,
-                                 hidden_size=FLAGS.hidden_size)
-  except ValueError as e:
-    raise ValueError(f"--num_patches/--levels: {e}") from e
+def resolve_flagfiles(argv: list[str]) -> list[str]:
+  """argv with each --flagfile=NAME replaced by the flags it holds, in place (later flags
+  override earlier ones, as in absl's own expansion). NAME, on the command line or nested
+  in a flagfile, is looked up by `find_flagfile`, so nested names work from any working
+  directory (absl itself would read a nested name from the working directory)."""
+  out = []
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      return out + argv[i:]
+    if i > 0 and arg.startswith(_FLAGFILE):
+      name = os.path.expanduser(arg.split("=", 1)[1].strip())
+      out += _flagfile_lines(find_flagfile(name))
+    else:
+      out.append(arg)
+  return out
 
 
 MODEL_SOURCES = ("give exactly one of --workdir (a training run) and --model (an exported "

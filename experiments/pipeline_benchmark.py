@@ -19,6 +19,7 @@ from absl import logging
 from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common  # shared flags, flagfile lookup
+from experiments import config_flags
 from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON result.")
@@ -51,7 +52,7 @@ def end_to_end(cfg, num_batches: int, warmup: int) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   from musica_jax import parallel, schemes, training
-  model_cfg = common.model_config_from_flags(cfg.num_points)
+  model_cfg = config_flags.model_config_from_flags(cfg.num_points)
   train_cfg = training.TrainConfig()
   mesh = parallel.make_mesh()
   rep = parallel.replicated(mesh)

@@ -1,4 +1,6 @@
-"""Model configuration: a plain frozen dataclass (hashable, so it can be a static jit arg)."""
+"""Model, training and loop configuration: plain frozen dataclasses (hashable, so they can
+be static jit args). No JAX import: the flag definitions (experiments/config_flags.py) read
+them in every entry point."""
 from __future__ import annotations
 
 import dataclasses
@@ -102,3 +104,35 @@ def for_scheme(scheme: str | schemes.LandmarkScheme, num_patches: int | None = N
   num_patches = num_patches or scheme.num_points
   return ModelConfig(num_landmarks=scheme.num_points,
                      patch_indices=scheme.patch_indices(num_patches), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation settings (reference notes: Adam 1e-3, x0.1 every 15000 steps, EMA 0.9999)."""
+  steps: int = 30000
+  learning_rate: float = 1e-3
+  decay_steps: int = 15000
+  decay_factor: float = 0.1
+  ema_decay: float = 0.9999
+  seed: int = 0
+  # "bfloat16": the forward and backward products in bf16 with float32 accumulation;
+  # parameters, EMA, loss and Adam stay float32 (ModelConfig.compute_dtype).
+  compute_dtype: str = "float32"
+  # "staircase": the paper's (x decay_factor every decay_steps); "cosine": linear warm-up
+  # from 0 over warmup_steps, then cosine decay to learning_rate x decay_factor at `steps`.
+  lr_schedule: str = "staircase"
+  warmup_steps: int = 0
+
+
+LR_SCHEDULES = ("staircase", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Cadence of the training loop (experiments/train_lib.py), recorded in run_config.json
+  ("loop"); not part of the optimisation, so a resumed run may change it."""
+  log_every: int = 50            # steps between progress lines (and divergence checks)
+  eval_every: int = 1000         # steps between evaluations; 0: only at the end; -1: never
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3      # the latest kept, plus the best by eval NME
+  divergence_factor: float = 10.0  # DivergenceGuard's factor; 0 = off

@@ -1,7 +1,7 @@
 """The pure training step: Adam with a staircase schedule, EMA weights, NaN guard, and the
 host-side divergence guard.
 
-No TensorFlow, no I/O: experiments/train.py feeds batches and owns checkpoints.
+No TensorFlow, no I/O: experiments/train_lib.py feeds batches and owns checkpoints.
 The model is deterministic (no dropout): all training randomness is augmentation and
 sampling in the input pipeline, derived there from (seed, example, epoch). The only
 key used here initialises the parameters: `jax.random.fold_in(root_key, 0)`.
@@ -22,29 +22,9 @@ from musica_jax import fast_inference
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import stage_net
-from musica_jax.config import ModelConfig
+# The configs live in musica_jax.config (no JAX import: the flag definitions read them).
+from musica_jax.config import LR_SCHEDULES, ModelConfig, TrainConfig
 from musica_jax.schemes import LandmarkScheme
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Optimisation settings (reference notes: Adam 1e-3, x0.1 every 15000 steps, EMA 0.9999)."""
-  steps: int = 30000
-  learning_rate: float = 1e-3
-  decay_steps: int = 15000
-  decay_factor: float = 0.1
-  ema_decay: float = 0.9999
-  seed: int = 0
-  # "bfloat16": the forward and backward products in bf16 with float32 accumulation;
-  # parameters, EMA, loss and Adam stay float32 (ModelConfig.compute_dtype).
-  compute_dtype: str = "float32"
-  # "staircase": the paper's (x decay_factor every decay_steps); "cosine": linear warm-up
-  # from 0 over warmup_steps, then cosine decay to learning_rate x decay_factor at `steps`.
-  lr_schedule: str = "staircase"
-  warmup_steps: int = 0
-
-
-LR_SCHEDULES = ("staircase", "cosine")
 
 
 @flax.struct.dataclass

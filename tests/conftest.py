@@ -49,3 +49,20 @@ def make_workdir():
     ck.close()
     return cfg, tcfg
   return make
+
+
+@pytest.fixture
+def parse_flags():
+  """parse_flags(*args) parses args as an entry point's command line (flagfiles looked up
+  and expanded by experiments.common) into absl's FLAGS, in this process, so a test can
+  call an entry point's `config_from_flags` and its library without a subprocess. The
+  flags are reset to their defaults afterwards. Import the entry point first (it defines
+  its flags)."""
+  from absl import flags  # noqa: PLC0415
+  from experiments import common  # noqa: PLC0415
+
+  def parse(*args):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(common.resolve_flagfiles(["test", *map(str, args)]))
+  yield parse
+  flags.FLAGS.unparse_flags()

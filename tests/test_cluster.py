@@ -16,7 +16,6 @@ import pytest
 
 from musica_jax import cascade
 from musica_jax import config as config_lib
-from musica_jax import parallel
 from musica_jax import pyramid
 from musica_jax import stage_net
 from musica_jax import training

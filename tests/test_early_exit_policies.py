@@ -2,8 +2,6 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -193,17 +191,18 @@ def test_rank_correlations():
 
 
 @pytest.mark.slow
-def test_sweep_thresholds_command(tmp_path):
-  """Trains a tiny model for 3 steps on synthetic faces, then runs the command."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_sweep_thresholds_command(tmp_path, parse_flags):
+  """Trains a tiny model for 3 steps on synthetic faces (in this process), then runs the
+  command."""
+  from experiments import train  # noqa: PLC0415
+  from experiments import train_lib  # noqa: PLC0415
   wd, tfds = tmp_path / "wd", tmp_path / "tfds"
   small = ["--flagfile=demo.flags", f"--tfds_dir={tfds}", "--batch_size=8",
            "--eval_batch_size=8", "--synthetic_train_size=16", "--synthetic_test_size=8",
            "--num_patches=19", "--hidden_size=64"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-m", "experiments.train", *small, f"--workdir={wd}",
-                  "--steps=3", "--eval_every=0", "--checkpoint_every=3", "--log_every=1"],
-                 cwd=repo, env=env, check=True, capture_output=True)
+  parse_flags(*small, f"--workdir={wd}", "--steps=3", "--eval_every=0", "--checkpoint_every=3",
+              "--log_every=1")
+  train_lib.train_and_evaluate(train.config_from_flags(), str(wd))
   out = tmp_path / "sweep.json"
   from data_pipelines import config as data_config  # noqa: PLC0415
   from experiments import sweep_thresholds_lib  # noqa: PLC0415

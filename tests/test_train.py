@@ -1,4 +1,8 @@
-"""Training entry point: flags, resume after SIGKILL, NaN guard, multi-device equivalence."""
+"""Training: flags and flagfiles, resume after SIGKILL, NaN guard, multi-device equivalence.
+
+The runs call experiments.train_lib in this process (flags parsed by the `parse_flags`
+fixture into experiments.train's Config); subprocesses only where a process must be
+killed or several processes run."""
 import os
 import pathlib
 import signal
@@ -11,7 +15,12 @@ import jax
 import numpy as np
 import pytest
 
+from absl import app
+from absl import flags
+
 from experiments import common
+from experiments import train
+from experiments import train_lib
 from musica_jax import model_io
 from musica_jax import run_config
 
@@ -27,10 +36,21 @@ def tiny_flags(tmp_path_factory):
           "--log_every=1", "--eval_every=-1", "--checkpoint_every=2", "--augment=true"]
 
 
-def _train(args, workdir, env=None, **kw):
+def _train_process(args, workdir, env=None, **kw):
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *args]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                         env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def _config(parse_flags, args, workdir="unused"):
+  """The Config `python -m experiments.train --workdir=W ARGS` trains."""
+  parse_flags(f"--workdir={workdir}", *args)
+  return train.config_from_flags()
+
+
+def _train(parse_flags, args, workdir):
+  """`python -m experiments.train --workdir=W ARGS`, in this process."""
+  return train_lib.train_and_evaluate(_config(parse_flags, args, workdir), str(workdir))
 
 
 def _final_params(workdir):
@@ -41,40 +61,102 @@ def _final_params(workdir):
 
 def test_flagfile_lookup_and_errors(tmp_path):
   resolved = common.resolve_flagfiles(["prog", "--flagfile=demo.flags", "--steps=3"])
-  assert resolved[1] == f"--flagfile={common.CONFIG_DIR / 'demo.flags'}"
-  assert resolved[2] == "--steps=3"
-  assert common.resolve_flagfiles(["p", "--flagfile=wflw98"])[1].endswith("configs/wflw98.flags")
+  assert resolved[1:-1] == [l for l in (common.CONFIG_DIR / "demo.flags").read_text().splitlines()
+                            if l.startswith("--")]
+  assert resolved[0] == "prog" and resolved[-1] == "--steps=3"
+  assert "--num_patches=98" in common.resolve_flagfiles(["p", "--flagfile=wflw98"])
   for name in ("wflw98", "wflw49", "wflw44", "300w68", "300w34", "300w19", "demo"):
     assert (common.CONFIG_DIR / f"{name}.flags").exists(), name
   with pytest.raises(SystemExit, match="nope.flags"):
     common.resolve_flagfiles(["p", "--flagfile=nope.flags"])
 
 
-def test_unknown_flag_and_missing_data_dir_fail_clearly(tmp_path, tiny_flags):
-  out = _train([*tiny_flags, "--bogus_flag=1"], tmp_path / "a")
-  assert out.returncode != 0
-  assert "bogus_flag" in out.stderr
-  out = _train(["--flagfile=300w68.flags", "--data_dir=/nonexistent/300w", "--steps=2"],
-               tmp_path / "b")
-  assert out.returncode != 0
-  assert "/nonexistent/300w" in out.stderr + out.stdout
+# 300w34.flags before it included 300w_base.flags (comments left out).
+OLD_300W34 = """--dataset=ibug300w
+--data_dir=../shared/data/300w
+--num_points=68
+--num_patches=34
+--train_split=train_fit
+--eval_split=val
+--val_fraction=0.1
+--val_seed=0
+--flip_label_shift=0.52
+--batch_size=128
+--eval_batch_size=64
+--balancing=gdb
+--steps=30000
+--learning_rate=1e-3
+--decay_steps=15000
+--decay_factor=0.1
+--ema_decay=0.9999
+--log_every=50
+--eval_every=1000
+--checkpoint_every=500
+"""
 
 
-def test_flags_after_flagfile_override_it(tmp_path, tiny_flags):
-  out = _train([*tiny_flags, "--steps=2", "--num_patches=34"], tmp_path / "w")
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_a_nested_flagfile_resolves_by_name_from_any_folder(tmp_path, monkeypatch, parse_flags):
+  monkeypatch.chdir(tmp_path)                       # neither flagfile is here
+  (tmp_path / "old34.flags").write_text(OLD_300W34)
+  parse_flags("--workdir=w", "--flagfile=old34.flags")
+  before = flags.FLAGS.flag_values_dict()
+  parse_flags("--workdir=w", "--flagfile=300w34.flags")
+  assert flags.FLAGS.flag_values_dict() == before
+  cfg = _config(parse_flags, ["--flagfile=300w34.flags", "--num_patches=19", "--steps=7"])
+  assert cfg.model.num_patches == 19 and cfg.train.steps == 7      # flags after it win
+  assert cfg.data.dataset == "ibug300w" and cfg.data.flip_label_shift == 0.52  # the base's
+  (tmp_path / "mine.flags").write_text("--flagfile=nope.flags\n")
+  with pytest.raises(SystemExit, match="nope.flags .in mine.flags"):
+    common.resolve_flagfiles(["p", "--flagfile=mine.flags"])
+  (tmp_path / "loop.flags").write_text("--flagfile=loop.flags\n")
+  with pytest.raises(SystemExit, match="includes itself"):
+    common.resolve_flagfiles(["p", "--flagfile=loop.flags"])
+
+
+def test_flag_defaults_are_the_dataclass_defaults(parse_flags):
+  from musica_jax import config as config_lib  # noqa: PLC0415
+  cfg = _config(parse_flags, ["--dataset=synthetic_faces", "--seed=5"])
+  assert cfg.model == config_lib.for_scheme(68)
+  assert cfg.train == config_lib.TrainConfig(seed=5) and cfg.loop == config_lib.LoopConfig()
+  cfg = _config(parse_flags, ["--dataset=synthetic_faces", "--lr_schedule=cosine",
+                              "--warmup_steps=10", "--compute_dtype=bfloat16", "--nouse_attention",
+                              "--levels=1,0", "--eval_every=-1", "--divergence_factor=0"])
+  assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.compute_dtype) == (
+      "cosine", 10, "bfloat16")
+  assert cfg.model.levels == (1, 0) and not cfg.model.use_attention
+  assert (cfg.loop.eval_every, cfg.loop.divergence_factor) == (-1, 0.0)
+  with pytest.raises(flags.Error, match="lr_schedule"):
+    _config(parse_flags, ["--lr_schedule=linear"])
+  with pytest.raises(app.UsageError, match="--keep_checkpoints=0"):
+    _config(parse_flags, ["--dataset=synthetic_faces", "--keep_checkpoints=0"])
+
+
+def test_unknown_flag_and_missing_data_dir_fail_clearly(tmp_path, tiny_flags, parse_flags):
+  with pytest.raises(flags.Error, match="bogus_flag"):
+    _config(parse_flags, [*tiny_flags, "--bogus_flag=1"])
+  with pytest.raises(common.USER_ERRORS) as out:
+    _train(parse_flags, ["--flagfile=300w68.flags", "--data_dir=/nonexistent/300w", "--steps=2"],
+           tmp_path / "b")
+  assert "/nonexistent/300w" in str(out.value)
+
+
+def test_flags_after_flagfile_override_it(tmp_path, tiny_flags, parse_flags, capsys):
+  _train(parse_flags, [*tiny_flags, "--steps=2", "--num_patches=34"], tmp_path / "w")
+  out = capsys.readouterr()
   run = run_config.load(tmp_path / "w")
   assert run["model_config"].num_patches == 34       # demo.flags says 19
   assert run["train"]["steps"] == 2
-  assert "step 2/2" in out.stdout and "samples/s" in out.stdout and "ETA" in out.stdout
+  assert run["loop"] == {"log_every": 1, "eval_every": -1, "checkpoint_every": 2,
+                         "keep_checkpoints": 3, "divergence_factor": 10.0}
+  assert "step 2/2" in out.out and "samples/s" in out.out and "ETA" in out.out
   assert (tmp_path / "w" / "metrics.jsonl").exists()
   assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents*"))
 
 
-def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_flags):
+def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_flags,
+                                                               parse_flags, capsys):
   steps = ["--steps=10"]
-  ref = _train([*tiny_flags, *steps], tmp_path / "ref")
-  assert ref.returncode == 0, ref.stderr[-3000:]
+  _train(parse_flags, [*tiny_flags, *steps], tmp_path / "ref")
 
   work = tmp_path / "killed"
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={work}", *tiny_flags, *steps]
@@ -86,9 +168,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_fl
   proc.wait()
   finished = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
   assert finished and max(finished) < 10, f"the kill came too late: {finished}"
-  again = _train([*tiny_flags, *steps], work)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed from checkpoint at step" in again.stdout
+  capsys.readouterr()
+  _train(parse_flags, [*tiny_flags, *steps], work)
+  assert "resumed from checkpoint at step" in capsys.readouterr().out
 
   step_a, a = _final_params(tmp_path / "ref")
   step_b, b = _final_params(work)
@@ -97,13 +179,13 @@ def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_fl
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags):
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags,
+                                                               parse_flags):
   work = tmp_path / "nan"
-  ok = _train([*tiny_flags, "--steps=2"], work)
-  assert ok.returncode == 0, ok.stderr[-3000:]
-  bad = _train([*tiny_flags, "--steps=12", "--learning_rate=1e30", "--checkpoint_every=1"], work)
-  assert bad.returncode != 0
-  assert "non-finite loss" in bad.stderr
+  _train(parse_flags, [*tiny_flags, "--steps=2"], work)
+  with pytest.raises(common.UserError, match="non-finite loss"):
+    _train(parse_flags, [*tiny_flags, "--steps=12", "--learning_rate=1e30",
+                         "--checkpoint_every=1"], work)
   step, leaves = _final_params(work)
   assert 2 <= step < 12
   assert all(np.all(np.isfinite(x)) for x in leaves)
@@ -162,7 +244,8 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
   """A real 2-host job (jax.distributed over gloo on localhost CPU), each process reading
   its own half of the global batch, ends with the same parameters as a 1-process run."""
   args = [*tiny_flags, "--steps=3"]
-  single = _train(args, tmp_path / "single", env={"JAX_PLATFORMS": "cpu"})
+  # The 1-process reference runs on CPU too (a subprocess: this one may hold a GPU).
+  single = _train_process(args, tmp_path / "single", env={"JAX_PLATFORMS": "cpu"})
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(

@@ -1,0 +1,286 @@
+"""Training and evaluation of a MuSiCa cascade, flag-free: `train_and_evaluate(config, workdir)`.
+
+The entry point experiments/train.py turns flags into a `Config`; tests and scripts call
+`train_and_evaluate` directly. A run restarted on the same workdir resumes from its latest
+intact checkpoint with the same data order (the input stream is a pure function of seed
+and step). Process 0 holds the workdir's lock for the whole run; a non-finite step or a
+diverging loss stops the run with one line and saves nothing more (WORKSPACE.md,
+"Guarantees"). Errors meant for the user are `common.UserError` / `app.UsageError`,
+naming the flag or file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import shutil
+import time
+
+from absl import app
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+
+from data_pipelines import config as data_config
+from data_pipelines import datasets
+from data_pipelines import input_pipeline
+from data_pipelines import readers
+from experiments import common
+from experiments import eval_lib
+from musica_jax import checkpoints
+from musica_jax import config as config_lib
+from musica_jax import parallel
+from musica_jax import run_config
+from musica_jax import schemes
+from musica_jax import strict_json
+from musica_jax import training
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a training run reads: model, optimisation, data and loop cadence."""
+  model: config_lib.ModelConfig
+  train: config_lib.TrainConfig
+  data: data_config.DataConfig
+  loop: config_lib.LoopConfig = dataclasses.field(default_factory=config_lib.LoopConfig)
+
+
+class MetricWriter:
+  """Progress to metrics.jsonl (always) and TensorBoard event files (process 0)."""
+
+  def __init__(self, workdir):
+    self.enabled = jax.process_index() == 0
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(strict_json.dumps({"step": step, **values}) + "\n")
+    with self._tb.as_default(step=step):
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tf.summary.scalar(k, v)
+    self._tb.flush()
+
+
+def say(message: str) -> None:
+  """A progress line on the console of process 0 (the others stay quiet)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates at the end;
+  returns the last evaluation summary (None with eval_every=-1).
+
+  Process 0 holds the workdir's lock (`checkpoints.WorkdirLock`) for the whole run: a
+  second run on the same workdir stops at once with one line. A run that fails before
+  its first step removes the workdir if it created it."""
+  workdir = os.path.abspath(workdir)
+  created = not os.path.exists(workdir)
+  ready = []              # set once the training loop starts
+  lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if lock is not None:
+      note = lock.acquire()
+      if note:
+        say(f"note: {note}")
+    if not created:
+      check_steps_vs_checkpoints(workdir, config.train.steps)
+    return _train_and_evaluate(config, workdir, lambda: ready.append(True))
+  except checkpoints.WorkdirInUseError as e:
+    lock = None           # not ours: leave its file alone
+    raise common.UserError(str(e)) from None
+  except readers.DataError as e:
+    raise common.UserError(f"{e} (use --skip_bad to count and skip bad items)") from None
+  except checkpoints.DamagedCheckpointError as e:
+    raise common.UserError(str(e)) from None
+  finally:
+    if lock is not None:
+      lock.release()
+      if created and not ready:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_steps_vs_checkpoints(workdir: str, steps: int) -> None:
+  """--steps below the newest checkpoint would train nothing: a usage error."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  newest = max((int(p.name) for p in directory.glob("*") if p.name.isdigit()), default=None)
+  if newest is not None and newest > steps:
+    raise app.UsageError(f"--steps={steps} is below the newest checkpoint (step {newest}) "
+                         f"in {directory}: nothing to train; give --steps > {newest} to "
+                         f"continue, or a new --workdir")
+
+
+def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
+  model_cfg, train_cfg, data_cfg = config.model, config.train, config.data
+  scheme = schemes.get_scheme(data_cfg.num_points)
+  previous = None
+  if run_config.path(workdir).exists():
+    previous = run_config.load(workdir)
+    if previous["model_config"] != model_cfg:
+      raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
+                           f"({previous['model_config']}); use a new workdir or the same "
+                           f"model flags")
+    if previous["data"] != dataclasses.asdict(data_cfg):
+      say(f"note: the data flags differ from the run in {workdir}; the resumed data "
+          f"stream will not be the one of an uninterrupted run")
+
+  if jax.process_count() > 1:
+    # Process 0 prepares the dataset and its statistics first; the others then find them
+    # ready in a shared --tfds_dir (or prepare their own copy on a host-local disk).
+    if jax.process_index() == 0:
+      input_pipeline.dataset_statistics(data_cfg)
+    multihost_utils.sync_global_devices("musica: data prepared")
+  if previous is not None:
+    # The initial shape is part of the model: a resumed run keeps the one it started with.
+    mean_shape = previous["mean_shape"]
+  else:
+    mean_shape = np.asarray(input_pipeline.dataset_statistics(data_cfg)["mean_shape"],
+                            np.float32)
+  if jax.process_index() == 0:
+    report_skips(data_cfg)
+    run_config.save(workdir, model_cfg, data_cfg, train_cfg, mean_shape, loop=config.loop)
+
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(data_cfg.batch_size)
+  rep = parallel.replicated(mesh)
+  state = jax.jit(functools.partial(training.create_train_state, model_cfg, train_cfg),
+                  out_shardings=rep)()
+  ckpts = checkpoints.Checkpoints(workdir, keep=config.loop.keep_checkpoints)
+  try:
+    return _resume_and_train(config, workdir, on_start, ckpts, scheme, mean_shape, mesh, rep,
+                             state)
+  except BaseException:
+    try:              # drain orbax's writer threads before the error line
+      ckpts.close()
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+      pass
+    raise
+
+
+def _resume_and_train(config: Config, workdir, on_start, ckpts, scheme, mean_shape, mesh, rep,
+                      state) -> dict:
+  model_cfg, train_cfg, data_cfg, loop = config.model, config.train, config.data, config.loop
+  if ckpts.latest_step() is not None:
+    damaged = []
+    state = ckpts.restore(state, on_skip=lambda s, why: damaged.append((s, why)))
+    for s, why in damaged:   # set aside so this run can save those steps again
+      where = ckpts.set_aside(s) if jax.process_index() == 0 else "damaged_checkpoints/"
+      say(f"warning: checkpoint step {s} is damaged ({why}); moved to {where}")
+    if damaged and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("musica: damaged checkpoints set aside")
+      ckpts.reload()
+    logging.info("resumed from step %d (%s)", int(state.step), ckpts.directory)
+    say(f"resumed from checkpoint at step {int(state.step)}")
+  start = int(state.step)
+  init_shape = jax.device_put(jnp.asarray(mean_shape), rep)
+
+  step_fn = jax.jit(
+      functools.partial(training.train_step, model_cfg=model_cfg, train_cfg=train_cfg,
+                        scheme=scheme),
+      in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
+      donate_argnums=(0,))
+  writer = MetricWriter(workdir)
+  batches = input_pipeline.train_iterator(data_cfg, start_step=start,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+
+  def evaluate(step):
+    per_face = eval_lib.run_split(state.ema_params, data_cfg, data_cfg.eval_split, model_cfg,
+                                  scheme, mean_shape, mesh)
+    summary = eval_lib.summarise(per_face)
+    say(f"eval step {step} {data_cfg.eval_split}: faces {summary['faces']} "
+        f"NME inter-ocular {summary['nme_interocular']:.2f}% inter-pupil "
+        f"{summary['nme_interpupil']:.2f}% (mean shape "
+        f"{summary['mean_shape_baseline']['nme_interocular']:.2f}%)")
+    writer.write(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
+    return summary
+
+  guard = training.DivergenceGuard(loop.divergence_factor)
+  pending = []            # (step, loss on device) not yet seen by the guard
+
+  def check_finite(step):
+    """Stops (one line, nothing saved) on a non-finite step or a diverged loss."""
+    bad = int(state.nonfinite_steps)
+    if bad:
+      last = ckpts.latest_step()
+      raise common.UserError(
+          f"non-finite loss or gradient at or before step {step}: training stopped. "
+          f"The update was not applied and nothing was saved; the last good checkpoint is "
+          f"step {last} in {ckpts.directory}. Lower --learning_rate or check the data.")
+    losses = jax.device_get([loss for _, loss in pending])
+    for (s, _), loss in zip(pending, losses):
+      guard.update(s, float(loss))
+    pending.clear()
+    if guard.diverged_at is not None:
+      ckpts.wait()
+      raise common.UserError(
+          f"training stopped: {guard.message()}. Nothing was saved after step "
+          f"{guard.diverged_at - 1}; the newest checkpoint is step {ckpts.latest_step()} "
+          f"in {ckpts.directory}. Lower --learning_rate.")
+
+  t0, s0 = time.perf_counter(), start
+  samples_per_step = data_cfg.batch_size
+  summary = None
+  say(f"training {model_cfg.num_landmarks} landmarks / {model_cfg.num_patches} patches on "
+      f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es); steps {start} -> {train_cfg.steps}")
+  on_start()
+  for step in range(start + 1, train_cfg.steps + 1):
+    batch = parallel.shard_batch(next(batches), mesh)
+    state, m = step_fn(state, batch, init_shape)
+    pending.append((step, m["loss"]))
+    last = step == train_cfg.steps
+    if step % loop.log_every == 0 or last:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      check_finite(step)
+      now = time.perf_counter()
+      interval_s = now - t0                    # since the last log line (eval included)
+      rate = (step - s0) / max(interval_s, 1e-9)
+      t0, s0 = now, step
+      eta = (train_cfg.steps - step) / max(rate, 1e-9)
+      say(f"step {step}/{train_cfg.steps} loss {m['loss']:.4f} NME {m['nme'] * 100:.2f}% "
+          f"lr {m['learning_rate']:.2e} {rate:.2f} steps/s "
+          f"{rate * samples_per_step:.1f} samples/s ETA {_fmt_time(eta)}")
+      writer.write(step, {**{f"train/{k}": v for k, v in m.items()},
+                          "train/steps_per_s": rate, "train/samples_per_s": rate * samples_per_step,
+                          "train/interval_s": interval_s})
+    evaluated = None
+    if loop.eval_every >= 0 and ((loop.eval_every and step % loop.eval_every == 0) or last):
+      summary = evaluate(step)
+      evaluated = summary["nme_interocular"]
+    if step % loop.checkpoint_every == 0 or last or evaluated is not None:
+      check_finite(step)
+      ckpts.save(step, state, eval_nme=evaluated)
+  ckpts.wait()
+  ckpts.close()
+  if summary is None and loop.eval_every >= 0:  # resumed at the final step
+    summary = evaluate(int(state.step))
+  return summary
+
+
+def report_skips(data_cfg) -> None:
+  """One line when the data preparation skipped bad items (--skip_bad)."""
+  skipped = datasets.report(data_cfg).get("skipped", [])
+  if skipped:
+    counts = readers.SkipLog(skipped).counts()
+    say(f"data: skipped {len(skipped)} bad item(s) of {data_cfg.data_dir} "
+        f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); listed in "
+        f"{datasets.builder_config(data_cfg).report_path}")
