@@ -1,7 +1,6 @@
 """Early-exit policies on constructed per-iteration errors (answers computed by hand)."""
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
