@@ -13,6 +13,7 @@ import pytest
 from data_pipelines import config as data_config
 from experiments import ablation
 from experiments import inspect_data
+from musica_jax import model_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -45,7 +46,8 @@ def test_sweep_and_attention_map_run_the_shipped_model(tmp_path):
   data = json.loads(out.read_text())
   assert data["faces"] == 8 and data["workdir"] is None
   assert data["model_path"].endswith("default_model")
-  assert len(data["model"]["patch_indices"]) == 19      # the shipped MuSiCa19
+  shipped = json.loads((model_io.default_model_path() / model_io.CONFIG_FILE).read_text())
+  assert data["model"]["patch_indices"] == shipped["model_config"]["patch_indices"]
   assert data["sweep"]["mean_iterations"][0] == 3.0
   png = tmp_path / "att.png"
   res = _run("attention_map", *small, "--model=default", f"--output={png}")
