@@ -90,15 +90,21 @@ def test_inspect_data_draws_figure5(tmp_path):
   assert len(rep["mahalanobis"]) == len(rep["first_axis"]) == 6
 
 
+def _row_evaluations(root, nmes: dict, split="common", faces=554, step=300, ratio=1.0):
+  """Writes <root>/<row>/<split>.json as experiments.evaluate would for each row's NME."""
+  for name, nme in nmes.items():
+    d = root / name
+    d.mkdir()
+    (d / f"{split}.json").write_text(json.dumps({
+        "checkpoint_step": step, "mmacs_full_cascade": 27.7,
+        "splits": {split: {"faces": faces, "nme_interpupil": nme,
+                           "nme_interocular": nme * ratio,
+                           "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+
+
 def test_ablation_table_from_the_rows_evaluations(tmp_path):
   rows = [r for r in ablation.ROWS if r[0] in ("baseline", "global_gcn", "mobile")]
-  for name, nme in (("baseline", 8.0), ("global_gcn", 9.0)):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "common.json").write_text(json.dumps({
-        "checkpoint_step": 200, "mmacs_full_cascade": 27.7,
-        "splits": {"common": {"faces": 554, "nme_interpupil": nme, "nme_interocular": nme * 0.7,
-                              "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+  _row_evaluations(tmp_path, {"baseline": 8.0, "global_gcn": 9.0}, step=200, ratio=0.7)
   recs = ablation.collect(rows, str(tmp_path), "/data/300w")
   by = {r["row"]: r for r in recs}
   assert by["global_gcn"]["change_pct"] == pytest.approx(12.5)
@@ -115,13 +121,7 @@ def test_ablation_table_from_the_rows_evaluations(tmp_path):
 
 def test_ablation_table_states_the_noise_level(tmp_path):
   rows = [r for r in ablation.ROWS if r[0] in ("baseline", "baseline_seed1")]
-  for name, nme in (("baseline", 8.0), ("baseline_seed1", 8.4)):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "common.json").write_text(json.dumps({
-        "checkpoint_step": 300, "mmacs_full_cascade": 27.7,
-        "splits": {"common": {"faces": 554, "nme_interpupil": nme, "nme_interocular": nme,
-                              "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
+  _row_evaluations(tmp_path, {"baseline": 8.0, "baseline_seed1": 8.4})
   md = ablation.markdown(ablation.collect(rows, str(tmp_path), None))
   assert "lands 5.0% from seed 0" in md
   assert "--seed=1" in md
@@ -129,14 +129,10 @@ def test_ablation_table_states_the_noise_level(tmp_path):
 
 def test_recipe_table_is_judged_on_val_only(tmp_path):
   rows = [r for r in ablation.RECIPE_ROWS if r[0] in ("baseline", "cosine", "batch64")]
-  for name, nme in (("baseline", 8.0), ("cosine", 7.6)):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "val.json").write_text(json.dumps({
-        "checkpoint_step": 300, "mmacs_full_cascade": 27.7,
-        "splits": {"val": {"faces": 202, "nme_interpupil": nme, "nme_interocular": nme,
-                           "mean_shape_baseline": {"nme_interpupil": 20.0}}}}))
-    (d / "common.json").write_text("not read: the recipe table never looks at the test set")
+  _row_evaluations(tmp_path, {"baseline": 8.0, "cosine": 7.6}, split="val", faces=202)
+  for name in ("baseline", "cosine"):
+    (tmp_path / name / "common.json").write_text("not read: the recipe table never looks at "
+                                                 "the test set")
   recs = ablation.collect(rows, str(tmp_path), None, "val")
   by = {r["row"]: r for r in recs}
   assert by["cosine"]["change_pct"] == pytest.approx(-5.0)
