@@ -62,7 +62,6 @@ def _check_pair(nme, estimated):
 def exit_iterations(estimated, ts: float) -> np.ndarray:
   """[F] 0-based exit iteration: the first s with estimated[s] < ts, else S - 1."""
   estimated = _as_2d(estimated, "estimated")
-  s = estimated.shape[0]
   below = estimated < ts
   below[-1] = True   # the last iteration always ends it
   return np.argmax(below, axis=0).astype(np.int64)
@@ -228,7 +227,6 @@ def sweep(nme, estimated, ts_values: Sequence[float] | None = None, draws: int =
   point uses the same seed, so neighbouring points share their draws' randomness.
   """
   nme, estimated = _check_pair(nme, estimated)
-  s = nme.shape[0]
   ts_values = ts_grid(estimated, max_points) if ts_values is None else np.asarray(ts_values,
                                                                                    np.float64)
   keys = ("ts", "mean_iterations", "counts", "nme_policy", "nme_random", "nme_random_std",
