@@ -24,7 +24,7 @@ import os
 import re
 
 import numpy as np
-from data_pipelines.tf_setup import tf
+from data_pipelines.tf_setup import tf  # noqa: F401  (first: hides GPUs)
 import tensorflow_datasets as tfds
 
 from data_pipelines import config as config_lib

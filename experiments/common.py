@@ -282,7 +282,7 @@ def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest
 
 def model_provenance(m: model_io.LoadedModel) -> dict:
   """Where a loaded model came from, as the results JSONs record it (evaluate,
-  sweep_thresholds, choose_tf, attention_map)."""
+  sweep_thresholds, choose_t_fail, attention_map)."""
   if m.from_workdir:
     info = {"workdir": m.metadata["workdir"], "checkpoint_step": m.metadata["checkpoint_step"]}
     if "skipped_damaged_checkpoints" in m.metadata:

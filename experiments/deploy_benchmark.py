@@ -46,7 +46,7 @@ def define_flags():
   d("string", "dlib_box_fit_json", "results/dlib_300w_common.json", "The landmark -> dlib "
     "box fit (experiments.compare_dlib's output).")
   d("integer", "video_frames", 60, "Frames of the synthetic sequence.")
-  d("float", "video_tf", 0.08, "Re-detection threshold on the estimated error.")
+  d("float", "video_t_fail", 0.08, "Re-detection threshold on the estimated error.")
   d("string", "compilation_cache", "", "Persistent XLA cache directory ('' = none).")
   d("string", "savedmodel", None, "Also time this SavedModel (export_model "
     "--format=savedmodel; DIR/saved_model) at batch 1 (imports TensorFlow).")
@@ -60,7 +60,7 @@ def main(argv):
       latency_faces=FLAGS.latency_faces, latency_rounds=FLAGS.latency_rounds,
       latency_ts=tuple(FLAGS.latency_ts), latency_budgets=tuple(FLAGS.latency_budgets),
       dlib_box_fit_json=FLAGS.dlib_box_fit_json, video_frames=FLAGS.video_frames,
-      video_tf=FLAGS.video_tf, compilation_cache=FLAGS.compilation_cache,
+      video_t_fail=FLAGS.video_t_fail, compilation_cache=FLAGS.compilation_cache,
       savedmodel=FLAGS.savedmodel)
   result = deploy_benchmark_lib.run(
       cfg, "python -m experiments.deploy_benchmark " + " ".join(sys.argv[1:]))

@@ -35,7 +35,7 @@ class DeployConfig:
   latency_budgets: tuple[str, ...] = ("2.75", "2.5")
   dlib_box_fit_json: str = "results/dlib_300w_common.json"
   video_frames: int = 60
-  video_tf: float = 0.08
+  video_t_fail: float = 0.08
   compilation_cache: str = ""
   savedmodel: str | None = None
 
@@ -245,10 +245,10 @@ def synthetic_sequence(image, landmarks, frames: int, seed: int = 0):
   return out_frames, np.asarray(out_lm)
 
 
-def video_section(pred, item, image, frames, tf) -> dict:
+def video_section(pred, item, image, frames, t_fail) -> dict:
   from musica_jax import tracking  # noqa: PLC0415
   seq, gt = synthetic_sequence(image, item.landmarks, frames)
-  tracker = tracking.FaceTracker(pred, tf=tf)
+  tracker = tracking.FaceTracker(pred, t_fail=t_fail)
   nme, est, iters, redet, times = [], [], [], [], []
   for frame, g in zip(seq, gt):
     t0 = time.perf_counter()
@@ -263,7 +263,7 @@ def video_section(pred, item, image, frames, tf) -> dict:
     else:
       nme.append(np.nan)
   nme = np.asarray(nme)
-  return {"source_face": item.file_id, "frames": frames, "tf": tf,
+  return {"source_face": item.file_id, "frames": frames, "t_fail": t_fail,
           "redetections": int(tracker.redetections),
           "redetected_frames": [i for i, r in enumerate(redet) if r],
           "frames_without_face": int(np.isnan(nme).sum()),
@@ -309,7 +309,7 @@ def run(cfg: DeployConfig, command: str = "") -> dict:
       print("detector:", result["detector"], flush=True)
     if "video" in cfg.sections:
       result["video"] = video_section(pred, items[0], images[0], cfg.video_frames,
-                                      cfg.video_tf)
+                                      cfg.video_t_fail)
       print("video:", result["video"], flush=True)
   except ImportError as e:
     raise app.UsageError(str(e)) from e

@@ -29,7 +29,7 @@ def _eval_fn(model_cfg: ModelConfig, scheme: LandmarkScheme, capacities=None):
 
 
 def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: LandmarkScheme,
-              init_shape, mesh, ts=-np.inf, tf=np.inf, keep_landmarks: bool = False,
+              init_shape, mesh, ts=-np.inf, t_fail=np.inf, keep_landmarks: bool = False,
               quit_params=None, capacities=None) -> dict:
   """Per-face numpy outputs over `split` (padding removed), in dataset order.
 
@@ -42,7 +42,7 @@ def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: Land
   for local in input_pipeline.eval_iterator(data_cfg, split, jax.process_index(),
                                             jax.process_count()):
     batch = parallel.shard_batch(local, mesh)
-    out = fn(params, batch, init_shape, ts=jnp.float32(ts), tf=jnp.float32(tf),
+    out = fn(params, batch, init_shape, ts=jnp.float32(ts), t_fail=jnp.float32(t_fail),
              quit_params=quit_params)
     if not keep_landmarks:
       out = {k: v for k, v in out.items() if k not in ("landmarks", "shapes")}

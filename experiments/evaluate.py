@@ -2,7 +2,7 @@ r"""Evaluates a trained cascade (EMA weights) with a jitted, batched evaluation.
 
   python -m experiments.evaluate --flagfile=300w68.flags --workdir=W --output_json=eval.json
   [--checkpoint=STEP] [--eval_dataset=pts_folder --data_dir=DIR --eval_split=all]
-  [--eval_split=common,challenging] [--ts=0.03 | --budget=2.0 | --budget_mmacs=18] [--tf=0.08]
+  [--eval_split=common,challenging] [--ts=0.03 | --budget=2.0 | --budget_mmacs=18] [--t_fail=0.08]
 
   # the package's shipped model (or an exported one: --model=DIR), side by side with dlib
   python -m experiments.evaluate --flagfile=300w19.flags --model=default --with_dlib \
@@ -48,7 +48,7 @@ flags.DEFINE_float("budget", None, "Early exit by compute: mean iterations per f
                    "for each batch of --eval_batch_size faces; needs the model's quitting "
                    "profile (experiments.fit_quit_head --install).")
 flags.DEFINE_float("budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
-flags.DEFINE_float("tf", None, "Failure threshold: faces whose final estimated error is above "
+flags.DEFINE_float("t_fail", None, "Failure threshold: faces whose final estimated error is above "
                    "it are flagged invalid.")
 flags.DEFINE_string("model", None, "Evaluate an exported model directory (written by "
                     "experiments.export_model) instead of a --workdir checkpoint; 'default' "
@@ -91,7 +91,7 @@ def dlib_rows(data_cfg, split: str, per_face: dict, model_cfg, summary: dict, in
 
 
 def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg, ts=None,
-             tf=None, checkpoint: str = "latest", model: str | None = None,
+             t_fail=None, checkpoint: str = "latest", model: str | None = None,
              with_dlib: bool = False, dlib_box_fit_json: str | None = None,
              budget: float | None = None, budget_mmacs: float | None = None) -> dict:
   loaded = common.load_model(workdir, model, checkpoint)
@@ -119,20 +119,20 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
       raise app.UsageError(f"--with_dlib: {e}") from e
   scheme = schemes.get_scheme(model_cfg.num_landmarks)
   step = info["checkpoint_step"]
-  early = ts is not None or tf is not None or capacities is not None
+  early = ts is not None or t_fail is not None or capacities is not None
   ts_v = -np.inf if ts is None else ts
-  tf_v = np.inf if tf is None else tf
+  t_fail_v = np.inf if t_fail is None else t_fail
   result = {**info, "dataset": data_cfg.dataset, "data_dir": os.path.abspath(data_cfg.data_dir),
             "command": "python -m experiments.evaluate " + " ".join(sys.argv[1:]),
             "model": dataclasses.asdict(model_cfg),
             "mmacs_full_cascade": cost.cascade_macs(model_cfg) / 1e6,
             "fr_auc_normalisation": "interocular", "splits": {}}
   if early:
-    result.update(ts=ts, tf=tf, budget=budget, capacities=capacities)
+    result.update(ts=ts, t_fail=t_fail, budget=budget, capacities=capacities)
   curves = {}
   for split in splits:
     per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
-                                  mesh, ts_v, tf_v, quit_params=loaded.quit_head,
+                                  mesh, ts_v, t_fail_v, quit_params=loaded.quit_head,
                                   capacities=capacities)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if early:
@@ -145,7 +145,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
           f"mean-shape baseline {summary['mean_shape_baseline']['nme_interocular']:.2f}% "
           f"inter-ocular", flush=True)
     if early:
-      print(f"  early exit Ts={ts} budget={budget} Tf={tf}: mean iterations {summary['mean_iterations']:.2f}, "
+      print(f"  early exit Ts={ts} budget={budget} Tf={t_fail}: mean iterations {summary['mean_iterations']:.2f}, "
             f"NME {summary['nme_early_exit']:.2f}%, invalid {summary['invalid_fraction'] * 100:.1f}%")
     if with_dlib:
       entry, dlib_io = dlib_rows(data_cfg, split, per_face, model_cfg, summary, info,
@@ -177,7 +177,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
 def main(argv):
   common.start(argv)
   common.finite_flag("ts", FLAGS.ts, allow_inf=True)
-  common.finite_flag("tf", FLAGS.tf, allow_inf=True)
+  common.finite_flag("t_fail", FLAGS.t_fail, allow_inf=True)
   common.finite_flag("budget", FLAGS.budget, positive=True)
   common.finite_flag("budget_mmacs", FLAGS.budget_mmacs, positive=True)
   overrides = {}
@@ -185,7 +185,7 @@ def main(argv):
     overrides["dataset"] = FLAGS.eval_dataset
   data_cfg = data_flags.config_from_flags(**overrides)
   splits = [s for s in data_cfg.eval_split.split(",") if s]
-  evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.tf,
+  evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.t_fail,
            FLAGS.checkpoint, FLAGS.model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json,
            FLAGS.budget, FLAGS.budget_mmacs)
 

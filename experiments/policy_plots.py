@@ -58,13 +58,13 @@ def figure2(sw: dict, comparison: dict | None, path, title: str = "",
   _save(fig, path)
 
 
-def tf_plot(tf: dict, path, title: str = "", nme_label: str = "NME of valid faces (%)") -> None:
+def t_fail_plot(t_fail: dict, path, title: str = "", nme_label: str = "NME of valid faces (%)") -> None:
   """Fraction declared invalid vs the NME of the remaining faces (ours vs the oracle)."""
   fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
-  x = np.asarray(tf["invalid_fraction"]) * 100
-  ax.plot(x, tf["nme_remaining"], color=BLUE, label="ours: invalid when final E >= Tf")
-  ax.plot(x, tf["nme_remaining_oracle"], color=GREEN, label="oracle: drop the worst faces")
-  ax.axhline(tf["nme_all"], color=RED, ls="--", lw=1, label="random rejection (expected)")
+  x = np.asarray(t_fail["invalid_fraction"]) * 100
+  ax.plot(x, t_fail["nme_remaining"], color=BLUE, label="ours: invalid when final E >= Tf")
+  ax.plot(x, t_fail["nme_remaining_oracle"], color=GREEN, label="oracle: drop the worst faces")
+  ax.axhline(t_fail["nme_all"], color=RED, ls="--", lw=1, label="random rejection (expected)")
   ax.set_xlabel("faces declared invalid (%)")
   ax.set_ylabel(nme_label)
   ax.grid(alpha=0.3)

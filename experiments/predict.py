@@ -2,7 +2,7 @@ r"""Landmarks for faces in photos, with an overlay PNG and a JSON (no TensorFlow
 
   python -m experiments.predict --image=face.jpg --box=x0,y0,x1,y1 --output=overlay.png \
       --output_json=pred.json [--workdir=W [--checkpoint=STEP] | --model=DIR]
-      [--ts=.. | --budget=MEAN_ITERATIONS | --budget_mmacs=..] [--tf=..]
+      [--ts=.. | --budget=MEAN_ITERATIONS | --budget_mmacs=..] [--t_fail=..]
 
 Model: --model=DIR (written by experiments.export_model), or --workdir=W (a training run's
 EMA weights), or else the package's default model (musica_jax/default_model/).
@@ -18,12 +18,12 @@ Images: --image=PATH (repeat it, or a comma-separated list) and/or --image_dir=D
 
 Video: --video=DIR (its frames, sorted by name) or FILE (an animated GIF/TIFF, read by
 PIL) tracks the faces (musica_jax.tracking: the next box from the previous landmarks; the
-detector again when the estimated error reaches --tf, default 0.08 here). --output=DIR
+detector again when the estimated error reaches --t_fail, default 0.08 here). --output=DIR
 gets one overlay PNG per frame; --output_json per frame: landmarks, estimated error,
 iterations, re-detection.
 Output: --output is a .png/.jpg file for one image, else a directory that gets
 <image name>.overlay.png per image. The overlay draws the box and the landmarks (green:
-valid, red: estimated error >= --tf) and prints the estimated error and the iterations
+valid, red: estimated error >= --t_fail) and prints the estimated error and the iterations
 used. --output_json gets every face's landmarks, estimated error, iterations and valid flag.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def define_flags():
   d("float", "budget", None, "Early exit by compute: mean iterations per face (1..3); "
     "the faces that need them most get the later iterations.")
   d("float", "budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
-  d("float", "tf", None, "Failure threshold: faces with estimated error >= tf are invalid.")
+  d("float", "t_fail", None, "Failure threshold: faces with estimated error >= t_fail are invalid.")
   d("integer", "max_batch", 64, "Faces per cascade call (a power of two).")
   d("string", "video", None, "A folder of frames or an animated GIF/TIFF: track faces.")
   d("string", "compilation_cache", "~/.cache/musica_jax/xla", "Persistent XLA "
@@ -71,7 +71,7 @@ def main(argv):
       raise app.UsageError("--video tracks faces on its own: no --image/--image_dir/--box")
     pred_obj = predict_lib.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
                                           FLAGS.max_batch)
-    predict_lib.run_video(FLAGS.video, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output,
+    predict_lib.run_video(FLAGS.video, pred_obj, FLAGS.ts, FLAGS.t_fail, FLAGS.output,
                           FLAGS.output_json, FLAGS.budget, FLAGS.budget_mmacs)
     return
   paths = predict_lib.image_paths(FLAGS.image, FLAGS.image_dir)
@@ -81,7 +81,7 @@ def main(argv):
   images = predict_lib.load_inputs(paths, boxes)
   pred_obj = predict_lib.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
                                         FLAGS.max_batch)
-  predict_lib.run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.tf, FLAGS.output, FLAGS.output_json,
+  predict_lib.run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.t_fail, FLAGS.output, FLAGS.output_json,
                   images, FLAGS.budget, FLAGS.budget_mmacs)
 
 

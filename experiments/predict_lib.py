@@ -189,17 +189,17 @@ def load_inputs(paths, boxes) -> list[np.ndarray]:
   return images
 
 
-def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
+def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=None,
         images=None, budget=None, budget_mmacs=None) -> dict:
   if images is None:
     images = load_inputs(paths, boxes)
   ts_v = -np.inf if ts is None else ts
-  tf_v = tf            # None: the model's default Tf
+  t_fail_v = t_fail            # None: the model's default Tf
   t0 = time.perf_counter()
   boxes = [find_faces(pred_obj, im, path) if b is None else b
            for path, im, b in zip(paths, images, boxes)]
   try:
-    pred = pred_obj.predict(images, boxes, ts=ts_v, tf=tf_v, budget=budget,
+    pred = pred_obj.predict(images, boxes, ts=ts_v, t_fail=t_fail_v, budget=budget,
                             budget_mmacs=budget_mmacs)
   except ValueError as e:
     if "budget" in str(e):
@@ -209,7 +209,7 @@ def run(paths, boxes, pred_obj, ts=None, tf=None, output=None, output_json=None,
   stages = pred_obj.model_config.num_stages
   faces = pred.to_json()
   result = {"model": pred_obj.metadata, "ts": ts,
-            "tf": pred_obj.default_tf if tf is None else tf, "budget": budget,
+            "t_fail": pred_obj.default_t_fail if t_fail is None else t_fail, "budget": budget,
             "budget_mmacs": budget_mmacs, "num_iterations": stages,
             "seconds_including_compile": seconds, "images": []}
   for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):
@@ -269,20 +269,20 @@ def video_frames(source: str):
   return [f"frame_{i:05d}" for i in range(len(frames))], iter(frames)
 
 
-def run_video(source, pred_obj, ts=None, tf=None, output=None, output_json=None,
+def run_video(source, pred_obj, ts=None, t_fail=None, output=None, output_json=None,
               budget=None, budget_mmacs=None) -> dict:
   from musica_jax import tracking  # noqa: PLC0415
   names, frames = video_frames(source)
-  tf_v = 0.08 if tf is None else tf
+  t_fail_v = 0.08 if t_fail is None else t_fail
   try:
     budget_it = pred_obj.budget_iterations(budget, budget_mmacs)
   except ValueError as e:
     raise app.UsageError(f"--budget: {e}") from e
-  tracker = tracking.FaceTracker(pred_obj, tf=tf_v, ts=-np.inf if ts is None else ts,
+  tracker = tracking.FaceTracker(pred_obj, t_fail=t_fail_v, ts=-np.inf if ts is None else ts,
                                  budget=budget_it)
   stages = pred_obj.model_config.num_stages
   out_dir = pathlib.Path(output) if output else None
-  result = {"model": pred_obj.metadata, "video": os.path.abspath(source), "tf": tf_v,
+  result = {"model": pred_obj.metadata, "video": os.path.abspath(source), "t_fail": t_fail_v,
             "ts": ts, "budget": budget_it, "num_iterations": stages, "frames": []}
   t0 = time.perf_counter()
   for name, frame in zip(names, frames):

@@ -11,7 +11,7 @@ and estimated error after every iteration of the full cascade; every early-exit 
 then a choice of one of those iterations per face (`musica_jax.early_exit_policies`).
 Writes the JSON (Ts sweep of ours / random / oracle, comparison at --compare_iterations
 mean iterations, Tf curve, working points, calibration of E) and the Figure-2 plot, plus
-`<plot>.tf.png` and `<plot>.calibration.png` next to it. NMEs are in percent (with
+`<plot>.t_fail.png` and `<plot>.calibration.png` next to it. NMEs are in percent (with
 --nme_normalisation); Ts, Tf and E are in the units of the estimated error (the training
 target: rectified L1 / (N * outer-eye distance), a fraction).
 """
@@ -29,7 +29,7 @@ from experiments import common
 from experiments import sweep_thresholds_lib
 
 FLAGS = flags.FLAGS
-_EVALUATE_ONLY = ("ts", "tf", "budget", "budget_mmacs")
+_EVALUATE_ONLY = ("ts", "t_fail", "budget", "budget_mmacs")
 
 
 def define_flags() -> None:
@@ -59,7 +59,7 @@ def define_flags() -> None:
     "iterations per face; default 1.25, 1.5, 2, 2.5.")
   d("list", "working_mmacs", [], "Working points: Ts for these budgets of mean "
     "multiply-adds per face (millions).")
-  d("float", "tf_ts", None, "Ts under which the Tf analysis runs (the final estimate "
+  d("float", "t_fail_ts", None, "Ts under which the Tf analysis runs (the final estimate "
     "is that of each face's exit iteration); default: the full cascade.")
   d("list", "figure7_workdirs", [], "Figure 7: more trained variants (workdirs); "
     "--workdir (or --model) is always one of the lines.")
@@ -87,7 +87,7 @@ def config_from_flags() -> sweep_thresholds_lib.SweepConfig:
       compare_iterations=FLAGS.compare_iterations,
       target_nme=_floats(FLAGS.target_nme, "target_nme"),
       budget_iterations=_floats(FLAGS.working_iterations, "budget_iterations"),
-      budget_mmacs=_floats(FLAGS.working_mmacs, "budget_mmacs"), tf_ts=FLAGS.tf_ts,
+      budget_mmacs=_floats(FLAGS.working_mmacs, "budget_mmacs"), t_fail_ts=FLAGS.t_fail_ts,
       figure7_workdirs=tuple(FLAGS.figure7_workdirs), figure7_plot=FLAGS.figure7_plot,
       figure7_json=FLAGS.figure7_json, figure1=FLAGS.figure1,
       figure1_faces=FLAGS.figure1_faces, figure1_ts=FLAGS.figure1_ts)
@@ -97,8 +97,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if any(FLAGS[f].present for f in _EVALUATE_ONLY):
-    raise app.UsageError("--ts/--tf/--budget/--budget_mmacs are evaluate's flags; here use "
-                         "--tf_ts / --figure1_ts (every Ts is swept) and --working_iterations "
+    raise app.UsageError("--ts/--t_fail/--budget/--budget_mmacs are evaluate's flags; here use "
+                         "--t_fail_ts / --figure1_ts (every Ts is swept) and --working_iterations "
                          "/ --working_mmacs (the Ts of a budget)")
   common.quiet_libraries()
   overrides = {}

@@ -38,7 +38,7 @@ class SweepConfig:
   target_nme: tuple[float, ...] = ()
   budget_iterations: tuple[float, ...] = ()
   budget_mmacs: tuple[float, ...] = ()
-  tf_ts: float | None = None
+  t_fail_ts: float | None = None
   figure7_workdirs: tuple[str, ...] = ()
   figure7_plot: str | None = None
   figure7_json: str | None = None
@@ -105,7 +105,7 @@ def _print_summary(data_cfg, split, data_note, f, step, cfg, a) -> None:
           f"[{min(sw['mean_iterations']):.2f}, {max(sw['mean_iterations']):.2f}]")
 
 
-def _result(info, model_cfg, step, data_cfg, split, cfg, a, tf, calib) -> dict:
+def _result(info, model_cfg, step, data_cfg, split, cfg, a, t_fail, calib) -> dict:
   nme, est, s, f = a["nme"], a["estimated"], *a["nme"].shape
   mmacs_it = a["mmacs_per_iteration"]
   return {
@@ -124,7 +124,7 @@ def _result(info, model_cfg, step, data_cfg, split, cfg, a, tf, calib) -> dict:
                        "mean_estimated_per_iteration": [float(x) for x in est.mean(1)]},
       "comparison": a["comparison"],
       "sweep": a["sweep"],
-      "tf_analysis": tf,
+      "t_fail_analysis": t_fail,
       "working_points": ta.working_points(a["sweep"], float(nme[-1].mean()), mmacs_it,
                                           cfg.target_nme, cfg.budget_iterations,
                                           cfg.budget_mmacs),
@@ -181,19 +181,19 @@ def _figure7(cfg, data_cfg, split, data_note, source, model_cfg, step, a) -> dic
   return {"png": f7_png, "json": f7_json}
 
 
-def _plots(cfg, title, a, tf, true_error) -> list[str]:
+def _plots(cfg, title, a, t_fail, true_error) -> list[str]:
   """Figure 2, the Tf curve and the calibration plot: the paths written."""
   plot = cfg.plot or _default_path(cfg.output_json, ".figure2.png")
   policy_plots.figure2(a["sweep"], a["comparison"], plot, title=title,
                        nme_label=f"NME, {cfg.norm} (%)")
-  tf_png = str(pathlib.Path(plot).with_suffix(".tf.png"))
-  policy_plots.tf_plot(tf["curve"], tf_png,
-                       title=title + (f", Ts={cfg.tf_ts:g}" if cfg.tf_ts is not None
+  t_fail_png = str(pathlib.Path(plot).with_suffix(".t_fail.png"))
+  policy_plots.t_fail_plot(t_fail["curve"], t_fail_png,
+                       title=title + (f", Ts={cfg.t_fail_ts:g}" if cfg.t_fail_ts is not None
                                       else ", full cascade"),
                        nme_label=f"NME of valid faces, {cfg.norm} (%)")
   cal_png = str(pathlib.Path(plot).with_suffix(".calibration.png"))
   policy_plots.calibration_plot(a["estimated"], true_error, cal_png, title=title)
-  return [plot, tf_png, cal_png]
+  return [plot, t_fail_png, cal_png]
 
 
 def run(cfg: SweepConfig, data_cfg) -> dict:
@@ -211,9 +211,9 @@ def run(cfg: SweepConfig, data_cfg) -> dict:
   source = info.get("workdir") or info["model_path"]   # absolute
   a = ta.analyse(per_face, model_cfg, cfg.norm, cfg.num_ts, cfg.draws, cfg.seed,
                  cfg.compare_iterations)
-  tf = ta.tf_analysis(a["nme"], a["estimated"], cfg.tf_ts)
+  t_fail = ta.t_fail_analysis(a["nme"], a["estimated"], cfg.t_fail_ts)
   calib = eep.calibration(a["estimated"], per_face["true_error"], a["nme"] / 100.0)
-  result = _result(info, model_cfg, step, data_cfg, split, cfg, a, tf, calib)
+  result = _result(info, model_cfg, step, data_cfg, split, cfg, a, t_fail, calib)
   f = result["faces"]
   data_note = " (SYNTHETIC faces)" if result["synthetic_data"] else ""
   _print_summary(data_cfg, split, data_note, f, step, cfg, a)
@@ -222,7 +222,7 @@ def run(cfg: SweepConfig, data_cfg) -> dict:
                     for d in calib["per_iteration"]))
   title = (f"{data_cfg.dataset}/{split}{data_note}, {f} faces, MuSiCa{model_cfg.num_patches}"
            f" step {step}")
-  written = [str(pathlib.Path(cfg.output_json))] + _plots(cfg, title, a, tf,
+  written = [str(pathlib.Path(cfg.output_json))] + _plots(cfg, title, a, t_fail,
                                                           per_face["true_error"])
   if cfg.figure1:
     result["figure1"] = _figure1(cfg, data_cfg, split, data_note, a, per_face)

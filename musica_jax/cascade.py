@@ -210,7 +210,7 @@ def stage_params(params, i: int):
 
 
 def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
-                config: ModelConfig, ts=-jnp.inf, tf=jnp.inf, quit_params=None,
+                config: ModelConfig, ts=-jnp.inf, t_fail=jnp.inf, quit_params=None,
                 max_iterations=None) -> CascadeOutput:
   """The whole cascade for a batch of level-0 face crops.
 
@@ -221,7 +221,7 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
     config: static model configuration.
     ts: success threshold; a face stops after the first iteration whose quitting score
       is < ts. -inf: every face runs every iteration.
-    tf: failure threshold; valid = final estimated error < tf.
+    t_fail: failure threshold; valid = final estimated error < t_fail.
     quit_params: optional quit head (`quit_head`, stacked per stage): its score replaces
       the estimated error as the quitting signal. None: the paper's rule (E < ts).
     max_iterations: optional [B] int, a face stops after that many iterations (an
@@ -259,7 +259,7 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
   return CascadeOutput(shapes=shapes, errors=errors, attention=att, hiddens=hiddens,
                        scores=scores, landmarks=frozen["shape"],
                        estimated_error=frozen["error"], hidden=frozen["hidden"],
-                       iterations=frozen["iterations"], valid=frozen["error"] < tf)
+                       iterations=frozen["iterations"], valid=frozen["error"] < t_fail)
 
 
 # Rematerialise the per-patch network in the backward pass once its stored intermediates
@@ -278,7 +278,7 @@ def _remat_default(batch: int, num_patches: int) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def run_cascade_jit(params, images, init_shape, config: ModelConfig, ts=-jnp.inf, tf=jnp.inf,
+def run_cascade_jit(params, images, init_shape, config: ModelConfig, ts=-jnp.inf, t_fail=jnp.inf,
                     quit_params=None, max_iterations=None):
   """Jitted `run_cascade`; thresholds are traced, so sweeping them never recompiles."""
-  return run_cascade(params, images, init_shape, config, ts, tf, quit_params, max_iterations)
+  return run_cascade(params, images, init_shape, config, ts, t_fail, quit_params, max_iterations)

@@ -261,7 +261,7 @@ def sweep(nme, estimated, ts_values: Sequence[float] | None = None, draws: int =
 
 # ----------------------------------------------------------------------------- Tf
 
-def tf_curve(final_nme, final_estimated, max_points: int = 201,
+def t_fail_curve(final_nme, final_estimated, max_points: int = 201,
              failure_threshold: float | None = None) -> dict:
   """Failure threshold analysis: faces with final estimated error >= Tf are invalid.
 
@@ -270,7 +270,7 @@ def tf_curve(final_nme, final_estimated, max_points: int = 201,
     final_estimated: [F] estimated error of that output.
     max_points: at most this many Tf values (from every distinct estimate, thinned evenly).
     failure_threshold: if given, also the failure rate (nme > it) of the remaining faces.
-  Returns lists in order of decreasing Tf (increasing invalid fraction): tf,
+  Returns lists in order of decreasing Tf (increasing invalid fraction): t_fail,
   invalid_fraction, nme_remaining (ours), nme_remaining_oracle (the same number of faces
   removed, those of highest true error), and fr_remaining if failure_threshold is set.
   The random rejection's expected NME is the overall mean at every point.
@@ -287,13 +287,13 @@ def tf_curve(final_nme, final_estimated, max_points: int = 201,
     tfs = tfs[np.unique(np.round(np.linspace(0, tfs.size - 1, max_points)).astype(np.int64))]
   by_truth = np.sort(final_nme)                   # ascending: the oracle keeps a prefix
   csum = np.concatenate([[0.0], np.cumsum(by_truth)])
-  out = {"tf": [], "invalid_fraction": [], "nme_remaining": [], "nme_remaining_oracle": []}
+  out = {"t_fail": [], "invalid_fraction": [], "nme_remaining": [], "nme_remaining_oracle": []}
   if failure_threshold is not None:
     out["fr_remaining"] = []
-  for tf in tfs:
-    valid = e < tf
+  for t_fail in tfs:
+    valid = e < t_fail
     kept = int(valid.sum())
-    out["tf"].append(float(tf))
+    out["t_fail"].append(float(t_fail))
     out["invalid_fraction"].append(1.0 - kept / f)
     out["nme_remaining"].append(float(final_nme[valid].mean()))
     out["nme_remaining_oracle"].append(float(csum[kept] / kept))

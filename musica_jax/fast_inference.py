@@ -53,7 +53,7 @@ class EarlyExitOutput:
   estimated_error: jax.Array   # [B] estimated error of that iteration
   hidden: jax.Array            # [B, H] hidden state after that iteration
   iterations: jax.Array        # [B] int32 iterations computed
-  valid: jax.Array             # [B] bool, estimated_error < tf
+  valid: jax.Array             # [B] bool, estimated_error < t_fail
 
 
 def unstack_params(params, weight_dtype=None) -> tuple:
@@ -98,7 +98,7 @@ def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
 
 @functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket"))
 def run_selective(stage_params: tuple, quit_params, images, init_shape, config: ModelConfig,
-                  ts=-jnp.inf, tf=jnp.inf, capacities: tuple[int, ...] | None = None,
+                  ts=-jnp.inf, t_fail=jnp.inf, capacities: tuple[int, ...] | None = None,
                   min_bucket: int = 1, mask=None) -> EarlyExitOutput:
   """Early exit that skips the computation of the faces that quit (one jitted program).
 
@@ -106,7 +106,7 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
     stage_params: per-stage parameters (`unstack_params`).
     quit_params: quit head stacked per stage (`quit_head`), or None (score = estimated
       error, the paper's rule).
-    images, init_shape, config, ts, tf: as `cascade.run_cascade`.
+    images, init_shape, config, ts, t_fail: as `cascade.run_cascade`.
     capacities: None (Ts decides; power-of-two buckets from min_bucket) or one static
       int per iteration after the first: at most that many faces run it, those of highest
       score among the faces that ran the previous iteration (and whose score is >= ts).
@@ -159,7 +159,7 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
       state = jax.lax.switch(which, branches, state)
   return EarlyExitOutput(landmarks=state["shape"], estimated_error=state["error"],
                          hidden=state["hidden"], iterations=state["iterations"],
-                         valid=state["error"] < tf)
+                         valid=state["error"] < t_fail)
 
 
 class FastCascade:
@@ -175,10 +175,10 @@ class FastCascade:
     self.stage_params = unstack_params(params, weight_dtype)
     self.quit_params = None if quit_params is None else jax.tree.map(jnp.asarray, quit_params)
 
-  def run(self, images, init_shape, ts=-np.inf, tf=np.inf,
+  def run(self, images, init_shape, ts=-np.inf, t_fail=np.inf,
           capacities: Sequence[int] | None = None, min_bucket: int = 1,
           mask=None) -> EarlyExitOutput:
     caps = None if capacities is None else tuple(int(k) for k in capacities)
     return run_selective(self.stage_params, self.quit_params, images, init_shape,
-                         self.config, jnp.float32(ts), jnp.float32(tf), caps, min_bucket,
+                         self.config, jnp.float32(ts), jnp.float32(t_fail), caps, min_bucket,
                          mask)

@@ -3,8 +3,8 @@
     <dir>/model.json   format tag and version, ModelConfig, mean shape [N, 2] (crop
                        pixels), parameter dtype, per-array shapes, a SHA-256 of the
                        parameter file, free-form metadata (training run, evaluation),
-                       optionally the default failure threshold `default_tf` (chosen on a
-                       validation split, `experiments.choose_tf`), and `model_sha256`: a
+                       optionally the default failure threshold `default_t_fail` (chosen on a
+                       validation split, `experiments.choose_t_fail`), and `model_sha256`: a
                        SHA-256 of all the other fields (the parameter checksum included),
                        so an edit anywhere in the model (e.g. `levels`) is refused.
     <dir>/params.npz   the stacked stage parameters, one array per leaf, keyed by its path
@@ -71,7 +71,7 @@ class LoadedModel:
   path: str                   # the model directory or the workdir, as given
   quit_head: Any = None       # stacked quit-head parameters (musica_jax.quit_head) or None
   quit_info: dict | None = None   # its quit_head.json (kind, calibration profile, ...)
-  default_tf: float | None = None  # failure threshold chosen on validation (None: none)
+  default_t_fail: float | None = None  # failure threshold chosen on validation (None: none)
   from_workdir: bool = False  # True: restored from a training checkpoint
 
 
@@ -152,15 +152,15 @@ def _write_model_json(out: pathlib.Path, info: dict) -> None:
   atomic_io.write(out / CONFIG_FILE, lambda f: strict_json.dump(info, f, indent=1))
 
 
-def set_default_tf(path, tf: float, how: dict) -> None:
+def set_default_t_fail(path, t_fail: float, how: dict) -> None:
   """Records the model's default failure threshold (and how it was chosen) in model.json,
   re-stamping its checksum. The model is loaded (and so verified) first."""
-  if not (np.isfinite(tf) and tf > 0):
-    raise ValueError(f"default Tf must be a positive number, got {tf}")
+  if not (np.isfinite(t_fail) and t_fail > 0):
+    raise ValueError(f"default Tf must be a positive number, got {t_fail}")
   load_model(path)
   out = pathlib.Path(path)
   info = json.loads((out / CONFIG_FILE).read_text())
-  info.update(default_tf=float(tf), default_tf_chosen=_jsonable(how))
+  info.update(default_t_fail=float(t_fail), default_t_fail_chosen=_jsonable(how))
   _write_model_json(out, info)
 
 
@@ -283,7 +283,8 @@ def load_model(path, verify: bool = True) -> LoadedModel:
     raise ValueError(f"model {path}: quit head: {e}") from e
   return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
                      metadata=info.get("metadata", {}), dtype=dtype, path=str(p),
-                     default_tf=info.get("default_tf"),
+                     # "default_tf": the key's name in models exported before the rename
+                     default_t_fail=info.get("default_t_fail", info.get("default_tf")),
                      quit_head=None if head is None else head[0],
                      quit_info=None if head is None else head[1])
 

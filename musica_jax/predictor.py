@@ -256,7 +256,7 @@ class Prediction:
   landmarks: np.ndarray        # float32 [F, N, 2] image pixels (0-based, pixel centres)
   estimated_error: np.ndarray  # float32 [F] the model's estimate of its inter-ocular NME
   iterations: np.ndarray       # int32 [F] iterations used (early exit with ts)
-  valid: np.ndarray            # bool [F] estimated_error < tf
+  valid: np.ndarray            # bool [F] estimated_error < t_fail
   image_index: np.ndarray      # int32 [F] which input image
   boxes: np.ndarray            # float64 [F, 4] the input boxes
   crop_landmarks: np.ndarray   # float32 [F, N, 2] in the 228-px crop frame
@@ -302,7 +302,7 @@ class Predictor:
   def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
                max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
                quit_params=None, quit_info: dict | None = None, face_finder=None,
-               default_tf: float | None = None):
+               default_t_fail: float | None = None):
     if not isinstance(model_config, ModelConfig):
       raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     mean_shape = np.asarray(mean_shape, np.float32)
@@ -321,9 +321,9 @@ class Predictor:
     self.params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
     self._init = jnp.asarray(mean_shape)
     self.quit_info = quit_info
-    # The failure threshold `predict` uses when given none (model.json's default_tf,
+    # The failure threshold `predict` uses when given none (model.json's default_t_fail,
     # chosen on a validation split; inf: every face valid).
-    self.default_tf = np.inf if default_tf is None else float(default_tf)
+    self.default_t_fail = np.inf if default_t_fail is None else float(default_t_fail)
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
     self._face_finder = face_finder
 
@@ -340,7 +340,7 @@ class Predictor:
     meta = dict(m.metadata)
     if not m.from_workdir:
       meta.update(model_path=str(m.path), param_dtype=m.dtype)
-    kwargs.setdefault("default_tf", m.default_tf)
+    kwargs.setdefault("default_t_fail", m.default_t_fail)
     return cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
@@ -370,7 +370,7 @@ class Predictor:
     return quit_head_lib.budget_iterations(self.model_config, self.quit_info, budget,
                                            budget_mmacs)
 
-  def run_fast(self, crops, ts=-np.inf, tf=np.inf, budget: float | None = None):
+  def run_fast(self, crops, ts=-np.inf, t_fail=np.inf, budget: float | None = None):
     """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
     iterations of faces that quit (`fast_inference.run_selective`; numpy out).
 
@@ -402,7 +402,7 @@ class Predictor:
       mask = None if b == n else np.arange(b) < n
       # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
       # batch computed for nothing.
-      out = self.fast.run(part, self._init, ts_b, tf, capacities=caps, mask=mask,
+      out = self.fast.run(part, self._init, ts_b, t_fail, capacities=caps, mask=mask,
                           min_bucket=max(1, b // 16))
       fields = ("landmarks", "estimated_error", "iterations", "valid")
       got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
@@ -411,7 +411,7 @@ class Predictor:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
-  def predict(self, images, boxes=None, ts: float = -np.inf, tf: float | None = None,
+  def predict(self, images, boxes=None, ts: float = -np.inf, t_fail: float | None = None,
               budget: float | None = None, budget_mmacs: float | None = None) -> Prediction:
     """Landmarks for every box of every image.
 
@@ -423,12 +423,12 @@ class Predictor:
       estimated error, or the model's quit head) is < ts (-inf: every iteration).
     budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
       multiply-adds in millions; the faces that need it most get the later iterations.
-    tf: valid = final estimated error < tf; None: the model's `default_tf` (chosen on
-      validation data, see experiments.choose_tf; inf when the model has none).
+    t_fail: valid = final estimated error < t_fail; None: the model's `default_t_fail` (chosen on
+      validation data, see experiments.choose_t_fail; inf when the model has none).
     Both dials skip the computation of the faces that quit (they save time).
     """
-    tf = self.default_tf if tf is None else tf
-    for name, v in (("ts", ts), ("tf", tf)):
+    t_fail = self.default_t_fail if t_fail is None else t_fail
+    for name, v in (("ts", ts), ("t_fail", t_fail)):
       if v is None or np.isnan(v):
         raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
     budget = self.budget_iterations(budget, budget_mmacs)
@@ -437,7 +437,7 @@ class Predictor:
       boxes = [self.find_faces(im) for im in photos]
       images, boxes = (photos[0], boxes[0]) if single else (photos, boxes)
     crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
-    out = self.run_fast(crops, ts, tf, budget)
+    out = self.run_fast(crops, ts, t_fail, budget)
     crop_lm = np.asarray(out["landmarks"], np.float32)
     lm = face_frame.from_crop(crop_lm.astype(np.float64), scale.astype(np.float64),
                               offset.astype(np.float64)).astype(np.float32)

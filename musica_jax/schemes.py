@@ -92,88 +92,79 @@ def _pairs_to_permutation(n: int, pairs: Sequence[tuple[int, int]]) -> tuple[int
   return tuple(perm)
 
 
-def _ibug68() -> LandmarkScheme:
-  r = lambda a, b: tuple(range(a, b))
-  pairs = [(i, 16 - i) for i in range(8)]                      # jaw
-  pairs += [(17 + i, 26 - i) for i in range(5)]                # brows
-  pairs += [(31, 35), (32, 34)]                                # nostrils
-  pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
-  pairs += [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]  # outer mouth
-  pairs += [(60, 64), (61, 63), (65, 67)]                      # inner mouth
+def _published(name: str, num_points: int, spans: Mapping[str, tuple[int, int]],
+               mirror_pairs: Sequence[tuple[int, int]], outer_eye_corners: tuple[int, int],
+               subsets: Mapping[int, Sequence[int]]) -> LandmarkScheme:
+  """A markup whose face parts are runs of consecutive indices: `spans` maps each part to
+  [start, stop); the eyes are the parts "left_eye" and "right_eye"; `subsets` are the
+  patch subsets besides the full one."""
+  groups = {part: tuple(range(a, b)) for part, (a, b) in spans.items()}
   return LandmarkScheme(
-      name="ibug68",
-      num_points=68,
-      groups={
-          "jaw": r(0, 17), "left_brow": r(17, 22), "right_brow": r(22, 27),
-          "nose_bridge": r(27, 31), "nostrils": r(31, 36),
-          "left_eye": r(36, 42), "right_eye": r(42, 48),
-          "outer_mouth": r(48, 60), "inner_mouth": r(60, 68),
-      },
-      flip_permutation=_pairs_to_permutation(68, pairs),
-      left_eye=r(36, 42), right_eye=r(42, 48),
-      outer_eye_corners=(36, 45),
-      patch_subsets={
-          68: r(0, 68),
-          # Reference notes (the authors' code).
-          19: (0, 4, 8, 12, 16, 17, 21, 22, 26, 36, 39, 42, 45, 31, 34, 48, 51, 54, 57),
-          # Ours, flip-closed: jaw every other point (9), brow ends and middles (6),
-          # nose bridge top/tip + nostril ends and centre (5), four points per eye (8),
-          # mouth corners, outer top/bottom centres, inner top/bottom centres (6).
-          # Ours, the phone model (paper 4.3 on 68 points), flip-closed: jaw every fourth
-          # point (5), brow ends (4), nose bridge top, nose bottom centre, nostril ends (4),
-          # eye corners and the outer upper lid points (6), mouth corners and centres (4).
-          23: (0, 4, 8, 12, 16, 17, 21, 22, 26, 27, 33, 31, 35,
-               36, 37, 39, 42, 44, 45, 48, 51, 54, 57),
-          34: (0, 2, 4, 6, 8, 10, 12, 14, 16,
-               17, 19, 21, 22, 24, 26,
-               27, 30, 31, 33, 35,
-               36, 38, 39, 41, 42, 43, 45, 46,
-               48, 51, 54, 57, 62, 66),
-      },
+      name=name, num_points=num_points, groups=groups,
+      flip_permutation=_pairs_to_permutation(num_points, mirror_pairs),
+      left_eye=groups["left_eye"], right_eye=groups["right_eye"],
+      outer_eye_corners=outer_eye_corners,
+      patch_subsets={num_points: tuple(range(num_points)),
+                     **{k: tuple(v) for k, v in subsets.items()}},
   ).validate()
 
 
-def _wflw98() -> LandmarkScheme:
-  r = lambda a, b: tuple(range(a, b))
-  pairs = [(i, 32 - i) for i in range(16)]                                  # contour
-  pairs += [(33, 46), (34, 45), (35, 44), (36, 43), (37, 42),              # brows
-            (38, 50), (39, 49), (40, 48), (41, 47)]
-  pairs += [(55, 59), (56, 58)]                                             # nostrils
-  pairs += [(60, 72), (61, 71), (62, 70), (63, 69), (64, 68),              # eyes
-            (65, 75), (66, 74), (67, 73)]
-  pairs += [(76, 82), (77, 81), (78, 80), (83, 87), (84, 86)]              # outer mouth
-  pairs += [(88, 92), (89, 91), (93, 95)]                                  # inner mouth
-  pairs += [(96, 97)]                                                       # pupils
-  return LandmarkScheme(
-      name="wflw98",
-      num_points=98,
-      groups={
-          "contour": r(0, 33), "left_brow": r(33, 42), "right_brow": r(42, 51),
-          "nose_bridge": r(51, 55), "nostrils": r(55, 60),
-          "left_eye": r(60, 68), "right_eye": r(68, 76),
-          "outer_mouth": r(76, 88), "inner_mouth": r(88, 96), "pupils": (96, 97),
-      },
-      flip_permutation=_pairs_to_permutation(98, pairs),
-      left_eye=r(60, 68), right_eye=r(68, 76),
-      outer_eye_corners=(60, 72),
-      patch_subsets={
-          98: r(0, 98),
-          # Reference notes: every even index.
-          49: tuple(range(0, 98, 2)),
-          # Ours, flip-closed: contour every 4th point (9), brows (8), nose (5),
-          # four points per eye (8), pupils (2), mouth (12).
-          44: (0, 4, 8, 12, 16, 20, 24, 28, 32,
-               33, 35, 37, 39, 42, 44, 46, 49,
-               51, 54, 55, 57, 59,
-               60, 62, 64, 66, 68, 70, 72, 74,
-               96, 97,
-               76, 77, 79, 81, 82, 83, 85, 87, 88, 90, 92, 94),
-      },
-  ).validate()
+IBUG68_SPANS = {"jaw": (0, 17), "left_brow": (17, 22), "right_brow": (22, 27),
+                "nose_bridge": (27, 31), "nostrils": (31, 36), "left_eye": (36, 42),
+                "right_eye": (42, 48), "outer_mouth": (48, 60), "inner_mouth": (60, 68)}
+IBUG68_MIRROR = ([(i, 16 - i) for i in range(8)]                          # jaw
+                 + [(17 + i, 26 - i) for i in range(5)]                   # brows
+                 + [(31, 35), (32, 34)]                                   # nostrils
+                 + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
+                 + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]     # outer mouth
+                 + [(60, 64), (61, 63), (65, 67)])                        # inner mouth
+IBUG68_SUBSETS = {
+    # Reference notes (the authors' code).
+    19: (0, 4, 8, 12, 16, 17, 21, 22, 26, 36, 39, 42, 45, 31, 34, 48, 51, 54, 57),
+    # Ours, the phone model (paper 4.3 on 68 points), flip-closed: jaw every fourth
+    # point (5), brow ends (4), nose bridge top, nose bottom centre, nostril ends (4),
+    # eye corners and the outer upper lid points (6), mouth corners and centres (4).
+    23: (0, 4, 8, 12, 16, 17, 21, 22, 26, 27, 33, 31, 35,
+         36, 37, 39, 42, 44, 45, 48, 51, 54, 57),
+    # Ours, flip-closed: jaw every other point (9), brow ends and middles (6),
+    # nose bridge top/tip + nostril ends and centre (5), four points per eye (8),
+    # mouth corners, outer top/bottom centres, inner top/bottom centres (6).
+    34: (0, 2, 4, 6, 8, 10, 12, 14, 16,
+         17, 19, 21, 22, 24, 26,
+         27, 30, 31, 33, 35,
+         36, 38, 39, 41, 42, 43, 45, 46,
+         48, 51, 54, 57, 62, 66),
+}
+
+WFLW98_SPANS = {"contour": (0, 33), "left_brow": (33, 42), "right_brow": (42, 51),
+                "nose_bridge": (51, 55), "nostrils": (55, 60), "left_eye": (60, 68),
+                "right_eye": (68, 76), "outer_mouth": (76, 88), "inner_mouth": (88, 96),
+                "pupils": (96, 98)}
+WFLW98_MIRROR = ([(i, 32 - i) for i in range(16)]                         # contour
+                 + [(33, 46), (34, 45), (35, 44), (36, 43), (37, 42),     # brows
+                    (38, 50), (39, 49), (40, 48), (41, 47)]
+                 + [(55, 59), (56, 58)]                                   # nostrils
+                 + [(60, 72), (61, 71), (62, 70), (63, 69), (64, 68),     # eyes
+                    (65, 75), (66, 74), (67, 73)]
+                 + [(76, 82), (77, 81), (78, 80), (83, 87), (84, 86)]     # outer mouth
+                 + [(88, 92), (89, 91), (93, 95)]                         # inner mouth
+                 + [(96, 97)])                                            # pupils
+WFLW98_SUBSETS = {
+    # Reference notes: every even index.
+    49: tuple(range(0, 98, 2)),
+    # Ours, flip-closed: contour every 4th point (9), brows (8), nose (5),
+    # four points per eye (8), pupils (2), mouth (12).
+    44: (0, 4, 8, 12, 16, 20, 24, 28, 32,
+         33, 35, 37, 39, 42, 44, 46, 49,
+         51, 54, 55, 57, 59,
+         60, 62, 64, 66, 68, 70, 72, 74,
+         96, 97,
+         76, 77, 79, 81, 82, 83, 85, 87, 88, 90, 92, 94),
+}
 
 
-IBUG68 = _ibug68()
-WFLW98 = _wflw98()
+IBUG68 = _published("ibug68", 68, IBUG68_SPANS, IBUG68_MIRROR, (36, 45), IBUG68_SUBSETS)
+WFLW98 = _published("wflw98", 98, WFLW98_SPANS, WFLW98_MIRROR, (60, 72), WFLW98_SUBSETS)
 SCHEMES = {s.name: s for s in (IBUG68, WFLW98)}
 
 

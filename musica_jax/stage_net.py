@@ -253,42 +253,17 @@ def to_channel_major(patches: jax.Array) -> jax.Array:
 
 # --- the Flax module: declares the parameter tree ---------------------------------------
 
-class _ConvParams(nn.Module):
-  """Declares a 3x3 conv's kernel [3, 3, in, out] and bias (same names as before)."""
-  features: int
+class _KernelBias(nn.Module):
+  """Declares `kernel` (truncated normal, std `init_std`) then `bias` (zeros, the kernel's
+  last dimension), as nn.Dense / nn.Conv do: a 3x3 conv [3, 3, in, out], a dense layer
+  [in, out], a depthwise 3x3 [3, 3, C]."""
   init_std: float
 
   @nn.compact
-  def __call__(self, cin: int):
-    kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
-                        (3, 3, cin, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return kernel, bias
-
-
-class _DenseParams(nn.Module):
-  """Declares kernel [in, out] then bias [out], exactly as nn.Dense does (same init)."""
-  features: int
-  init_std: float
-
-  @nn.compact
-  def __call__(self, cin: int):
-    kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
-                        (cin, self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return kernel, bias
-
-
-class _DepthwiseParams(nn.Module):
-  """Declares a depthwise 3x3 kernel [3, 3, C] and bias [C]."""
-  init_std: float
-
-  @nn.compact
-  def __call__(self, channels: int):
-    kernel = self.param("kernel", nn.initializers.truncated_normal(self.init_std),
-                        (3, 3, channels), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    return kernel, bias
+  def __call__(self, kernel_shape: tuple[int, ...]) -> dict:
+    return {"kernel": self.param("kernel", nn.initializers.truncated_normal(self.init_std),
+                                 tuple(kernel_shape), jnp.float32),
+            "bias": self.param("bias", nn.initializers.zeros, (kernel_shape[-1],), jnp.float32)}
 
 
 def _declare_inverted_bottlenecks(cfg: ModelConfig, cin: int) -> dict:
@@ -303,20 +278,19 @@ def _declare_inverted_bottlenecks(cfg: ModelConfig, cin: int) -> dict:
   c = cfg.conv_features
   for name, c_in in (("ib1", cin), ("ib2", c)):
     hidden = c_in * cfg.ib_expansion
-    out[f"{name}_expand"] = dict(zip(("kernel", "bias"), _DenseParams(
-        hidden, (2.0 / c_in) ** 0.5, name=f"{name}_expand")(c_in)))
-    out[f"{name}_depthwise"] = dict(zip(("kernel", "bias"), _DepthwiseParams(
-        (2.0 / 9) ** 0.5, name=f"{name}_depthwise")(hidden)))
-    out[f"{name}_project"] = dict(zip(("kernel", "bias"), _DenseParams(
-        c, (1.0 / hidden) ** 0.5, name=f"{name}_project")(hidden)))
+    out[f"{name}_expand"] = _KernelBias((2.0 / c_in) ** 0.5, name=f"{name}_expand")(
+        (c_in, hidden))
+    out[f"{name}_depthwise"] = _KernelBias((2.0 / 9) ** 0.5, name=f"{name}_depthwise")(
+        (3, 3, hidden))
+    out[f"{name}_project"] = _KernelBias((1.0 / hidden) ** 0.5, name=f"{name}_project")(
+        (hidden, c))
   return out
 
 
 def _declare_global_attention(cfg: ModelConfig) -> dict:
   """Parameters of `global_patch_attention` (none for global_attention="none")."""
   p, d = cfg.num_patches, cfg.descriptor_size
-  dense = lambda name, cin, cout: {name: dict(zip(("kernel", "bias"), _DenseParams(
-      cout, cfg.init_std, name=name)(cin)))}
+  dense = lambda name, cin, cout: {name: _KernelBias(cfg.init_std, name=name)((cin, cout))}
   if cfg.global_attention == "fc":
     return dense("global_attention", p * d, p)
   if cfg.global_attention == "gcn":
@@ -339,18 +313,16 @@ class StageNet(nn.Module):
     if cfg.extractor == "inverted_bottleneck":
       params.update(_declare_inverted_bottlenecks(cfg, c))
     else:
-      params["conv1"] = dict(zip(("kernel", "bias"), _ConvParams(
-          cfg.conv_features, cfg.init_std, name="conv1")(c)))
-      params["conv2"] = dict(zip(("kernel", "bias"), _ConvParams(
-          cfg.conv_features, cfg.init_std, name="conv2")(cfg.conv_features)))
+      f = cfg.conv_features
+      params["conv1"] = _KernelBias(cfg.init_std, name="conv1")((3, 3, c, f))
+      params["conv2"] = _KernelBias(cfg.init_std, name="conv2")((3, 3, f, f))
     if cfg.use_attention:
-      params["attention"] = dict(zip(("kernel", "bias"), _DenseParams(
-          d, cfg.init_std, name="attention")(d)))
+      params["attention"] = _KernelBias(cfg.init_std, name="attention")((d, d))
     params.update(_declare_global_attention(cfg))
-    params["recurrent"] = dict(zip(("kernel", "bias"), _DenseParams(
-        cfg.hidden_size, cfg.init_std, name="recurrent")(p * d + hidden.shape[-1])))
-    params["head"] = dict(zip(("kernel", "bias"), _DenseParams(
-        2 * cfg.num_landmarks + 1, cfg.init_std, name="head")(cfg.hidden_size)))
+    params["recurrent"] = _KernelBias(cfg.init_std, name="recurrent")(
+        (p * d + hidden.shape[-1], cfg.hidden_size))
+    params["head"] = _KernelBias(cfg.init_std, name="head")(
+        (cfg.hidden_size, 2 * cfg.num_landmarks + 1))
     desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,
                                           cfg.compute_dtype)
     hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden,

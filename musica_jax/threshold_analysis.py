@@ -56,15 +56,15 @@ def working_points(sw: dict, full_nme: float, mmacs_it: float, target_nme=(),
   }
 
 
-def tf_analysis(nme, est, tf_ts: float | None) -> dict:
+def t_fail_analysis(nme, est, t_fail_ts: float | None) -> dict:
   """The Tf curve (faces whose final estimated error >= Tf are invalid), under early exit
-  at `tf_ts` (None: the full cascade)."""
+  at `t_fail_ts` (None: the full cascade)."""
   s, f = nme.shape
-  exit_tf = (eep.exit_iterations(est, tf_ts) if tf_ts is not None
+  exit_t_fail = (eep.exit_iterations(est, t_fail_ts) if t_fail_ts is not None
              else np.full(f, s - 1, np.int64))
-  curve = eep.tf_curve(eep.assignment_nme(nme, exit_tf), eep.assignment_nme(est, exit_tf),
+  curve = eep.t_fail_curve(eep.assignment_nme(nme, exit_t_fail), eep.assignment_nme(est, exit_t_fail),
                        failure_threshold=FAILURE_THRESHOLD_NME)
-  return {"ts": tf_ts, "mean_iterations": float(exit_tf.mean() + 1),
+  return {"ts": t_fail_ts, "mean_iterations": float(exit_t_fail.mean() + 1),
           "failure_threshold_nme": FAILURE_THRESHOLD_NME, "curve": curve}
 
 

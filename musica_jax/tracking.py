@@ -1,6 +1,6 @@
 """Landmarks through a video: the next frame's box comes from this frame's landmarks.
 
-    tracker = FaceTracker(Predictor.default(), tf=0.08)
+    tracker = FaceTracker(Predictor.default(), t_fail=0.08)
     for frame in frames:                       # HxWx3 uint8 RGB
       result = tracker.step(frame)             # TrackResult: prediction, redetected
     tracker.redetections                       # how many frames ran the detector
@@ -8,7 +8,7 @@
 Per frame: every tracked face is predicted from the tight box of its landmarks in the
 previous frame (the model's training convention, so no detector box mapping is needed
 once a face is found). The detector (`Predictor.find_faces`) runs on the first frame,
-whenever no face is tracked, and whenever a tracked face's estimated error is >= tf
+whenever no face is tracked, and whenever a tracked face's estimated error is >= t_fail
 (the model says it lost the face); the faces of that frame are then predicted again from
 the detected boxes (a detection replaces every track of the frame).
 """
@@ -25,21 +25,21 @@ from musica_jax import face_frame
 class TrackResult:
   prediction: object           # predictor.Prediction for this frame (its faces)
   redetected: bool             # the detector ran on this frame
-  reason: str                  # "start" | "lost" (no track) | "error>=tf" | "" (tracked)
+  reason: str                  # "start" | "lost" (no track) | "error>=t_fail" | "" (tracked)
 
 
 class FaceTracker:
   """Tracks faces frame to frame (see the module docstring).
 
-  predictor: a `predictor.Predictor` (its face finder detects). tf: the estimated-error
+  predictor: a `predictor.Predictor` (its face finder detects). t_fail: the estimated-error
   threshold that triggers a re-detection. ts / budget: the early-exit dial of each frame's
   prediction. max_faces: keep at most this many faces (largest first).
   """
 
-  def __init__(self, predictor, tf: float = 0.08, ts: float = -np.inf,
+  def __init__(self, predictor, t_fail: float = 0.08, ts: float = -np.inf,
                budget: float | None = None, max_faces: int = 8):
     self.predictor = predictor
-    self.tf = float(tf)
+    self.t_fail = float(t_fail)
     self.ts = ts
     self.budget = budget
     self.max_faces = max_faces
@@ -48,7 +48,7 @@ class FaceTracker:
     self.frames = 0
 
   def _predict(self, frame, boxes):
-    return self.predictor.predict(frame, boxes, ts=self.ts, tf=self.tf, budget=self.budget)
+    return self.predictor.predict(frame, boxes, ts=self.ts, t_fail=self.t_fail, budget=self.budget)
 
   def _detect(self, frame):
     boxes = self.predictor.find_faces(frame)
@@ -75,7 +75,7 @@ class FaceTracker:
       boxes = self._detect(frame)
     pred = self._predict(frame, boxes)
     if not reason and len(pred) and not np.all(pred.valid):
-      reason = "error>=tf"
+      reason = "error>=t_fail"
       detected = self._detect(frame)
       if len(detected):
         pred = self._predict(frame, detected)

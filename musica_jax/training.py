@@ -113,7 +113,7 @@ def train_step(state: TrainState, batch: dict, init_shape: jax.Array, *,
 
 
 def eval_outputs(params, batch: dict, init_shape, *, model_cfg: ModelConfig,
-                 scheme: LandmarkScheme, ts=-jnp.inf, tf=jnp.inf, quit_params=None,
+                 scheme: LandmarkScheme, ts=-jnp.inf, t_fail=jnp.inf, quit_params=None,
                  capacities=None) -> dict:
   """Per-face evaluation outputs for a batch (jit this; thresholds are traced).
 
@@ -122,12 +122,12 @@ def eval_outputs(params, batch: dict, init_shape, *, model_cfg: ModelConfig,
   model's quitting score (`quit_params`: a quit head, or None: the estimated error), or,
   with `capacities` (static), the budget path of `fast_inference.run_selective`.
   """
-  out = cascade.run_cascade(params, batch["image"], init_shape, model_cfg, ts, tf,
+  out = cascade.run_cascade(params, batch["image"], init_shape, model_cfg, ts, t_fail,
                             quit_params)
   if capacities is not None:
     ee = fast_inference.run_selective(
         fast_inference.unstack_params(params), quit_params, batch["image"], init_shape,
-        model_cfg, ts, tf, capacities=tuple(capacities), mask=batch.get("mask"))
+        model_cfg, ts, t_fail, capacities=tuple(capacities), mask=batch.get("mask"))
     out = out.replace(landmarks=ee.landmarks, estimated_error=ee.estimated_error,
                       iterations=ee.iterations, valid=ee.valid)
   gt = batch["landmarks"]

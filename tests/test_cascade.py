@@ -15,7 +15,7 @@ SMALL = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9
                                hidden_size=64, image_size=64)
 
 
-def run_cascade_unrolled(params, images, init_shape, config, ts=-np.inf, tf=np.inf):
+def run_cascade_unrolled(params, images, init_shape, config, ts=-np.inf, t_fail=np.inf):
   """Reference: a plain Python loop of `cascade.stage_step` over the stacked parameters."""
   b = images.shape[0]
   layout, xs = cascade.stage_inputs(config)
@@ -43,7 +43,7 @@ def run_cascade_unrolled(params, images, init_shape, config, ts=-np.inf, tf=np.i
       shapes=jnp.stack(shapes), errors=jnp.stack(errors), attention=jnp.stack(atts),
       hiddens=jnp.stack(hiddens), scores=jnp.stack(errors), landmarks=out_shape,
       estimated_error=jnp.asarray(out_err), hidden=out_hidden, iterations=jnp.asarray(iters),
-      valid=jnp.asarray(out_err < tf))
+      valid=jnp.asarray(out_err < t_fail))
 
 
 def _inputs(cfg, batch=5, seed=0):

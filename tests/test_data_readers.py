@@ -47,13 +47,6 @@ def test_pts_67_points_names_file(tmp_path):
     readers.read_pts(str(p), 68)
 
 
-def test_pts_header_count_mismatch(tmp_path):
-  p = tmp_path / "h.pts"
-  p.write_text("version: 1\nn_points: 68\n{\n1 2\n}\n")
-  with pytest.raises(readers.DataError, match="h.pts.*n_points 68"):
-    readers.read_pts(str(p))
-
-
 def test_pts_nan_names_file(tmp_path):
   pts = np.ones((68, 2))
   pts[5, 1] = np.nan
@@ -63,10 +56,14 @@ def test_pts_nan_names_file(tmp_path):
     readers.read_pts(str(p), 68)
 
 
-def test_pts_garbage_names_line(tmp_path):
-  p = tmp_path / "g.pts"
-  p.write_text("version: 1\nn_points: 2\n{\n1 2\nabc def\n}\n")
-  with pytest.raises(readers.DataError, match="g.pts:5"):
+@pytest.mark.parametrize("text,match", [
+    ("version: 1\nn_points: 68\n{\n1 2\n}\n", "bad.pts.*n_points 68"),  # header count
+    ("version: 1\nn_points: 2\n{\n1 2\nabc def\n}\n", "bad.pts:5"),     # names the line
+])
+def test_pts_bad_text_names_file(tmp_path, text, match):
+  p = tmp_path / "bad.pts"
+  p.write_text(text)
+  with pytest.raises(readers.DataError, match=match):
     readers.read_pts(str(p))
 
 

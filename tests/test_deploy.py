@@ -191,7 +191,7 @@ def test_tracker_redetects_only_when_the_estimated_error_says_so():
   p = predictor_lib.Predictor(params, SMALL, mean.astype(np.float32), max_batch=8)
   frames = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8) for _ in range(4)]
   p._face_finder = _FakeFinder([(20, 20, 60, 60)])
-  t = tracking.FaceTracker(p, tf=np.inf)
+  t = tracking.FaceTracker(p, t_fail=np.inf)
   steps = [t.step(f) for f in frames]
   assert [s.reason for s in steps] == ["start", "", "", ""]
   assert t.redetections == 1 and p._face_finder.calls == 1
@@ -199,8 +199,8 @@ def test_tracker_redetects_only_when_the_estimated_error_says_so():
   np.testing.assert_allclose(t.boxes[0], np.r_[steps[-1].prediction.landmarks[0].min(0),
                                                steps[-1].prediction.landmarks[0].max(0)],
                              atol=1e-4)
-  t = tracking.FaceTracker(p, tf=-1.0)          # every estimate is "lost"
-  assert [t.step(f).reason for f in frames] == ["start"] + ["error>=tf"] * 3
+  t = tracking.FaceTracker(p, t_fail=-1.0)          # every estimate is "lost"
+  assert [t.step(f).reason for f in frames] == ["start"] + ["error>=t_fail"] * 3
   assert t.redetections == 4
   p._face_finder = _FakeFinder(np.zeros((0, 4)))   # nobody there
   t = tracking.FaceTracker(p)
@@ -223,7 +223,7 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
   d.mkdir()
   for i, f in enumerate(frames):
     Image.fromarray(f).save(d / f"{i:03d}.png")
-  res = predict_lib.run_video(str(d), predictor_lib.Predictor.default(), tf=0.08,
+  res = predict_lib.run_video(str(d), predictor_lib.Predictor.default(), t_fail=0.08,
                               output=str(tmp_path / "overlay"),
                               output_json=str(tmp_path / "v.json"))
   assert len(res["frames"]) == 16 and res["frames"][0]["redetected"]

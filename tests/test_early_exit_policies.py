@@ -110,14 +110,14 @@ def test_perfect_estimator_beats_random_on_a_larger_set():
   assert c["relative_gain"] > 0 and c["policy_iterations_to_match"] < 2.0
 
 
-def test_tf_curve():
-  tf = eep.tf_curve([1.0, 2.0, 3.0, 4.0], [0.1, 0.4, 0.2, 0.3], failure_threshold=2.5)
-  assert tf["tf"] == [np.inf, 0.4, 0.3, 0.2]
-  assert tf["invalid_fraction"] == pytest.approx([0.0, 0.25, 0.5, 0.75])
-  assert tf["nme_remaining"] == pytest.approx([2.5, 8 / 3, 2.0, 1.0])
-  assert tf["nme_remaining_oracle"] == pytest.approx([2.5, 2.0, 1.5, 1.0])
-  assert tf["fr_remaining"] == pytest.approx([0.5, 2 / 3, 0.5, 0.0])
-  assert tf["nme_all"] == pytest.approx(2.5)
+def test_t_fail_curve():
+  t_fail = eep.t_fail_curve([1.0, 2.0, 3.0, 4.0], [0.1, 0.4, 0.2, 0.3], failure_threshold=2.5)
+  assert t_fail["t_fail"] == [np.inf, 0.4, 0.3, 0.2]
+  assert t_fail["invalid_fraction"] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+  assert t_fail["nme_remaining"] == pytest.approx([2.5, 8 / 3, 2.0, 1.0])
+  assert t_fail["nme_remaining_oracle"] == pytest.approx([2.5, 2.0, 1.5, 1.0])
+  assert t_fail["fr_remaining"] == pytest.approx([0.5, 2 / 3, 0.5, 0.0])
+  assert t_fail["nme_all"] == pytest.approx(2.5)
 
 
 def test_working_points():
@@ -136,7 +136,7 @@ def test_working_points():
     eep.ts_for_budget(sw)
 
 
-def test_threshold_analysis_working_points_tf_and_figure1_faces():
+def test_threshold_analysis_working_points_t_fail_and_figure1_faces():
   from musica_jax import threshold_analysis as ta  # noqa: PLC0415
   sw = eep.sweep(NME, EST, ts_values=[-np.inf, 0.15, 0.25, np.inf])
   # Default targets: the full cascade's NME (2.75) + 1%, 5%, 10%; default budgets.
@@ -149,10 +149,10 @@ def test_threshold_analysis_working_points_tf_and_figure1_faces():
   assert given["target_nme"][0]["point"]["ts"] == 0.25
   assert given["budget_mmacs"][0]["point"]["ts"] == 0.15
   # Tf under Ts=0.25: exits [2, 0, 1, 2] -> final NME [2, 2, 3, 7], estimates [.3, .1, .2, .7].
-  tf = ta.tf_analysis(NME, EST, 0.25)
-  assert tf["mean_iterations"] == pytest.approx(2.25)
-  assert tf["failure_threshold_nme"] == 8.0 and tf["ts"] == 0.25
-  assert ta.tf_analysis(NME, EST, None)["mean_iterations"] == 3.0
+  t_fail = ta.t_fail_analysis(NME, EST, 0.25)
+  assert t_fail["mean_iterations"] == pytest.approx(2.25)
+  assert t_fail["failure_threshold_nme"] == 8.0 and t_fail["ts"] == 0.25
+  assert ta.t_fail_analysis(NME, EST, None)["mean_iterations"] == 3.0
   # Figure 1: faces spread over the exit iterations, ordered by exit iteration.
   exit_idx = np.array([0, 0, 0, 1, 2, 2, 0, 1])
   picked = ta.pick_figure1_faces(exit_idx, 4)
@@ -217,6 +217,6 @@ def test_sweep_thresholds_command(tmp_path, parse_flags):
   assert data["faces"] == 8 and data["synthetic_data"]
   sw = data["sweep"]
   assert sw["mean_iterations"][0] == 3.0 and len(sw["nme_oracle"]) == len(sw["ts"])
-  for name in ("fig2.png", "fig2.tf.png", "fig2.calibration.png", "fig1.png",
+  for name in ("fig2.png", "fig2.t_fail.png", "fig2.calibration.png", "fig1.png",
                "sweep.figure7.png", "sweep.figure7.json"):
     assert (tmp_path / name).stat().st_size > 0

@@ -64,7 +64,7 @@ def _frozen_stage(cfg, params, patches, hidden):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _frozen_cascade(params, images, init, cfg, ts, tf):
+def _frozen_cascade(params, images, init, cfg, ts, t_fail):
   b = images.shape[0]
   layout, xs = cascade.stage_inputs(cfg)
   atlas = pyramid.build_atlas(images, layout)
@@ -94,7 +94,7 @@ def _frozen_cascade(params, images, init, cfg, ts, tf):
                                hiddens=hiddens, scores=errors,
                                landmarks=fr["shape"], estimated_error=fr["error"],
                                hidden=fr["hidden"], iterations=fr["iterations"],
-                               valid=fr["error"] < tf)
+                               valid=fr["error"] < t_fail)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_run_cascade_matches_frozen_first_implementation(use_attention, small_ch
   ts = _ts_between_estimates(full.errors)
   for t in (-np.inf, ts):
     ref = _frozen_cascade(params, images, init, cfg, t, ts)
-    new = _fresh_jit(cfg)(params, images, init, ts=t, tf=ts)
+    new = _fresh_jit(cfg)(params, images, init, ts=t, t_fail=ts)
     _assert_tree_close(new, ref)
   # The chain moved the patches (the test would be weak otherwise).
   assert float(jnp.abs(full.shapes[-1] - init).max()) > 5
@@ -209,16 +209,16 @@ def test_threshold_path_matches_the_masked_cascade(small_chunks, with_head):
     head["b2"] = head["b2"] - jnp.median(full.scores, axis=1)
     full = cascade.run_cascade_jit(params, images, init, cfg, quit_params=head)
   ts = _ts_between_estimates(full.scores[:-1])
-  tf = float(np.median(np.asarray(full.errors)))
-  ref = cascade.run_cascade_jit(params, images, init, cfg, ts, tf, quit_params=head)
+  t_fail = float(np.median(np.asarray(full.errors)))
+  ref = cascade.run_cascade_jit(params, images, init, cfg, ts, t_fail, quit_params=head)
   its = np.asarray(ref.iterations)
   assert len(set(its.tolist())) == 3, "test needs faces quitting at every iteration"
   fast = fast_inference.FastCascade(params, cfg, quit_params=head)
-  _check_early_exit(fast.run(images, init, ts, tf), ref)
-  _check_early_exit(fast.run(images, init, ts, tf, min_bucket=4), ref)
+  _check_early_exit(fast.run(images, init, ts, t_fail), ref)
+  _check_early_exit(fast.run(images, init, ts, t_fail, min_bucket=4), ref)
   # Batch 1, face by face: buckets {0, 1}, the iteration runs or it does not.
   for f in range(16):
-    out = fast.run(images[f:f + 1], init, ts, tf)
+    out = fast.run(images[f:f + 1], init, ts, t_fail)
     _check_early_exit(out, jax.tree.map(lambda x: x[f:f + 1], ref))
   # Ts = -inf: every iteration, the full cascade's last shape.
   out = fast.run(images, init)
@@ -253,7 +253,7 @@ def test_budget_path_is_one_jitted_program():
   params, images, init = _setup(cfg, batch=8, seed=1)
   fast = fast_inference.FastCascade(params, cfg)
   args = (fast.stage_params, None, images, init)
-  thresholds = dict(ts=jnp.float32(-np.inf), tf=jnp.float32(np.inf))
+  thresholds = dict(ts=jnp.float32(-np.inf), t_fail=jnp.float32(np.inf))
   compiled = fast_inference.run_selective.lower(*args, config=cfg, capacities=(5, 2),
                                                 **thresholds).compile()
   out = compiled(*args, **thresholds)

@@ -157,7 +157,7 @@ def test_predict_maps_landmarks_back_to_image_coordinates():
   one = p.predict(images[1], boxes[1][1])
   np.testing.assert_allclose(one.landmarks[0], pred.landmarks[2], atol=1e-4)
   # Failure threshold below any estimate: invalid.
-  assert not p.predict(images[0], boxes[0], tf=-1.0).valid.any()
+  assert not p.predict(images[0], boxes[0], t_fail=-1.0).valid.any()
 
 
 @pytest.mark.parametrize("box,match", [

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -462,30 +463,35 @@ def _tiny_model(path):
   return face
 
 
-def test_default_tf_flags_faces_and_the_model_checksum_covers_model_json(tmp_path):
+def test_default_t_fail_flags_faces_and_the_model_checksum_covers_model_json(tmp_path):
   from musica_jax import predictor  # noqa: PLC0415
   face = _tiny_model(tmp_path / "m")
   box = [float(face.landmarks[:, 0].min()), float(face.landmarks[:, 1].min()),
          float(face.landmarks[:, 0].max()), float(face.landmarks[:, 1].max())]
-  assert predictor.Predictor.from_saved_model(tmp_path / "m").default_tf == np.inf
-  model_io.set_default_tf(tmp_path / "m", 0.1, {"rule": "test"})
+  assert predictor.Predictor.from_saved_model(tmp_path / "m").default_t_fail == np.inf
+  model_io.set_default_t_fail(tmp_path / "m", 0.1, {"rule": "test"})
   p = predictor.Predictor.from_saved_model(tmp_path / "m", max_batch=1)
-  assert p.default_tf == 0.1
+  assert p.default_t_fail == 0.1
   out = p.predict(face.image, box)
   assert out.estimated_error[0] > 0.1 and not out.valid.any()   # the default Tf applies
-  assert p.predict(face.image, box, tf=1.0).valid.all()         # an explicit one wins
+  assert p.predict(face.image, box, t_fail=1.0).valid.all()         # an explicit one wins
   doc = json.loads((tmp_path / "m" / model_io.CONFIG_FILE).read_text())
+  shutil.copytree(tmp_path / "m", tmp_path / "old")   # a model exported before the rename
+  old = {k: v for k, v in doc.items() if k != "model_sha256"}
+  old["default_tf"] = old.pop("default_t_fail")
+  model_io._write_model_json(tmp_path / "old", old)
+  assert model_io.load_model(tmp_path / "old").default_t_fail == 0.1
   doc["model_config"]["levels"] = [0, 0, 0]                  # edited outside the params
   (tmp_path / "m" / model_io.CONFIG_FILE).write_text(json.dumps(doc))
   with pytest.raises(ValueError, match="model_sha256"):
     model_io.load_model(tmp_path / "m")
 
 
-def test_the_shipped_model_has_a_default_tf_chosen_on_validation():
+def test_the_shipped_model_has_a_default_t_fail_chosen_on_validation():
   m = model_io.load_model(model_io.default_model_path())
   doc = json.loads((pathlib.Path(m.path) / model_io.CONFIG_FILE).read_text())
-  assert m.default_tf is not None and 0 < m.default_tf < 1
-  assert doc["default_tf_chosen"]["split"] == "val" and "model_sha256" in doc
+  assert m.default_t_fail is not None and 0 < m.default_t_fail < 1
+  assert doc["default_t_fail_chosen"]["split"] == "val" and "model_sha256" in doc
 
 
 # ---------------------------------------------------------------------------------------

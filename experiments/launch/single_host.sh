@@ -7,10 +7,5 @@
 # Pick GPUs with CUDA_VISIBLE_DEVICES=0,1,... Resumes from the latest checkpoint when the
 # same command runs again.
 set -euo pipefail
-if [[ $# -lt 1 ]]; then
-  echo "usage: single_host.sh FLAGFILE [training flags]" >&2
-  exit 2
-fi
-flagfile=$1
-shift
-exec "${PYTHON:-python}" -m experiments.train --flagfile="$flagfile" --distributed=none "$@"
+flagfile=${1:?"usage: single_host.sh FLAGFILE [training flags]"}
+exec "${PYTHON:-python}" -m experiments.train --flagfile="$flagfile" --distributed=none "${@:2}"

@@ -13,11 +13,7 @@
 # its own copy). Local-file paths only: train.py writes run_config.json and metrics.jsonl
 # with ordinary file I/O, so gs:// workdirs are not supported.
 set -euo pipefail
-if [[ $# -lt 1 ]]; then
-  echo "usage: tpu_pod.sh FLAGFILE [training flags]" >&2
-  exit 2
-fi
-flagfile=$1
+flagfile=${1:?"usage: tpu_pod.sh FLAGFILE [training flags]"}
 shift
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${REPO:?set REPO (git URL)}"
 : "${DATA_DIR:?set DATA_DIR}" "${WORKDIR:?set WORKDIR (shared)}" "${TFDS_DIR:?set TFDS_DIR}"
