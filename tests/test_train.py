@@ -161,9 +161,11 @@ def test_sigkill_mid_run_then_resume_gives_the_same_parameters(tmp_path, tiny_fl
   work = tmp_path / "killed"
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={work}", *tiny_flags, *steps]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while time.time() < deadline and not (work / "checkpoints" / "4").exists():
+  deadline = time.time() + 600        # generous: a loaded 2-core CI box compiles slowly
+  while (time.time() < deadline and proc.poll() is None
+         and not (work / "checkpoints" / "4").exists()):
     time.sleep(0.05)
+  assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   finished = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
