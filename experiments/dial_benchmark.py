@@ -13,8 +13,10 @@ machine is noisy: only ratios from one run are compared; each path's fastest rou
 `Predictor.predict` from decoded photos and boxes (crop included), and a reliability plot
 of the estimated error E (the per-face quality score that Tf thresholds).
 
-Batch 1 with a budget uses the threshold with that mean iterations on the validation
-faces (`quit_head.threshold_for_budget`): one face cannot run a fraction of an iteration.
+Batch 1 with a budget: one face cannot run a fraction of an iteration, so it quits on a
+threshold the predictor adapts face by face to keep the stream's mean iterations at the
+budget (`quit_head.BudgetStream`, starting from the validation faces' threshold); the
+batch-1 row is the split's faces as one such stream, in order.
 """
 from __future__ import annotations
 

@@ -188,6 +188,7 @@ def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
   rows = []
   for name, kw in points:
     out_b = paths.fast(kw)
+    paths.pred.reset_budget_streams()     # the batch-1 row: a stream of these faces alone
     singles = [paths.fast(kw, paths.crops[i:i + 1]) for i in range(f)]
     it1 = np.concatenate([s["iterations"] for s in singles])
     lm1 = np.concatenate([s["landmarks"] for s in singles])

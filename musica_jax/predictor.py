@@ -326,6 +326,7 @@ class Predictor:
     self.default_t_fail = np.inf if default_t_fail is None else float(default_t_fail)
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
     self._face_finder = face_finder
+    self._budget_streams: dict[float, quit_head_lib.BudgetStream] = {}
 
   def find_faces(self, image) -> np.ndarray:
     """Face boxes [K, 4] (landmark-box convention) of one photo, by the face finder."""
@@ -370,6 +371,19 @@ class Predictor:
     return quit_head_lib.budget_iterations(self.model_config, self.quit_info, budget,
                                            budget_mmacs)
 
+  def budget_stream(self, budget: float) -> "quit_head_lib.BudgetStream":
+    """The running account of a budget over this predictor's calls (faces seen,
+    iterations run: `.mean_iterations`); see `run_fast`."""
+    budget = float(budget)
+    if budget not in self._budget_streams:
+      self._budget_streams[budget] = quit_head_lib.BudgetStream(
+          self.quit_info, budget, self.model_config.num_stages)
+    return self._budget_streams[budget]
+
+  def reset_budget_streams(self) -> None:
+    """Forgets every budget's running account (a new video, a new folder)."""
+    self._budget_streams.clear()
+
   def run_fast(self, crops, ts=-np.inf, t_fail=np.inf, budget: float | None = None):
     """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
     iterations of faces that quit (`fast_inference.run_selective`; numpy out).
@@ -377,8 +391,11 @@ class Predictor:
     ts: threshold on the quitting score. budget: mean iterations per face (1..S); each
     batch of n faces then runs exactly round((budget - 1) n) later iterations, split
     over the stages by the model's validation profile, on the faces that need them most
-    (highest score). A single face cannot run a fraction of an iteration: alone, it uses
-    the threshold with that mean iterations on the validation faces.
+    (highest score). A single face cannot run a fraction of an iteration: alone, it quits
+    on a threshold that this predictor adapts call by call so that the faces it has seen
+    with this budget average the budget (`quit_head.BudgetStream`; the first face uses the
+    validation faces' threshold; `reset_budget_streams` starts afresh). So a video or a
+    folder run face by face spends the budget it asks for, as batches do.
     """
     f = crops.shape[0]
     if f == 0:
@@ -396,7 +413,7 @@ class Predictor:
       caps, ts_b = None, ts
       if budget is not None:
         if n == 1:
-          ts_b = max(ts, quit_head_lib.threshold_for_budget(self.quit_info, budget))
+          ts_b = max(ts, self.budget_stream(budget).threshold())
         else:
           caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
       mask = None if b == n else np.arange(b) < n
@@ -407,6 +424,8 @@ class Predictor:
       fields = ("landmarks", "estimated_error", "iterations", "valid")
       got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
       outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
+      if budget is not None:
+        self.budget_stream(budget).record(outs[-1]["iterations"])
     if len(outs) == 1:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -301,3 +301,45 @@ def threshold_for_budget(info: dict, budget: float) -> float:
   table = np.asarray(info["thresholds"], np.float64)   # rows [threshold, mean_iterations]
   order = np.argsort(table[:, 1])
   return float(np.interp(budget, table[order, 1], table[order, 0]))
+
+
+class BudgetStream:
+  """Keeps a budget (mean iterations per face) over a stream of single faces.
+
+  A batch of n >= 2 faces meets its budget exactly (`budget_capacities`); one face alone
+  can only run an iteration or not, so it quits on a threshold. The threshold of the
+  validation faces (`threshold_for_budget`) spends the budget only on faces like them:
+  on easier faces (the 300W test photos with their own boxes, after a validation stream of
+  augmented faces) they quit earlier and the stream runs fewer iterations than asked.
+  This class closes the loop: before each face it asks the validation table for the
+  threshold of `budget + debt / horizon`, the debt being the iterations the stream still
+  owes (budget x faces seen - iterations run); after it, `record` adds what the face ran.
+  The running mean thus tends to the budget whatever the stream's difficulty, while each
+  face still quits on its own score. Plain numpy; deterministic given the stream.
+  """
+
+  def __init__(self, info: dict, budget: float, num_stages: int, horizon: float = 16.0):
+    if not 1.0 <= budget <= num_stages:
+      raise ValueError(f"budget must be in [1, {num_stages}] mean iterations, got {budget}")
+    if horizon <= 0:
+      raise ValueError(f"horizon must be > 0, got {horizon}")
+    self.info, self.budget, self.num_stages, self.horizon = info, float(budget), num_stages, horizon
+    self.faces = 0
+    self.iterations = 0
+
+  @property
+  def mean_iterations(self) -> float:
+    return self.iterations / self.faces if self.faces else float("nan")
+
+  def threshold(self) -> float:
+    """The quitting threshold for the next face."""
+    debt = self.budget * self.faces - self.iterations
+    target = float(np.clip(self.budget + debt / self.horizon, 1.0, self.num_stages))
+    return threshold_for_budget(self.info, target)
+
+  def record(self, iterations) -> None:
+    """Adds the iterations the stream's faces ran (an int or an array of them)."""
+    it = np.asarray(iterations).reshape(-1)
+    self.faces += int(it.size)
+    self.iterations += int(it.sum())
+

@@ -248,3 +248,23 @@ def test_budget_dial_runs_exactly_the_budget():
   assert int(p.predict(images[0], boxes[0], budget=3.0).iterations[0]) == 3
   with pytest.raises(ValueError, match="between 1 and 3"):
     p.predict(images, boxes, budget=4.0)
+
+
+def test_single_faces_in_a_stream_spend_the_budget_asked_for():
+  """Face by face, the validation threshold would run every face 3 times here (its
+  scores, 0, sit on the table's threshold for 2 iterations); the predictor's running
+  account brings the stream's mean to the budget, and a reset starts it afresh."""
+  p = _zero_predictor()                               # shared (cached): forget its past
+  p.reset_budget_streams()
+  p.quit_info = {"profile": [[1.0, 0.0, 0.0], [2.0, 0.75, 0.25], [3.0, 1.0, 1.0]],
+                 "thresholds": [[1.0, 1.0], [-1.0, 3.0]]}
+  image = np.random.default_rng(6).integers(0, 256, (120, 120, 3), dtype=np.uint8)
+  first = [int(p.predict(image, (10, 10, 100, 100), budget=2.0).iterations[0])
+           for _ in range(8)]
+  assert first[0] == 3 and sum(first) == 16          # the open-loop threshold: 24
+  assert p.budget_stream(2.0).mean_iterations == 2.0 and p.budget_stream(2.0).faces == 8
+  assert p.budget_stream(2.5).faces == 0              # one account per budget
+  p.reset_budget_streams()
+  again = [int(p.predict(image, (10, 10, 100, 100), budget=2.0).iterations[0])
+           for _ in range(8)]
+  assert again == first                               # deterministic given the stream

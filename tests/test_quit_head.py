@@ -101,6 +101,30 @@ def test_budget_capacities_are_exact_and_nested(batch):
     quit_head.budget_capacities(INFO, 3.5, batch)
 
 
+def _stream_iterations(threshold, scores):
+  """A stand-in cascade: a face runs its next iteration while its score is >= the
+  threshold (scores [faces, 2]: after iterations 1 and 2)."""
+  go1 = scores[:, 0] >= threshold
+  return 1 + go1 + (go1 & (scores[:, 1] >= threshold))
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.0, 2.5])
+def test_budget_stream_meets_the_budget_on_easier_faces(budget):
+  rng = np.random.default_rng(0)
+  # Scores of faces like INFO's validation faces would give about its table; these are
+  # 3x easier (lower scores), so the table's threshold alone under-spends the budget.
+  scores = rng.exponential(0.05, (3000, 2)) / 3
+  open_loop = _stream_iterations(quit_head.threshold_for_budget(INFO, budget), scores)
+  assert open_loop.mean() < budget - 0.3
+  stream = quit_head.BudgetStream(INFO, budget, 3)
+  for face in scores:
+    stream.record(_stream_iterations(stream.threshold(), face[None]))
+  assert stream.faces == 3000
+  assert abs(stream.mean_iterations - budget) < 0.02
+  with pytest.raises(ValueError, match="budget"):
+    quit_head.BudgetStream(INFO, 3.5, 3)
+
+
 def test_threshold_for_budget_and_budget_iterations():
   assert quit_head.threshold_for_budget(INFO, 2.0) == pytest.approx(0.05)
   assert quit_head.threshold_for_budget(INFO, 2.25) == pytest.approx(0.04)
