@@ -239,7 +239,13 @@ def _speedups(rows, med, b: int, num_stages: int, full_nme) -> None:
 
 def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) -> dict:
   """Through Predictor.predict, from photos and boxes (the crop included): the smallest
-  budget whose NME stays within 2% of the full cascade's, at each batch size."""
+  budget whose NME stays within 2% of the full cascade's, at each batch size.
+
+  Batch b: whole passes over the split, the two paths in turn with the order swapped every
+  round, each path's fastest round. Batch 1: face by face, both paths on the same face
+  back to back (order alternating), each call's fastest of `rounds`, the median over faces
+  (a pass-level alternation let this VM's speed drifts pass for a 1.5x gain at 2.9 of 3
+  iterations)."""
   f, photos, boxes = len(faces.photos), faces.photos, faces.boxes
   through = {}
   for key, nb in ((f"batch{b}", f), ("batch1", n1)):
@@ -248,22 +254,25 @@ def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) 
     if not ok:
       continue
     chosen = min(ok, key=lambda r: r["budget"])["budget"]
+    kw = {"full": {}, "dial": {"budget": chosen}}
     if nb == f:
-      calls = {"full": lambda: pred.predict(photos, boxes),
-               "dial": lambda: pred.predict(photos, boxes, budget=chosen)}
+      t = {k: [] for k in kw}
+      for k in kw:
+        pred.predict(photos, boxes, **kw[k])
+      for r in range(rounds):
+        for k in (("full", "dial") if r % 2 == 0 else ("dial", "full")):
+          t[k].append(_timed(lambda: pred.predict(photos, boxes, **kw[k])) / nb)
+      m = {k: float(np.min(v)) for k, v in t.items()}
     else:
-      calls = {"full": lambda: [pred.predict(photos[i], boxes[i]) for i in range(n1)],
-               "dial": lambda: [pred.predict(photos[i], boxes[i], budget=chosen)
-                                for i in range(n1)]}
-    t = {k: [] for k in calls}
-    for fn in calls.values():
-      fn()
-    for _ in range(rounds):
-      for k, fn in calls.items():
-        t0 = time.perf_counter()
-        fn()
-        t[k].append((time.perf_counter() - t0) / nb)
-    m = {k: float(np.min(v)) for k, v in t.items()}
+      per_face = {k: [] for k in kw}
+      for i in range(nb):
+        best = {k: np.inf for k in kw}
+        for r in range(rounds):
+          for k in (("full", "dial") if (i + r) % 2 == 0 else ("dial", "full")):
+            best[k] = min(best[k], _timed(lambda: pred.predict(photos[i], boxes[i], **kw[k])))
+        for k in kw:
+          per_face[k].append(best[k])
+      m = {k: float(np.median(v)) for k, v in per_face.items()}
     through[key] = {"budget": chosen, "ms_per_face_full": m["full"] * 1e3,
                     "ms_per_face_dial": m["dial"] * 1e3, "speedup": m["full"] / m["dial"]}
     print(f"Predictor.predict (crop included), {key}, budget {chosen:g}: "

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 CODE = """
@@ -55,3 +56,29 @@ def test_benchmark_smoke(tmp_path):
   assert len(ee["capacities"]) == 2 and ee["batched"]["budget_speedup"] > 0
   assert 1.0 <= ee["mean_iterations"] <= 3.0
   assert ee["batched"]["speedup"] > 0 and ee["batch1"]["speedup"] > 0
+
+
+def test_dial_through_predictor_picks_the_budget_and_times_both_paths_per_face():
+  """The batch-1 comparison runs both paths on each face back to back (so a drift of the
+  machine's speed cannot favour one path), with the smallest budget within 2% NME."""
+  from experiments import dial_benchmark_lib as dial
+  calls = []
+
+  class FakePredictor:
+    def predict(self, photos, boxes, budget=None):
+      calls.append((len(photos) if isinstance(photos, list) else 1, budget))
+      return np.zeros(1)
+
+  rows = [{"working_point": f"budget {b}", "budget": b,
+           "batch4": {"nme_change_vs_full_pct": c}, "batch1": {"nme_change_vs_full_pct": c1}}
+          for b, c, c1 in ((2.9, 0.5, 1.0), (2.5, 1.9, 2.5), (2.0, 6.0, 9.0))]
+  faces = dial._Faces(photos=[np.zeros((4, 4, 3))] * 4, boxes=[None] * 4, crops=None, gt=None)
+  out = dial._through_predictor(FakePredictor(), faces, rows, b=4, n1=3, rounds=2)
+  assert out["batch4"]["budget"] == 2.5 and out["batch1"]["budget"] == 2.9
+  singles = [c for c in calls if c[0] == 1]
+  assert len(singles) == 3 * 2 * 2                     # faces x rounds x paths
+  # Face by face: each face's calls come together, both paths in every round.
+  for i in range(3):
+    face = singles[4 * i:4 * i + 4]
+    assert sorted(b is None for _, b in face) == [False, False, True, True]
+  assert all(v["speedup"] > 0 for v in out.values())
