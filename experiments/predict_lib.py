@@ -226,6 +226,11 @@ def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=N
       print(f"{path}: box {[round(v, 1) for v in f['box']]} estimated error "
             f"{f['estimated_error']:.4f} iterations {f['iterations']}/{stages} "
             f"valid {f['valid']}" + (f" -> {out_png}" if out_png else ""))
+  its = [f["iterations"] for f in faces]
+  result["mean_iterations"] = float(np.mean(its)) if its else None
+  if its and (budget is not None or budget_mmacs is not None):
+    print(f"mean iterations {result['mean_iterations']:.2f} over {len(its)} faces "
+          f"(budget {pred_obj.budget_iterations(budget, budget_mmacs):g})")
   if output_json:
     common.write_json(output_json, result, indent=1)
   return result
@@ -299,9 +304,14 @@ def run_video(source, pred_obj, ts=None, t_fail=None, output=None, output_json=N
     result["frames"].append(entry)
   result["redetections"] = tracker.redetections
   result["seconds_including_compile"] = time.perf_counter() - t0
+  its = [g["iterations"] for f in result["frames"] for g in f["faces"]]
+  result["mean_iterations"] = float(np.mean(its)) if its else None
   faces = sum(len(f["faces"]) for f in result["frames"])
   print(f"{source}: {len(result['frames'])} frames, {faces} faces, "
-        f"{tracker.redetections} detector runs" + (f" -> {out_dir}/" if out_dir else ""))
+        f"{tracker.redetections} detector runs"
+        + (f", mean iterations {result['mean_iterations']:.2f}" if its else "")
+        + (f" (budget {budget_it:g})" if budget_it is not None else "")
+        + (f" -> {out_dir}/" if out_dir else ""))
   if output_json:
     common.write_json(output_json, result, indent=1)
   return result

@@ -117,10 +117,13 @@ def test_budget_stream_meets_the_budget_on_easier_faces(budget):
   open_loop = _stream_iterations(quit_head.threshold_for_budget(INFO, budget), scores)
   assert open_loop.mean() < budget - 0.3
   stream = quit_head.BudgetStream(INFO, budget, 3)
+  its = []
   for face in scores:
-    stream.record(_stream_iterations(stream.threshold(), face[None]))
+    its.append(int(_stream_iterations(stream.threshold(), face[None])[0]))
+    stream.record(its[-1])
   assert stream.faces == 3000
   assert abs(stream.mean_iterations - budget) < 0.02
+  assert abs(np.mean(its[:64]) - budget) < 0.05        # it learns the shift within ~16 faces
   with pytest.raises(ValueError, match="budget"):
     quit_head.BudgetStream(INFO, 3.5, 3)
 
