@@ -376,8 +376,8 @@ class Predictor:
     iterations run: `.mean_iterations`); see `run_fast`."""
     budget = float(budget)
     if budget not in self._budget_streams:
-      self._budget_streams[budget] = quit_head_lib.BudgetStream(
-          self.quit_info, budget, self.model_config.num_stages)
+      self._budget_streams.setdefault(budget, quit_head_lib.BudgetStream(
+          self.quit_info, budget, self.model_config.num_stages))
     return self._budget_streams[budget]
 
   def reset_budget_streams(self) -> None:
@@ -410,10 +410,11 @@ class Predictor:
       b = count_bucket(max(n, self.min_batch), self.max_batch)
       if b > n:
         part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
-      caps, ts_b = None, ts
+      caps, ts_b, target = None, ts, None
       if budget is not None:
         if n == 1:
-          ts_b = max(ts, self.budget_stream(budget).threshold())
+          target = self.budget_stream(budget).target()
+          ts_b = max(ts, self.budget_stream(budget).threshold(target))
         else:
           caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
       mask = None if b == n else np.arange(b) < n
@@ -425,7 +426,7 @@ class Predictor:
       got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
       outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
       if budget is not None:
-        self.budget_stream(budget).record(outs[-1]["iterations"])
+        self.budget_stream(budget).record(outs[-1]["iterations"], target)
     if len(outs) == 1:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -315,9 +316,10 @@ class BudgetStream:
   threshold of the target `budget + bias + debt / horizon`, where bias is the mean shortfall
   of the single faces so far (target asked minus iterations run: how much easier this
   stream is than the table) and debt the iterations the stream still owes (budget x faces -
-  iterations run); `record` adds what the face ran. Faces still quit on their own score;
-  the running mean reaches the budget within ~16 faces (tests). Plain numpy;
-  deterministic given the stream.
+  iterations run); `record(iterations, target)` adds what the face ran. Faces still quit
+  on their own score; the running mean reaches the budget within ~16 faces (tests). Plain
+  numpy; deterministic given the stream; the counters are updated under a lock, so threads
+  may share a stream (each reads slightly older counters).
   """
 
   def __init__(self, info: dict, budget: float, num_stages: int, horizon: float = 16.0):
@@ -329,27 +331,29 @@ class BudgetStream:
     self.faces = 0
     self.iterations = 0
     self._shortfall, self._single_faces = 0.0, 0
-    self._target = None
+    self._lock = threading.Lock()   # threads sharing a predictor update the counters safely
 
   @property
   def mean_iterations(self) -> float:
     return self.iterations / self.faces if self.faces else float("nan")
 
-  def threshold(self) -> float:
-    """The quitting threshold for the next face."""
+  def target(self) -> float:
+    """The mean iterations to ask the validation table for, for the next face."""
     debt = self.budget * self.faces - self.iterations
     bias = self._shortfall / self._single_faces if self._single_faces else 0.0
-    self._target = float(np.clip(self.budget + bias + debt / self.horizon, 1.0,
-                                 self.num_stages))
-    return threshold_for_budget(self.info, self._target)
+    return float(np.clip(self.budget + bias + debt / self.horizon, 1.0, self.num_stages))
 
-  def record(self, iterations) -> None:
-    """Adds the iterations the stream's faces ran (an int or an array of them); after
-    `threshold()`, the faces that quit on it also update the bias."""
+  def threshold(self, target: float | None = None) -> float:
+    """The quitting threshold for the next face (of `target`, default `self.target()`)."""
+    return threshold_for_budget(self.info, self.target() if target is None else target)
+
+  def record(self, iterations, target: float | None = None) -> None:
+    """Adds the iterations the stream's faces ran (an int or an array of them). Faces
+    that quit on `threshold(target)` pass that target: they teach the bias."""
     it = np.asarray(iterations).reshape(-1)
-    self.faces += int(it.size)
-    self.iterations += int(it.sum())
-    if self._target is not None:
-      self._shortfall += self._target * it.size - float(it.sum())
-      self._single_faces += int(it.size)
-      self._target = None
+    with self._lock:
+      self.faces += int(it.size)
+      self.iterations += int(it.sum())
+      if target is not None:
+        self._shortfall += target * it.size - float(it.sum())
+        self._single_faces += int(it.size)

@@ -119,8 +119,9 @@ def test_budget_stream_meets_the_budget_on_easier_faces(budget):
   stream = quit_head.BudgetStream(INFO, budget, 3)
   its = []
   for face in scores:
-    its.append(int(_stream_iterations(stream.threshold(), face[None])[0]))
-    stream.record(its[-1])
+    target = stream.target()
+    its.append(int(_stream_iterations(stream.threshold(target), face[None])[0]))
+    stream.record(its[-1], target)
   assert stream.faces == 3000
   assert abs(stream.mean_iterations - budget) < 0.02
   assert abs(np.mean(its[:64]) - budget) < 0.05        # it learns the shift within ~16 faces
