@@ -125,13 +125,21 @@ def test_buckets():
 
 
 @functools.lru_cache(maxsize=1)
-def _zero_predictor():
-  """A small model whose parameters are all zero: it never moves the mean shape, so its
-  landmarks are exactly the mean shape mapped back through the crop frame."""
+def _zero_predictor_compiled():
   cfg = ModelConfig(num_landmarks=68, patch_indices=tuple(range(0, 68, 4)), hidden_size=32)
   params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model_io.param_template(cfg))
   mean = np.random.default_rng(2).uniform(60, 170, (68, 2)).astype(np.float32)
   return predictor_lib.Predictor(params, cfg, mean, max_batch=4, min_batch=4)
+
+
+def _zero_predictor():
+  """A small model whose parameters are all zero: it never moves the mean shape, so its
+  landmarks are exactly the mean shape mapped back through the crop frame. One object
+  (its compiled programs) shared by the tests, its mutable state reset for each."""
+  p = _zero_predictor_compiled()
+  p.quit_info = None
+  p.reset_budget_streams()
+  return p
 
 
 def test_predict_maps_landmarks_back_to_image_coordinates():
@@ -254,8 +262,7 @@ def test_single_faces_in_a_stream_spend_the_budget_asked_for():
   """Face by face, the validation threshold would run every face 3 times here (its
   scores, 0, sit on the table's threshold for 2 iterations); the predictor's running
   account brings the stream's mean to the budget, and a reset starts it afresh."""
-  p = _zero_predictor()                               # shared (cached): forget its past
-  p.reset_budget_streams()
+  p = _zero_predictor()
   p.quit_info = {"profile": [[1.0, 0.0, 0.0], [2.0, 0.75, 0.25], [3.0, 1.0, 1.0]],
                  "thresholds": [[1.0, 1.0], [-1.0, 3.0]]}
   image = np.random.default_rng(6).integers(0, 256, (120, 120, 3), dtype=np.uint8)
