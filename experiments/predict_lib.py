@@ -229,8 +229,9 @@ def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=N
   its = [f["iterations"] for f in faces]
   result["mean_iterations"] = float(np.mean(its)) if its else None
   if its and (budget is not None or budget_mmacs is not None):
-    print(f"mean iterations {result['mean_iterations']:.2f} over {len(its)} faces "
-          f"(budget {pred_obj.budget_iterations(budget, budget_mmacs):g})")
+    print(f"mean iterations {result['mean_iterations']:.2f} over {len(its)} "
+          f"face{'s' if len(its) > 1 else ''} (budget "
+          f"{pred_obj.budget_iterations(budget, budget_mmacs):g} per face on average)")
   if output_json:
     common.write_json(output_json, result, indent=1)
   return result
