@@ -82,7 +82,7 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
   from musica_jax import fast_inference  # noqa: PLC0415
   from musica_jax import portable  # noqa: PLC0415
   exp = jax.export.deserialize(portable.export_stablehlo(pred.params, pred.model_config,
-                                                          pred.mean_shape))
+                                                         pred.mean_shape))
   bf16 = fast_inference.FastCascade(pred.params, pred.model_config, weight_dtype=jnp.bfloat16)
   framed = [pred.crops(im, it.box)[:3] for it, im in zip(items, images)]  # crop, scale, offset
   init = jnp.asarray(pred.mean_shape)

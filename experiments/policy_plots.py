@@ -58,7 +58,8 @@ def figure2(sw: dict, comparison: dict | None, path, title: str = "",
   _save(fig, path)
 
 
-def t_fail_plot(t_fail: dict, path, title: str = "", nme_label: str = "NME of valid faces (%)") -> None:
+def t_fail_plot(t_fail: dict, path, title: str = "",
+                nme_label: str = "NME of valid faces (%)") -> None:
   """Fraction declared invalid vs the NME of the remaining faces (ours vs the oracle)."""
   fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
   x = np.asarray(t_fail["invalid_fraction"]) * 100

@@ -188,9 +188,9 @@ def _plots(cfg, title, a, t_fail, true_error) -> list[str]:
                        nme_label=f"NME, {cfg.norm} (%)")
   t_fail_png = str(pathlib.Path(plot).with_suffix(".t_fail.png"))
   policy_plots.t_fail_plot(t_fail["curve"], t_fail_png,
-                       title=title + (f", Ts={cfg.t_fail_ts:g}" if cfg.t_fail_ts is not None
-                                      else ", full cascade"),
-                       nme_label=f"NME of valid faces, {cfg.norm} (%)")
+                           title=title + (f", Ts={cfg.t_fail_ts:g}"
+                                          if cfg.t_fail_ts is not None else ", full cascade"),
+                           nme_label=f"NME of valid faces, {cfg.norm} (%)")
   cal_png = str(pathlib.Path(plot).with_suffix(".calibration.png"))
   policy_plots.calibration_plot(a["estimated"], true_error, cal_png, title=title)
   return [plot, t_fail_png, cal_png]

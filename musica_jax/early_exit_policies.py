@@ -262,7 +262,7 @@ def sweep(nme, estimated, ts_values: Sequence[float] | None = None, draws: int =
 # ----------------------------------------------------------------------------- Tf
 
 def t_fail_curve(final_nme, final_estimated, max_points: int = 201,
-             failure_threshold: float | None = None) -> dict:
+                 failure_threshold: float | None = None) -> dict:
   """Failure threshold analysis: faces with final estimated error >= Tf are invalid.
 
   Args:

@@ -277,16 +277,22 @@ def load_model(path, verify: bool = True) -> LoadedModel:
       v = v.view(ml_dtypes.bfloat16)
     arrays.append(np.asarray(v, np.float32))
   params = jax.tree_util.tree_unflatten(treedef, arrays)
-  try:
-    head = quit_head.load(p, cfg.num_stages, cfg.hidden_size)
-  except (ValueError, KeyError, OSError) as e:
-    raise ValueError(f"model {path}: quit head: {e}") from e
+  head, head_info = _quit_head(p, cfg, f"model {path}")
   return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
                      metadata=info.get("metadata", {}), dtype=dtype, path=str(p),
                      # "default_tf": the key's name in models exported before the rename
                      default_t_fail=info.get("default_t_fail", info.get("default_tf")),
-                     quit_head=None if head is None else head[0],
-                     quit_info=None if head is None else head[1])
+                     quit_head=head, quit_info=head_info)
+
+
+def _quit_head(directory, cfg: ModelConfig, where: str):
+  """(parameters, info) of the quitting policy stored in `directory`, (None, None) when
+  there is none; a ValueError naming `where` when it cannot be read."""
+  try:
+    head = quit_head.load(directory, cfg.num_stages, cfg.hidden_size)
+  except (ValueError, KeyError, OSError) as e:
+    raise ValueError(f"{where}: quit head: {e}") from e
+  return (None, None) if head is None else head
 
 
 def best_step(workdir, steps) -> int:
@@ -373,14 +379,10 @@ def restore(workdir, step="latest", on_skip=None) -> LoadedModel:
     meta["skipped_damaged_checkpoints"] = skipped
   if step == "best":
     meta["chosen_on"] = run.get("data", {}).get("eval_split")
-  try:
-    head = quit_head.load(workdir, model_cfg.num_stages, model_cfg.hidden_size)
-  except (ValueError, KeyError, OSError) as e:
-    raise ValueError(f"workdir {workdir}: quit head: {e}") from e
+  head, head_info = _quit_head(workdir, model_cfg, f"workdir {workdir}")
   return LoadedModel(params=params, model_config=model_cfg, mean_shape=run["mean_shape"],
                      metadata=meta, dtype="float32", path=str(workdir),
-                     quit_head=None if head is None else head[0],
-                     quit_info=None if head is None else head[1], from_workdir=True)
+                     quit_head=head, quit_info=head_info, from_workdir=True)
 
 
 def load(source, step="latest", on_skip=None) -> LoadedModel:

@@ -376,8 +376,8 @@ class Predictor:
     iterations run: `.mean_iterations`); see `run_fast`."""
     budget = float(budget)
     if budget not in self._budget_streams:
-      self._budget_streams.setdefault(budget, quit_head_lib.BudgetStream(
-          self.quit_info, budget, self.model_config.num_stages))
+      self._budget_streams[budget] = quit_head_lib.BudgetStream(
+          self.quit_info, budget, self.model_config.num_stages)
     return self._budget_streams[budget]
 
   def reset_budget_streams(self) -> None:
@@ -403,6 +403,7 @@ class Predictor:
       return {"landmarks": np.zeros((0, n, 2), np.float32),
               "estimated_error": np.zeros(0, np.float32),
               "iterations": np.zeros(0, np.int32), "valid": np.zeros(0, bool)}
+    stream = None if budget is None else self.budget_stream(budget)
     outs = []
     for start in range(0, f, self.max_batch):
       part = crops if f <= self.max_batch else crops[start:start + self.max_batch]
@@ -411,10 +412,10 @@ class Predictor:
       if b > n:
         part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
       caps, ts_b, target = None, ts, None
-      if budget is not None:
+      if stream is not None:
         if n == 1:
-          target = self.budget_stream(budget).target()
-          ts_b = max(ts, self.budget_stream(budget).threshold(target))
+          target = stream.target()
+          ts_b = max(ts, stream.threshold(target))
         else:
           caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
       mask = None if b == n else np.arange(b) < n
@@ -425,8 +426,8 @@ class Predictor:
       fields = ("landmarks", "estimated_error", "iterations", "valid")
       got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
       outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
-      if budget is not None:
-        self.budget_stream(budget).record(outs[-1]["iterations"], target)
+      if stream is not None:
+        stream.record(outs[-1]["iterations"], target)
     if len(outs) == 1:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

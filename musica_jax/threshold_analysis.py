@@ -60,11 +60,11 @@ def t_fail_analysis(nme, est, t_fail_ts: float | None) -> dict:
   """The Tf curve (faces whose final estimated error >= Tf are invalid), under early exit
   at `t_fail_ts` (None: the full cascade)."""
   s, f = nme.shape
-  exit_t_fail = (eep.exit_iterations(est, t_fail_ts) if t_fail_ts is not None
-             else np.full(f, s - 1, np.int64))
-  curve = eep.t_fail_curve(eep.assignment_nme(nme, exit_t_fail), eep.assignment_nme(est, exit_t_fail),
-                       failure_threshold=FAILURE_THRESHOLD_NME)
-  return {"ts": t_fail_ts, "mean_iterations": float(exit_t_fail.mean() + 1),
+  exits = (eep.exit_iterations(est, t_fail_ts) if t_fail_ts is not None
+           else np.full(f, s - 1, np.int64))
+  curve = eep.t_fail_curve(eep.assignment_nme(nme, exits), eep.assignment_nme(est, exits),
+                           failure_threshold=FAILURE_THRESHOLD_NME)
+  return {"ts": t_fail_ts, "mean_iterations": float(exits.mean() + 1),
           "failure_threshold_nme": FAILURE_THRESHOLD_NME, "curve": curve}
 
 
