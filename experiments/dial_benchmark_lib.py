@@ -255,7 +255,7 @@ def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) 
       continue
     chosen = min(ok, key=lambda r: r["budget"])["budget"]
     kw = {"full": {}, "dial": {"budget": chosen}}
-    if nb == f:
+    if key != "batch1":
       t = {k: [] for k in kw}
       for k in kw:
         pred.predict(photos, boxes, **kw[k])

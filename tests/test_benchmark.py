@@ -73,12 +73,13 @@ def test_dial_through_predictor_picks_the_budget_and_times_both_paths_per_face()
            "batch4": {"nme_change_vs_full_pct": c}, "batch1": {"nme_change_vs_full_pct": c1}}
           for b, c, c1 in ((2.9, 0.5, 1.0), (2.5, 1.9, 2.5), (2.0, 6.0, 9.0))]
   faces = dial._Faces(photos=[np.zeros((4, 4, 3))] * 4, boxes=[None] * 4, crops=None, gt=None)
-  out = dial._through_predictor(FakePredictor(), faces, rows, b=4, n1=3, rounds=2)
+  # n1 = all the faces (the default): the batch-1 row must still call face by face.
+  out = dial._through_predictor(FakePredictor(), faces, rows, b=4, n1=4, rounds=2)
   assert out["batch4"]["budget"] == 2.5 and out["batch1"]["budget"] == 2.9
   singles = [c for c in calls if c[0] == 1]
-  assert len(singles) == 3 * 2 * 2                     # faces x rounds x paths
+  assert len(singles) == 4 * 2 * 2                     # faces x rounds x paths
   # Face by face: each face's calls come together, both paths in every round.
-  for i in range(3):
+  for i in range(4):
     face = singles[4 * i:4 * i + 4]
     assert sorted(b is None for _, b in face) == [False, False, True, True]
   assert all(v["speedup"] > 0 for v in out.values())
