@@ -137,8 +137,8 @@ def _points(info, budgets, ts_budgets) -> list[tuple[str, dict]]:
   """(name, run_fast keywords) of the full cascade and every working point."""
   points = [("full cascade (fast path, Ts=-inf)", dict())]
   points += [(f"budget {float(x):g}", dict(budget=float(x))) for x in budgets]
-  points += [(f"Ts {quit_head.threshold_for_budget(info, float(x)):.4g}",
-              dict(ts=quit_head.threshold_for_budget(info, float(x)))) for x in ts_budgets]
+  thresholds = [quit_head.threshold_for_budget(info, float(x)) for x in ts_budgets]
+  points += [(f"Ts {t:.4g}", dict(ts=t)) for t in thresholds]
   return points
 
 

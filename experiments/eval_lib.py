@@ -15,11 +15,6 @@ from musica_jax import training
 from musica_jax.config import ModelConfig
 from musica_jax.schemes import LandmarkScheme
 
-PER_FACE_KEYS = ("nme_interpupil_per_iteration", "nme_interocular_per_iteration",
-                 "nme_box_per_iteration", "nme_interocular_early_exit",
-                 "nme_interpupil_early_exit", "nme_interocular_init", "nme_interpupil_init",
-                 "estimated_error", "true_error", "iterations", "valid", "attention",
-                 "landmarks", "shapes")
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,27 +52,26 @@ DESIGNS = (
 
 @functools.partial(jax.jit, static_argnames=("config", "scheme"))
 def _per_face(params, images, landmarks, init, config, scheme):
-  """Features [S, B, D], the network's E [S, B], inter-ocular / inter-pupil NME [S, B]."""
+  """Features [S, B, D], the network's E [S, B], inter-ocular NME [S, B]."""
   out = cascade.run_cascade(params, images, init, config)
   prev = jnp.concatenate([jnp.broadcast_to(init, out.shapes[:1].shape), out.shapes[:-1]])
   feats = quit_head.features(out.hiddens, out.errors,
                              quit_head.step_length(out.shapes, prev))
   io = metrics.per_face_nme(out.shapes, landmarks, scheme, "interocular")
-  ip = metrics.per_face_nme(out.shapes, landmarks, scheme, "interpupil")
-  return feats, out.errors, io, ip
+  return feats, out.errors, io
 
 
 def collect(batches, params, config, scheme, init, limit=None) -> dict:
-  parts = {"feats": [], "E": [], "nme": [], "nme_ip": []}
+  parts = {"feats": [], "E": [], "nme": []}
   t0, faces = time.time(), 0
   for n, batch in enumerate(batches):
     if limit is not None and n >= limit:
       break
-    f, e, io, ip = _per_face(params, batch["image"], batch["landmarks"], init, config, scheme)
+    f, e, io = _per_face(params, batch["image"], batch["landmarks"], init, config, scheme)
     keep = np.asarray(batch["mask"], bool) if "mask" in batch else slice(None)
-    for k, v in (("feats", f), ("E", e), ("nme", io), ("nme_ip", ip)):
+    for k, v in (("feats", f), ("E", e), ("nme", io)):
       parts[k].append(np.asarray(v)[:, keep])
-    faces += int(np.asarray(e)[:, keep].shape[1])
+    faces += parts["E"][-1].shape[1]
   print(f"  {faces} faces in {time.time() - t0:.0f} s", flush=True)
   return {k: np.concatenate(v, axis=1) for k, v in parts.items()}
 
