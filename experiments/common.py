@@ -134,6 +134,14 @@ def finite_flag(name: str, value, *, positive: bool = False, allow_inf: bool = F
   return value
 
 
+def float_list_flag(name: str, values) -> tuple[float, ...]:
+  """The numbers of list flag --name (UsageError naming it when one is not a number)."""
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError as e:
+    raise app.UsageError(f"--{name}: numbers expected, got {values}") from e
+
+
 def int_flag_at_least(name: str, value: int, minimum: int) -> int:
   if value < minimum:
     raise app.UsageError(f"--{name}={value}: must be >= {minimum}")

@@ -11,6 +11,7 @@ import time
 from absl import app
 import numpy as np
 
+from experiments import common
 from experiments import compare_dlib
 from experiments import predict_lib
 from musica_jax import face_frame
@@ -71,8 +72,7 @@ def folder_section(model, items, images) -> dict:
 
 
 def _load(model):
-  return (predictor_lib.Predictor.default() if model == "default"
-          else predictor_lib.Predictor.from_saved_model(model))
+  return predictor_lib.Predictor.from_loaded(common.load_model(None, model))
 
 
 def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:

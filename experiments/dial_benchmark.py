@@ -55,13 +55,6 @@ def define_flags() -> None:
   d("string", "from_json", None, "Only render --output_md from this earlier JSON.")
 
 
-def _floats(values, name):
-  try:
-    return tuple(float(v) for v in values)
-  except ValueError as e:
-    raise app.UsageError(f"--{name}: numbers expected, got {values}") from e
-
-
 def main(argv):
   common.start(argv)
   if FLAGS.from_json:
@@ -71,8 +64,9 @@ def main(argv):
       raise app.UsageError("--output_json is required (or --from_json to render a table)")
     cfg = dial_benchmark_lib.DialConfig(
         output_json=FLAGS.output_json, model=FLAGS.model, split=FLAGS.split,
-        budgets=_floats(FLAGS.budgets, "budgets"),
-        ts_for_budgets=_floats(FLAGS.ts_for_budgets, "ts_for_budgets"), rounds=FLAGS.rounds,
+        budgets=common.float_list_flag("budgets", FLAGS.budgets),
+        ts_for_budgets=common.float_list_flag("ts_for_budgets", FLAGS.ts_for_budgets),
+        rounds=FLAGS.rounds,
         batch1_faces=FLAGS.batch1_faces, calibration_png=FLAGS.calibration_png)
     res = dial_benchmark_lib.run(cfg, data_flags.config_from_flags(),
                                  "python -m experiments.dial_benchmark " + " ".join(sys.argv[1:]))

@@ -120,8 +120,8 @@ class _Faces:
 
 
 def _load(model: str, max_batch: int):
-  return (predictor_lib.Predictor.default(max_batch=max_batch) if model == "default" else
-          predictor_lib.Predictor.from_saved_model(model, max_batch=max_batch))
+  return predictor_lib.Predictor.from_loaded(common.load_model(None, model),
+                                             max_batch=max_batch)
 
 
 def _faces(pred, data_cfg, split) -> _Faces:

@@ -72,22 +72,16 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["output_json"])
 
 
-def _floats(values, name):
-  try:
-    return tuple(float(v) for v in values)
-  except ValueError as e:
-    raise app.UsageError(f"--{name}: numbers expected, got {values}") from e
-
-
 def config_from_flags() -> sweep_thresholds_lib.SweepConfig:
   return sweep_thresholds_lib.SweepConfig(
       output_json=FLAGS.output_json, workdir=FLAGS.workdir, model=FLAGS.model,
       checkpoint=FLAGS.checkpoint, plot=FLAGS.plot, num_ts=FLAGS.num_ts, draws=FLAGS.draws,
       seed=FLAGS.policy_seed, norm=FLAGS.nme_normalisation,
       compare_iterations=FLAGS.compare_iterations,
-      target_nme=_floats(FLAGS.target_nme, "target_nme"),
-      budget_iterations=_floats(FLAGS.working_iterations, "budget_iterations"),
-      budget_mmacs=_floats(FLAGS.working_mmacs, "budget_mmacs"), t_fail_ts=FLAGS.t_fail_ts,
+      target_nme=common.float_list_flag("target_nme", FLAGS.target_nme),
+      budget_iterations=common.float_list_flag("working_iterations", FLAGS.working_iterations),
+      budget_mmacs=common.float_list_flag("working_mmacs", FLAGS.working_mmacs),
+      t_fail_ts=FLAGS.t_fail_ts,
       figure7_workdirs=tuple(FLAGS.figure7_workdirs), figure7_plot=FLAGS.figure7_plot,
       figure7_json=FLAGS.figure7_json, figure1=FLAGS.figure1,
       figure1_faces=FLAGS.figure1_faces, figure1_ts=FLAGS.figure1_ts)
