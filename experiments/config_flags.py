@@ -23,7 +23,8 @@ from musica_jax import schemes
 
 FLAGS = flags.FLAGS
 
-MODEL_FIELDS = ("levels", "use_attention", "extractor", "global_attention", "hidden_size")
+MODEL_FIELDS = ("levels", "use_attention", "extractor", "global_attention", "hidden_size",
+                "recurrent_rank")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.TrainConfig)
                      if f.name != "seed")
 LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.LoopConfig))
@@ -39,6 +40,10 @@ _HELP = {
     "global_attention": "Global patch attention over all patches of a face: none, fc or gcn "
                         "(k-nearest-patch graph; paper Table 4 ablation).",
     "hidden_size": "Recurrent state size.",
+    "recurrent_rank": "Rank of the recurrent FC's kernel: 0 = one dense [P*D + H, H] kernel "
+                      "(the paper's); r > 0 = factors u [P*D + H, r] @ v [r, H], computed as "
+                      "(x @ u) @ v (fewer weights and MACs; fine-tune from a dense model with "
+                      "--init_from).",
     # training
     "steps": "Total training steps.",
     "learning_rate": "Adam learning rate.",
@@ -51,6 +56,13 @@ _HELP = {
     "lr_schedule": "staircase: x decay_factor every decay_steps (the paper's); cosine: "
                    "linear warm-up over --warmup_steps, then cosine decay until --steps.",
     "warmup_steps": "--lr_schedule=cosine: linear warm-up steps.",
+    "init_from": "Start a new run from a model's weights (parameters and EMA) instead of a "
+                 "random initialisation: an exported model directory, 'default' (the shipped "
+                 "model) or a training workdir (its latest EMA weights). The model flags must "
+                 "match the source's but for --recurrent_rank (a dense source is factorised "
+                 "by truncated SVD). Ignored when --workdir holds a checkpoint (the run "
+                 "resumes). Steps, schedule and EMA warm-up count from 0; the initial shape "
+                 "is this run's training mean shape.",
     # loop
     "log_every": "Steps between progress lines.",
     "eval_every": "Steps between evaluations on --eval_split (0: only at the end; -1: never).",
@@ -96,7 +108,8 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     return config_lib.for_scheme(scheme, FLAGS.num_patches or None,
                                  **{**values, "levels": levels})
   except ValueError as e:
-    raise ValueError(f"--num_patches/--levels: {e}") from e
+    named = [f"--{n}" for n in MODEL_FIELDS if n in str(e) and n != "levels"]
+    raise ValueError(f"{'/'.join(named) or '--num_patches/--levels'}: {e}") from e
 
 
 def train_config_from_flags(seed: int) -> config_lib.TrainConfig:

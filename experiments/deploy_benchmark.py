@@ -12,6 +12,10 @@ r"""Deployment numbers, every section from one run on one machine (JSON out):
   alone, the exported StableHLO program, dlib's ERT shape predictor (its box mapped from
   the landmark box as experiments.compare_dlib) and dlib's HOG detector per photo; medians
   and NME (inter-pupil) of each on those faces.
+- batch: photos to landmarks in batches of --predict_batch faces: Predictor.predict (the
+  crop in the cascade's program) against the cascade alone on the same faces' crops
+  (made beforehand, on the device), and --batch_budgets through predict; whole passes,
+  paths in rotated order, fastest pass each; faces/s, ratios and NME.
 - detector: every common photo without a box: the fraction of faces the HOG detector
   finds (IoU >= 0.3 with the ground-truth box) and the NME from its (mapped) boxes beside
   the NME from ground-truth boxes.
@@ -48,6 +52,9 @@ def define_flags():
   d("integer", "video_frames", 60, "Frames of the synthetic sequence.")
   d("float", "video_t_fail", 0.08, "Re-detection threshold on the estimated error.")
   d("string", "compilation_cache", "", "Persistent XLA cache directory ('' = none).")
+  d("integer", "predict_batch", 64, "Faces per predict call in the batch section.")
+  d("integer", "batch_rounds", 5, "Rounds of the batch section (fastest kept).")
+  d("list", "batch_budgets", ["2.0"], "Budgets timed through predict in the batch section.")
   d("string", "savedmodel", None, "Also time this SavedModel (export_model "
     "--format=savedmodel; DIR/saved_model) at batch 1 (imports TensorFlow).")
 
@@ -61,7 +68,8 @@ def main(argv):
       latency_ts=tuple(FLAGS.latency_ts), latency_budgets=tuple(FLAGS.latency_budgets),
       dlib_box_fit_json=FLAGS.dlib_box_fit_json, video_frames=FLAGS.video_frames,
       video_t_fail=FLAGS.video_t_fail, compilation_cache=FLAGS.compilation_cache,
-      savedmodel=FLAGS.savedmodel)
+      savedmodel=FLAGS.savedmodel, batch_size=FLAGS.predict_batch,
+      batch_rounds=FLAGS.batch_rounds, batch_budgets=tuple(FLAGS.batch_budgets))
   result = deploy_benchmark_lib.run(
       cfg, "python -m experiments.deploy_benchmark " + " ".join(sys.argv[1:]))
   if FLAGS.output_json:

@@ -4,6 +4,7 @@ docstring for what each section measures). Tests call the pieces in-process."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
 
-SECTIONS = ("folder", "latency", "detector", "video")
+SECTIONS = ("folder", "latency", "batch", "detector", "video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class DeployConfig:
   video_t_fail: float = 0.08
   compilation_cache: str = ""
   savedmodel: str | None = None
+  batch_size: int = 64
+  batch_rounds: int = 5
+  batch_budgets: tuple[str, ...] = ("2.0",)
 
 
 def _nme(pred, gt, kind="interpupil"):
@@ -79,6 +83,7 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
   """{name: f -> (landmarks of face f or None, iterations)} of our paths at batch 1."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from musica_jax import cascade  # noqa: PLC0415
   from musica_jax import fast_inference  # noqa: PLC0415
   from musica_jax import portable  # noqa: PLC0415
   exp = jax.export.deserialize(portable.export_stablehlo(pred.params, pred.model_config,
@@ -106,6 +111,9 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
            "crop alone (host)": lambda f: (pred.crops(images[f], items[f].box), None)[1:],
            "full, crop given (Predictor.run_fast)": crop_only(
                lambda c: pred.run_fast(c)["landmarks"]),
+           "full, crop given, masked scan (cascade.run_cascade_jit)": crop_only(
+               lambda c: np.asarray(cascade.run_cascade_jit(
+                   pred.params, c, init, pred.model_config).landmarks)),
            "full, crop given, bf16 recurrent+head weights": crop_only(
                lambda c: np.asarray(bf16.run(c, init).landmarks)),
            "full, crop given, exported StableHLO": crop_only(
@@ -189,6 +197,49 @@ def latency_section(pred, items, images, ts_list, budgets, box_fit_json, rounds=
   return {"faces": len(items), "rounds": rounds, "rows": rows,
           "timing": "batch 1; per face every path `rounds` times back to back (order "
                     "shuffled face by face), the fastest call kept; median over faces"}
+
+
+def batch_section(model, items, images, batch: int, budgets, rounds: int) -> dict:
+  """Photos to landmarks in batches of `batch` faces: Predictor.predict (photos + boxes;
+  the host part of the crop, then the crop and the cascade in one program) against the
+  cascade alone on the same faces' crops, made beforehand and already on the device
+  (Predictor.run_fast), and each budget through predict; whole passes over the faces,
+  the paths in a rotated order every round, each path's fastest pass."""
+  import jax  # noqa: PLC0415
+  pred = predictor_lib.Predictor.from_loaded(common.load_model(None, model), max_batch=batch)
+  chunks = [(s, min(s + batch, len(items))) for s in range(0, len(items), batch)]
+  boxes = [it.box for it in items]
+  crops = [jax.block_until_ready(pred.crops(images[a:b], boxes[a:b])[0]) for a, b in chunks]
+  paths = {"predict": lambda **kw: [pred.predict(images[a:b], boxes[a:b], **kw)
+                                    for a, b in chunks],
+           "cascade alone (run_fast, crops given)": lambda: [pred.run_fast(c) for c in crops]}
+  paths.update({f"predict budget {x}": functools.partial(paths["predict"], budget=float(x))
+                for x in budgets})
+  outs = {k: run() for k, run in paths.items()}      # compilation outside the timing
+  times = {k: [] for k in paths}
+  names = list(paths)
+  for r in range(rounds):
+    for k in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      paths[k]()
+      times[k].append(time.perf_counter() - t0)
+  n = len(items)
+  gt = np.stack([it.landmarks for it in items])
+  alone = min(times["cascade alone (run_fast, crops given)"])
+  full = min(times["predict"])
+  rows = {}
+  for k in names:
+    best = min(times[k])
+    rows[k] = {"ms_per_face": 1e3 * best / n, "faces_per_second": n / best,
+               "over_cascade_alone": best / alone, "speedup_vs_predict": full / best}
+    if k.startswith("predict"):
+      lm = np.concatenate([o.landmarks for o in outs[k]])
+      rows[k]["nme_interpupil"] = 100 * float(_nme(lm, gt).mean())
+      rows[k]["mean_iterations"] = float(np.concatenate([o.iterations for o in outs[k]]).mean())
+  return {"faces": n, "batch": batch, "rounds": rounds, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0].device_kind), "rows": rows,
+          "timing": "whole passes over the faces in batches, paths in rotated order each "
+                    "round, fastest pass per path; decoding excluded"}
 
 
 def detector_section(pred, items, images) -> dict:
@@ -304,6 +355,11 @@ def run(cfg: DeployConfig, command: str = "") -> dict:
   try:
     if "latency" in cfg.sections:
       result["latency"] = _latency(cfg, pred, items, images)
+    if "batch" in cfg.sections:
+      result["batch"] = batch_section(cfg.model, items, images, cfg.batch_size,
+                                      cfg.batch_budgets, cfg.batch_rounds)
+      for k, v in result["batch"]["rows"].items():
+        print(f"batch {cfg.batch_size} {k}: {v}", flush=True)
     if "detector" in cfg.sections:
       result["detector"] = detector_section(pred, items, images)
       print("detector:", result["detector"], flush=True)

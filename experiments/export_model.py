@@ -79,9 +79,10 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
   size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
   summary = {"output": str(out.resolve()), "dtype": dtype, "bytes": size,
              "checkpoint_step": info["checkpoint_step"], "landmarks": cfg.num_landmarks,
-             "patches": cfg.num_patches}
+             "patches": cfg.num_patches, "recurrent_rank": cfg.recurrent_rank}
+  rank = f", recurrent rank {cfg.recurrent_rank}" if cfg.recurrent_rank else ""
   print(f"wrote {out} ({size / 1e6:.1f} MB, {dtype}, step {info['checkpoint_step']}, "
-        f"{cfg.num_landmarks} landmarks / {cfg.num_patches} patches)")
+        f"{cfg.num_landmarks} landmarks / {cfg.num_patches} patches{rank})")
   return summary
 
 

@@ -1,5 +1,6 @@
 """Model cost table (paper Table 1): multiply-adds, parameters and weight memory of every
-variant, then the Table 4 ablation variants and the phone model (section 4.3).
+variant, then the Table 4 ablation variants, the phone model (section 4.3) and factored
+recurrent layers (`recurrent_rank`).
 
   python -m experiments.macs --output_json=macs.json
 
@@ -40,6 +41,11 @@ OTHER_VARIANTS = (
     ("68/68 global FC", 68, dict(global_attention="fc")),
     ("68/68 global GCN", 68, dict(global_attention="gcn")),
     ("68/23 phone (2 it., no local attention)", 23, dict(levels=(1, 0), use_attention=False)),
+    # The factored recurrent layer (ModelConfig.recurrent_rank; fine-tuned from a dense
+    # model with experiments.train --init_from).
+    ("68/34 recurrent rank 128", 34, dict(recurrent_rank=128)),
+    ("68/34 recurrent rank 64", 34, dict(recurrent_rank=64)),
+    ("68/68 recurrent rank 128", 68, dict(recurrent_rank=128)),
 )
 
 
@@ -56,7 +62,7 @@ def _row(cfg: config_lib.ModelConfig, patches: int, dtype: str) -> dict:
   return {
       "landmarks": cfg.num_landmarks, "patches": patches, "iterations": cfg.num_stages,
       "use_attention": cfg.use_attention, "extractor": cfg.extractor,
-      "global_attention": cfg.global_attention,
+      "global_attention": cfg.global_attention, "recurrent_rank": cfg.recurrent_rank,
       "mmacs": round(cost.cascade_macs(cfg) / 1e6, 3),
       "mmacs_per_iteration": round(cost.cascade_macs(cfg, 1) / 1e6, 3),
       "mparams": round(cost.parameter_count(cfg) / 1e6, 3),

@@ -33,6 +33,8 @@ from experiments import common
 from experiments import eval_lib
 from musica_jax import checkpoints
 from musica_jax import config as config_lib
+from musica_jax import factorise
+from musica_jax import model_io
 from musica_jax import parallel
 from musica_jax import run_config
 from musica_jax import schemes
@@ -118,14 +120,52 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def newest_checkpoint(workdir: str) -> int | None:
+  """The step of the newest checkpoint folder in `workdir` (None: none; a run there
+  starts afresh)."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return max((int(p.name) for p in directory.glob("*") if p.name.isdigit()), default=None)
+
+
 def check_steps_vs_checkpoints(workdir: str, steps: int) -> None:
   """--steps below the newest checkpoint would train nothing: a usage error."""
   directory = pathlib.Path(workdir) / "checkpoints"
-  newest = max((int(p.name) for p in directory.glob("*") if p.name.isdigit()), default=None)
+  newest = newest_checkpoint(workdir)
   if newest is not None and newest > steps:
     raise app.UsageError(f"--steps={steps} is below the newest checkpoint (step {newest}) "
                          f"in {directory}: nothing to train; give --steps > {newest} to "
                          f"continue, or a new --workdir")
+
+
+def load_init(source: str, model_cfg: config_lib.ModelConfig):
+  """The initial parameters of a new run from the model `source` (TrainConfig.init_from:
+  a model directory, 'default' or a workdir, `model_io.load`), converted to `model_cfg`
+  (`factorise.convert_params`: only recurrent_rank may differ). Returns (float32 numpy
+  parameters, the source's mean shape, the record for run_config.json's "init_from"
+  section). A bad source or a config that differs is a UserError naming --init_from."""
+  try:
+    loaded = model_io.load(source)
+    params, info = factorise.convert_params(loaded.params, loaded.model_config, model_cfg)
+  except (OSError, ValueError) as e:      # missing, damaged, unreadable, different model
+    raise common.UserError(f"--init_from={source}: {e}") from None
+  record = {"source": source, "path": str(pathlib.Path(loaded.path).resolve()),
+            "param_dtype": loaded.dtype, **info}
+  if loaded.from_workdir:
+    record["checkpoint_step"] = loaded.metadata.get("checkpoint_step")
+  return params, loaded.mean_shape, record
+
+
+def _describe_init(record: dict) -> str:
+  how = record["recurrent"]
+  if how in ("factorised", "refactorised"):
+    errors = ", ".join(f"{e:.3f}" for e in record["relative_error"])
+    how = (f"recurrent kernels {how} at rank {record['recurrent_rank']} (truncated SVD, "
+           f"relative Frobenius error per stage {errors})")
+  elif how == "densified":
+    how = "recurrent factors multiplied into dense kernels"
+  else:
+    how = "all parameters copied"
+  return f"initialised from {record['source']} ({record['path']}): {how}"
 
 
 def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
@@ -141,6 +181,22 @@ def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
     if previous["data"] != dataclasses.asdict(data_cfg):
       say(f"note: the data flags differ from the run in {workdir}; the resumed data "
           f"stream will not be the one of an uninterrupted run")
+  # --init_from applies to a run that starts afresh; a resumed run keeps the record of
+  # the weights it started from (and says so when the flag names another model).
+  init, extra = None, {}
+  if newest_checkpoint(workdir) is not None:
+    started_from = (previous or {}).get("train", {}).get("init_from", "")
+    if train_cfg.init_from and train_cfg.init_from != started_from:
+      say(f"note: --init_from={train_cfg.init_from} ignored: resuming from the checkpoints "
+          f"in {workdir}" + (f" (the run started from {started_from})" if started_from else ""))
+    train_cfg = dataclasses.replace(train_cfg, init_from=started_from)
+    if previous is not None and "init_from" in previous:
+      extra["init_from"] = previous["init_from"]
+  elif train_cfg.init_from:
+    init_params, init_mean, extra["init_from"] = load_init(train_cfg.init_from, model_cfg)
+    if jax.process_count() > 1:   # every process starts from process 0's bits (SVD, BLAS)
+      init_params = multihost_utils.broadcast_one_to_all(init_params)
+    init = init_params
 
   if jax.process_count() > 1:
     # Process 0 prepares the dataset and its statistics first; the others then find them
@@ -154,15 +210,25 @@ def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
   else:
     mean_shape = np.asarray(input_pipeline.dataset_statistics(data_cfg)["mean_shape"],
                             np.float32)
+  if init is not None:
+    shift = float(np.abs(np.asarray(init_mean) - mean_shape).max())
+    extra["init_from"]["mean_shape_max_shift_px"] = round(shift, 3)
+    say(f"{_describe_init(extra['init_from'])}; the initial shape is this run's training "
+        f"mean shape (at most {shift:.2f} px from the source's)")
   if jax.process_index() == 0:
     report_skips(data_cfg)
-    run_config.save(workdir, model_cfg, data_cfg, train_cfg, mean_shape, loop=config.loop)
+    run_config.save(workdir, model_cfg, data_cfg, train_cfg, mean_shape, loop=config.loop,
+                    **extra)
 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(data_cfg.batch_size)
   rep = parallel.replicated(mesh)
   state = jax.jit(functools.partial(training.create_train_state, model_cfg, train_cfg),
                   out_shardings=rep)()
+  if init is not None:
+    # Two transfers: params and EMA must be separate buffers (the state is donated).
+    state = state.replace(params=parallel.replicate(init, mesh),
+                          ema_params=parallel.replicate(init, mesh))
   ckpts = checkpoints.Checkpoints(workdir, keep=config.loop.keep_checkpoints)
   try:
     return _resume_and_train(config, workdir, on_start, ckpts, scheme, mean_shape, mesh, rep,

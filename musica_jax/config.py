@@ -4,6 +4,7 @@ them in every entry point."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from musica_jax import face_frame
 from musica_jax import schemes
@@ -40,6 +41,11 @@ class ModelConfig:
     gcn_hidden: width of the GCN's first layer (per patch).
     image_size: side of the square level-0 face crop.
     init_std: truncated-normal std of every weight (reference notes: 0.01).
+    recurrent_rank: 0 (the paper's model): the recurrent FC is one dense kernel
+      [P*D + H, H]. r >= 1: a factored kernel u [P*D + H, r] @ v [r, H] (params "u", "v",
+      "bias"), computed as (x @ u) @ v: r (P*D + 2H) multiply-adds instead of
+      (P*D + H) H. At most min(P*D + H, H). A factored model can be fine-tuned from a
+      dense one (`musica_jax.factorise`, training's --init_from).
     compute_dtype: "float32", or "bfloat16": the network's products take bf16 operands
       and accumulate in float32 (parameters, loss and optimizer stay float32). An
       execution choice, not part of the trained model: training sets it from
@@ -60,6 +66,7 @@ class ModelConfig:
   image_size: int = face_frame.CROP_SIZE
   init_std: float = 0.01
   compute_dtype: str = "float32"
+  recurrent_rank: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
@@ -81,6 +88,14 @@ class ModelConfig:
       raise ValueError("ib_expansion, gcn_neighbours and gcn_hidden must be positive")
     if self.patch_size < 14:
       raise ValueError("patch_size must be at least 14 (two 3x3 convs and two 2x2 pools)")
+    top = min(self.recurrent_input_size, self.hidden_size)
+    rank = self.recurrent_rank
+    if (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)
+        or not 0 <= rank <= top):
+      raise ValueError(f"recurrent_rank must be 0 (dense) or 1..{top} (min of the recurrent "
+                       f"layer's {self.recurrent_input_size} inputs and {self.hidden_size} "
+                       f"outputs), got {rank!r}")
+    object.__setattr__(self, "recurrent_rank", int(rank))
 
   @property
   def num_patches(self) -> int:
@@ -94,6 +109,11 @@ class ModelConfig:
   def descriptor_size(self) -> int:
     """Per-patch descriptor: (centre 2x2 of conv2 ++ pool2) x channels, = 256 by default."""
     return 2 * 2 * 2 * self.conv_features
+
+  @property
+  def recurrent_input_size(self) -> int:
+    """Inputs of the recurrent FC: all P descriptors and the hidden state, P*D + H."""
+    return self.num_patches * self.descriptor_size + self.hidden_size
 
 
 def for_scheme(scheme: str | schemes.LandmarkScheme, num_patches: int | None = None,
@@ -122,6 +142,11 @@ class TrainConfig:
   # from 0 over warmup_steps, then cosine decay to learning_rate x decay_factor at `steps`.
   lr_schedule: str = "staircase"
   warmup_steps: int = 0
+  # A model to start a new run from (`model_io.load`: a model directory, "default" or a
+  # workdir; "": a random initialisation). Read by experiments/train_lib.py when the
+  # workdir has no checkpoint (`musica_jax.factorise.convert_params`: a dense recurrent
+  # kernel becomes the truncated SVD of the run's recurrent_rank).
+  init_from: str = ""
 
 
 LR_SCHEDULES = ("staircase", "cosine")

@@ -1,9 +1,10 @@
 """Model cost: multiply-adds, parameter counts and weight memory, analytically from the config.
 
 Counted: the two convolutions (im2col products), local patch attention, the recurrent
-FC and the head, per iteration. Not counted: pyramid, patch sampling, pooling and
-activations (element-wise; under 1% here). `tests/test_cost.py` cross-checks the count
-against XLA's cost analysis of the jitted forward pass.
+FC (dense, or its two factors with `recurrent_rank`) and the head, per iteration. Not
+counted: pyramid, patch sampling, pooling and activations (element-wise; under 1% here).
+`tests/test_cost.py` cross-checks the count against XLA's cost analysis of the jitted
+forward pass.
 """
 from __future__ import annotations
 
@@ -28,9 +29,16 @@ def stage_macs(config: ModelConfig) -> dict:
   per_patch["attention"] = d * d if config.use_attention else 0
   out = {name: v * config.num_patches for name, v in per_patch.items()}
   out["global_attention"] = _global_attention_macs(config)
-  out["recurrent"] = (config.num_patches * d + config.hidden_size) * config.hidden_size
+  out["recurrent"] = recurrent_weights(config)    # one multiply-add per kernel weight
   out["head"] = config.hidden_size * (2 * config.num_landmarks + 1)
   return out
+
+
+def recurrent_weights(config: ModelConfig) -> int:
+  """Kernel weights of one stage's recurrent FC, which are also its multiply-adds per face:
+  dense (P*D + H) H; factored (recurrent_rank r: (x @ u) @ v) r (P*D + H) + r H."""
+  n_in, h, r = config.recurrent_input_size, config.hidden_size, config.recurrent_rank
+  return r * (n_in + h) if r else n_in * h
 
 
 def _inverted_bottleneck_macs(side: int, cin: int, cout: int, expansion: int) -> int:
@@ -61,7 +69,7 @@ def parameter_count(config: ModelConfig) -> int:
   c, d, h = config.conv_features, config.descriptor_size, config.hidden_size
   per_stage = (27 * c + c) + (9 * c * c + c) + (h * (2 * config.num_landmarks + 1)
                                                   + 2 * config.num_landmarks + 1)
-  per_stage += (config.num_patches * d + h) * h + h
+  per_stage += recurrent_weights(config) + h
   if config.extractor == "inverted_bottleneck":   # replace the two convs' parameters
     per_stage -= (27 * c + c) + (9 * c * c + c)
     for cin in (3, c):

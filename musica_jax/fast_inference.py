@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musica_jax import cascade
+from musica_jax import crop as crop_lib
 from musica_jax import pyramid
 from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
@@ -60,7 +61,8 @@ def unstack_params(params, weight_dtype=None) -> tuple:
   """Stacked [S, ...] parameters -> tuple of S per-stage trees (separate buffers).
 
   weight_dtype: optional storage dtype (e.g. jnp.bfloat16) of the recurrent and head
-  kernels, the bulk of the bytes; everything else stays f32.
+  kernels, the bulk of the bytes (a factored recurrent layer: both factors u and v);
+  everything else stays f32.
   """
   s = jax.tree.leaves(params)[0].shape[0]
   out = []
@@ -68,7 +70,7 @@ def unstack_params(params, weight_dtype=None) -> tuple:
     p = jax.tree.map(lambda x: jnp.array(x[i]), params)
     if weight_dtype is not None:
       for name in ("recurrent", "head"):
-        p[name] = dict(p[name], kernel=p[name]["kernel"].astype(weight_dtype))
+        p[name] = {k: v if k == "bias" else v.astype(weight_dtype) for k, v in p[name].items()}
     out.append(p)
   return tuple(out)
 
@@ -80,6 +82,20 @@ def bucket_sizes(batch: int, min_bucket: int = 1) -> tuple[int, ...]:
     sizes.append(k)
     k *= 2
   return tuple(sizes) + (batch,)
+
+
+def _run_all(stage_params, levels, init_shape, config, t_fail) -> EarlyExitOutput:
+  """Every iteration on every face (no face quits): the stages on the whole batch."""
+  b = levels[0].shape[0]
+  shape = cascade.broadcast_init(init_shape, b, config)
+  hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
+  for stage in range(config.num_stages):
+    xs = {k: v for k, v in cascade.stage_xs(config, stage).items() if k != "origin"}
+    shape, hidden, err, _ = cascade.stage_forward(
+        config, stage_params[stage], levels[config.levels[stage]], shape, hidden, xs)
+  return EarlyExitOutput(landmarks=shape, estimated_error=err, hidden=hidden,
+                         iterations=jnp.full((b,), config.num_stages, jnp.int32),
+                         valid=err < t_fail)
 
 
 def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
@@ -96,10 +112,10 @@ def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
   return jax.tree.map(lambda full, part: full.at[idx].set(part), state, sub)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket"))
+@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket", "selective"))
 def run_selective(stage_params: tuple, quit_params, images, init_shape, config: ModelConfig,
                   ts=-jnp.inf, t_fail=jnp.inf, capacities: tuple[int, ...] | None = None,
-                  min_bucket: int = 1, mask=None) -> EarlyExitOutput:
+                  min_bucket: int = 1, mask=None, selective: bool = True) -> EarlyExitOutput:
   """Early exit that skips the computation of the faces that quit (one jitted program).
 
   Args:
@@ -112,21 +128,49 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
       score among the faces that ran the previous iteration (and whose score is >= ts).
     mask: optional [B] bool; False rows (padding) run the first iteration only and never
       take a slot of a later one.
+    selective: False when no face may quit (ts = -inf, no capacities): every iteration
+      runs on the whole batch, without the selection (top-k, buckets, scatters), which
+      only costs time then (`FastCascade.run` decides).
   """
-  b = images.shape[0]
-  s = config.num_stages
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
+  # Each level in its own array, no zero-bordered atlas: the atlas copy of every face
+  # (1.2 MB at 228 px) costs as much as an iteration at batch 64 on a 2-core CPU.
+  levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
+  return _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail,
+                     capacities, min_bucket, mask, selective)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket", "selective"))
+def run_selective_sources(stage_params: tuple, quit_params, sources: tuple, init_shape,
+                          config: ModelConfig, ts=-jnp.inf, t_fail=jnp.inf,
+                          capacities: tuple[int, ...] | None = None, min_bucket: int = 1,
+                          mask=None, selective: bool = True) -> EarlyExitOutput:
+  """`run_selective` from photos: the crop (`musica_jax.crop.crop_levels`: blend, zero
+  fill, standardisation, pyramid) runs in the same program as the cascade. sources: the
+  arrays of a `crop.CropSources` (`CropSources.arrays()`); the rest as `run_selective`."""
+  if sources[1].shape[1] != 2 * config.image_size:
+    raise ValueError(f"crop sources are for {sources[1].shape[1] // 2}-px crops, the model "
+                     f"reads {config.image_size}")
+  levels = crop_lib.crop_levels(tuple(sources), max(config.levels) + 1)
+  return _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail,
+                     capacities, min_bucket, mask, selective)
+
+
+def _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail, capacities,
+                min_bucket, mask, selective=True) -> EarlyExitOutput:
+  """The selective cascade on the pyramid levels [level 0 [B, S, S, C], level 1, ...]."""
+  b = levels[0].shape[0]
+  s = config.num_stages
+  if not selective and capacities is None:
+    return _run_all(stage_params, levels, init_shape, config, t_fail)
   if capacities is not None:
     capacities = tuple(int(k) for k in capacities)
     if len(capacities) != s - 1 or any(not 0 <= k <= b for k in capacities) or any(
         capacities[j] > capacities[j - 1] for j in range(1, len(capacities))):
       raise ValueError(f"capacities must be {s - 1} non-increasing ints in [0, {b}], got "
                        f"{capacities}")
-  # Each level in its own array, no zero-bordered atlas: the atlas copy of every face
-  # (1.2 MB at 228 px) costs as much as an iteration at batch 64 on a 2-core CPU.
-  levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
   shape0 = cascade.broadcast_init(init_shape, b, config)
   state = cascade.initial_state(shape0, jnp.zeros((b, config.hidden_size), jnp.float32))
   state["score"] = jnp.full((b,), jnp.inf, jnp.float32)
@@ -162,6 +206,17 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
                          valid=state["error"] < t_fail)
 
 
+def _selective(ts, capacities) -> bool:
+  """Whether to run the selective program. When no face may quit (ts = -inf, no
+  capacities), accelerators run every iteration on the whole batch (`_run_all`: no
+  top-k, bucket switch or scatters, whose launches and syncs cost more than the batch-1
+  work there); on the CPU the selective program measured as fast or faster (batch 1:
+  5.2 vs 5.9 ms, batch 64 equal; 68/34, 2-core CPU), so it stays."""
+  if capacities is not None or float(ts) > -np.inf:
+    return True
+  return jax.default_backend() == "cpu"
+
+
 class FastCascade:
   """Prepared parameters (+ optional quit head) and the selective early-exit path.
 
@@ -181,4 +236,15 @@ class FastCascade:
     caps = None if capacities is None else tuple(int(k) for k in capacities)
     return run_selective(self.stage_params, self.quit_params, images, init_shape,
                          self.config, jnp.float32(ts), jnp.float32(t_fail), caps, min_bucket,
-                         mask)
+                         mask, _selective(ts, caps))
+
+  def run_sources(self, sources: tuple, init_shape, ts=-np.inf, t_fail=np.inf,
+                  capacities: Sequence[int] | None = None, min_bucket: int = 1,
+                  mask=None) -> EarlyExitOutput:
+    """`run` from the host part of the crops (`crop.CropSources.arrays()`): the crop
+    runs in the cascade's program (`run_selective_sources`)."""
+    caps = None if capacities is None else tuple(int(k) for k in capacities)
+    return run_selective_sources(self.stage_params, self.quit_params, tuple(sources),
+                                 init_shape, self.config, jnp.float32(ts),
+                                 jnp.float32(t_fail), caps, min_bucket, mask,
+                                 _selective(ts, caps))

@@ -118,6 +118,15 @@ def flatten_params(params) -> dict[str, np.ndarray]:
   return {_key(p): np.asarray(jax.device_get(v)) for p, v in leaves}
 
 
+def check_params(params, model_config: ModelConfig, where: str = "params") -> None:
+  """ValueError naming the array when `params` (a stacked parameter tree) does not hold
+  exactly the arrays, names and shapes, of a model with `model_config`."""
+  expected = {_key(p): tuple(v.shape)
+              for p, v in jax.tree_util.tree_flatten_with_path(param_template(model_config))[0]}
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  _check_arrays({_key(p): tuple(np.shape(v)) for p, v in leaves}, expected, where)
+
+
 def _sha256(path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:

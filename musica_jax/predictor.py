@@ -6,15 +6,11 @@ iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow).
     pred = p.predict(image, [x0, y0, x1, y1])        # image: HxWx3 uint8 (RGB)
     pred.landmarks[0]                                # [N, 2] image pixels (0-based, centres)
 
-The face crop is exactly the evaluation pipeline's (data_pipelines.input_pipeline
-make_eval_dataset): the box -> (scale, offset) of `face_frame.crop_transform` computed in
-float64 and rounded to float32; a bilinear warp with pixel centres at integers, image
-pixels outside the photo read as 0 (each of the four bilinear corners on its own, as
-TensorFlow's ImageProjectiveTransformV3 with fill_mode=CONSTANT); then per-image
-standardisation (tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(n))).
-The crop runs on the host in numpy (`warp_crop`: the box map is axis-aligned, so a crop is
-two row and two column gathers and a blend), so photos of any size compile nothing; only
-the cascade is compiled, once per power-of-two face-batch bucket (and dial setting).
+The face crop is the evaluation pipeline's (data_pipelines.input_pipeline
+make_eval_dataset) and has one definition, `musica_jax.crop`: the host copies the photo
+rectangle each face needs (nothing compiled per photo size); the blend, zero fill and
+standardisation run in the same jitted program as the cascade, compiled once per
+power-of-two face-batch bucket, crop source side and dial setting.
 Without boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
 
 Decoding: `read_image` decodes with PIL (exact IDCT for JPEG, no EXIF rotation, like
@@ -25,15 +21,16 @@ dct_method="INTEGER_ACCURATE".
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musica_jax import crop as crop_lib
 from musica_jax import face_frame
 from musica_jax import fast_inference
+from musica_jax import host_memory
 from musica_jax import model_io
 from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
@@ -47,52 +44,6 @@ from musica_jax.config import ModelConfig
 def count_bucket(n: int, maximum: int) -> int:
   """Smallest power of two >= n (capped at maximum)."""
   return min(1 << max(int(n) - 1, 0).bit_length(), maximum)
-
-
-# ---------------------------------------------------------------------------------------
-# The crop (on the host: numpy, nothing to compile, whatever the photo size).
-
-
-def standardise(x):
-  """Per image (leading axis) zero mean, unit std, as tf.image.per_image_standardization
-  (jax or numpy in, the same kind out)."""
-  xp = jnp if isinstance(x, jax.Array) else np
-  axes = tuple(range(1, x.ndim))
-  n = math.prod(x.shape[1:])
-  mean = x.mean(axes, keepdims=True)
-  var = xp.maximum(xp.mean(xp.square(x), axes, keepdims=True) - xp.square(mean), 0.0)
-  return (x - mean) / xp.maximum(xp.sqrt(var), np.float32(1.0 / math.sqrt(n)))
-
-
-def warp_crop(image: np.ndarray, scale: float, offset, size: int = face_frame.CROP_SIZE
-              ) -> np.ndarray:
-  """One bilinear face crop [size, size, C] float32 (0..255, not standardised), numpy.
-
-  crop_xy = image_xy * scale + offset. Output pixel (x, y) reads the photo at
-  ((x - o_x) / s, (y - o_y) / s) (the inverse map as TensorFlow evaluates it: x * (1/s) +
-  (-o / s) in float32); each of the four bilinear corners outside the photo reads 0 (as
-  ImageProjectiveTransformV3 with fill_mode=CONSTANT), blended in TensorFlow's order.
-  The map is axis-aligned, so the four corners are two row and two column gathers: the
-  cost depends on the crop size only, and there is nothing to compile per photo size.
-  """
-  h, w = image.shape[:2]
-  inv = np.float32(1.0) / np.float32(scale)
-  shift = -np.asarray(offset, np.float32) * inv
-  g = np.arange(size, dtype=np.float32)
-  xs, ys = g * inv + shift[0], g * inv + shift[1]
-  x0, y0 = np.floor(xs), np.floor(ys)
-  wx, wy = (xs - x0)[None, :, None], (ys - y0)[:, None, None]
-  xi = np.concatenate([x0, x0 + 1]).astype(np.intp)              # [2 size]: x0, then x0+1
-  yi = np.concatenate([y0, y0 + 1]).astype(np.intp)
-  c = image.shape[2]
-  cols = (np.clip(xi, 0, w - 1)[:, None] * c + np.arange(c)).ravel()
-  sub = image.reshape(h, w * c)[np.clip(yi, 0, h - 1)][:, cols]
-  sub = sub.astype(np.float32).reshape(2 * size, 2 * size, c)
-  sub[:, (xi < 0) | (xi >= w)] = 0.0
-  sub[(yi < 0) | (yi >= h)] = 0.0
-  top = (1.0 - wx) * sub[:size, :size] + wx * sub[:size, size:]
-  bottom = (1.0 - wx) * sub[size:, :size] + wx * sub[size:, size:]
-  return (1.0 - wy) * top + wy * bottom
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,20 +181,35 @@ def _normalise_inputs(images, boxes):
   return photos, out
 
 
-def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
-  """Standardised face crops exactly as the evaluation pipeline makes them, on the host.
-
-  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (numpy),
-  scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
-  """
+def _frames(images, boxes):
+  """-> (photos, image_index [F], boxes [F, 4], scale [F], offset [F, 2]) of every box of
+  every image (checked)."""
   photos, box_lists = _normalise_inputs(images, boxes)
   image_index = np.concatenate([np.full(len(b), i, np.int32) for i, b in enumerate(box_lists)])
   all_boxes = np.concatenate(box_lists, 0)
   scale, offset = face_frame.crop_frames(all_boxes)
-  crops = np.empty((len(all_boxes), size, size, 3), np.float32)
-  for face, i in enumerate(image_index):
-    crops[face] = warp_crop(photos[i], scale[face], offset[face], size)
-  return standardise(crops), scale, offset, image_index, all_boxes
+  return photos, image_index, all_boxes, scale, offset
+
+
+def face_sources(images, boxes, size: int = face_frame.CROP_SIZE):
+  """The host part of the crops (`crop.prepare`) of every box of every image.
+
+  images/boxes as `Predictor.predict`. Returns (crop.CropSources, scale [F],
+  offset [F, 2], image_index [F], boxes [F, 4]).
+  """
+  photos, image_index, all_boxes, scale, offset = _frames(images, boxes)
+  sources = crop_lib.prepare(photos, image_index, scale, offset, size)
+  return sources, scale, offset, image_index, all_boxes
+
+
+def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
+  """Standardised face crops as the evaluation pipeline makes them (`musica_jax.crop`).
+
+  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (a jax
+  array), scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
+  """
+  sources, scale, offset, image_index, all_boxes = face_sources(images, boxes, size)
+  return crop_lib.crops(sources), scale, offset, image_index, all_boxes
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,6 +279,7 @@ class Predictor:
       raise ValueError(f"max_batch must be a power of two, got {max_batch}")
     if not 1 <= min_batch <= max_batch:
       raise ValueError(f"min_batch must be in [1, max_batch], got {min_batch}")
+    host_memory.keep_large_buffers()
     self.model_config = model_config
     self.mean_shape = mean_shape
     self.max_batch = max_batch
@@ -397,20 +364,46 @@ class Predictor:
     validation faces' threshold; `reset_budget_streams` starts afresh). So a video or a
     folder run face by face spends the budget it asks for, as batches do.
     """
-    f = crops.shape[0]
+    def make_part(start, stop, b):
+      part = crops[start:stop] if crops.shape[0] > stop - start else crops
+      if b > stop - start:
+        part = jnp.concatenate([part, jnp.zeros((b - stop + start,) + part.shape[1:],
+                                                part.dtype)])
+      return part
+    return self._run_chunks(crops.shape[0], make_part, self.fast.run, ts, t_fail, budget)
+
+  def run_sources(self, sources: crop_lib.CropSources, ts=-np.inf, t_fail=np.inf,
+                  budget: float | None = None):
+    """`run_fast` from the host part of the crops (`crop.prepare`, `face_sources`): the
+    crop runs in the cascade's compiled program. The host part of the next chunk of
+    max_batch faces is prepared while the device runs the current one."""
+    def make_part(start, stop, b):
+      return crop_lib.pad(crop_lib.slice_faces(sources, start, stop), b).arrays()
+    return self._run_chunks(len(sources), make_part, self.fast.run_sources, ts, t_fail, budget)
+
+  def _run_chunks(self, f: int, make_part, run, ts, t_fail, budget):
+    """The cascade over F faces in chunks of at most max_batch, each padded to its
+    power-of-two bucket: make_part(start, stop, bucket) -> the chunk's inputs;
+    run(inputs, init, ts, t_fail, capacities=, mask=, min_bucket=) -> EarlyExitOutput."""
+    fields = ("landmarks", "estimated_error", "iterations", "valid")
     if f == 0:
       n = self.model_config.num_landmarks
       return {"landmarks": np.zeros((0, n, 2), np.float32),
               "estimated_error": np.zeros(0, np.float32),
               "iterations": np.zeros(0, np.int32), "valid": np.zeros(0, bool)}
     stream = None if budget is None else self.budget_stream(budget)
-    outs = []
+    outs, pending = [], []
+
+    def collect(out, n, target):
+      got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
+      outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
+      if stream is not None:
+        stream.record(outs[-1]["iterations"], target)
+
     for start in range(0, f, self.max_batch):
-      part = crops if f <= self.max_batch else crops[start:start + self.max_batch]
-      n = part.shape[0]
+      n = min(f - start, self.max_batch)
       b = count_bucket(max(n, self.min_batch), self.max_batch)
-      if b > n:
-        part = jnp.concatenate([part, jnp.zeros((b - n,) + part.shape[1:], part.dtype)])
+      part = make_part(start, start + n, b)
       caps, ts_b, target = None, ts, None
       if stream is not None:
         if n == 1:
@@ -421,13 +414,14 @@ class Predictor:
       mask = None if b == n else np.arange(b) < n
       # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
       # batch computed for nothing.
-      out = self.fast.run(part, self._init, ts_b, t_fail, capacities=caps, mask=mask,
-                          min_bucket=max(1, b // 16))
-      fields = ("landmarks", "estimated_error", "iterations", "valid")
-      got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
-      outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
-      if stream is not None:
-        stream.record(outs[-1]["iterations"], target)
+      out = run(part, self._init, ts_b, t_fail, capacities=caps, mask=mask,
+                min_bucket=max(1, b // 16))
+      if stream is None:
+        pending.append((out, n, target))   # dispatched: the device runs it meanwhile
+      else:
+        collect(out, n, target)            # a budget's account needs it before the next
+    for item in pending:
+      collect(*item)
     if len(outs) == 1:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -457,8 +451,14 @@ class Predictor:
       photos, single = _photo_list(images)
       boxes = [self.find_faces(im) for im in photos]
       images, boxes = (photos[0], boxes[0]) if single else (photos, boxes)
-    crops, scale, offset, image_index, all_boxes = self.crops(images, boxes)
-    out = self.run_fast(crops, ts, t_fail, budget)
+    photos, image_index, all_boxes, scale, offset = _frames(images, boxes)
+    size = self.model_config.image_size
+
+    def make_part(start, stop, b):   # the host part of a chunk, while the last one runs
+      return crop_lib.pad(crop_lib.prepare(photos, image_index[start:stop], scale[start:stop],
+                                           offset[start:stop], size), b).arrays()
+    out = self._run_chunks(len(image_index), make_part, self.fast.run_sources, ts, t_fail,
+                           budget)
     crop_lm = np.asarray(out["landmarks"], np.float32)
     lm = face_frame.from_crop(crop_lm.astype(np.float64), scale.astype(np.float64),
                               offset.astype(np.float64)).astype(np.float32)

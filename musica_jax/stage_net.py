@@ -4,7 +4,8 @@ patches [B, P, 14, 14, 3] + hidden [B, 512]
   -> per patch: conv3x3/32 (VALID, ReLU) -> maxpool 2 -> conv3x3/32 (VALID, ReLU) -> maxpool 2
   -> descriptor 256 = centre 2x2 crop of conv2 ++ pool2 (channels)
   -> local patch attention: sigmoid(FC 256->256) * descriptor (weights shared over patches)
-  -> recurrent: tanh(FC(concat(all P descriptors, hidden) -> 512))
+  -> recurrent: tanh(FC(concat(all P descriptors, hidden) -> 512)) (recurrent_rank r > 0:
+     the FC's kernel is u [P*D + H, r] @ v [r, 512], computed as (x @ u) @ v)
   -> head: linear FC 512 -> 2N displacements (ALL landmarks) + 1 estimated error.
 
 Performance notes (2-core CPU, XLA; measured, see experiments/benchmark.py):
@@ -152,19 +153,29 @@ def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Arr
   rec = params["recurrent"]
   dt = jnp.dtype(config.compute_dtype)
   rec_in = jnp.concatenate([desc.astype(dt), hidden.astype(dt)], axis=-1)
-  hidden = jnp.tanh(_dense(rec_in, rec["kernel"], rec["bias"], dt))
+  if config.recurrent_rank:          # factored kernel u @ v: (x @ u) @ v, never u @ v
+    pre = _product(_product(rec_in, rec["u"], dt), rec["v"], dt) + rec["bias"].astype(
+        jnp.float32)
+  else:
+    pre = _dense(rec_in, rec["kernel"], rec["bias"], dt)
+  hidden = jnp.tanh(pre)
   out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"], dt)
   return hidden, out[:, :-1].reshape(b, config.num_landmarks, 2), out[:, -1]
 
 
-def _dense(x, kernel, bias, compute_dtype=jnp.float32):
-  """x @ kernel + bias with f32 accumulation. The operands are bf16 when the compute
-  dtype is bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
+def _product(x, kernel, compute_dtype=jnp.float32):
+  """x @ kernel with f32 accumulation. The operands are bf16 when the compute dtype is
+  bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
   if jnp.dtype(compute_dtype) == jnp.bfloat16:
-    return bf16_matmul(x, kernel) + bias.astype(jnp.float32)
+    return bf16_matmul(x, kernel)
   if kernel.dtype != x.dtype:
     x = x.astype(kernel.dtype)
-  return jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+  return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _dense(x, kernel, bias, compute_dtype=jnp.float32):
+  """x @ kernel + bias (`_product`, then the bias in f32)."""
+  return _product(x, kernel, compute_dtype) + bias.astype(jnp.float32)
 
 
 # --- Table 4 ablations: inverted-bottleneck extractor, global patch attention -----------
@@ -266,6 +277,33 @@ class _KernelBias(nn.Module):
             "bias": self.param("bias", nn.initializers.zeros, (kernel_shape[-1],), jnp.float32)}
 
 
+# Standard deviation of a unit normal truncated to [-2, 2] (flax's truncated_normal(std)
+# draws that times std).
+_TRUNCATED_STD = 0.87962566103423978
+
+
+class _FactoredDense(nn.Module):
+  """Declares a factored dense layer kernel = u [in, rank] @ v [rank, out], then `bias`
+  (zeros, [out]).
+
+  Init: u truncated normal with std sqrt(1/in) (x @ u keeps the scale of x's entries),
+  v with std init_std sqrt(in/rank) / 0.88, so that the entries of u @ v have the variance
+  of the dense kernel's (truncated normal, std init_std): the layer starts at the dense
+  model's scale (u and v both at init_std would give u @ v entries of std ~sqrt(rank)
+  init_std^2: 10x smaller at rank 128, 0.01)."""
+  init_std: float
+  rank: int
+
+  @nn.compact
+  def __call__(self, kernel_shape: tuple[int, int]) -> dict:
+    n_in, n_out = kernel_shape
+    v_std = self.init_std * (n_in / self.rank) ** 0.5 / _TRUNCATED_STD
+    tn = nn.initializers.truncated_normal
+    return {"u": self.param("u", tn((1.0 / n_in) ** 0.5), (n_in, self.rank), jnp.float32),
+            "v": self.param("v", tn(v_std), (self.rank, n_out), jnp.float32),
+            "bias": self.param("bias", nn.initializers.zeros, (n_out,), jnp.float32)}
+
+
 def _declare_inverted_bottlenecks(cfg: ModelConfig, cin: int) -> dict:
   """Parameters of `inverted_bottleneck_maps` (called inside StageNet's compact scope).
 
@@ -319,8 +357,12 @@ class StageNet(nn.Module):
     if cfg.use_attention:
       params["attention"] = _KernelBias(cfg.init_std, name="attention")((d, d))
     params.update(_declare_global_attention(cfg))
-    params["recurrent"] = _KernelBias(cfg.init_std, name="recurrent")(
-        (p * d + hidden.shape[-1], cfg.hidden_size))
+    rec_shape = (p * d + hidden.shape[-1], cfg.hidden_size)
+    if cfg.recurrent_rank:
+      params["recurrent"] = _FactoredDense(cfg.init_std, cfg.recurrent_rank,
+                                           name="recurrent")(rec_shape)
+    else:
+      params["recurrent"] = _KernelBias(cfg.init_std, name="recurrent")(rec_shape)
     params["head"] = _KernelBias(cfg.init_std, name="head")(
         (cfg.hidden_size, 2 * cfg.num_landmarks + 1))
     desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,

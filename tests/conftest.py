@@ -14,6 +14,22 @@ def shared_data():
   return SHARED_DATA
 
 
+@pytest.fixture
+def highest_precision():
+  """Float32 matmuls and convolutions at full float32 on every backend, for the test's
+  duration (traced inside it: jit caches key on the setting).
+
+  Tests that compare two compute paths (masked cascade vs fast path, scan vs loop,
+  checkpoint vs export) use it: on NVIDIA GPUs (Ampere and later) JAX's default precision
+  runs float32 products as TF32 (10-bit mantissa), which moves landmarks by ~1e-5 px and
+  quitting scores by up to ~1e-2, and the kernels differ with the batch size (batch 1 vs 16), so
+  two paths that agree to 1e-6 on a CPU would disagree there. "highest" makes the test
+  check the same function on CPU, GPU and TPU."""
+  import jax  # noqa: PLC0415
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
   """One TFDS data dir for the whole test session, so the real 300W data is prepared once."""

@@ -77,6 +77,7 @@ def _reference_inverted_bottleneck_descriptor(params, patches):
   return desc.reshape(desc.shape[0], -1)
 
 
+@pytest.mark.usefixtures("highest_precision")   # two compute paths: no TF32 (conftest.py)
 def test_inverted_bottleneck_extractor_matches_flax_convolutions():
   cfg = config_lib.for_scheme("ibug68", 19, extractor="inverted_bottleneck",
                               use_attention=False)
@@ -152,6 +153,7 @@ def test_gcn_needs_the_patch_centres():
 
 # --- through the cascade, training, export, predictor, cost --------------------------------
 
+@pytest.mark.usefixtures("highest_precision")   # compares paths: no TF32 (conftest.py)
 @pytest.mark.parametrize("extractor,global_attention", OPTIONS)
 def test_every_cascade_path_computes_the_same_function(extractor, global_attention,
                                                        monkeypatch):
@@ -209,6 +211,7 @@ def test_training_reduces_the_loss(extractor, global_attention):
     assert float(optax.global_norm(state.params[name]["kernel"] - before[name]["kernel"])) > 0
 
 
+@pytest.mark.usefixtures("highest_precision")   # compares paths: no TF32 (conftest.py)
 @pytest.mark.parametrize("extractor,global_attention", OPTIONS[:1])
 def test_export_and_predictor_keep_the_options(extractor, global_attention, tmp_path):
   cfg = _cfg(extractor, global_attention,

@@ -96,6 +96,7 @@ def test_patches_outside_the_image_read_zeros_and_clamp():
   np.testing.assert_allclose(inside, 1.0, atol=1e-6)
 
 
+@pytest.mark.usefixtures("highest_precision")   # two compute paths: no TF32 (conftest.py)
 @pytest.mark.parametrize("use_attention", [True, False])
 def test_scan_equals_python_loop(use_attention):
   cfg = SMALL if use_attention else config_lib.ModelConfig(

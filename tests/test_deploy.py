@@ -26,6 +26,7 @@ def _small_predictor():
   return predictor_lib.Predictor(params, SMALL, mean, max_batch=8)
 
 
+@pytest.mark.usefixtures("highest_precision")   # compares paths: no TF32 (conftest.py)
 def test_stablehlo_symbolic_batch_matches_the_predictor():
   """One exported program serves every batch size and gives the predictor's full-cascade
   landmarks and estimated error (float32 weights: not bfloat16-exact)."""
@@ -55,6 +56,7 @@ np.savez(sys.argv[3], landmarks=np.asarray(lm), error=np.asarray(err))
 """
 
 
+@pytest.mark.usefixtures("highest_precision")   # exported inside it: HIGHEST in the artifact
 def test_exported_default_model_runs_without_model_code(tmp_path):
   """experiments.export_model --format=stablehlo on the shipped model; a fresh process
   that cannot import musica_jax loads it and reproduces Predictor.predict's landmarks
@@ -74,7 +76,9 @@ def test_exported_default_model_runs_without_model_code(tmp_path):
   pred = p.predict(image, boxes)
   crops = np.asarray(p.crops(image, boxes)[0])
   np.savez(tmp_path / "in.npz", crops=crops)
-  env = dict(os.environ, PYTHONPATH="")
+  # The artifact is lowered for the CPU: run it there on every host (a GPU host's
+  # default backend would refuse a CPU-only export).
+  env = dict(os.environ, PYTHONPATH="", JAX_PLATFORMS="cpu")
   res = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_MODEL_CODE,
                         str(tmp_path / "hlo" / "model.stablehlo"), str(tmp_path / "in.npz"),
                         str(tmp_path / "out.npz")], cwd=tmp_path, env=env,
@@ -86,18 +90,25 @@ def test_exported_default_model_runs_without_model_code(tmp_path):
 
 
 def test_photo_sizes_compile_nothing_new():
-  """Faces in photos of many sizes run one cascade program per face-batch bucket: the
-  crop is on the host (nothing compiled per photo size)."""
+  """Faces in photos of many sizes run one program per face-batch bucket and crop source
+  side (two sides: `crop.source_sides`): the host part of the crop depends on the photo's
+  size, the compiled part does not."""
+  from musica_jax import crop
   from musica_jax import fast_inference
   p = _small_predictor()
   rng = np.random.default_rng(4)
   p.predict(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8), (5, 5, 40, 45))
-  before = fast_inference.run_selective._cache_size()
-  for h, w in ((61, 333), (480, 97), (1001, 777), (123, 124)):
+  before = fast_inference.run_selective_sources._cache_size()
+  sides = set()
+  for h, w in ((61, 333), (480, 97), (1001, 777), (123, 124), (2000, 1500)):
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    pred = p.predict(image, (w * 0.2, h * 0.2, w * 0.7, h * 0.8))
+    box = (w * 0.2, h * 0.2, w * 0.7, h * 0.8)
+    pred = p.predict(image, box)
     assert len(pred) == 1
-  assert fast_inference.run_selective._cache_size() == before
+    sources, *_ = predictor_lib.face_sources(image, box, p.model_config.image_size)
+    sides.add(sources.src.shape[1])
+  assert sides == set(crop.source_sides(p.model_config.image_size))   # both were used
+  assert fast_inference.run_selective_sources._cache_size() <= before + 1
 
 
 # ---------------------------------------------------------------------------------------

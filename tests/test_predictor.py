@@ -80,46 +80,6 @@ def test_pil_decoding_matches_pipeline_decoding(shared_data):
   assert worst == 0, f"pipeline decoding differs from PIL by up to {worst} grey levels"
 
 
-def _naive_crop(image, scale, offset, size):
-  """Per pixel bilinear with constant-0 fill (reference for warp_crop)."""
-  h, w, _ = image.shape
-  out = np.zeros((size, size, 3), np.float64)
-  img = image.astype(np.float64)
-  def px(y, x):
-    return img[y, x] if 0 <= y < h and 0 <= x < w else np.zeros(3)
-  for yo in range(size):
-    for xo in range(size):
-      x = (xo - offset[0]) / scale
-      y = (yo - offset[1]) / scale
-      x0, y0 = int(np.floor(x)), int(np.floor(y))
-      ax, ay = x - x0, y - y0
-      out[yo, xo] = ((1 - ay) * ((1 - ax) * px(y0, x0) + ax * px(y0, x0 + 1))
-                     + ay * ((1 - ax) * px(y0 + 1, x0) + ax * px(y0 + 1, x0 + 1)))
-  return out
-
-
-def test_warp_matches_naive_bilinear_with_zero_fill():
-  rng = np.random.default_rng(0)
-  image = rng.integers(0, 256, (37, 51, 3), dtype=np.uint8)
-  size = 24
-  # One box inside, one hanging over the top-left corner (reads the zero fill).
-  cases = [(0.7, np.array([-3.2, -5.9])), (1.9, np.array([20.3, 31.6]))]
-  for scale, offset in cases:
-    got = predictor_lib.warp_crop(image, scale, offset, size)
-    assert got.shape == (size, size, 3) and got.dtype == np.float32
-    np.testing.assert_allclose(got, _naive_crop(image, scale, offset, size), atol=2e-3)
-
-
-def test_standardise_matches_definition():
-  x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
-  got = np.asarray(predictor_lib.standardise(jnp.asarray(x)))
-  np.testing.assert_allclose(predictor_lib.standardise(x), got, atol=1e-5)   # numpy path
-  ref = (x - x.mean((1, 2, 3), keepdims=True)) / x.std((1, 2, 3), keepdims=True)
-  np.testing.assert_allclose(got, ref, atol=1e-4)
-  const = np.asarray(predictor_lib.standardise(jnp.full((1, 4, 4, 3), 7.0)))
-  assert np.all(np.isfinite(const)) and np.all(const == 0)
-
-
 def test_buckets():
   assert [predictor_lib.count_bucket(n, 64) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 64]
 
