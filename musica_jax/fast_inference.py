@@ -238,7 +238,7 @@ class FastCascade:
           mask=None) -> EarlyExitOutput:
     caps = None if capacities is None else tuple(int(k) for k in capacities)
     return run_selective(self.stage_params, self.quit_params, images, init_shape,
-                         self.config, jnp.float32(ts), jnp.float32(t_fail), caps, min_bucket,
+                         self.config, np.float32(ts), np.float32(t_fail), caps, min_bucket,
                          mask, _selective(ts, caps))
 
   def run_sources(self, sources: tuple, init_shape, ts=-np.inf, t_fail=np.inf,
@@ -248,6 +248,6 @@ class FastCascade:
     runs in the cascade's program (`run_selective_sources`)."""
     caps = None if capacities is None else tuple(int(k) for k in capacities)
     return run_selective_sources(self.stage_params, self.quit_params, tuple(sources),
-                                 init_shape, self.config, jnp.float32(ts),
-                                 jnp.float32(t_fail), caps, min_bucket, mask,
+                                 init_shape, self.config, np.float32(ts),
+                                 np.float32(t_fail), caps, min_bucket, mask,
                                  _selective(ts, caps))
