@@ -20,6 +20,7 @@ import math
 import os
 import pathlib
 import sys
+import tempfile
 import traceback
 
 from absl import app
@@ -158,10 +159,50 @@ def define_flag(kind: str, name: str, default, help_: str, **kwargs) -> None:
 
 
 def start(argv) -> None:
-  """First lines of every entry point's main: no stray arguments, quiet libraries."""
+  """First lines of every entry point's main: no stray arguments, quiet libraries, and
+  every output file flag it defines (`OUTPUT_FILE_FLAGS`) checked writable before any
+  work (`check_output`)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_libraries()
+  for name in OUTPUT_FILE_FLAGS:
+    if name in FLAGS and FLAGS[name].value:
+      check_output(FLAGS[name].value, name)
+
+
+# Flags that name one output file, in whichever entry point defines them (`start` checks
+# each before the work; `--output` means a file or a folder by program and is checked by
+# the programs themselves).
+OUTPUT_FILE_FLAGS = ("output_json", "output_md", "output_png", "plot", "calibration_png",
+                     "figure1", "figure5", "figure7_plot", "figure7_json")
+
+
+def check_output(path, flag: str, kind: str = "file") -> pathlib.Path:
+  """Before the work: `--flag=path` can be written (kind "file": a file, written through
+  atomic_io, i.e. a temporary file in its folder renamed over it; "dir": a folder that
+  gets files). The folder the files go in, or its nearest existing ancestor when it is
+  still to be made, must be a folder where a file can be created: a probe file is made
+  there and removed, which also catches read-only mounts and root-proof paths that
+  permission bits do not show. UsageError naming the flag otherwise. Makes nothing."""
+  p = pathlib.Path(os.path.expanduser(str(path)))
+  if kind == "file" and p.is_dir():
+    raise app.UsageError(f"--{flag}={path}: is a directory; give a file path")
+  if kind == "dir" and p.exists() and not p.is_dir():
+    raise app.UsageError(f"--{flag}={path}: exists and is not a directory")
+  folder = p if kind == "dir" else p.parent
+  folder = folder.absolute()
+  while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+    folder = folder.parent
+  if not folder.is_dir():
+    raise app.UsageError(f"--{flag}={path}: {folder} is not a directory")
+  try:
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".musica_write_probe.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise app.UsageError(f"--{flag}={path}: cannot write in {folder} "
+                         f"({e.strerror or type(e).__name__})") from None
+  return p
 
 
 def write_json(path, data, indent: int = 2) -> None:

@@ -102,7 +102,7 @@ def detect_training_boxes(dlib, items, upsample_retry: bool = True) -> dict:
   lbs, dbs, missed = [], [], 0
   t0 = time.perf_counter()
   for item in items:
-    image = predictor_lib.read_image(item.image_path)
+    image = predictor_lib.read_image(item.image_path, exif_transpose=False)
     k, dets = None, []
     for upsample in ((0, 1) if upsample_retry else (0,)):
       dets = [[float(r.left()), float(r.top()), float(r.right()), float(r.bottom())]
@@ -126,7 +126,7 @@ def run_dlib(dlib, predictor, items, mapping) -> tuple[np.ndarray, float]:
   out, seconds = [], 0.0
   boxes = mapping.apply(np.stack([it.box for it in items]))
   for item, box in zip(items, boxes):
-    image = predictor_lib.read_image(item.image_path)
+    image = predictor_lib.read_image(item.image_path, exif_transpose=False)
     rect = box_to_rect(dlib, box)
     t0 = time.perf_counter()
     shape = predictor(image, rect)

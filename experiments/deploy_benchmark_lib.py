@@ -345,7 +345,7 @@ def run(cfg: DeployConfig, command: str = "") -> dict:
   items = compare_dlib.split_items(cfg.data_dir, cfg.split)
   if cfg.max_faces:
     items = items[:cfg.max_faces]
-  images = [predictor_lib.read_image(it.image_path) for it in items]
+  images = [predictor_lib.read_image(it.image_path, exif_transpose=False) for it in items]
   result = {"command": command, "split": cfg.split, "model": cfg.model,
             "cpu_count": os.cpu_count()}
   if "folder" in cfg.sections:

@@ -126,7 +126,7 @@ def _load(model: str, max_batch: int):
 
 def _faces(pred, data_cfg, split) -> _Faces:
   data = datasets.load_split(data_cfg, split)
-  photos = [predictor_lib.read_image(io.BytesIO(x)) for x in data.images]
+  photos = [predictor_lib.read_image(io.BytesIO(x), exif_transpose=False) for x in data.images]
   boxes = [np.asarray(bx, np.float64) for bx in data.boxes]
   crops, scale, offset, _, _ = pred.crops(photos, boxes)
   gt = (np.asarray(data.landmarks, np.float64) * scale[:, None, None] + offset[:, None, :])

@@ -62,7 +62,7 @@ def residuals(pred: predictor_lib.Predictor, data: datasets.SplitData) -> dict:
   res = np.zeros((len(data), 2), np.float64)
   for start in range(0, len(data), _BATCH):
     idx = range(start, min(start + _BATCH, len(data)))
-    images = [predictor_lib.read_image(io.BytesIO(data.images[i])) for i in idx]
+    images = [predictor_lib.read_image(io.BytesIO(data.images[i]), exif_transpose=False) for i in idx]
     boxes = [data.boxes[i] for i in idx]
     out = pred.predict(images, boxes)
     res[list(idx)] = (out.landmarks.astype(np.float64) - data.landmarks[list(idx)]).mean(1)

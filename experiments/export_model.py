@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
+from musica_jax import atomic_io
 from musica_jax import model_io
 from musica_jax import portable
 from musica_jax import predictor as predictor_lib
@@ -97,7 +98,7 @@ def export_portable(output: str, workdir: str | None = None, model: str | None =
   blob = portable.export_stablehlo(pred.params, cfg, pred.mean_shape, platforms)
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
-  (out / STABLEHLO_FILE).write_bytes(blob)
+  atomic_io.write(out / STABLEHLO_FILE, lambda f: f.write(blob), binary=True)
   info = portable.describe(cfg, pred.mean_shape, platforms, portable.weight_dtype(pred.params),
                            dict(pred.metadata, exported_with="python -m "
                                 "experiments.export_model --format=stablehlo"))
@@ -133,11 +134,27 @@ def export_savedmodel(output: str, workdir: str | None = None, model: str | None
                                                             name="crops")],
                              autograph=False)
   out = pathlib.Path(output) / SAVEDMODEL_DIR
-  tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+  check_output_dir(output, "output", SAVEDMODEL_DIR)
+  try:
+    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+  except (tf.errors.OpError, OSError) as e:   # TensorFlow's file errors: one line
+    text = " ".join(str(getattr(e, "message", "") or e).split())
+    raise app.UsageError(f"--output={output}: TensorFlow could not write the SavedModel "
+                         f"to {out} ({type(e).__name__}: {text[:300]})") from None
   size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
   print(f"wrote {out} ({size / 1e6:.1f} MB; serving_default: crops -> landmarks, "
         f"estimated_error)")
   return {"output": str(out.resolve()), "bytes": size}
+
+
+def check_output_dir(output: str, flag: str = "output", inside: str | None = None) -> None:
+  """Before the work: --output is (or can become) a writable directory, and the entry
+  `inside` it that the export writes (saved_model/) is not a file in the way."""
+  common.check_output(output, flag, "dir")
+  if inside and (pathlib.Path(output) / inside).exists() \
+      and not (pathlib.Path(output) / inside).is_dir():
+    raise app.UsageError(f"--{flag}={output}: {pathlib.Path(output) / inside} exists and is "
+                         f"not a directory (the SavedModel goes there)")
 
 
 def _load(workdir, model, checkpoint):
@@ -149,6 +166,8 @@ def main(argv):
   if FLAGS.format in ("stablehlo", "savedmodel"):
     if not FLAGS.output:
       raise app.UsageError("--output is required (the directory to write)")
+    check_output_dir(FLAGS.output, "output",
+                     SAVEDMODEL_DIR if FLAGS.format == "savedmodel" else None)
     if bool(FLAGS.workdir) == bool(FLAGS.model):
       raise app.UsageError(f"--format={FLAGS.format}: give --model=DIR|default or "
                            f"--workdir=W (one of them)")
@@ -171,6 +190,7 @@ def main(argv):
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:
     raise app.UsageError("--output is required (the model directory to write)")
+  check_output_dir(FLAGS.output)
   if not os.path.isdir(FLAGS.workdir):
     raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
   try:

@@ -132,7 +132,7 @@ def draw_figure5(cfg, path: str, seed: int = 0) -> dict:
   picks = figure5_faces(cfg, train.landmarks, seed=seed)
   rows = [("mahalanobis", "Mahalanobis d"), ("first_axis", "1st axis")]
   idx = np.concatenate([picks[k] for k, _ in rows])
-  photos = [predictor.read_image(io.BytesIO(train.images[i])) for i in idx]
+  photos = [predictor.read_image(io.BytesIO(train.images[i]), exif_transpose=False) for i in idx]
   crops, scale, offset, _, _ = predictor.face_crops(photos, [train.boxes[i][None] for i in idx])
   crops = np.asarray(crops)[:len(idx)]
   points = face_frame.to_crop(train.landmarks[idx], scale[:len(idx)], offset[:len(idx)])

@@ -21,8 +21,15 @@ PIL) tracks the faces (musica_jax.tracking: the next box from the previous landm
 detector again when the estimated error reaches --t_fail, default 0.08 here). --output=DIR
 gets one overlay PNG per frame; --output_json per frame: landmarks, estimated error,
 iterations, re-detection.
+Photos are turned upright by their EXIF orientation tag (a phone photo stored sideways);
+the JSON gives each image's "exif_orientation" (1: none). --box is in the upright photo's
+pixels; --box_from_pts maps the .pts (stored pixels) onto it. A float photo in 0..1 is
+refused (musica_jax.predictor.check_image). Video frames that cannot be read are skipped,
+counted and recorded in the JSON; the run goes on.
 Output: --output is a .png/.jpg file for one image, else a directory that gets
-<image name>.overlay.png per image. The overlay draws the box and the landmarks (green:
+<image name>.overlay.png per image. --output and --output_json are checked writable before
+any work; an overlay that cannot be written is recorded in the JSON (written first) and
+the run ends with one line naming --output. The overlay draws the box and the landmarks (green:
 valid, red: estimated error >= --t_fail) and prints the estimated error and the iterations
 used. --output_json gets every face's landmarks, estimated error, iterations and valid flag.
 """
@@ -64,11 +71,12 @@ def define_flags():
 
 
 def main(argv):
-  common.start(argv)
+  common.start(argv)                 # also: --output_json writable, before any work
   predict_lib.enable_compilation_cache(FLAGS.compilation_cache)
   if FLAGS.video:
     if FLAGS.image or FLAGS.image_dir or FLAGS.box or FLAGS.box_from_pts:
       raise app.UsageError("--video tracks faces on its own: no --image/--image_dir/--box")
+    predict_lib.check_outputs(FLAGS.output, FLAGS.output_json, video=True)
     pred_obj = predict_lib.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
                                           FLAGS.max_batch)
     predict_lib.run_video(FLAGS.video, pred_obj, FLAGS.ts, FLAGS.t_fail, FLAGS.output,
@@ -76,13 +84,16 @@ def main(argv):
     return
   paths = predict_lib.image_paths(FLAGS.image, FLAGS.image_dir)
   boxes = predict_lib.boxes_for(paths, FLAGS.box, FLAGS.box_from_pts)
+  predict_lib.overlay_paths(paths, FLAGS.output)            # one file for many images
+  predict_lib.check_outputs(FLAGS.output, FLAGS.output_json)
   if not FLAGS.output and not FLAGS.output_json:
     print("note: neither --output nor --output_json given; printing only")
-  images = predict_lib.load_inputs(paths, boxes)
+  orientations = []
+  images = predict_lib.load_inputs(paths, boxes, orientations)
   pred_obj = predict_lib.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
                                         FLAGS.max_batch)
   predict_lib.run(paths, boxes, pred_obj, FLAGS.ts, FLAGS.t_fail, FLAGS.output, FLAGS.output_json,
-                  images, FLAGS.budget, FLAGS.budget_mmacs)
+                  images, FLAGS.budget, FLAGS.budget_mmacs, orientations)
 
 
 if __name__ == "__main__":

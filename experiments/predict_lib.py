@@ -24,18 +24,36 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 # Inputs.
 
 
-def load_image(path: str) -> np.ndarray:
-  """RGB uint8 [H, W, 3]; a clear error naming the file when it cannot be read."""
+def load_image(path: str, flag: str = "--image") -> np.ndarray:
+  """RGB uint8 [H, W, 3], upright by its EXIF orientation; a clear error naming the flag
+  and the file when it cannot be read."""
+  return load_photo(path, flag)[0]
+
+
+def load_photo(path: str, flag: str = "--image") -> tuple[np.ndarray, int]:
+  """(RGB uint8 [H, W, 3] upright, the EXIF orientation the file carried: 1 = none; see
+  `predictor.read_image_and_orientation`). app.UsageError naming `flag` and the file when
+  it cannot be read."""
   p = pathlib.Path(path)
   if not p.exists():
-    raise app.UsageError(f"--image={path}: no such file")
+    raise app.UsageError(f"{flag}={path}: no such file")
   if not p.is_file():
-    raise app.UsageError(f"--image={path}: not a file")
+    raise app.UsageError(f"{flag}={path}: not a file")
   try:
-    return predictor_lib.read_image(p)
+    return predictor_lib.read_image_and_orientation(p)
   except Exception as e:  # noqa: BLE001 - PIL raises many kinds for corrupt files
-    raise app.UsageError(f"--image={path}: cannot read it as an image "
+    raise app.UsageError(f"{flag}={path}: cannot read it as an image "
                          f"({type(e).__name__}: {e})") from e
+
+
+def stored_orientation_and_size(path: str) -> tuple[int, tuple[int, int]]:
+  """(EXIF orientation (1: none), stored (width, height)) from the file's header."""
+  with Image.open(path) as im:
+    try:
+      orientation = int(im.getexif().get(predictor_lib.EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: no orientation
+      orientation = 1
+    return (orientation if orientation in range(1, 9) else 1), im.size
 
 
 def parse_boxes(text: str, flag: str = "--box") -> np.ndarray:
@@ -93,6 +111,12 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
       pts = readers.read_pts(pts_path)
     except ValueError as e:
       raise app.UsageError(f"--box_from_pts: {e}") from e
+    try:   # a .pts is in stored pixels (the datasets' convention); the photo is read upright
+      orientation, size = stored_orientation_and_size(path)
+    except Exception:  # noqa: BLE001 - unreadable: load_inputs names it
+      orientation, size = 1, None
+    if orientation != 1:
+      pts = predictor_lib.exif_transpose_points(pts, orientation, size)
     out.append(np.concatenate([pts.min(0), pts.max(0)])[None])
   return out
 
@@ -116,11 +140,12 @@ def _font(size):
 
 
 def draw_overlay(image: np.ndarray, pred: predictor_lib.Prediction, num_iterations: int,
-                 title: str = "", min_side: int = 512) -> Image.Image:
-  """The photo (enlarged so its shorter side is at least min_side) with each face's box,
-  landmarks and a label "err E  it I/S"."""
+                 title: str = "", min_side: int = 512, max_side: int = 4096) -> Image.Image:
+  """The photo (enlarged so its shorter side is at least min_side, but its longer side
+  not beyond max_side: a 1-pixel-wide photo is not blown up into a gigapixel image) with
+  each face's box, landmarks and a label "err E  it I/S"."""
   h, w = image.shape[:2]
-  k = max(1.0, min_side / min(h, w))
+  k = min(max(1.0, min_side / min(h, w)), max(1.0, max_side / max(h, w)))
   im = Image.fromarray(image).resize((round(w * k), round(h * k)), Image.BILINEAR) \
       if k > 1 else Image.fromarray(image)
   draw = ImageDraw.Draw(im)
@@ -148,12 +173,6 @@ def draw_overlay(image: np.ndarray, pred: predictor_lib.Prediction, num_iteratio
   return im
 
 
-def save_overlay(path: pathlib.Path, image, pred, num_iterations: int, title: str) -> None:
-  """draw_overlay(...) saved to `path` (its folder made)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  draw_overlay(image, pred, num_iterations, title).save(path)
-
-
 def faces_json(faces: list[dict]) -> list[dict]:
   """Prediction.to_json() faces without their image index (the entry says the image)."""
   return [{k: v for k, v in f.items() if k != "image_index"} for f in faces]
@@ -177,9 +196,13 @@ def overlay_paths(paths: list[str], output: str | None) -> list[pathlib.Path | N
 # ---------------------------------------------------------------------------------------
 
 
-def load_inputs(paths, boxes) -> list[np.ndarray]:
-  """The images, with every box checked against its image (errors name file and flag)."""
-  images = [load_image(p) for p in paths]
+def load_inputs(paths, boxes, orientations: list | None = None) -> list[np.ndarray]:
+  """The images (upright by their EXIF orientation, which is appended to `orientations`
+  when given), with every box checked against its image (errors name file and flag)."""
+  photos = [load_photo(p) for p in paths]
+  images = [im for im, _ in photos]
+  if orientations is not None:
+    orientations.extend(o for _, o in photos)
   for path, image, b in zip(paths, images, boxes):
     for k in range(0 if b is None else len(b)):
       try:
@@ -189,10 +212,50 @@ def load_inputs(paths, boxes) -> list[np.ndarray]:
   return images
 
 
+def check_outputs(output: str | None, output_json: str | None, video: bool = False) -> None:
+  """Before the work: --output (a .png/.jpg file, or a folder; a video's is a folder) and
+  --output_json can be written (`common.check_output`; one line naming the flag)."""
+  if output_json:
+    common.check_output(output_json, "output_json")
+  if output:
+    is_file = not video and pathlib.Path(output).suffix.lower() in (".png", ".jpg", ".jpeg")
+    common.check_output(output, "output", "file" if is_file else "dir")
+
+
+def write_overlays(items) -> list[str]:
+  """items: (path, draw() -> PIL image, entry) per overlay; each drawn and saved, its
+  path in entry["overlay"], or its failure in entry["overlay_error"] (the others go on).
+  Returns the failures, one line each."""
+  failures = []
+  for out_png, draw, entry in items:
+    try:
+      out_png.parent.mkdir(parents=True, exist_ok=True)
+      draw().save(out_png)
+      entry["overlay"] = str(out_png)
+    except Exception as e:  # noqa: BLE001 - PIL and the disk raise many kinds
+      why = f"{type(e).__name__}: {common.one_line(e)}"
+      entry["overlay_error"] = why
+      failures.append(f"{out_png}: {why}")
+  return failures
+
+
+def overlay_failure(failures: list[str], output: str, output_json: str | None, total: int):
+  """The one line for overlays that could not be written (after the JSON was)."""
+  where = (f"; the predictions are in --output_json={output_json}" if output_json
+           else "")
+  return app.UsageError(f"--output={output}: {len(failures)} of {total} overlay(s) could "
+                        f"not be written (first: {failures[0]}){where}")
+
+
 def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=None,
-        images=None, budget=None, budget_mmacs=None) -> dict:
+        images=None, budget=None, budget_mmacs=None, orientations=None) -> dict:
+  """Predicts every face of every photo. Writes --output_json before the overlays, so an
+  overlay that cannot be drawn or saved loses no prediction: it is recorded in its
+  image's entry ("overlay_error") and the run ends with one line naming --output."""
+  check_outputs(output, output_json)
   if images is None:
-    images = load_inputs(paths, boxes)
+    orientations = []
+    images = load_inputs(paths, boxes, orientations)
   ts_v = -np.inf if ts is None else ts
   t_fail_v = t_fail            # None: the model's default Tf
   t0 = time.perf_counter()
@@ -212,15 +275,18 @@ def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=N
             "t_fail": pred_obj.default_t_fail if t_fail is None else t_fail, "budget": budget,
             "budget_mmacs": budget_mmacs, "num_iterations": stages,
             "seconds_including_compile": seconds, "images": []}
+  overlays = []
   for i, (path, out_png) in enumerate(zip(paths, overlay_paths(paths, output))):
     mine = pred.for_image(i)
     entry = {"image": os.path.abspath(path), "height": int(images[i].shape[0]),
              "width": int(images[i].shape[1]),
              "faces": faces_json([f for f in faces if f["image_index"] == i])}
+    if orientations:      # the EXIF orientation undone on reading (1: none)
+      entry["exif_orientation"] = int(orientations[i])
     if out_png is not None:
       title = f"{pathlib.Path(path).name}  ({mine.landmarks.shape[1]} pts, max {stages} it)"
-      save_overlay(out_png, images[i], mine, stages, title)
-      entry["overlay"] = str(out_png)
+      overlays.append((out_png, lambda im=images[i], m=mine, t=title:
+                       draw_overlay(im, m, stages, t), entry))
     result["images"].append(entry)
     for f in entry["faces"]:
       print(f"{path}: box {[round(v, 1) for v in f['box']]} estimated error "
@@ -232,8 +298,12 @@ def run(paths, boxes, pred_obj, ts=None, t_fail=None, output=None, output_json=N
     print(f"mean iterations {result['mean_iterations']:.2f} over {len(its)} "
           f"face{'s' if len(its) > 1 else ''} (budget "
           f"{pred_obj.budget_iterations(budget, budget_mmacs):g} per face on average)")
+  failures = write_overlays(overlays)
+  result["overlay_failures"] = len(failures)
   if output_json:
     common.write_json(output_json, result, indent=1)
+  if failures:
+    raise overlay_failure(failures, output, output_json, len(overlays))
   return result
 
 
@@ -256,28 +326,51 @@ def find_faces(pred_obj, image, path) -> np.ndarray:
 
 
 def video_frames(source: str):
-  """(names, frame iterator) of a folder of frames or a multi-frame image file."""
+  """(names, iterator of (frame RGB uint8 or None, why it is None)) of a folder of frames
+  or a multi-frame image file. A frame that cannot be read comes as (None, reason); a
+  multi-frame file that breaks at frame k > 0 ends there with that record. app.UsageError
+  naming --video when there is nothing to read at all."""
   p = pathlib.Path(source)
   if p.is_dir():
     files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
       raise app.UsageError(f"--video={source}: no {'/'.join(IMAGE_EXTENSIONS)} frames in it")
-    return [pathlib.Path(f).stem for f in files], (load_image(f) for f in files)
+
+    def read(f):
+      try:
+        return load_image(f, flag="--video"), ""
+      except app.UsageError as e:
+        return None, str(e)
+    return [pathlib.Path(f).stem for f in files], (read(f) for f in files)
   if not p.is_file():
     raise app.UsageError(f"--video={source}: no such file or directory")
   from PIL import ImageSequence  # noqa: PLC0415
+  frames, broken = [], ""
   try:
     with Image.open(p) as im:
-      frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+      for frame in ImageSequence.Iterator(im):
+        frames.append(np.asarray(frame.convert("RGB")))
   except Exception as e:  # noqa: BLE001 - PIL raises many kinds for unreadable files
-    raise app.UsageError(f"--video={source}: cannot read frames from it ({type(e).__name__}: "
-                         f"{e}; give a folder of frames or an animated GIF/TIFF)") from e
-  return [f"frame_{i:05d}" for i in range(len(frames))], iter(frames)
+    if not frames:
+      raise app.UsageError(f"--video={source}: cannot read frames from it "
+                           f"({type(e).__name__}: {e}; give a folder of frames or an "
+                           f"animated GIF/TIFF)") from e
+    broken = (f"--video={source}: frame {len(frames)} and any after it cannot be read "
+              f"({type(e).__name__}: {' '.join(str(e).split())})")
+  items = [(f, "") for f in frames] + ([(None, broken)] if broken else [])
+  return [f"frame_{i:05d}" for i in range(len(items))], iter(items)
 
 
 def run_video(source, pred_obj, ts=None, t_fail=None, output=None, output_json=None,
               budget=None, budget_mmacs=None) -> dict:
+  """Tracks the faces through the frames of `source` (see experiments/predict.py). A
+  frame that cannot be read (or predicted: a ValueError of the predictor) is skipped:
+  its record in the JSON says why ("skipped": true, "error"), the count is printed and in
+  the JSON ("skipped_frames"), and the run goes on with the next frame. An overlay that
+  cannot be drawn or saved is recorded in its frame's entry ("overlay_error"); the run
+  goes on, writes the JSON and then ends with one line naming --output."""
   from musica_jax import tracking  # noqa: PLC0415
+  check_outputs(output, output_json, video=True)
   names, frames = video_frames(source)
   t_fail_v = 0.08 if t_fail is None else t_fail
   try:
@@ -291,19 +384,31 @@ def run_video(source, pred_obj, ts=None, t_fail=None, output=None, output_json=N
   result = {"model": pred_obj.metadata, "video": os.path.abspath(source), "t_fail": t_fail_v,
             "ts": ts, "budget": budget_it, "num_iterations": stages, "frames": []}
   t0 = time.perf_counter()
-  for name, frame in zip(names, frames):
-    try:
-      step = tracker.step(frame)
-    except ImportError as e:
-      raise app.UsageError(f"--video: the first frame needs the face detector: {e}") from e
+  skipped, failures, overlays = [], [], 0
+  for name, (frame, why) in zip(names, frames):
+    if frame is not None:
+      try:
+        step = tracker.step(frame)
+      except ImportError as e:
+        raise app.UsageError(f"--video: the first frame needs the face detector: {e}") from e
+      except ValueError as e:       # a frame the predictor refuses (size, values)
+        frame, why = None, f"--video={source}: frame {name}: {common.one_line(e)}"
+    if frame is None:
+      print(f"warning: skipped: {why}", flush=True)
+      skipped.append(name)
+      result["frames"].append({"frame": name, "skipped": True, "error": why, "faces": []})
+      continue
     pred = step.prediction
     entry = {"frame": name, "redetected": step.redetected, "reason": step.reason,
              "faces": faces_json(pred.to_json())}
-    if out_dir is not None:
-      save_overlay(out_dir / f"{name}.overlay.png", frame, pred, stages,
-                   f"{name}  re-detections {tracker.redetections}")
+    if out_dir is not None:         # now: a video's frames are not all kept in memory
+      title = f"{name}  re-detections {tracker.redetections}"
+      overlays += 1
+      failures += write_overlays([(out_dir / f"{name}.overlay.png",
+                                   lambda: draw_overlay(frame, pred, stages, title), entry)])
     result["frames"].append(entry)
   result["redetections"] = tracker.redetections
+  result["skipped_frames"] = len(skipped)
   result["seconds_including_compile"] = time.perf_counter() - t0
   its = [g["iterations"] for f in result["frames"] for g in f["faces"]]
   result["mean_iterations"] = float(np.mean(its)) if its else None
@@ -313,8 +418,15 @@ def run_video(source, pred_obj, ts=None, t_fail=None, output=None, output_json=N
         + (f", mean iterations {result['mean_iterations']:.2f}" if its else "")
         + (f" (budget {budget_it:g})" if budget_it is not None else "")
         + (f" -> {out_dir}/" if out_dir else ""))
+  if skipped:
+    print(f"--video={source}: skipped {len(skipped)} of {len(result['frames'])} frame(s) "
+          f"that could not be read or predicted ({', '.join(skipped[:5])}"
+          f"{', ...' if len(skipped) > 5 else ''}; each has a record in the JSON)")
+  result["overlay_failures"] = len(failures)
   if output_json:
     common.write_json(output_json, result, indent=1)
+  if failures:
+    raise overlay_failure(failures, output, output_json, overlays)
   return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import pathlib
@@ -31,9 +32,11 @@ from data_pipelines import input_pipeline
 from data_pipelines import readers
 from experiments import common
 from experiments import eval_lib
+from musica_jax import atomic_io
 from musica_jax import checkpoints
 from musica_jax import config as config_lib
 from musica_jax import factorise
+from musica_jax import host_memory
 from musica_jax import model_io
 from musica_jax import parallel
 from musica_jax import run_config
@@ -52,22 +55,74 @@ class Config:
 
 
 class MetricWriter:
-  """Progress to metrics.jsonl (always) and TensorBoard event files (process 0)."""
+  """Progress to metrics.jsonl (always) and TensorBoard event files (process 0).
 
-  def __init__(self, workdir):
+  One record per (step, kind) ("train" or "eval": the prefix of its keys). A run resumed
+  from the checkpoint of step S first drops the records of steps after S (logged by the
+  killed run after its last checkpoint; those steps run again) and any line a kill cut
+  short, and says how many; a record written again for a (step, kind) already in the
+  file (the final evaluation of a run resumed at its last step) replaces the old one. So
+  no step repeats, whatever the kills."""
+
+  def __init__(self, workdir, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tb = None
+    self._seen = set()
     if self.enabled:
+      self._keep_up_to(int(resume_step))
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
 
+  @staticmethod
+  def _kind(record: dict) -> str:
+    return ",".join(sorted({k.split("/")[0] for k in record if k != "step"}))
+
+  def _records(self) -> tuple[list[dict], int]:
+    """(the records of the file, the number of lines that are not a record)."""
+    if not self.path.is_file():
+      return [], 0
+    records, bad = [], 0
+    for line in self.path.read_text().splitlines():
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+        int(rec["step"])
+      except (ValueError, KeyError, TypeError):
+        bad += 1                    # a line a kill cut short
+        continue
+      records.append(rec)
+    return records, bad
+
+  def _rewrite(self, records: list[dict]) -> None:
+    atomic_io.write_text(self.path, "".join(strict_json.dumps(r) + "\n" for r in records))
+
+  def _keep_up_to(self, step: int) -> None:
+    records, bad = self._records()
+    kept = [r for r in records if int(r["step"]) <= step]
+    dropped = len(records) - len(kept)
+    if dropped or bad:
+      self._rewrite(kept)
+      say(f"note: {self.path}: dropped {dropped} record(s) of steps after {step} (logged "
+          f"after the last checkpoint; those steps run again)"
+          + (f" and {bad} incomplete line(s)" if bad else ""))
+    self._seen = {(int(r["step"]), self._kind(r)) for r in kept}
+
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(strict_json.dumps({"step": step, **values}) + "\n")
+    record = {"step": step, **values}
+    key = (int(step), self._kind(record))
+    if key in self._seen:           # the same step and kind again: replace it
+      records, _ = self._records()
+      self._rewrite([r for r in records
+                     if (int(r["step"]), self._kind(r)) != key] + [record])
+    else:
+      with self.path.open("a") as f:
+        f.write(strict_json.dumps(record) + "\n")
+      self._seen.add(key)
     with self._tb.as_default(step=step):
       for k, v in values.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -93,6 +148,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   Process 0 holds the workdir's lock (`checkpoints.WorkdirLock`) for the whole run: a
   second run on the same workdir stops at once with one line. A run that fails before
   its first step removes the workdir if it created it."""
+  host_memory.keep_large_buffers()     # XLA's big buffers: no fresh mmap per step
   workdir = os.path.abspath(workdir)
   created = not os.path.exists(workdir)
   ready = []              # set once the training loop starts
@@ -173,7 +229,11 @@ def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
   scheme = schemes.get_scheme(data_cfg.num_points)
   previous = None
   if run_config.path(workdir).exists():
-    previous = run_config.load(workdir)
+    try:
+      previous = run_config.load(workdir)
+    except ValueError as e:       # not JSON, a cut or edited file: one line naming it
+      raise common.UserError(f"--workdir={workdir}: {e}; restore the file, or train in a "
+                             f"new --workdir") from None
     if previous["model_config"] != model_cfg:
       raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
                            f"({previous['model_config']}); use a new workdir or the same "
@@ -263,7 +323,7 @@ def _resume_and_train(config: Config, workdir, on_start, ckpts, scheme, mean_sha
                         scheme=scheme),
       in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
       donate_argnums=(0,))
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   batches = input_pipeline.train_iterator(data_cfg, start_step=start,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count())

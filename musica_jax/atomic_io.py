@@ -24,8 +24,11 @@ def _umask() -> int:
 def write(path, write_fn: Callable[[IO], None], binary: bool = False) -> pathlib.Path:
   """write_fn(open file) into a temporary file beside `path`, then rename it over `path`."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  except OSError as e:     # name the file asked for, not the hidden temporary one
+    raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}", str(path)) from None
   try:
     with os.fdopen(fd, "wb" if binary else "w") as fh:
       write_fn(fh)

@@ -7,9 +7,12 @@ finished ones. A run restarted on the same workdir restores the latest step.
 Content checksums: at save time the SHA-256 of every array of the state (in tree order,
 with its path, dtype and shape) goes to `<workdir>/checkpoint_checksums/<step>.json`.
 `restore` recomputes it on what it read, so a checkpoint whose files were truncated,
-emptied, lost their metadata or had bytes flipped is refused. Without an explicit step it
-walks back from the newest checkpoint to the newest one that restores and matches, and
-reports each one it skipped (step and reason) through `on_skip`. Checkpoints written
+emptied, lost their metadata or had bytes flipped is refused, and so is a step folder
+emptied or stripped of its `default/` item folder. Without an explicit step it walks back
+from the newest checkpoint to the newest one that restores and matches, and reports each
+one it skipped (step and reason) through `on_skip`; whatever is wrong with a newer step,
+an older intact one still restores (the manager is told up front that a checkpoint is one
+unnamed item, so a broken step cannot change how it reads the others). Checkpoints written
 before checksums existed restore unverified.
 
 `WorkdirLock`: one training run per workdir (below).
@@ -37,6 +40,7 @@ from musica_jax import strict_json
 
 BEST_METRIC = "eval_nme"
 CHECKSUM_DIR = "checkpoint_checksums"
+ITEM_DIR = "default"        # orbax's folder of the one unnamed item in <step>/
 
 
 class DamagedCheckpointError(ValueError):
@@ -74,7 +78,15 @@ class Checkpoints:
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.checksum_dir = os.path.join(os.path.abspath(workdir), CHECKSUM_DIR)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._options = options
+    self._manager = self._new_manager()
+
+  def _new_manager(self):
+    # One unnamed item, said up front: left to guess, orbax decides "one item or many" from
+    # the first step folder it restores and keeps that guess, so one emptied step folder
+    # (no `default/` inside) made it refuse every older, intact step too (issue #27).
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -168,6 +180,10 @@ class Checkpoints:
     return target
 
   def _restore_checked(self, template, step: int):
+    item = os.path.join(self.directory, str(int(step)), ITEM_DIR)
+    if not os.path.isdir(item):
+      raise DamagedCheckpointError(
+          f"its folder holds no {ITEM_DIR}/ (emptied or partly deleted)")
     state = self._restore_step(template, step)
     expected = self.expected_digest(step)
     if expected is not None and state_digest(state) != expected:

@@ -148,7 +148,14 @@ class DlibHogDetector:
     self.upsample = tuple(int(u) for u in upsample)
 
   def __call__(self, image) -> np.ndarray:
-    image = np.ascontiguousarray(image, np.uint8)
+    """image: HxWx3 RGB, uint8 or numbers in 0..255 (`predictor.check_image`: a float
+    photo in 0..1 is refused, never silently read as black); non-uint8 values are rounded
+    to uint8, which is what dlib reads."""
+    from musica_jax.predictor import check_image  # noqa: PLC0415  (predictor imports us)
+    image = check_image(image)
+    if image.dtype != np.uint8:
+      image = np.round(image).astype(np.uint8)      # in 0..255 (checked): no wrap-around
+    image = np.ascontiguousarray(image)
     for up in self.upsample:
       rects, scores, _ = self._detector.run(image, up, 0.0)
       if len(rects):

@@ -11,7 +11,9 @@ bilinear warp, per-image standardisation; the side-car JSON spells it out). B is
 any batch size runs without re-exporting. Outputs: landmarks [B, N, 2] in crop pixels
 (image pixels: (crop - offset) / scale), then the estimated error [B] (the model's
 estimate of its inter-ocular NME), after the full cascade (every iteration; the early
-exit is the predictor's).
+exit is the predictor's). A crop holding any NaN or infinite value gets NaN landmarks and
+a NaN estimated error (invalid under any failure threshold: NaN < t_fail is false), never
+finite numbers made up from it.
 
 The weights are constants inside the program. Stored in bfloat16 when every weight is
 exactly a bfloat16 number (a model exported with --dtype=bfloat16, as the shipped default)
@@ -60,7 +62,11 @@ def cascade_function(params: Any, config: ModelConfig, mean_shape):
   def one(crop):
     p = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32), stored)
     out = cascade.run_cascade(p, crop[None], jnp.asarray(init), config)
-    return out.landmarks[0], out.estimated_error[0]
+    # NaN in, NaN out: for a crop with a NaN or inf the cascade alone returns finite
+    # landmarks and an estimated error of 0 (issue #27), i.e. a confident made-up answer.
+    finite = jnp.all(jnp.isfinite(crop))
+    return (jnp.where(finite, out.landmarks[0], jnp.nan),
+            jnp.where(finite, out.estimated_error[0], jnp.nan))
 
   return jax.vmap(one)
 
@@ -86,7 +92,9 @@ def describe(config: ModelConfig, mean_shape, platforms: Sequence[str],
       "format": FORMAT, "version": VERSION,
       "load": "jax.export.deserialize(open(PATH, 'rb').read()).call(crops)",
       "input": {"name": "crops", "shape": ["B", s, s, 3], "dtype": "float32",
-                "batch": "symbolic (any B >= 1)"},
+                "batch": "symbolic (any B >= 1)",
+                "non_finite": "a crop with any NaN or inf value gets NaN landmarks and a "
+                              "NaN estimated error (invalid)"},
       "outputs": [{"name": "landmarks", "shape": ["B", config.num_landmarks, 2],
                    "dtype": "float32", "frame": "crop pixels (x, y), pixel centres at "
                    "integers; image = (crop - offset) / scale"},

@@ -56,7 +56,9 @@ def load(workdir) -> dict:
   "data", "train", extras) plus "model_config" (a ModelConfig), "train_config" (a
   training.TrainConfig: missing fields take their defaults, unknown ones are dropped) and
   "mean_shape" as float32 [N, 2]. FileNotFoundError when the workdir has none;
-  ValueError (naming the file) when it cannot be read."""
+  ValueError (naming the file) when it cannot be read or does not hold a run config: not
+  JSON, a section missing or of the wrong type, a model or training field the configs
+  refuse, a mean shape that is not [N, 2] finite numbers for the model's N landmarks."""
   p = path(workdir)
   if not p.is_file():
     raise FileNotFoundError(f"no {RUN_CONFIG} in {workdir}; is this a training workdir?")
@@ -64,17 +66,41 @@ def load(workdir) -> dict:
     raw = json.loads(p.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{p}: not valid JSON: {e}") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{p}: not a text file ({e})") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{p}: a JSON object expected, found {type(raw).__name__}")
   for key in ("model", "train", "mean_shape"):
     if key not in raw:
       raise ValueError(f"{p}: no {key!r} section")
+  for key in ("model", "train"):
+    if not isinstance(raw[key], dict):
+      raise ValueError(f"{p}: section {key!r} must be a JSON object, found "
+                       f"{type(raw[key]).__name__}")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(raw["model"]) - known)
   if unknown:
     raise ValueError(f"{p}: model fields {unknown} are unknown to this code (written by a "
                      f"newer musica_jax?)")
   train_known = {f.name for f in dataclasses.fields(training.TrainConfig)}
-  raw["model_config"] = ModelConfig(**raw["model"])
-  raw["train_config"] = training.TrainConfig(
-      **{k: v for k, v in raw["train"].items() if k in train_known})
-  raw["mean_shape"] = np.asarray(raw["mean_shape"], np.float32)
+  try:
+    raw["model_config"] = ModelConfig(**raw["model"])
+  except (TypeError, ValueError) as e:     # a field of the wrong type or out of range
+    raise ValueError(f"{p}: section 'model' does not make a model config: {e}") from e
+  try:
+    raw["train_config"] = training.TrainConfig(
+        **{k: v for k, v in raw["train"].items() if k in train_known})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{p}: section 'train' does not make a training config: {e}") from e
+  n = raw["model_config"].num_landmarks
+  try:
+    mean_shape = np.asarray(raw["mean_shape"], np.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{p}: mean_shape is not a list of [x, y] numbers: {e}") from e
+  if mean_shape.shape != (n, 2):
+    raise ValueError(f"{p}: mean_shape has shape {list(mean_shape.shape)}, the model has "
+                     f"{n} landmarks: [{n}, 2] expected (a cut or edited file?)")
+  if not np.all(np.isfinite(mean_shape)):
+    raise ValueError(f"{p}: mean_shape has non-finite values")
+  raw["mean_shape"] = mean_shape
   return raw

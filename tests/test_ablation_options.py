@@ -253,7 +253,7 @@ def test_macs_and_parameters_count_the_options(extractor, global_attention):
 
 def test_memory_column_is_the_weights_in_float32_and_as_shipped():
   """experiments.macs: MB = parameters x bytes; 'as shipped' is the default model's dtype,
-  and the shipped MuSiCa19's params.npz is that size (plus archive headers)."""
+  and the shipped model's params.npz is its row's size (plus archive headers)."""
   from experiments import macs  # noqa: PLC0415
   rows = macs.table()
   shipped = model_io.load_model(model_io.default_model_path())
@@ -264,6 +264,8 @@ def test_memory_column_is_the_weights_in_float32_and_as_shipped():
     assert r["memory_mb_shipped"] == pytest.approx(r["mparams"] * 2, rel=1e-3)
   cfg = shipped.model_config
   name = f"{cfg.num_landmarks}/{cfg.num_patches}"
+  if cfg.recurrent_rank:
+    name += f" recurrent rank {cfg.recurrent_rank}"
   size = (model_io.default_model_path() / model_io.PARAMS_FILE).stat().st_size / 1e6
   assert size == pytest.approx(rows[name]["memory_mb_shipped"], rel=0.01)
   assert rows["68/23 phone (2 it., no local attention)"]["iterations"] == 2

@@ -324,6 +324,10 @@ DAMAGES = {
     "missing_metadata": lambda d: (d / "default" / "_METADATA").unlink(),
     "emptied_step": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
                                if p.is_file()],
+    # Issue #27: an emptied step folder, or one without its item folder, made orbax's one
+    # manager refuse every older, intact step too ("Must provide `args` of type Composite").
+    "emptied_folder": lambda d: (shutil.rmtree(d), d.mkdir()),
+    "no_item_folder": lambda d: shutil.rmtree(d / "default"),
 }
 
 
@@ -393,15 +397,16 @@ def test_evaluate_names_the_damaged_step_and_walks_back_for_latest(checkpointed,
 
 
 @pytest.mark.slow     # a short training run (~1 min)
+@pytest.mark.parametrize("damage", ["missing_metadata", "emptied_folder"])
 def test_training_resumes_from_the_newest_intact_checkpoint(checkpointed, tmp_path,
-                                                            parse_flags, capsys):
+                                                            parse_flags, capsys, damage):
   import shutil  # noqa: PLC0415
   from experiments import train  # noqa: PLC0415
   from experiments import train_lib  # noqa: PLC0415
   source, cfg, tcfg = checkpointed
   workdir = tmp_path / "w"
   shutil.copytree(source, workdir)
-  DAMAGES["missing_metadata"](workdir / "checkpoints" / "6")
+  DAMAGES[damage](workdir / "checkpoints" / "6")
   parse_flags(*TINY, f"--workdir={workdir}", "--steps=7", f"--tfds_dir={tmp_path / 'tfds'}")
   train_lib.train_and_evaluate(train.config_from_flags(), str(workdir))
   so = capsys.readouterr().out
@@ -530,3 +535,434 @@ def test_training_onto_a_full_disk_ends_with_one_error_line(small_disk, tmp_path
   assert len(errors) == 1 and "no space left on device" in errors[0], se[-3000:]
   assert se.rstrip().splitlines()[-1] == errors[0]        # the last word is ours
   assert not [p for p in (small_disk / "w").iterdir() if p.name.startswith(".run_config")]
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Issue #27: real users' files and crashes.
+
+SMALL = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9),
+                               hidden_size=16, image_size=64, init_std=0.5)
+
+
+def _small_predictor(face_finder=None):
+  from musica_jax import predictor  # noqa: PLC0415
+  params = stage_net.init_stacked(jax.random.PRNGKey(0), SMALL)
+  mean = np.random.default_rng(1).uniform(16, 48, (10, 2)).astype(np.float32)
+  return predictor.Predictor(params, SMALL, mean, max_batch=2, face_finder=face_finder)
+
+
+class _FixedFinder:
+  """A face finder (no dlib) that finds the same boxes in every photo."""
+
+  def __init__(self, boxes):
+    self.boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+
+  def __call__(self, image):
+    return self.boxes
+
+
+def test_predict_evaluate_and_export_walk_back_over_an_emptied_checkpoint(checkpointed,
+                                                                         tmp_path, capsys):
+  """An emptied newest step folder: the model loader of predict / evaluate / export
+  (common.load_model) says so on stderr and uses the newest intact step; nothing in the
+  workdir is moved (only training sets damaged steps aside)."""
+  from experiments import export_model  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
+  source, _, _ = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  DAMAGES["emptied_folder"](workdir / "checkpoints" / "6")
+  loaded = common.load_model(str(workdir), None)                     # evaluate's loader
+  assert loaded.metadata["checkpoint_step"] == 4
+  assert [d["step"] for d in loaded.metadata["skipped_damaged_checkpoints"]] == [6]
+  assert "checkpoint step 6" in capsys.readouterr().err
+  summary = export_model.export(str(workdir), str(tmp_path / "m"))
+  assert summary["checkpoint_step"] == 4
+  pred = predict_lib.load_predictor(str(workdir), None)
+  assert pred.metadata["checkpoint_step"] == 4
+  assert (workdir / "checkpoints" / "6").is_dir()            # left where it was
+  with pytest.raises(common.UserError, match="step 6"):       # asked for by number
+    common.load_model(str(workdir), None, "6")
+
+
+def test_a_corrupt_video_frame_is_skipped_and_the_run_writes_everything(tmp_path, capsys):
+  """Frames 0-4, frame 2 not an image: it gets a record saying why (naming --video), the
+  count is printed, frames 3-4 are tracked, every overlay and the JSON are written."""
+  from PIL import Image  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
+  frames = tmp_path / "frames"
+  frames.mkdir()
+  rng = np.random.default_rng(3)
+  for i in range(5):
+    if i == 2:
+      (frames / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated by a phone")
+    else:
+      Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(
+          frames / f"{i:03d}.png")
+  # Zero weights: the landmarks are the mean shape, whose tight box is the crop's 142-px
+  # box, so the tracked box stays where the finder put it.
+  from musica_jax import predictor  # noqa: PLC0415
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model_io.param_template(SMALL))
+  mean = rng.uniform(113.5 - 71, 113.5 + 71, (10, 2))
+  mean[:2] = [[113.5 - 71, 113.5 - 71], [113.5 + 71, 113.5 + 71]]
+  p = predictor.Predictor(params, SMALL, mean.astype(np.float32), max_batch=2,
+                          face_finder=_FixedFinder([(20, 20, 60, 60)]))
+  res = predict_lib.run_video(str(frames), p, t_fail=np.inf, output=str(tmp_path / "o"),
+                              output_json=str(tmp_path / "v.json"))
+  doc = _strict_load((tmp_path / "v.json").read_text())
+  assert [f["frame"] for f in doc["frames"]] == ["000", "001", "002", "003", "004"]
+  bad = doc["frames"][2]
+  assert bad["skipped"] and bad["faces"] == [] and f"--video={frames}" in bad["error"]
+  assert "002.png" in bad["error"] and "--image" not in bad["error"]
+  assert [len(f["faces"]) for f in doc["frames"]] == [1, 1, 0, 1, 1]
+  assert doc["skipped_frames"] == 1 == res["skipped_frames"]
+  assert sorted(q.name for q in (tmp_path / "o").iterdir()) == [
+      f"{i:03d}.overlay.png" for i in (0, 1, 3, 4)]
+  assert "skipped 1 of 5 frame(s)" in capsys.readouterr().out
+
+
+def test_exif_transpose_points_match_pil_for_every_orientation(tmp_path):
+  """read_image turns a photo upright by its EXIF orientation (PIL's exif_transpose), and
+  exif_transpose_points maps stored-pixel points (a .pts) onto that upright photo."""
+  from PIL import Image  # noqa: PLC0415
+  from musica_jax import predictor  # noqa: PLC0415
+  rng = np.random.default_rng(5)
+  stored = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)      # H 30, W 50
+  pts = np.stack([rng.integers(0, 50, 20), rng.integers(0, 30, 20)], -1)
+  for o in range(1, 9):
+    exif = Image.Exif()
+    exif[predictor.EXIF_ORIENTATION] = o
+    path = tmp_path / f"o{o}.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    upright, got = predictor.read_image_and_orientation(path)
+    assert got == o
+    assert upright.shape == ((30, 50, 3) if o <= 4 else (50, 30, 3)), o
+    np.testing.assert_array_equal(predictor.read_image(path, exif_transpose=False), stored)
+    mapped = predictor.exif_transpose_points(pts, o, (50, 30)).astype(int)
+    np.testing.assert_array_equal(upright[mapped[:, 1], mapped[:, 0]],
+                                  stored[pts[:, 1], pts[:, 0]], err_msg=str(o))
+
+
+def test_exif_orientation_is_applied_and_reported(shared_data, tmp_path):
+  """A real 300W photo saved as a phone does (pixels stored sideways, EXIF Orientation=6)
+  is aligned like the upright original (the shipped model, the .pts box mapped onto the
+  upright photo) and the JSON says which orientation was undone."""
+  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
+    pytest.skip("no default model ships with this checkout")
+  from PIL import Image  # noqa: PLC0415
+  from data_pipelines import readers  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
+  from musica_jax import face_frame, metrics, predictor, schemes  # noqa: PLC0415
+  src = sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[0]
+  upright = predictor.read_image(src)
+  gt = readers.read_pts(str(src.with_suffix(".pts")), 68)
+  Image.fromarray(upright).save(tmp_path / "upright.png")
+  shutil.copy(src.with_suffix(".pts"), tmp_path / "upright.pts")
+  # Stored sideways: the upright photo turned 90 degrees counter-clockwise; Orientation=6
+  # says "turn it 90 degrees clockwise to show it". Its .pts is in the stored pixels.
+  exif = Image.Exif()
+  exif[predictor.EXIF_ORIENTATION] = 6
+  Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png",
+                                                                    exif=exif)
+  w_up = upright.shape[1]
+  readers.write_pts(str(tmp_path / "phone.pts"), np.stack([gt[:, 1], w_up - 1 - gt[:, 0]], -1))
+  sideways = predictor.read_image(tmp_path / "phone.png", exif_transpose=False)
+  assert sideways.shape[:2] == upright.shape[1::-1]          # what was aligned before
+  paths = [str(tmp_path / "upright.png"), str(tmp_path / "phone.png")]
+  boxes = predict_lib.boxes_for(paths, [], True)
+  np.testing.assert_allclose(boxes[1], boxes[0], atol=1e-6)
+  np.testing.assert_allclose(boxes[0][0], face_frame.box_from_landmarks(gt), atol=1e-3)
+  res = predict_lib.run(paths, boxes, predictor.Predictor.default(max_batch=2),
+                        output_json=str(tmp_path / "p.json"))
+  doc = _strict_load((tmp_path / "p.json").read_text())
+  assert [im["exif_orientation"] for im in doc["images"]] == [1, 6]
+  lm = [np.asarray(im["faces"][0]["landmarks"]) for im in res["images"]]
+  np.testing.assert_allclose(lm[1], lm[0], atol=1e-3)
+  nme = metrics.per_face_nme(lm[1][None], gt[None], schemes.IBUG68, "interocular")[0]
+  assert nme < 0.08, nme
+
+
+def test_a_float_photo_in_0_to_1_is_refused_by_predictor_and_detector(shared_data):
+  """A float photo in 0..1: refused with one line (multiply by 255) by the predictor with
+  or without a box and by the detector, which used to cast it to a black uint8 photo and
+  find no face; a float photo in 0..255 is read as its uint8 twin."""
+  import importlib.util  # noqa: PLC0415
+  from musica_jax import predictor  # noqa: PLC0415
+  photo = predictor.read_image(
+      sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[0])
+  step = max(1, max(photo.shape[:2]) // 400)                 # a quicker detector run
+  photo = np.ascontiguousarray(photo[::step, ::step])
+  unit = photo.astype(np.float32) / 255.0
+  p = _small_predictor(_FixedFinder([(20, 20, 120, 120)]))
+  with pytest.raises(ValueError, match="0..1 .*multiply it by 255"):
+    p.find_faces(unit)
+  with pytest.raises(ValueError, match="multiply it by 255"):
+    p.predict(unit)
+  with pytest.raises(ValueError, match="multiply it by 255"):
+    p.predict(unit, (20, 20, 120, 120))
+  assert predictor.check_image(unit * 255.0).dtype == np.float32       # 0..255 float: fine
+  if importlib.util.find_spec("dlib") is None:
+    return
+  from musica_jax import detector  # noqa: PLC0415
+  hog = detector.DlibHogDetector(upsample=(0,))
+  found = hog(photo)
+  assert len(found) >= 1
+  with pytest.raises(ValueError, match="multiply it by 255"):
+    hog(unit)
+  np.testing.assert_array_equal(hog(photo.astype(np.float32)), found)
+
+
+def test_an_extreme_photo_gets_its_overlay_and_a_failed_overlay_loses_no_prediction(
+    tmp_path, monkeypatch):
+  """A 1-pixel-wide photo: its overlay is capped (4 x 4096, not the 512 x 512,000 that
+  raised PIL's DecompressionBombError) and the JSON is written. An overlay that still
+  fails is recorded in the JSON, which is written, and the run ends with one line naming
+  --output."""
+  from PIL import Image  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
+  Image.fromarray(np.zeros((1000, 1, 3), np.uint8)).save(tmp_path / "thin.png")
+  Image.fromarray(np.full((90, 90, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+  p = _small_predictor(_FixedFinder(np.zeros((0, 4))))
+  paths = [str(tmp_path / "thin.png")]
+  res = predict_lib.run(paths, [None], p, output=str(tmp_path / "thin.overlay.png"),
+                        output_json=str(tmp_path / "thin.json"))
+  assert res["images"][0]["faces"] == [] and (tmp_path / "thin.json").is_file()
+  assert Image.open(tmp_path / "thin.overlay.png").size == (4, 4096)
+
+  def bomb(*args, **kwargs):
+    raise Image.DecompressionBombError("Image size (1859514624 pixels) exceeds limit")
+  monkeypatch.setattr(predict_lib, "draw_overlay", bomb)
+  paths = [str(tmp_path / "thin.png"), str(tmp_path / "grey.png")]
+  out = tmp_path / "overlays"
+  with pytest.raises(common.USER_ERRORS, match=f"--output={out}: 2 of 2 overlay"):
+    predict_lib.run(paths, [None, [(20, 20, 70, 70)]], p, output=str(out),
+                    output_json=str(tmp_path / "both.json"))
+  doc = _strict_load((tmp_path / "both.json").read_text())
+  assert len(doc["images"][1]["faces"]) == 1 and doc["overlay_failures"] == 2
+  assert all("DecompressionBomb" in im["overlay_error"] for im in doc["images"])
+
+
+def _cut_run_config(workdir, edit):
+  path = workdir / "run_config.json"
+  doc = json.loads(path.read_text())
+  path.write_text(edit(doc) if callable(edit) else edit)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ('{"model": {"num_landmarks": 68, "patch', "not valid JSON"),
+    ("[1, 2]", "a JSON object expected"),
+    (lambda d: json.dumps({**d, "mean_shape": d["mean_shape"][:30]}), r"\[68, 2\] expected"),
+    (lambda d: json.dumps({**d, "model": {**d["model"], "num_landmarks": "68"}}),
+     "does not make a model config"),
+    (lambda d: json.dumps({**d, "train": [1]}), "must be a JSON object"),
+], ids=["cut_file", "not_an_object", "cut_mean_shape", "model_field_type", "train_not_object"])
+def test_a_corrupt_run_config_is_one_error_naming_the_file(checkpointed, tmp_path, edit,
+                                                           message):
+  """A damaged run_config.json: the model loader of predict / evaluate / export and
+  training give one error naming --workdir and the file (was: 47 lines of traceback; a
+  cut-down mean_shape failed deep inside JAX)."""
+  from musica_jax import run_config  # noqa: PLC0415
+  source, _, _ = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  _cut_run_config(workdir, edit)
+  with pytest.raises(ValueError, match=message):
+    run_config.load(workdir)
+  with pytest.raises(common.USER_ERRORS,
+                     match=f"--workdir={workdir}: {workdir / 'run_config.json'}: .*{message}"):
+    common.load_model(str(workdir), None)
+
+
+def test_training_on_a_corrupt_run_config_is_one_error(checkpointed, tmp_path, parse_flags):
+  from experiments import train  # noqa: PLC0415
+  from experiments import train_lib  # noqa: PLC0415
+  source, _, _ = checkpointed
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir)
+  _cut_run_config(workdir, lambda d: json.dumps({**d, "mean_shape": d["mean_shape"][:30]}))
+  parse_flags(*TINY, f"--workdir={workdir}", "--steps=8", f"--tfds_dir={tmp_path / 'tfds'}")
+  with pytest.raises(common.UserError, match=f"--workdir={workdir}: .*run_config.json: "
+                                              "mean_shape has shape"):
+    train_lib.train_and_evaluate(train.config_from_flags(), str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A folder where no file can be created (chmod 555; as root, which ignores that,
+  /sys); skips where there is none."""
+  d = tmp_path / "ro"
+  d.mkdir()
+  d.chmod(0o555)
+  try:
+    for candidate in (d, pathlib.Path("/sys")):
+      try:
+        atomic_io.write_text(candidate / "probe.json", "{}")
+        (candidate / "probe.json").unlink()
+      except OSError:
+        yield candidate
+        return
+    pytest.skip("no read-only folder here (root and a writable /sys)")
+  finally:
+    d.chmod(0o755)
+
+
+def test_outputs_are_checked_writable_before_the_work(read_only_dir, tmp_path):
+  """--output_json on a read-only folder: one error naming the flag before any work (the
+  predictor is never called); atomic_io names the file asked for, not its hidden
+  temporary file; export refuses --output onto a file (and a file where its saved_model/
+  goes) before loading anything."""
+  from experiments import export_model  # noqa: PLC0415
+  from experiments import predict_lib  # noqa: PLC0415
+  target = read_only_dir / "pred.json"
+  with pytest.raises(common.USER_ERRORS, match=f"--output_json={target}: cannot write"):
+    common.check_output(str(target), "output_json")
+
+  class NoWork:
+    model_config = SMALL
+
+    def __getattr__(self, name):
+      raise AssertionError(f"work started ({name}) before the output check")
+  with pytest.raises(common.USER_ERRORS, match="--output_json="):
+    predict_lib.run([str(tmp_path / "none.png")], [None], NoWork(), output_json=str(target))
+  with pytest.raises(common.USER_ERRORS, match="--output="):
+    predict_lib.run_video(str(tmp_path), NoWork(), output=str(read_only_dir / "frames"))
+  with pytest.raises(OSError) as e:
+    atomic_io.write_text(target, "{}")
+  assert str(target) in common.one_line(e.value) and "/." not in common.one_line(e.value)
+  (tmp_path / "a_file").write_text("mine")
+  with pytest.raises(common.USER_ERRORS, match="--output=.*a_file: exists and is not a dir"):
+    export_model.check_output_dir(str(tmp_path / "a_file"))
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "saved_model").write_text("mine")
+  with pytest.raises(common.USER_ERRORS, match="saved_model exists and is not a directory"):
+    export_model.check_output_dir(str(tmp_path / "out"), "output", "saved_model")
+  common.check_output(str(tmp_path / "new" / "deeper" / "x.json"), "output_json")
+  assert not (tmp_path / "new").exists()                     # the check makes nothing
+
+
+def test_flat_boxes_and_empty_image_lists_get_clear_messages():
+  p = _small_predictor(_FixedFinder([(10, 10, 50, 50)]))
+  images = [np.zeros((60, 60, 3), np.uint8)] * 4
+  with pytest.raises(ValueError, match=r"one box \[10.0, 10.0, 50.0, 50.0\] for a list of 4 "
+                                       r"images: give one entry per image.*\[box\] \* 4"):
+    p.predict(images, [10, 10, 50, 50])
+  with pytest.raises(ValueError, match="one box .* for a list of 4 images"):
+    p.predict(images, np.array([10, 10, 50, 50]))
+  for empty in ([], ()):
+    with pytest.raises(ValueError, match="images: an empty list"):
+      p.predict(empty, [])
+    with pytest.raises(ValueError, match="images: an empty list"):
+      p.predict(empty)
+  # One box per image as an [n, 4] array is what it looks like.
+  from musica_jax import predictor  # noqa: PLC0415
+  photos, boxes = predictor._normalise_inputs(images, np.tile([10.0, 10, 50, 50], (4, 1)))
+  assert len(photos) == 4 and [b.shape for b in boxes] == [(1, 4)] * 4
+
+
+def test_metrics_log_has_no_repeated_step_after_a_resume(tmp_path, capsys):
+  """A run killed after logging steps 16-20 (and mid-line) resumes from its checkpoint of
+  step 15: the writer drops the records after 15 (saying so), and a record written again
+  for a step and kind already there replaces it: no step repeats."""
+  from experiments import train_lib  # noqa: PLC0415
+  log = tmp_path / "metrics.jsonl"
+  lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in range(5, 21, 5)]
+  lines.append(json.dumps({"step": 15, "eval/nme_interocular": 0.05}))
+  log.write_text("\n".join(lines) + '\n{"step": 21, "train/lo')          # cut by the kill
+  w = train_lib.MetricWriter(str(tmp_path), resume_step=15)
+  assert "dropped 1 record(s) of steps after 15" in capsys.readouterr().out
+  w.write(20, {"train/loss": 0.5})
+  w.write(15, {"eval/nme_interocular": 0.04})       # evaluated again (resumed at the end)
+  recs = [json.loads(l) for l in log.read_text().splitlines()]
+  keys = [(r["step"], train_lib.MetricWriter._kind(r)) for r in recs]
+  assert len(keys) == len(set(keys)), keys
+  assert sorted(keys) == [(5, "train"), (10, "train"), (15, "eval"), (15, "train"),
+                          (20, "train")]
+  assert [r for r in recs if r["step"] == 20][0]["train/loss"] == 0.5
+  assert [r for r in recs if "eval/nme_interocular" in r][0]["eval/nme_interocular"] == 0.04
+
+
+@pytest.mark.usefixtures("highest_precision")   # compares two batch sizes: no TF32
+def test_stablehlo_returns_nan_for_non_finite_crops():
+  """NaN in, NaN out: the exported program gives NaN landmarks and a NaN estimated error
+  (invalid at any Tf) for a crop with a NaN or inf, where it used to return finite
+  landmarks and an error of 0; finite crops of the same batch are untouched."""
+  from musica_jax import portable  # noqa: PLC0415
+  p = _small_predictor()
+  crops = np.random.default_rng(4).normal(size=(3, 64, 64, 3)).astype(np.float32)
+  crops[0] = np.nan
+  crops[1, 5, 7, 1] = np.inf
+  exp = jax.export.deserialize(portable.export_stablehlo(p.params, SMALL, p.mean_shape))
+  lm, err = (np.asarray(x) for x in exp.call(crops))
+  assert np.all(np.isnan(lm[:2])) and np.all(np.isnan(err[:2]))
+  assert not np.any(err[:2] < 0.08)                            # invalid under any Tf
+  # The finite crop is untouched by its neighbours (test_deploy.py checks finite crops
+  # against the predictor).
+  lm1, err1 = (np.asarray(x) for x in exp.call(crops[2:]))
+  np.testing.assert_allclose(lm[2:], lm1, atol=1e-4)       # batch 3 vs 1: float rounding
+  np.testing.assert_allclose(err[2:], err1, atol=1e-6)
+  assert np.all(np.isfinite(lm1)) and np.isfinite(err1).all()
+  info = portable.describe(SMALL, p.mean_shape, ["cpu"], "float32")
+  assert "NaN" in info["input"]["non_finite"]
+
+
+@pytest.mark.slow     # six programs start (~30 s on 2 loaded cores)
+def test_issue27_entry_points_end_with_one_line_or_carry_on(checkpointed, tmp_path,
+                                                            read_only_dir):
+  """The command lines of issue #27: one `PROGRAM: error:` line naming the flag or file
+  and a non-zero exit where the input is wrong, no traceback anywhere; a video with a
+  corrupt frame and a 1-pixel-wide photo with --output run to the end."""
+  import importlib.util  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+  source, _, _ = checkpointed
+  cut = tmp_path / "cut"
+  shutil.copytree(source, cut)
+  _cut_run_config(cut, lambda d: json.dumps({**d, "mean_shape": d["mean_shape"][:30]}))
+  _tiny_model(tmp_path / "m")
+  photo = tmp_path / "face.png"
+  Image.fromarray(np.full((120, 120, 3), 90, np.uint8)).save(photo)
+  Image.fromarray(np.zeros((1000, 1, 3), np.uint8)).save(tmp_path / "thin.png")
+  frames = tmp_path / "frames"
+  frames.mkdir()
+  for i in range(5):
+    Image.fromarray(np.full((120, 120, 3), 40 * i, np.uint8)).save(frames / f"{i:03d}.png")
+  (frames / "002.png").write_bytes(b"not a png")
+  (tmp_path / "a_file").write_text("mine")
+  model, nocache = f"--model={tmp_path / 'm'}", "--compilation_cache="
+  cases = {
+      "train_cut_run_config": ("train", [*TINY, f"--workdir={cut}", "--steps=8",
+                                         f"--tfds_dir={tmp_path / 'tfds'}"]),
+      "predict_cut_run_config": ("predict", [f"--workdir={cut}", f"--image={photo}",
+                                             "--box=20,20,100,100", nocache]),
+      "savedmodel_onto_a_file": ("export_model", ["--format=savedmodel", "--model=default",
+                                                  f"--output={tmp_path / 'a_file'}"]),
+      "read_only_output_json": ("predict", [model, f"--image={photo}", "--box=20,20,100,100",
+                                            f"--output_json={read_only_dir / 'p.json'}",
+                                            nocache]),
+      "video_with_a_corrupt_frame": ("predict", [
+          model, f"--video={frames}", f"--output={tmp_path / 'vo'}",
+          f"--output_json={tmp_path / 'v.json'}", nocache]),
+  }
+  if importlib.util.find_spec("dlib") is not None:     # no --box: the detector runs
+    cases["one_pixel_wide_photo"] = ("predict", [
+        model, f"--image={tmp_path / 'thin.png'}", f"--output={tmp_path / 'thin_o.png'}",
+        f"--output_json={tmp_path / 'thin.json'}", nocache])
+  r = _run_all(cases, parallel=3)
+  assert_one_line_error(r["train_cut_run_config"], "train", f"--workdir={cut}",
+                        "run_config.json", "mean_shape")
+  assert_one_line_error(r["predict_cut_run_config"], "predict", f"--workdir={cut}",
+                        "run_config.json", "mean_shape")
+  assert_one_line_error(r["savedmodel_onto_a_file"], "export_model",
+                        f"--output={tmp_path / 'a_file'}", "not a directory")
+  assert_one_line_error(r["read_only_output_json"], "predict",
+                        f"--output_json={read_only_dir / 'p.json'}", "cannot write")
+  rc, so, se = r["video_with_a_corrupt_frame"]
+  assert rc == 0 and "Traceback" not in se, se[-3000:]
+  assert "skipped 1 of 5 frame(s)" in so and "--image" not in so + se, so[-2000:]
+  doc = _strict_load((tmp_path / "v.json").read_text())
+  assert doc["skipped_frames"] == 1 and len(doc["frames"]) == 5
+  assert len(list((tmp_path / "vo").glob("*.png"))) == 4
+  if "one_pixel_wide_photo" in r:
+    rc, so, se = r["one_pixel_wide_photo"]
+    assert rc == 0 and "Traceback" not in se, se[-3000:]
+    assert (tmp_path / "thin_o.png").is_file() and (tmp_path / "thin.json").is_file()
