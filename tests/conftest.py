@@ -82,3 +82,18 @@ def parse_flags():
     flags.FLAGS(common.resolve_flagfiles(["test", *map(str, args)]))
   yield parse
   flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="session")
+def tiny_run_flags():
+  """flags(tfds_dir, train_size, *extra): the flags of a tiny synthetic training run
+  (demo.flags, batch 8, hidden 32, a checkpoint every 2 steps, no evaluation) with its
+  prepared data in `tfds_dir`."""
+  return _tiny_run_flags
+
+
+def _tiny_run_flags(tfds_dir, train_size: int = 24, *extra) -> list:
+  return ["--flagfile=demo.flags", f"--synthetic_train_size={train_size}",
+          "--synthetic_test_size=8", "--batch_size=8", "--eval_batch_size=8",
+          "--hidden_size=32", f"--tfds_dir={tfds_dir}", "--log_every=1", "--eval_every=-1",
+          "--checkpoint_every=2", *extra]

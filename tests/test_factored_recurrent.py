@@ -180,17 +180,8 @@ def test_macs_and_parameters_count_the_factors():
   assert cost.stage_macs(cfg)["recurrent"] == 8 * n_in + 8 * h
   assert cost.stage_macs(dense)["recurrent"] == n_in * h
   assert cost.parameter_count(dense) - cost.parameter_count(cfg) == n_in * h - 8 * (n_in + h)
-  params = jax.eval_shape(lambda: stage_net.init_stacked(jax.random.key(0), cfg))
-  assert cost.parameter_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
-  # XLA counts the same products (the dense count would be ~30% more here).
-  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-  init = jax.ShapeDtypeStruct((cfg.num_landmarks, 2), jnp.float32)
-  compiled = jax.jit(lambda p, i, s: cascade.run_cascade(p, i, s, cfg).landmarks).lower(
-      params, images, init).compile()
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, list) else analysis
-  assert analysis["flops"] / 2 == pytest.approx(cost.cascade_macs(cfg), rel=0.10)
-  assert cost.cascade_macs(dense) > 1.25 * cost.cascade_macs(cfg)
+  # The tree's size and XLA's count: test_ablation_options.py
+  # test_macs_and_parameters_count_the_options[conv-none-8].
 
 
 def test_macs_table_has_the_factored_rows():
@@ -291,34 +282,14 @@ def test_conversion_refuses_another_model():
 
 # --- training ----------------------------------------------------------------------------------
 
-def test_a_factored_model_trains_from_scratch():
-  cfg = config_lib.for_scheme("ibug68", 19, image_size=64, hidden_size=64, recurrent_rank=16)
-  scheme = schemes.get_scheme(68)
-  train_cfg = training.TrainConfig(learning_rate=3e-3)
-  state = training.create_train_state(cfg, train_cfg)
-  before = state.params["recurrent"]
-  rng = np.random.default_rng(0)
-  init = jnp.asarray(rng.uniform(16, 48, (68, 2)), jnp.float32)
-  batch = {"image": jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
-           "landmarks": init + jnp.asarray(rng.normal(0, 3, (4, 68, 2)), jnp.float32)}
-  step = jax.jit(functools.partial(training.train_step, model_cfg=cfg, train_cfg=train_cfg,
-                                   scheme=scheme))
-  losses_ = []
-  for _ in range(12):
-    state, m = step(state, batch, init)
-    losses_.append(float(m["loss"]))
-  assert np.all(np.isfinite(losses_)) and losses_[-1] < 0.85 * losses_[0], losses_
-  for k in ("u", "v"):
-    assert float(jnp.abs(state.params["recurrent"][k] - before[k]).max()) > 0
+# Training a factored model from scratch: tests/test_ablation_options.py
+# test_training_reduces_the_loss[conv-none-16].
 
 
 @pytest.fixture(scope="module")
-def tiny_flags(tmp_path_factory):
+def tiny_flags(tmp_path_factory, tiny_run_flags):
   """A tiny synthetic run (the data prepared once for this module)."""
-  tfds_dir = tmp_path_factory.mktemp("tfds")
-  return ["--flagfile=demo.flags", "--synthetic_train_size=16", "--synthetic_test_size=8",
-          "--batch_size=8", "--eval_batch_size=8", "--hidden_size=32", f"--tfds_dir={tfds_dir}",
-          "--log_every=1", "--eval_every=-1", "--checkpoint_every=2", "--levels=1,0"]
+  return tiny_run_flags(tmp_path_factory.mktemp("tfds"), 16, "--levels=1,0")
 
 
 def _config(parse_flags, args, workdir):

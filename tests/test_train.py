@@ -28,12 +28,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_flags(tmp_path_factory):
+def tiny_flags(tmp_path_factory, tiny_run_flags):
   """A tiny synthetic run: prepared data shared by the tests of this module."""
-  tfds_dir = tmp_path_factory.mktemp("tfds")
-  return ["--flagfile=demo.flags", "--synthetic_train_size=24", "--synthetic_test_size=8",
-          "--batch_size=8", "--eval_batch_size=8", "--hidden_size=32", f"--tfds_dir={tfds_dir}",
-          "--log_every=1", "--eval_every=-1", "--checkpoint_every=2", "--augment=true"]
+  return tiny_run_flags(tmp_path_factory.mktemp("tfds"), 24, "--augment=true")
 
 
 def _train_process(args, workdir, env=None, **kw):
