@@ -27,6 +27,18 @@ _ROT, _ROT_P, _SHEAR, _SHEAR_P, _SCALE, _SCALE_AX, _SCALE_P = range(1, 8)
 _FLIP_P, _BOX_S, _BOX_T, _BOX_P, _COLOR, _COLOR_P, _GREY_P, _OCC, _OCC_P = range(8, 17)
 
 
+def decode(image_bytes):
+  """Encoded photo -> uint8 [H, W, 3]. JPEGs with the accurate integer DCT: bit-identical to
+  PIL (the predictor's decoder), so a model sees the same pixels in training and in
+  deployment. TF's default (INTEGER_FAST) differs from PIL by up to 8 grey levels."""
+  image = tf.cond(
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
 def _uniform(key, draw, shape=(), lo=0.0, hi=1.0):
   seed = tf.random.experimental.stateless_fold_in(key, draw)
   return tf.random.stateless_uniform(shape, seed=seed, minval=lo, maxval=hi, dtype=tf.float32)
@@ -102,16 +114,20 @@ def warp(image, matrix, out_size: int = CROP):
   return out[0]
 
 
+def _stretch(image, fractions):
+  """The colour "jetting" of `colour_jitter` with its fractions [2, 3] given."""
+  lo_v = tf.reduce_min(image, axis=[0, 1])
+  hi_v = tf.reduce_max(image, axis=[0, 1])
+  rng = tf.maximum(hi_v - lo_v, 1e-3)
+  lo = lo_v + fractions[0] * rng
+  hi = hi_v - fractions[1] * rng
+  return tf.clip_by_value((image - lo) / tf.maximum(hi - lo, 1e-3), 0.0, 1.0) * 255.0
+
+
 def colour_jitter(key, image, clip_max):
   """Per-channel "jetting": clip a random part off both ends of each channel's range, then
   stretch back to [0, 255]."""
-  lo_v = tf.reduce_min(image, axis=[0, 1])
-  hi_v = tf.reduce_max(image, axis=[0, 1])
-  fr = _uniform(key, _COLOR, [2, 3], 0.0, clip_max)
-  rng = tf.maximum(hi_v - lo_v, 1e-3)
-  lo = lo_v + fr[0] * rng
-  hi = hi_v - fr[1] * rng
-  return tf.clip_by_value((image - lo) / tf.maximum(hi - lo, 1e-3), 0.0, 1.0) * 255.0
+  return _stretch(image, _uniform(key, _COLOR, [2, 3], 0.0, clip_max))
 
 
 def greyscale(image):
@@ -119,18 +135,34 @@ def greyscale(image):
   return tf.stack([g, g, g], -1)
 
 
-def occlude(key, image, max_frac):
-  """A rectangle of uniform noise, sides up to max_frac of the crop, anywhere."""
+def _occlusion_rect(key, max_frac, size: int = CROP):
+  """(x0, x1, y0, y1) float32 of the occlusion rectangle in a size x size crop."""
   u = _uniform(key, _OCC, [5])
-  size = tf.cast(tf.shape(image)[0], tf.float32)
+  size = tf.constant(float(size), tf.float32)
   w, h = u[0] * max_frac * size, u[1] * max_frac * size
   x0, y0 = u[2] * (size - w), u[3] * (size - h)
-  xs = tf.range(size)
-  inside = ((xs[None, :] >= x0) & (xs[None, :] < x0 + w)
-            & (xs[:, None] >= y0) & (xs[:, None] < y0 + h))
-  noise = tf.random.stateless_uniform(tf.shape(image), seed=tf.random.experimental
-                                      .stateless_fold_in(key, _OCC + 100), maxval=255.0)
-  return tf.where(inside[..., None], noise, image)
+  return tf.stack([x0, x0 + w, y0, y0 + h])
+
+
+def occlusion_noise(key, shape):
+  """The occlusion's uniform noise in [0, 255) of `shape`, drawn from key."""
+  return tf.random.stateless_uniform(
+      shape, seed=tf.random.experimental.stateless_fold_in(key, _OCC + 100), maxval=255.0)
+
+
+def occlusion_mask(rect, size: int = CROP):
+  """bool [size, size]: the pixels inside rect (x0, x1, y0, y1); rect [..., 4] gives
+  [..., size, size]."""
+  xs = tf.range(float(size))
+  r = rect[..., None, None, :]
+  return ((xs[None, :] >= r[..., 0]) & (xs[None, :] < r[..., 1])
+          & (xs[:, None] >= r[..., 2]) & (xs[:, None] < r[..., 3]))
+
+
+def occlude(key, image, max_frac):
+  """A rectangle of uniform noise, sides up to max_frac of the crop, anywhere."""
+  inside = occlusion_mask(_occlusion_rect(key, max_frac, image.shape[0]), image.shape[0])
+  return tf.where(inside[..., None], occlusion_noise(key, tf.shape(image)), image)
 
 
 def standardise(image):
@@ -138,13 +170,25 @@ def standardise(image):
   return tf.image.per_image_standardization(image)
 
 
-def augment_example(cfg: config_lib.DataConfig, key, image, landmarks, box, flip_perm):
-  """Training crop: (image float32 [228, 228, 3] in 0..255 before standardisation is
-  applied by the caller, landmarks [N, 2] crop pixels)."""
+def sample_params(cfg: config_lib.DataConfig, key, landmarks, box, flip_perm) -> dict:
+  """Everything random about one training example, drawn from `key` alone (the draws of
+  `augment_example`, which applies them to one photo; the cached training pipeline
+  applies them to a batch, face_cache.render_batch):
+    "matrix"     float32 [3, 3] image -> crop affine (box, rotation, shear, scale, flip)
+    "landmarks"  float32 [N, 2] crop pixels (flip: label shift and left/right permutation)
+    "colour"     bool, "colour_fractions" float32 [2, 3] (colour_jitter's draws)
+    "occlusion"  bool, "occlusion_rect" float32 [4] (x0, x1, y0, y1 crop px)
+    "greyscale"  bool
+  Without cfg.augment: the face box's crop, no photometric change."""
   landmarks = tf.cast(landmarks, tf.float32)
+  if not cfg.augment:
+    matrix = crop_matrix(box)
+    false = tf.constant(False)
+    return {"matrix": matrix, "landmarks": transform_points(matrix, landmarks),
+            "colour": false, "colour_fractions": tf.zeros([2, 3]), "occlusion": false,
+            "occlusion_rect": tf.zeros([4]), "greyscale": false}
   landmark_box = tf.concat([tf.reduce_min(landmarks, 0), tf.reduce_max(landmarks, 0)], 0)
   matrix, flip = sample_geometry(cfg, key, box, landmark_box)
-  crop = warp(image, matrix)
   # Label convention: labels sit flip_label_shift px right of the image content, in IMAGE
   # pixels (a property of the annotation, not of the crop: the offset measured on 300W
   # training faces is more constant per folder in image px than in crop px). One affine
@@ -156,13 +200,27 @@ def augment_example(cfg: config_lib.DataConfig, key, image, landmarks, box, flip
   shifted = landmarks - tf.constant([2.0 * cfg.flip_label_shift, 0.0], tf.float32)
   points = transform_points(matrix, tf.where(flip, shifted, landmarks))
   points = tf.where(flip, tf.gather(points, flip_perm), points)
-  crop = tf.where(_coin(key, _COLOR_P, cfg.color_prob),
-                  colour_jitter(key, crop, cfg.color_clip_max), crop)
+  occlusion = (_coin(key, _OCC_P, cfg.occlusion_prob) if cfg.occlusion_prob > 0
+               else tf.constant(False))
+  return {"matrix": matrix, "landmarks": points,
+          "colour": _coin(key, _COLOR_P, cfg.color_prob),
+          "colour_fractions": _uniform(key, _COLOR, [2, 3], 0.0, cfg.color_clip_max),
+          "occlusion": occlusion,
+          "occlusion_rect": _occlusion_rect(key, cfg.occlusion_max_frac),
+          "greyscale": _coin(key, _GREY_P, cfg.greyscale_prob)}
+
+
+def augment_example(cfg: config_lib.DataConfig, key, image, landmarks, box, flip_perm):
+  """Training crop of one decoded photo: (image float32 [228, 228, 3] in 0..255 before
+  standardisation is applied by the caller, landmarks [N, 2] crop pixels)."""
+  p = sample_params(cfg, key, landmarks, box, flip_perm)
+  crop = warp(image, p["matrix"])
+  crop = tf.where(p["colour"], _stretch(crop, p["colour_fractions"]), crop)
   if cfg.occlusion_prob > 0:
-    crop = tf.where(_coin(key, _OCC_P, cfg.occlusion_prob),
-                    occlude(key, crop, cfg.occlusion_max_frac), crop)
-  crop = tf.where(_coin(key, _GREY_P, cfg.greyscale_prob), greyscale(crop), crop)
-  return crop, points
+    crop = tf.where(p["occlusion"] & occlusion_mask(p["occlusion_rect"])[..., None],
+                    occlusion_noise(key, tf.shape(crop)), crop)
+  crop = tf.where(p["greyscale"], greyscale(crop), crop)
+  return crop, p["landmarks"]
 
 
 def eval_example(image, landmarks, box):

@@ -102,6 +102,10 @@ class DataConfig:
 
   skip_bad: bool = False             # skip (count, report) bad files instead of failing
   num_parallel_calls: int = -1       # -1 = tf.data.AUTOTUNE
+  # Training photos decoded once and held in memory (face_cache): the regions of the
+  # training faces as uint8, up to this many MB (300W train_fit: 479 MB); over it, or 0,
+  # each sample decodes its photo (the slower per-sample pipeline).
+  train_cache_mb: int = 2048
   prefetch: int = 2                  # batches prefetched by tf.data
 
 
@@ -150,6 +154,7 @@ def validate(cfg: DataConfig) -> DataConfig:
   need(VAL_SPLIT not in cfg.eval_split.split(",") or cfg.train_split == FIT_SPLIT,
        "train_split", f"{cfg.train_split!r} with --eval_split={VAL_SPLIT}: train on "
        f"{FIT_SPLIT}, the faces of --val_source={cfg.val_source} not in {VAL_SPLIT}")
+  need(cfg.train_cache_mb >= 0, "train_cache_mb", "must be >= 0 (0: no cache)")
   need(cfg.synthetic_train_size > 0 and cfg.synthetic_test_size > 0,
        "synthetic_train_size", "synthetic sizes must be positive")
   return cfg

@@ -48,6 +48,10 @@ _HELP = {
                   "it by 1 + U(-F, F), seeded by --seed and the file id; 0 = off.",
     "skip_bad": "Skip (count and report) bad annotations/images instead of failing.",
     "num_parallel_calls": "tf.data parallel map calls; -1 = AUTOTUNE.",
+    "train_cache_mb": "Training photos decoded once and kept in memory (uint8, the region "
+                      "of each face any augmented crop can read) up to this many MB; each "
+                      "batch is then warped from the cache in one XLA program. Over it, or "
+                      "0: each sample decodes its photo (slower).",
 }
 
 _DEFINED = False

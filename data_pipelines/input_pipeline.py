@@ -10,8 +10,14 @@ Its augmentation key is folded from (seed, epoch, face index, slot) (the slot se
 draws of one face in an epoch). Every piece is a pure function of (seed, p), so the batch
 of step k is the same whether the iterator starts at 0 or at k, on any host layout with
 the same global batch size. Host h of H takes rows [h * B/H, (h + 1) * B/H) of each
-global batch. Then: parallel map (decode, augment, crop, standardise) -> batch(B/H,
-drop_remainder) -> prefetch.
+global batch. Then (the default, `face_cache`): the training photos are decoded once into
+an in-memory uint8 cache of each face's region (DataConfig.train_cache_mb); parallel map
+(per sample: face index, key, augment.sample_params: matrix, landmarks, photometric draws)
+-> batch(B/H, drop_remainder) -> parallel map (per batch: face_cache.render_batch, the
+warp of every crop from the cache in one XLA program, colour / occlusion / greyscale,
+standardise) -> prefetch. Without the cache (over its budget, or train_cache_mb=0):
+parallel map (decode, augment_example, standardise per sample) -> batch -> prefetch; the
+same draws, the same pixels up to float rounding (tests/test_data_pipeline.py).
 
 Evaluation: every face exactly once, in file_id order (crop from the face box, moved and
 resized per face when --box_jitter > 0); global batches of eval_batch_size,
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+from absl import logging
 import numpy as np
 from data_pipelines.tf_setup import tf
 
@@ -30,8 +37,10 @@ from data_pipelines import augment
 from data_pipelines import balancing as balancing_lib
 from data_pipelines import config as config_lib
 from data_pipelines import datasets
+from data_pipelines import face_cache
 from musica_jax import atomic_io
 from musica_jax import face_frame
+from musica_jax import host_memory
 from musica_jax import schemes
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -56,16 +65,7 @@ def _parallel(cfg) -> int:
   return AUTOTUNE if cfg.num_parallel_calls in (-1, None) else cfg.num_parallel_calls
 
 
-def _decode(image_bytes):
-  # JPEGs with the accurate integer DCT: bit-identical to PIL (the predictor's decoder),
-  # so a model sees the same pixels in training and in deployment. TF's default
-  # (INTEGER_FAST) differs from PIL by up to 8 grey levels.
-  image = tf.cond(
-      tf.io.is_jpeg(image_bytes),
-      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
-      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
-  image.set_shape([None, None, 3])
-  return image
+_decode = augment.decode   # THE photo decoder (also the eval crops')
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +136,11 @@ def sample_index_fn(cfg: config_lib.DataConfig, num_faces: int, weights: np.ndar
 
 def make_train_dataset(cfg: config_lib.DataConfig, start_step: int = 0,
                        process_index: int = 0, process_count: int = 1,
-                       data: datasets.SplitData | None = None) -> tf.data.Dataset:
+                       data: datasets.SplitData | None = None,
+                       cache: face_cache.FaceCache | None | str = "auto") -> tf.data.Dataset:
+  """The training stream (module docstring). `cache`: "auto" builds the face cache
+  (face_cache.build, within cfg.train_cache_mb); None decodes each sample's photo; or a
+  FaceCache of `data`."""
   config_lib.validate(cfg)
   local = _local_batch(cfg.batch_size, process_count, "batch_size")
   if not 0 <= process_index < process_count:
@@ -144,7 +148,13 @@ def make_train_dataset(cfg: config_lib.DataConfig, start_step: int = 0,
   data = data if data is not None else datasets.load_split(cfg, cfg.train_split)
   bal = balancing_lib.compute(cfg, data.landmarks)
   index_fn = sample_index_fn(cfg, len(data), bal.weights)
-  images = tf.constant(data.images, tf.string)
+  if isinstance(cache, str):
+    cache = face_cache.build(cfg, data.images, data.landmarks, data.boxes,
+                             cfg.train_cache_mb << 20)
+    if cache is None and cfg.train_cache_mb > 0:
+      logging.warning("no face cache (the regions of the %d training faces need more than "
+                      "--train_cache_mb=%d, or a photo header is unreadable): each sample "
+                      "decodes its photo, ~4x slower", len(data), cfg.train_cache_mb)
   landmarks = tf.constant(data.landmarks)
   boxes = tf.constant(data.boxes)
   perm = tf.constant(schemes.get_scheme(cfg.num_points).flip_permutation, tf.int32)
@@ -153,20 +163,51 @@ def make_train_dataset(cfg: config_lib.DataConfig, start_step: int = 0,
   def position(j):
     return (j // local) * global_b + host_off + j % local
 
-  def load(j):
-    idx, key = index_fn(position(j))
-    image = _decode(tf.gather(images, idx))
-    if cfg.augment:
-      crop, points = augment.augment_example(cfg, key, image, tf.gather(landmarks, idx),
-                                             tf.gather(boxes, idx), perm)
-    else:
-      crop, points, _ = augment.eval_example(image, tf.gather(landmarks, idx),
-                                             tf.gather(boxes, idx))
-    return {"image": augment.standardise(crop), "landmarks": points}
-
   ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max)
-  ds = ds.map(load, num_parallel_calls=_parallel(cfg), deterministic=True)
-  ds = ds.batch(local, drop_remainder=True)
+  if cache is None:
+    images = tf.constant(data.images, tf.string)
+
+    def load(j):
+      idx, key = index_fn(position(j))
+      image = _decode(tf.gather(images, idx))
+      if cfg.augment:
+        crop, points = augment.augment_example(cfg, key, image, tf.gather(landmarks, idx),
+                                               tf.gather(boxes, idx), perm)
+      else:
+        crop, points, _ = augment.eval_example(image, tf.gather(landmarks, idx),
+                                               tf.gather(boxes, idx))
+      return {"image": augment.standardise(crop), "landmarks": points}
+
+    ds = ds.map(load, num_parallel_calls=_parallel(cfg), deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+  else:
+    # Per sample only its parameters (small tensors); the pixels per batch, from the
+    # decoded cache (face_cache.render_batch). Its ~80 MB batch buffers are served from
+    # the heap instead of a fresh mmap each (page faults: 1,500 vs 2,400 samples/s).
+    host_memory.keep_large_buffers()
+    mosaic = face_cache.as_tensor(cache.mosaic)
+    cells, regions = tf.constant(cache.cell), tf.constant(cache.region)
+
+    def sample(j):
+      idx, key = index_fn(position(j))
+      p = augment.sample_params(cfg, key, tf.gather(landmarks, idx), tf.gather(boxes, idx),
+                                perm)
+      p["transform"] = face_cache.affine_transform(p.pop("matrix"))
+      p["cell"], p["region"] = tf.gather(cells, idx), tf.gather(regions, idx)
+      if cfg.augment and cfg.occlusion_prob > 0:
+        shape = [face_frame.CROP_SIZE, face_frame.CROP_SIZE, 3]
+        p["occlusion_noise"] = tf.cond(p["occlusion"],
+                                       lambda: augment.occlusion_noise(key, shape),
+                                       lambda: tf.zeros(shape))
+      return p
+
+    def render(batch):
+      return {"image": face_cache.render_batch(cfg, mosaic, batch),
+              "landmarks": batch["landmarks"]}
+
+    ds = ds.map(sample, num_parallel_calls=_parallel(cfg), deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+    ds = ds.map(render, num_parallel_calls=_parallel(cfg), deterministic=True)
   ds = ds.prefetch(cfg.prefetch)
   return ds.with_options(_options(cfg))
 

@@ -3,7 +3,7 @@ step alone on one fixed batch vs the step fed by the pipeline, so the input pipe
 cannot hide as the bottleneck.
 
   python -m experiments.pipeline_benchmark --flagfile=FLAGS --output_json=PATH \
-      [--num_batches=20] [--warmup_batches=3] [--end_to_end]
+      [--num_batches=20] [--warmup_batches=3] [--end_to_end [--rounds=2]]
 
 Prints {"samples_per_sec": ..., ...} and writes it to --output_json when given. Data
 preparation, compilation and the first (warm-up) batches are not timed.
@@ -20,11 +20,15 @@ from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common  # shared flags, flagfile lookup
 from experiments import config_flags
+from musica_jax import host_memory
 from musica_jax import strict_json
 
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON result.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Untimed batches first.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "--end_to_end: the step alone and fed in this "
+                               "many alternations (num_batches steps each in all), so that "
+                               "the drift of a shared machine falls on both.")
 _END_TO_END = flags.DEFINE_boolean("end_to_end", False, "Also time the train step alone and "
                                    "fed by the pipeline (the model flags of the flagfile).")
 
@@ -47,8 +51,9 @@ def benchmark(cfg, num_batches: int, warmup: int) -> dict:
           "num_parallel_calls": cfg.num_parallel_calls, "cpu_count": os.cpu_count()}
 
 
-def end_to_end(cfg, num_batches: int, warmup: int) -> dict:
-  """Train-step samples/s on one fixed batch, and with the pipeline feeding every step."""
+def end_to_end(cfg, num_batches: int, warmup: int, rounds: int = 2) -> dict:
+  """Train-step samples/s on one fixed batch, and with the pipeline feeding every step
+  (num_batches steps each, in `rounds` alternations)."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   from musica_jax import parallel, schemes, training
@@ -64,22 +69,32 @@ def end_to_end(cfg, num_batches: int, warmup: int) -> dict:
                  out_shardings=(rep, rep), donate_argnums=(0,))
   it = input_pipeline.train_iterator(cfg)
   fixed = parallel.shard_batch(next(it), mesh)
-  for _ in range(warmup):
+  for _ in range(warmup):   # both ways: the first fed steps also grow buffers and heap
     state, m = step(state, fixed, init_shape)
+  for _ in range(warmup):
+    state, m = step(state, parallel.shard_batch(next(it), mesh), init_shape)
   jax.block_until_ready(m)
 
-  def timed(get_batch):
+  def timed(get_batch, steps):
     nonlocal state
     t = time.perf_counter()
-    for _ in range(num_batches):
+    for _ in range(steps):
       state, m = step(state, get_batch(), init_shape)
     jax.block_until_ready(m)
-    return cfg.batch_size * num_batches / (time.perf_counter() - t)
+    return time.perf_counter() - t
 
-  alone = timed(lambda: fixed)
-  fed = timed(lambda: parallel.shard_batch(next(it), mesh))
+  # The two in alternation, `rounds` times: drift of a shared machine falls on both.
+  per_round = max(1, num_batches // rounds)
+  alone_s, fed_s = [], []
+  for _ in range(rounds):
+    alone_s.append(timed(lambda: fixed, per_round))
+    fed_s.append(timed(lambda: parallel.shard_batch(next(it), mesh), per_round))
+  samples = cfg.batch_size * per_round * rounds
+  alone, fed = samples / sum(alone_s), samples / sum(fed_s)
   return {"train_step_alone_samples_per_sec": alone, "end_to_end_samples_per_sec": fed,
-          "end_to_end_slowdown": 1.0 - fed / alone, "landmarks": model_cfg.num_landmarks,
+          "end_to_end_slowdown": 1.0 - fed / alone,
+          "end_to_end_slowdown_per_round": [1.0 - a / f for a, f in zip(alone_s, fed_s)],
+          "end_to_end_steps": per_round * rounds, "landmarks": model_cfg.num_landmarks,
           "patches": model_cfg.num_patches, "device": str(jax.devices()[0].device_kind)}
 
 
@@ -87,10 +102,11 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  host_memory.keep_large_buffers()   # as training does (train_lib): XLA's big buffers
   cfg = data_flags.config_from_flags()
   result = benchmark(cfg, _NUM_BATCHES.value, _WARMUP.value)
   if _END_TO_END.value:
-    result.update(end_to_end(cfg, _NUM_BATCHES.value, _WARMUP.value))
+    result.update(end_to_end(cfg, _NUM_BATCHES.value, _WARMUP.value, _ROUNDS.value))
   text = strict_json.dumps(result)
   print(text)
   if _OUTPUT_JSON.value:

@@ -8,6 +8,7 @@ import tensorflow as tf
 from data_pipelines import balancing
 from data_pipelines import config as config_lib
 from data_pipelines import datasets
+from data_pipelines import face_cache
 from data_pipelines import input_pipeline
 from data_pipelines import synthetic_faces
 
@@ -78,6 +79,46 @@ def test_resume_gives_the_same_batches(cfg, bal):
     np.testing.assert_array_equal(resumed["image"], batches[k]["image"])
     np.testing.assert_array_equal(resumed["landmarks"], batches[k]["landmarks"])
   assert not np.array_equal(batches[0]["landmarks"], batches[1]["landmarks"])
+
+
+@pytest.mark.parametrize("changes", [dict(occlusion_prob=0.5, greyscale_prob=0.3),
+                                     dict(augment=False)], ids=["all_augmentations", "plain"])
+def test_cached_pipeline_equals_the_per_sample_pipeline(cfg, changes):
+  """The face cache + batched render gives the batches of the per-sample path (decode,
+  augment_example, standardise per sample): the same draws (landmarks bit for bit), the
+  same pixels up to float rounding (XLA's fused multiply-adds, the sums of the mean and
+  variance): <= 1e-3 standardised units, ~0.05 grey levels."""
+  c = dataclasses.replace(cfg, **changes)
+  data = datasets.load_split(c, c.train_split)
+  cache = face_cache.build(c, data.images, data.landmarks, data.boxes, c.train_cache_mb << 20)
+  assert cache is not None and cache.mosaic.dtype == np.uint8   # the default path caches
+  fast = input_pipeline.make_train_dataset(c, start_step=3, data=data).as_numpy_iterator()
+  slow = input_pipeline.make_train_dataset(c, start_step=3, data=data,
+                                           cache=None).as_numpy_iterator()
+  for _ in range(4):
+    a, b = next(fast), next(slow)
+    assert a["image"].shape == b["image"].shape == (4, 228, 228, 3)
+    assert a["image"].dtype == np.float32
+    np.testing.assert_array_equal(a["landmarks"], b["landmarks"])
+    np.testing.assert_allclose(a["image"], b["image"], atol=1e-3)
+  if changes.get("occlusion_prob"):   # the occlusion draws change pixels, nothing else
+    plain = dataclasses.replace(c, occlusion_prob=0.0)
+    x = next(input_pipeline.train_iterator(c, 3))
+    y = next(input_pipeline.train_iterator(plain, 3))
+    np.testing.assert_array_equal(x["landmarks"], y["landmarks"])
+    changed = np.abs(x["image"] - y["image"]).max(axis=(1, 2, 3)) > 0.1
+    assert changed.any(), changed
+
+
+def test_cache_budget_falls_back_to_decoding_per_sample(cfg):
+  data = datasets.load_split(cfg, cfg.train_split)
+  assert face_cache.build(cfg, data.images, data.landmarks, data.boxes, 10_000) is None
+  assert face_cache.build(cfg, data.images, data.landmarks, data.boxes, 0) is None
+  off = dataclasses.replace(cfg, train_cache_mb=0)
+  np.testing.assert_allclose(next(input_pipeline.train_iterator(off, 2))["image"],
+                             next(input_pipeline.train_iterator(cfg, 2))["image"], atol=1e-3)
+  with pytest.raises(ValueError, match="--train_cache_mb"):
+    config_lib.validate(dataclasses.replace(cfg, train_cache_mb=-1))
 
 
 def test_hosts_split_the_global_batch(cfg):
