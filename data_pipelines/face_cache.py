@@ -78,7 +78,7 @@ def crop_reach(cfg: config_lib.DataConfig) -> float:
     return reach
   if cfg.scale_prob > 0:                            # one axis scaled by s: |S^-1| = max(1, 1/s)
     reach *= max(1.0, 1.0 / cfg.scale_min)
-  if cfg.shear_prob > 0 and cfg.shear_max > 0:      # |[[1, a], [b, 1]]^-1| <= 1 / (1 - max|a|, |b|)
+  if cfg.shear_prob > 0 and cfg.shear_max > 0:      # |[[1, a], [b, 1]]^-1| <= 1 / (1 - |a|v|b|)
     if cfg.shear_max >= 1:
       return math.inf
     reach /= 1.0 - cfg.shear_max
