@@ -65,7 +65,6 @@ def _parallel(cfg) -> int:
   return AUTOTUNE if cfg.num_parallel_calls in (-1, None) else cfg.num_parallel_calls
 
 
-_decode = augment.decode   # THE photo decoder (also the eval crops')
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def make_train_dataset(cfg: config_lib.DataConfig, start_step: int = 0,
 
     def load(j):
       idx, key = index_fn(position(j))
-      image = _decode(tf.gather(images, idx))
+      image = augment.decode(tf.gather(images, idx))
       if cfg.augment:
         crop, points = augment.augment_example(cfg, key, image, tf.gather(landmarks, idx),
                                                tf.gather(boxes, idx), perm)
@@ -251,7 +250,7 @@ def make_eval_dataset(cfg: config_lib.DataConfig, split: str, process_index: int
     idx = tf.where(valid, p, 0)
     s, o = tf.gather(scales, idx), tf.gather(offsets, idx)
     matrix = tf.stack([[s, 0.0, o[0]], [0.0, s, o[1]], [0.0, 0.0, 1.0]])
-    image = _decode(tf.gather(images, idx))
+    image = augment.decode(tf.gather(images, idx))
     crop = augment.warp(image, matrix)
     box = tf.gather(boxes, idx)
     return {

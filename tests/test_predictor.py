@@ -36,6 +36,7 @@ def test_crop_equals_eval_pipeline_on_real_300w(shared_data):
   predictor.face_crops agree to 1e-3 when both start from the same decoded pixels."""
   import tensorflow as tf
   from data_pipelines import config as data_config
+  from data_pipelines import augment
   from data_pipelines import datasets
   from data_pipelines import input_pipeline
 
@@ -49,7 +50,7 @@ def test_crop_equals_eval_pipeline_on_real_300w(shared_data):
   cfg = data_config.DataConfig(dataset="pts_folder", data_dir=str(shared_data / "300w"),
                                eval_batch_size=m, num_parallel_calls=1)
   batch = next(input_pipeline.make_eval_dataset(cfg, "all", data=data).as_numpy_iterator())
-  decoded = [input_pipeline._decode(tf.constant(r)).numpy() for r in raws]
+  decoded = [augment.decode(tf.constant(r)).numpy() for r in raws]
   crops, scale, offset, index, _ = predictor_lib.face_crops(decoded, list(boxes))
   np.testing.assert_array_equal(scale, batch["crop_scale"])
   np.testing.assert_array_equal(offset, batch["crop_offset"])
@@ -67,12 +68,12 @@ def test_pil_decoding_matches_pipeline_decoding(shared_data):
   INTEGER_FAST, differs by a few grey levels)."""
   import tensorflow as tf
   from PIL import Image
-  from data_pipelines import input_pipeline
+  from data_pipelines import augment
   files, raws, _, boxes = _real_faces(shared_data)
   worst = 0
   for f, r in zip(files, raws):
     pil = np.asarray(Image.open(f).convert("RGB")).astype(int)
-    tfd = input_pipeline._decode(tf.constant(r)).numpy().astype(int)
+    tfd = augment.decode(tf.constant(r)).numpy().astype(int)
     assert pil.shape == tfd.shape, f
     worst = max(worst, int(np.abs(pil - tfd).max()))
   exact = tf.io.decode_jpeg(raws[0], channels=3, dct_method="INTEGER_ACCURATE").numpy()
