@@ -63,6 +63,10 @@ _HELP = {
                  "by truncated SVD). Ignored when --workdir holds a checkpoint (the run "
                  "resumes). Steps, schedule and EMA warm-up count from 0; the initial shape "
                  "is this run's training mean shape.",
+    "iteration_weights": "Weights of the iterations' landmark losses, one per iteration "
+                         "(scaled to sum to the number of iterations); empty = all equal "
+                         "(the paper's). E.g. 3,2,1 favours the early iterations, which the "
+                         "budget dial stops at.",
     # loop
     "log_every": "Steps between progress lines.",
     "eval_every": "Steps between evaluations on --eval_split (0: only at the end; -1: never).",

@@ -67,7 +67,14 @@ def config_from_flags() -> train_lib.Config:
     model_cfg = config_flags.model_config_from_flags(data_cfg.num_points)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  train_cfg = config_flags.train_config_from_flags(seed=data_cfg.seed)
+  try:
+    train_cfg = config_flags.train_config_from_flags(seed=data_cfg.seed)
+  except ValueError as e:
+    raise app.UsageError(f"--iteration_weights: {e}" if "iteration_weights" in str(e)
+                         else str(e)) from None
+  if train_cfg.iteration_weights and len(train_cfg.iteration_weights) != model_cfg.num_stages:
+    raise app.UsageError(f"--iteration_weights: {len(train_cfg.iteration_weights)} values for "
+                         f"{model_cfg.num_stages} iterations (--levels)")
   loop_cfg = config_flags.loop_config_from_flags()
   check_ranges(train_cfg, loop_cfg)
   return train_lib.Config(model=model_cfg, train=train_cfg, data=data_cfg, loop=loop_cfg)

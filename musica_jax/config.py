@@ -147,6 +147,21 @@ class TrainConfig:
   # workdir has no checkpoint (`musica_jax.factorise.convert_params`: a dense recurrent
   # kernel becomes the truncated SVD of the run's recurrent_rank).
   init_from: str = ""
+  # The landmark loss of iteration i weighted by iteration_weights[i] (scaled to sum to the
+  # number of iterations; `losses.cascade_loss`); (): all 1, the paper's loss. Weights
+  # that favour early iterations train the cascade's prefixes for the budget dial.
+  iteration_weights: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    try:
+      weights = tuple(float(w) for w in self.iteration_weights)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"iteration_weights must be numbers, got {self.iteration_weights!r}") from e
+    if weights and (min(weights) < 0 or not sum(weights) > 0
+                    or not all(w < float("inf") for w in weights)):
+      raise ValueError(f"iteration_weights must be finite, non-negative and not all zero, "
+                       f"got {weights}")
+    object.__setattr__(self, "iteration_weights", weights)
 
 
 LR_SCHEDULES = ("staircase", "cosine")

@@ -85,7 +85,8 @@ def train_step(state: TrainState, batch: dict, init_shape: jax.Array, *,
   def loss_fn(params):
     out = cascade.run_cascade(params, batch["image"], init_shape, run_cfg)
     total, parts = losses.cascade_loss(out.shapes, out.errors, batch["landmarks"],
-                                       scheme.outer_eye_corners, weights)
+                                       scheme.outer_eye_corners, weights,
+                                       train_cfg.iteration_weights)
     return total, (out, parts)
 
   (loss, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
