@@ -30,6 +30,7 @@ from absl import logging
 from experiments import config_flags  # noqa: F401 (defines the model/training/loop flags)
 from musica_jax import atomic_io
 from musica_jax import model_io
+from musica_jax import restore
 from musica_jax import strict_json
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -292,7 +293,7 @@ MODEL_SOURCES = ("give exactly one of --workdir (a training run) and --model (an
 
 def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest", *,
                default_if_none: bool = False) -> model_io.LoadedModel:
-  """THE model loader of the entry points (over `model_io.load` / `model_io.restore`):
+  """THE model loader of the entry points (over `model_io.load` / `restore.restore`):
   --workdir's checkpoint (--checkpoint: a step, 'latest' or 'best') or --model (an
   exported directory, or 'default'), exactly one; default_if_none: neither = the shipped
   model. Problems become one line naming the flag (app.UsageError, or UserError for a
@@ -318,7 +319,7 @@ def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest
 
   from musica_jax import checkpoints  # noqa: PLC0415  (orbax: only for workdirs)
   try:
-    return model_io.restore(workdir, checkpoint, on_skip=skipped)
+    return restore.restore(workdir, checkpoint, on_skip=skipped)
   except model_io.StepError as e:
     raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
   except checkpoints.DamagedCheckpointError as e:

@@ -16,6 +16,7 @@ from experiments import common
 from experiments import compare_dlib
 from experiments import predict_lib
 from musica_jax import face_frame
+from musica_jax import images as images_lib
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
@@ -93,8 +94,10 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
   init = jnp.asarray(pred.mean_shape)
 
   def predict_path(**kw):
+    stream = pred.stream(budget=kw.pop("budget", None))   # face by face: a budget's stream
+
     def run(f):
-      out = pred.predict(images[f], items[f].box, **kw)
+      out = stream.predict(images[f], items[f].box, **kw)
       return out.landmarks[0], int(out.iterations[0])
     return run
 
@@ -345,7 +348,7 @@ def run(cfg: DeployConfig, command: str = "") -> dict:
   items = compare_dlib.split_items(cfg.data_dir, cfg.split)
   if cfg.max_faces:
     items = items[:cfg.max_faces]
-  images = [predictor_lib.read_image(it.image_path, exif_transpose=False) for it in items]
+  images = [images_lib.read_image(it.image_path, exif_transpose=False) for it in items]
   result = {"command": command, "split": cfg.split, "model": cfg.model,
             "cpu_count": os.cpu_count()}
   if "folder" in cfg.sections:

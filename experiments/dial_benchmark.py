@@ -15,7 +15,7 @@ of the estimated error E (the per-face quality score that Tf thresholds).
 
 Batch 1 with a budget: one face cannot run a fraction of an iteration, so it quits on a
 threshold the predictor adapts face by face to keep the stream's mean iterations at the
-budget (`quit_head.BudgetStream`, starting from the validation faces' threshold); the
+budget (`budget.BudgetStream`, starting from the validation faces' threshold); the
 batch-1 row is the split's faces as one such stream, in order.
 """
 from __future__ import annotations

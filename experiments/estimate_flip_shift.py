@@ -35,6 +35,7 @@ from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from experiments import common
 from musica_jax import face_frame
+from musica_jax import images as images_lib
 from musica_jax import predictor as predictor_lib
 
 FLAGS = flags.FLAGS
@@ -62,7 +63,7 @@ def residuals(pred: predictor_lib.Predictor, data: datasets.SplitData) -> dict:
   res = np.zeros((len(data), 2), np.float64)
   for start in range(0, len(data), _BATCH):
     idx = range(start, min(start + _BATCH, len(data)))
-    images = [predictor_lib.read_image(io.BytesIO(data.images[i]), exif_transpose=False) for i in idx]
+    images = [images_lib.read_image(io.BytesIO(data.images[i]), exif_transpose=False) for i in idx]
     boxes = [data.boxes[i] for i in idx]
     out = pred.predict(images, boxes)
     res[list(idx)] = (out.landmarks.astype(np.float64) - data.landmarks[list(idx)]).mean(1)
@@ -119,7 +120,7 @@ def main(argv):
   if FLAGS.model == "default":
     pred = predictor_lib.Predictor.default()
   else:
-    pred = predictor_lib.Predictor.from_saved_model(FLAGS.model)
+    pred = predictor_lib.Predictor.from_model_dir(FLAGS.model)
   result = summarise(list(data.file_ids), residuals(pred, data))
   result.update({
       "command": "python -m experiments.estimate_flip_shift " + " ".join(sys.argv[1:]),

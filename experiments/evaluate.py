@@ -30,7 +30,7 @@ from experiments import eval_lib
 from experiments import plots
 from musica_jax import atomic_io
 from musica_jax import cost
-from musica_jax import quit_head
+from musica_jax import budget as budget_lib
 from musica_jax import schemes
 from musica_jax import strict_json
 
@@ -101,10 +101,10 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   capacities = None
   if budget is not None or budget_mmacs is not None:
     try:
-      budget = quit_head.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)
+      budget = budget_lib.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)
     except ValueError as e:
       raise app.UsageError(f"--budget: {e}") from e
-    capacities = quit_head.budget_capacities(loaded.quit_info, budget, data_cfg.eval_batch_size)
+    capacities = budget_lib.budget_capacities(loaded.quit_info, budget, data_cfg.eval_batch_size)
   if data_cfg.num_points != model_cfg.num_landmarks:
     raise app.UsageError(f"--num_points={data_cfg.num_points} but the model "
                          f"({workdir or model}) has {model_cfg.num_landmarks} landmarks")

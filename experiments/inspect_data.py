@@ -42,8 +42,9 @@ from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common  # shared flags, flagfile lookup
 from experiments import plots
+from musica_jax import crop as crop_lib
 from musica_jax import face_frame
-from musica_jax import predictor
+from musica_jax import images as images_lib
 from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
@@ -132,8 +133,8 @@ def draw_figure5(cfg, path: str, seed: int = 0) -> dict:
   picks = figure5_faces(cfg, train.landmarks, seed=seed)
   rows = [("mahalanobis", "Mahalanobis d"), ("first_axis", "1st axis")]
   idx = np.concatenate([picks[k] for k, _ in rows])
-  photos = [predictor.read_image(io.BytesIO(train.images[i]), exif_transpose=False) for i in idx]
-  crops, scale, offset, _, _ = predictor.face_crops(photos, [train.boxes[i][None] for i in idx])
+  photos = [images_lib.read_image(io.BytesIO(train.images[i]), exif_transpose=False) for i in idx]
+  crops, scale, offset, _, _ = crop_lib.face_crops(photos, [train.boxes[i][None] for i in idx])
   crops = np.asarray(crops)[:len(idx)]
   points = face_frame.to_crop(train.landmarks[idx], scale[:len(idx)], offset[:len(idx)])
   fig, axes = plots.plt.subplots(2, len(idx) // 2, figsize=(2.2 * len(idx) // 2, 5.2))

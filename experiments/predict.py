@@ -24,7 +24,7 @@ iterations, re-detection.
 Photos are turned upright by their EXIF orientation tag (a phone photo stored sideways);
 the JSON gives each image's "exif_orientation" (1: none). --box is in the upright photo's
 pixels; --box_from_pts maps the .pts (stored pixels) onto it. A float photo in 0..1 is
-refused (musica_jax.predictor.check_image). Video frames that cannot be read are skipped,
+refused (musica_jax.images.check_image). Video frames that cannot be read are skipped,
 counted and recorded in the JSON; the run goes on.
 Output: --output is a .png/.jpg file for one image, else a directory that gets
 <image name>.overlay.png per image. --output and --output_json are checked writable before

@@ -15,6 +15,7 @@ from PIL import ImageFont
 
 from data_pipelines import readers
 from experiments import common
+from musica_jax import images as images_lib
 from musica_jax import predictor as predictor_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -32,7 +33,7 @@ def load_image(path: str, flag: str = "--image") -> np.ndarray:
 
 def load_photo(path: str, flag: str = "--image") -> tuple[np.ndarray, int]:
   """(RGB uint8 [H, W, 3] upright, the EXIF orientation the file carried: 1 = none; see
-  `predictor.read_image_and_orientation`). app.UsageError naming `flag` and the file when
+  `images.read_image_and_orientation`). app.UsageError naming `flag` and the file when
   it cannot be read."""
   p = pathlib.Path(path)
   if not p.exists():
@@ -40,7 +41,7 @@ def load_photo(path: str, flag: str = "--image") -> tuple[np.ndarray, int]:
   if not p.is_file():
     raise app.UsageError(f"{flag}={path}: not a file")
   try:
-    return predictor_lib.read_image_and_orientation(p)
+    return images_lib.read_image_and_orientation(p)
   except Exception as e:  # noqa: BLE001 - PIL raises many kinds for corrupt files
     raise app.UsageError(f"{flag}={path}: cannot read it as an image "
                          f"({type(e).__name__}: {e})") from e
@@ -50,7 +51,7 @@ def stored_orientation_and_size(path: str) -> tuple[int, tuple[int, int]]:
   """(EXIF orientation (1: none), stored (width, height)) from the file's header."""
   with Image.open(path) as im:
     try:
-      orientation = int(im.getexif().get(predictor_lib.EXIF_ORIENTATION, 1))
+      orientation = int(im.getexif().get(images_lib.EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a malformed EXIF block: no orientation
       orientation = 1
     return (orientation if orientation in range(1, 9) else 1), im.size
@@ -116,7 +117,7 @@ def boxes_for(paths: list[str], box_flags: list[str], from_pts: bool) -> list[np
     except Exception:  # noqa: BLE001 - unreadable: load_inputs names it
       orientation, size = 1, None
     if orientation != 1:
-      pts = predictor_lib.exif_transpose_points(pts, orientation, size)
+      pts = images_lib.exif_transpose_points(pts, orientation, size)
     out.append(np.concatenate([pts.min(0), pts.max(0)])[None])
   return out
 
@@ -206,7 +207,7 @@ def load_inputs(paths, boxes, orientations: list | None = None) -> list[np.ndarr
   for path, image, b in zip(paths, images, boxes):
     for k in range(0 if b is None else len(b)):
       try:
-        predictor_lib.check_box_in_image(b[k], image.shape, f"--box for {path}")
+        images_lib.check_box_in_image(b[k], image.shape, f"--box for {path}")
       except ValueError as e:
         raise app.UsageError(str(e)) from e
   return images

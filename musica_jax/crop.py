@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musica_jax import face_frame
+from musica_jax import images as images_lib
 from musica_jax import pyramid
 
 
@@ -222,3 +223,24 @@ def crops(sources: CropSources) -> jax.Array:
     s = sources.rows.shape[1] // 2
     return jnp.zeros((0, s, s, sources.src.shape[-1]), jnp.float32)
   return _crops_jit(*sources.arrays())
+
+
+def face_sources(images, boxes, size: int = face_frame.CROP_SIZE):
+  """The host part of the crops (`crop.prepare`) of every box of every image.
+
+  images/boxes as `Predictor.predict`. Returns (crop.CropSources, scale [F],
+  offset [F, 2], image_index [F], boxes [F, 4]).
+  """
+  photos, image_index, all_boxes, scale, offset = images_lib.face_frames(images, boxes)
+  sources = prepare(photos, image_index, scale, offset, size)
+  return sources, scale, offset, image_index, all_boxes
+
+
+def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
+  """Standardised face crops as the evaluation pipeline makes them (`musica_jax.crop`).
+
+  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (a jax
+  array), scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
+  """
+  sources, scale, offset, image_index, all_boxes = face_sources(images, boxes, size)
+  return crops(sources), scale, offset, image_index, all_boxes

@@ -28,6 +28,8 @@ import pathlib
 
 import numpy as np
 
+from musica_jax import images as images_lib
+
 INSTALL_HINT = ("install the optional peers extra: pip install 'musica-jax[peers]' "
                 "(dlib-bin and face-recognition-models)")
 FITS_FILE = pathlib.Path(__file__).resolve().parent / "detector_boxes.json"
@@ -148,11 +150,10 @@ class DlibHogDetector:
     self.upsample = tuple(int(u) for u in upsample)
 
   def __call__(self, image) -> np.ndarray:
-    """image: HxWx3 RGB, uint8 or numbers in 0..255 (`predictor.check_image`: a float
+    """image: HxWx3 RGB, uint8 or numbers in 0..255 (`images.check_image`: a float
     photo in 0..1 is refused, never silently read as black); non-uint8 values are rounded
     to uint8, which is what dlib reads."""
-    from musica_jax.predictor import check_image  # noqa: PLC0415  (predictor imports us)
-    image = check_image(image)
+    image = images_lib.check_image(image)
     if image.dtype != np.uint8:
       image = np.round(image).astype(np.uint8)      # in 0..255 (checked): no wrap-around
     image = np.ascontiguousarray(image)

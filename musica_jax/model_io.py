@@ -21,8 +21,8 @@ does not match its config is refused with a message naming the array.
 
 THE way to load a model (every entry point, the predictor and the tests use it):
 `load(source, step)`: an exported directory (`load_model`), 'default' (the shipped model,
-`DEFAULT_MODEL_DIR`) or a training workdir (`restore`: the EMA weights of a checkpoint,
-"latest", "best" or a step number; orbax is imported only then). Both give a
+`DEFAULT_MODEL_DIR`) or a training workdir (`musica_jax.restore`: the EMA weights of a checkpoint,
+"latest", "best" or a step number; orbax and optax are imported only then). Both give a
 `LoadedModel` (float32 numpy parameters on the host; replicate them over devices with
 `parallel.replicate`).
 """
@@ -44,7 +44,6 @@ from musica_jax import quit_head
 from musica_jax import run_config
 from musica_jax import stage_net
 from musica_jax import strict_json
-from musica_jax import training
 from musica_jax.config import ModelConfig
 
 FORMAT = "musica-jax-model"
@@ -53,8 +52,6 @@ CONFIG_FILE = "model.json"
 PARAMS_FILE = "params.npz"
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
-METRICS_LOG = "metrics.jsonl"       # training's log: "best" reads its evaluations
-BEST_METRIC = "eval/nme_interocular"
 
 
 @dataclasses.dataclass
@@ -286,7 +283,7 @@ def load_model(path, verify: bool = True) -> LoadedModel:
       v = v.view(ml_dtypes.bfloat16)
     arrays.append(np.asarray(v, np.float32))
   params = jax.tree_util.tree_unflatten(treedef, arrays)
-  head, head_info = _quit_head(p, cfg, f"model {path}")
+  head, head_info = read_quit_head(p, cfg, f"model {path}")
   return LoadedModel(params=params, model_config=cfg, mean_shape=mean_shape,
                      metadata=info.get("metadata", {}), dtype=dtype, path=str(p),
                      # "default_tf": the key's name in models exported before the rename
@@ -294,7 +291,7 @@ def load_model(path, verify: bool = True) -> LoadedModel:
                      quit_head=head, quit_info=head_info)
 
 
-def _quit_head(directory, cfg: ModelConfig, where: str):
+def read_quit_head(directory, cfg: ModelConfig, where: str):
   """(parameters, info) of the quitting policy stored in `directory`, (None, None) when
   there is none; a ValueError naming `where` when it cannot be read."""
   try:
@@ -302,96 +299,6 @@ def _quit_head(directory, cfg: ModelConfig, where: str):
   except (ValueError, KeyError, OSError) as e:
     raise ValueError(f"{where}: quit head: {e}") from e
   return (None, None) if head is None else head
-
-
-def best_step(workdir, steps) -> int:
-  """The step among `steps` with the lowest inter-ocular NME of training's evaluations in
-  `<workdir>/metrics.jsonl` (on the split training evaluated on, run_config's
-  data.eval_split: `val` for the 300W flagfiles); ties go to the earlier step. Lines that
-  are not JSON (a run killed mid-write) are passed over. StepError when no step in
-  `steps` has an evaluation."""
-  log = pathlib.Path(workdir) / METRICS_LOG
-  nme = {}
-  if log.is_file():
-    for line in log.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(rec, dict) and BEST_METRIC in rec and "step" in rec:
-        nme[int(rec["step"])] = float(rec[BEST_METRIC])
-  scored = [s for s in steps if s in nme and np.isfinite(nme[s])]
-  if not scored:
-    raise StepError(f"no checkpoint of {workdir} has an evaluation in {log}")
-  return min(scored, key=lambda s: (nme[s], s))
-
-
-def _step_number(step) -> int | str:
-  """'latest' | 'best' | a step number (int or digit string)."""
-  if step in ("latest", "best"):
-    return step
-  if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step >= 0:
-    return int(step)
-  if isinstance(step, str) and step.isdigit():
-    return int(step)
-  raise StepError(f"checkpoint step {step!r}: a step number, 'latest' or 'best'")
-
-
-def restore_state(workdir, step="latest", on_skip=None):
-  """(the whole training state of a checkpoint, on this process's first device; the run
-  config (`run_config.load`); the damaged checkpoints skipped, [{"step", "reason"}]).
-  `step` and the errors as in `restore`, which is what evaluation wants: this one is for
-  looking at the raw weights or the optimiser state."""
-  from musica_jax import checkpoints  # noqa: PLC0415  (orbax: only for workdirs)
-  wanted = _step_number(step)
-  run = run_config.load(workdir)
-  if not (pathlib.Path(workdir) / "checkpoints").is_dir():
-    raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
-  abstract = jax.eval_shape(functools.partial(training.create_train_state,
-                                              run["model_config"], run["train_config"]))
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                          abstract)
-  skipped = []
-
-  def skip(s, why):
-    skipped.append({"step": int(s), "reason": why})
-    if on_skip is not None:
-      on_skip(s, why)
-
-  ckpts = checkpoints.Checkpoints(str(workdir), async_save=False)
-  try:
-    number = best_step(workdir, ckpts.all_steps()) if wanted == "best" else (
-        None if wanted == "latest" else wanted)
-    state = ckpts.restore(abstract, number, on_skip=skip)
-  finally:
-    ckpts.close()
-  return state, run, skipped
-
-
-def restore(workdir, step="latest", on_skip=None) -> LoadedModel:
-  """The EMA parameters of a training workdir's checkpoint, as a LoadedModel.
-
-  step: "latest" (the newest checkpoint that restores intact: damaged newer ones are
-  reported as on_skip(step, reason) and listed in metadata["skipped_damaged_checkpoints"]),
-  "best" (`best_step`; metadata["chosen_on"] names the split it was chosen on), or a
-  step number (that checkpoint or checkpoints.DamagedCheckpointError).
-  Errors: FileNotFoundError (no run_config.json, no such checkpoint), StepError,
-  ValueError (an unreadable run config or quit head), DamagedCheckpointError.
-  """
-  state, run, skipped = restore_state(workdir, step, on_skip)
-  model_cfg = run["model_config"]
-  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), state.ema_params)
-  meta = {"workdir": str(pathlib.Path(workdir).resolve()), "checkpoint_step": int(state.step),
-          "data": run.get("data", {}), "train": run.get("train", {})}
-  if skipped:
-    meta["skipped_damaged_checkpoints"] = skipped
-  if step == "best":
-    meta["chosen_on"] = run.get("data", {}).get("eval_split")
-  head, head_info = _quit_head(workdir, model_cfg, f"workdir {workdir}")
-  return LoadedModel(params=params, model_config=model_cfg, mean_shape=run["mean_shape"],
-                     metadata=meta, dtype="float32", path=str(workdir),
-                     quit_head=head, quit_info=head_info, from_workdir=True)
 
 
 def load(source, step="latest", on_skip=None) -> LoadedModel:
@@ -402,7 +309,8 @@ def load(source, step="latest", on_skip=None) -> LoadedModel:
     source = default_model_path()
   p = pathlib.Path(source)
   if run_config.path(p).is_file() and not (p / CONFIG_FILE).is_file():
-    return restore(p, step, on_skip)
+    from musica_jax import restore  # noqa: PLC0415  (orbax and optax: only for workdirs)
+    return restore.restore(p, step, on_skip)
   if step != "latest" and is_model_dir(p):
     raise StepError(f"checkpoint step {step!r}: {source} is an exported model (one set "
                     f"of weights), not a training workdir")

@@ -6,7 +6,7 @@
     landmarks, estimated_error = exp.call(crops)   # crops: [B, 228, 228, 3] float32
 
 Input: standardised face crops [B, S, S, 3] float32 (S = config.image_size; the crop of
-`predictor.face_crops`: the box -> (scale, offset) of `face_frame.crop_transform`, a
+`crop.face_crops`: the box -> (scale, offset) of `face_frame.crop_transform`, a
 bilinear warp, per-image standardisation; the side-car JSON spells it out). B is symbolic:
 any batch size runs without re-exporting. Outputs: landmarks [B, N, 2] in crop pixels
 (image pixels: (crop - offset) / scale), then the estimated error [B] (the model's

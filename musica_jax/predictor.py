@@ -1,10 +1,14 @@
 """Landmarks for faces in photos: image + face box(es) -> landmarks, estimated error,
-iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow).
+iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow, optax or orbax).
 
-    from musica_jax.predictor import Predictor
-    p = Predictor.from_saved_model("model_dir")      # or .from_workdir(W) / .default()
-    pred = p.predict(image, [x0, y0, x1, y1])        # image: HxWx3 uint8 (RGB)
+    from musica_jax import Predictor, read_image
+    p = Predictor.default()                          # or .from_model_dir(D) / .from_workdir(W)
+    pred = p.predict(read_image("face.jpg"), [x0, y0, x1, y1])
     pred.landmarks[0]                                # [N, 2] image pixels (0-based, centres)
+
+`predict` depends on its arguments only. A sequence of single faces (video, a folder
+face by face) keeps a compute budget with a stream: `s = p.stream(budget=2.5)`, then
+`s.predict(frame, box)` for each face (`musica_jax.budget`).
 
 The face crop is the evaluation pipeline's (data_pipelines.input_pipeline
 make_eval_dataset) and has one definition, `musica_jax.crop`: the host copies the photo
@@ -12,31 +16,25 @@ rectangle each face needs (nothing compiled per photo size); the blend, zero fil
 standardisation run in the same jitted program as the cascade, compiled once per
 power-of-two face-batch bucket, crop source side and dial setting.
 Without boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
-
-Decoding: `read_image` decodes with PIL (exact IDCT for JPEG) and turns a photo upright by
-its EXIF orientation tag (a phone photo stored sideways); `exif_transpose=False` gives
-the stored pixels, as TensorFlow's decoders do (the dataset tools read dataset images so,
-their .pts being in stored pixels). TensorFlow's default JPEG IDCT (INTEGER_FAST) differs
-from PIL by a few grey levels; the training/eval pipeline matches PIL exactly when it
-decodes with dct_method="INTEGER_ACCURATE".
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musica_jax import budget as budget_lib
 from musica_jax import crop as crop_lib
 from musica_jax import face_frame
 from musica_jax import fast_inference
 from musica_jax import host_memory
+from musica_jax import images as images_lib
 from musica_jax import model_io
-from musica_jax import quit_head as quit_head_lib
 from musica_jax.config import ModelConfig
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,237 +44,6 @@ from musica_jax.config import ModelConfig
 def count_bucket(n: int, maximum: int) -> int:
   """Smallest power of two >= n (capped at maximum)."""
   return min(1 << max(int(n) - 1, 0).bit_length(), maximum)
-
-
-# ---------------------------------------------------------------------------------------
-# Input checks.
-
-
-def read_image(path, exif_transpose: bool = True) -> np.ndarray:
-  """A photo file (a path or a binary file object) as RGB uint8 [H, W, 3] (PIL;
-  greyscale/RGBA converted to RGB; 16-bit greyscale scaled to 8 bits, see
-  `_high_bit_depth_to_rgb8`), turned upright by its EXIF orientation tag (a phone photo
-  stored sideways with Orientation=6 comes back as the camera saw it; see
-  `read_image_and_orientation`). exif_transpose=False: the stored pixels, as TensorFlow's
-  decoders give them (dataset images, whose .pts landmarks are in stored pixels)."""
-  return read_image_and_orientation(path, exif_transpose)[0]
-
-
-EXIF_ORIENTATION = 0x0112     # the EXIF tag (274); 1 = upright, 2..8 = flips / rotations
-
-
-def read_image_and_orientation(path, exif_transpose: bool = True) -> tuple[np.ndarray, int]:
-  """(RGB uint8 [H, W, 3] as `read_image`, the EXIF orientation of the file: 1 when it
-  has none; 2..8 when the stored pixels are flipped or rotated, undone with PIL's
-  ImageOps.exif_transpose unless exif_transpose=False)."""
-  from PIL import Image  # noqa: PLC0415
-  from PIL import ImageOps  # noqa: PLC0415
-  with Image.open(path) as im:
-    im.load()
-    try:
-      orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - a malformed EXIF block: no orientation
-      orientation = 1
-    if orientation not in range(1, 9):
-      orientation = 1                 # out-of-range tags are ignored, as exif_transpose does
-    fmt = im.format                   # the transposed copy has none
-    if exif_transpose and orientation != 1:
-      im = ImageOps.exif_transpose(im)
-    if im.mode in HIGH_BIT_DEPTH_MODES:
-      return _high_bit_depth_to_rgb8(im, path, fmt), orientation
-    return np.asarray(im.convert("RGB")), orientation
-
-
-def exif_transpose_points(points, orientation: int, stored_size) -> np.ndarray:
-  """Points [..., 2] (x, y pixel centres) of the stored pixels of a photo whose EXIF
-  orientation is `orientation` and stored size (width, height) -> the same points on the
-  upright photo `read_image` returns (e.g. a .pts file's landmarks, which datasets give in
-  stored pixels)."""
-  p = np.asarray(points, np.float64)
-  x, y = p[..., 0], p[..., 1]
-  w, h = float(stored_size[0]) - 1.0, float(stored_size[1]) - 1.0
-  mapped = {1: (x, y), 2: (w - x, y), 3: (w - x, h - y), 4: (x, h - y), 5: (y, x),
-            6: (h - y, x), 7: (h - y, w - x), 8: (y, w - x)}[int(orientation)]
-  return np.stack(mapped, -1)
-
-
-# PIL modes whose convert("RGB") clips every value above 255 to white.
-HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def _high_bit_depth_to_rgb8(im, path, fmt=None) -> np.ndarray:
-  """16-bit greyscale (PIL modes I;16*, and I for a 16-bit PNG) -> RGB uint8 by value /
-  257 (65535 -> 255); 32-bit integer or float images are refused: their range is unknown."""
-  fmt = fmt or im.format
-  sixteen = im.mode.startswith("I;16") or (im.mode == "I" and fmt == "PNG")
-  if not sixteen:
-    raise ValueError(f"{path}: {im.mode} image ({fmt}) with an unknown value range; "
-                     f"convert it to 8-bit RGB first")
-  grey = np.asarray(im, np.float64)
-  if grey.min() < 0 or grey.max() > 65535:
-    raise ValueError(f"{path}: 16-bit image with values outside 0..65535")
-  grey = np.round(grey / 257.0).astype(np.uint8)
-  return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def check_image(image, where: str = "image") -> np.ndarray:
-  """An HxWx3 RGB photo with values in 0..255 (uint8 preferred) -> the array.
-
-  Float photos are taken in 0..255, as uint8 ones. A float photo whose values lie in
-  0..1 (max <= 1, not all zero: the other common convention) is refused with a hint to
-  multiply it by 255: the crop would pass it (it standardises each face) but the face
-  detector would see a black photo and find no face, so the two would disagree. Both the
-  predictor (`predict`, `find_faces`) and the detector (`detector.DlibHogDetector`) check
-  their photo here."""
-  if not isinstance(image, np.ndarray):
-    try:
-      image = np.asarray(image)
-    except Exception as e:  # noqa: BLE001 - anything that is not array-like
-      raise TypeError(f"{where}: expected an HxWx3 array, got {type(image).__name__}") from e
-  if image.ndim != 3 or image.shape[-1] != 3:
-    hint = (" (greyscale: stack it to 3 channels; RGBA: drop alpha; PIL: "
-            "np.asarray(Image.open(p).convert('RGB')))")
-    raise ValueError(f"{where}: expected an HxWx3 RGB array, got shape {image.shape}{hint}")
-  if image.shape[0] < 1 or image.shape[1] < 1:
-    raise ValueError(f"{where}: empty image of shape {image.shape}")
-  if image.dtype == np.uint8:
-    return image
-  if image.dtype.kind not in "uif":
-    raise TypeError(f"{where}: expected a numeric (uint8) array, got dtype {image.dtype}")
-  if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-    raise ValueError(f"{where}: image has non-finite values")
-  lo, hi = float(image.min()), float(image.max())
-  if lo < 0 or hi > 255:
-    raise ValueError(f"{where}: values must be in 0..255 (uint8 RGB), got {lo}..{hi}")
-  if image.dtype.kind == "f" and 0 < hi <= 1.0:
-    raise ValueError(f"{where}: a float image with values in 0..1 (max {hi:g}); photos are "
-                     f"taken in 0..255: multiply it by 255 (or pass uint8)")
-  return image
-
-
-def check_box_in_image(box, image_shape, where: str = "box") -> np.ndarray:
-  """A finite non-empty box whose centre lies inside the photo (the crop is centred on it;
-  a box may stick out of the photo, as detector boxes at the border do)."""
-  box = face_frame.validate_box(box, where)
-  h, w = image_shape[:2]
-  cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
-  if not (-0.5 <= cx <= w - 0.5 and -0.5 <= cy <= h - 0.5):
-    raise ValueError(f"{where}: box {box.tolist()} is outside the {w}x{h} image (its centre "
-                     f"({cx:.1f}, {cy:.1f}) is not in the image; boxes are x0,y0,x1,y1 in "
-                     f"pixels)")
-  check_face_box_size(box, image_shape, where)
-  return box
-
-
-# The smallest face box (sqrt(width x height), photo pixels) the model is asked about: the
-# crop is 228 px, so a smaller face is blown up more than 10x and its landmarks are noise.
-MIN_FACE_SIZE = 20.0
-# The least fraction of a box's area that must lie inside the photo (a face at a corner, its
-# box centred inside the photo, has about a quarter inside; detector boxes stick
-# out a little at the border; a box mostly outside holds no face).
-MIN_BOX_INSIDE = 0.25
-
-
-def check_face_box_size(box, image_shape, where: str = "box") -> None:
-  """Refuses face boxes below MIN_FACE_SIZE pixels, and boxes with less than
-  MIN_BOX_INSIDE of their area inside the photo (a huge box, a tiny photo)."""
-  h, w = image_shape[:2]
-  bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
-  size = float(np.sqrt(bw * bh))
-  if size < MIN_FACE_SIZE:
-    raise ValueError(f"{where}: box {np.round(box, 1).tolist()} is a {size:.1f}-pixel face; "
-                     f"the model needs at least {MIN_FACE_SIZE:g} pixels (image {w}x{h})")
-  iw = max(0.0, min(float(box[2]), w) - max(float(box[0]), 0.0))
-  ih = max(0.0, min(float(box[3]), h) - max(float(box[1]), 0.0))
-  inside = iw * ih / (bw * bh)
-  if inside < MIN_BOX_INSIDE:
-    raise ValueError(f"{where}: box {np.round(box, 1).tolist()} lies {100 * (1 - inside):.0f}% "
-                     f"outside the {w}x{h} image (at most {100 * (1 - MIN_BOX_INSIDE):.0f}% "
-                     f"allowed)")
-
-
-def _photo_list(images) -> tuple[list, bool]:
-  """-> (the photos as a list, was the input a single photo?). An empty list is refused."""
-  if isinstance(images, np.ndarray) and images.ndim == 4:
-    images = list(images)          # a batch of same-size photos
-  if isinstance(images, (list, tuple)):
-    if not len(images):
-      raise ValueError("images: an empty list; give one HxWx3 photo or a list of them")
-    return list(images), False
-  return [images], True
-
-
-def _is_flat_box(boxes) -> bool:
-  """True for one box given as 4 numbers (x0, y0, x1, y1) where a list per image is due."""
-  try:
-    arr = np.asarray(boxes, np.float64)
-  except (TypeError, ValueError):
-    return False                   # ragged: per-image entries
-  return arr.ndim == 1 and arr.size == 4
-
-
-def _normalise_inputs(images, boxes):
-  """-> (list of photos, list of [K_i, 4] box arrays)."""
-  images, single = _photo_list(images)
-  if single:
-    boxes = [boxes]
-  elif _is_flat_box(boxes):
-    n = len(images)
-    raise ValueError(f"boxes: one box {np.asarray(boxes, np.float64).tolist()} for a list of "
-                     f"{n} image{'s' if n > 1 else ''}: give one entry per image (a box, "
-                     f"or a list of boxes), e.g. [box] * {n} for the same box in each")
-  if not single and isinstance(boxes, np.ndarray) and boxes.ndim >= 2:
-    boxes = list(boxes)            # [n, 4] (one box per image) or [n, K, 4]
-  if not single and (not isinstance(boxes, (list, tuple)) or len(boxes) != len(images)):
-    n = len(boxes) if isinstance(boxes, (list, tuple)) else "not a list"
-    raise ValueError(f"boxes: one entry (a box or a list of boxes) per image expected: "
-                     f"{len(images)} images, boxes: {n}")
-  photos = [check_image(im, f"image {i}") for i, im in enumerate(images)]
-  out = []
-  for i, (photo, b) in enumerate(zip(photos, boxes)):
-    arr = np.asarray(b, np.float64)
-    if arr.size == 0:
-      arr = arr.reshape(0, 4)      # no face in this image (e.g. none detected)
-    if arr.ndim == 1:
-      arr = arr[None]
-    if arr.ndim != 2 or arr.shape[-1] != 4:
-      raise ValueError(f"boxes of image {i}: expected (x0, y0, x1, y1) or a list of them, "
-                       f"got shape {np.shape(b)}")
-    for k in range(arr.shape[0]):
-      check_box_in_image(arr[k], photo.shape, f"box {k} of image {i}")
-    out.append(arr)
-  return photos, out
-
-
-def _frames(images, boxes):
-  """-> (photos, image_index [F], boxes [F, 4], scale [F], offset [F, 2]) of every box of
-  every image (checked)."""
-  photos, box_lists = _normalise_inputs(images, boxes)
-  image_index = np.concatenate([np.full(len(b), i, np.int32) for i, b in enumerate(box_lists)])
-  all_boxes = np.concatenate(box_lists, 0)
-  scale, offset = face_frame.crop_frames(all_boxes)
-  return photos, image_index, all_boxes, scale, offset
-
-
-def face_sources(images, boxes, size: int = face_frame.CROP_SIZE):
-  """The host part of the crops (`crop.prepare`) of every box of every image.
-
-  images/boxes as `Predictor.predict`. Returns (crop.CropSources, scale [F],
-  offset [F, 2], image_index [F], boxes [F, 4]).
-  """
-  photos, image_index, all_boxes, scale, offset = _frames(images, boxes)
-  sources = crop_lib.prepare(photos, image_index, scale, offset, size)
-  return sources, scale, offset, image_index, all_boxes
-
-
-def face_crops(images, boxes, size: int = face_frame.CROP_SIZE):
-  """Standardised face crops as the evaluation pipeline makes them (`musica_jax.crop`).
-
-  images/boxes as `Predictor.predict`. Returns (crops float32 [F, size, size, 3] (a jax
-  array), scale [F], offset [F, 2], image_index [F], boxes [F, 4]).
-  """
-  sources, scale, offset, image_index, all_boxes = face_sources(images, boxes, size)
-  return crop_lib.crops(sources), scale, offset, image_index, all_boxes
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,6 +80,10 @@ class Prediction:
 # The predictor.
 
 
+Images = Any       # one HxWx3 uint8 RGB array, or a list of them (sizes may differ)
+Boxes = Any        # per image: (x0, y0, x1, y1) or a list of them; a list of those per list
+
+
 class Predictor:
   """A trained cascade + the evaluation crop, for photos and face boxes.
 
@@ -330,11 +101,13 @@ class Predictor:
     face_finder: image -> face boxes [K, 4] in the landmark-box convention, for
       `predict` without boxes; default (built on first use): dlib's HOG detector with the
       shipped box fit (`musica_jax.detector.FaceFinder`; needs the peers extra).
+    default_t_fail: the failure threshold `predict` uses when given none.
   """
 
   def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
                max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
-               quit_params=None, quit_info: dict | None = None, face_finder=None,
+               quit_params: Any = None, quit_info: dict | None = None,
+               face_finder: Callable[[np.ndarray], Any] | None = None,
                default_t_fail: float | None = None):
     if not isinstance(model_config, ModelConfig):
       raise TypeError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
@@ -360,18 +133,20 @@ class Predictor:
     self.default_t_fail = np.inf if default_t_fail is None else float(default_t_fail)
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
     self._face_finder = face_finder
-    self._budget_streams: dict[float, quit_head_lib.BudgetStream] = {}
 
-  def find_faces(self, image) -> np.ndarray:
+  def find_faces(self, image: np.ndarray) -> np.ndarray:
     """Face boxes [K, 4] (landmark-box convention) of one photo, by the face finder."""
     if self._face_finder is None:
       from musica_jax import detector  # noqa: PLC0415  (dlib is optional)
       self._face_finder = detector.FaceFinder(self.model_config.num_landmarks)
-    return np.asarray(self._face_finder(check_image(image)), np.float64).reshape(-1, 4)
+    return np.asarray(self._face_finder(images_lib.check_image(image)),
+                      np.float64).reshape(-1, 4)
+
+  # -- loading ------------------------------------------------------------------------
 
   @classmethod
-  def from_loaded(cls, m: model_io.LoadedModel, **kwargs) -> "Predictor":
-    """A model loaded by `model_io.load` / `restore` / `load_model`."""
+  def from_loaded(cls, m: model_io.LoadedModel, **kwargs) -> Predictor:
+    """A model loaded by `model_io.load` / `load_model` or `restore.restore`."""
     meta = dict(m.metadata)
     if not m.from_workdir:
       meta.update(model_path=str(m.path), param_dtype=m.dtype)
@@ -380,77 +155,92 @@ class Predictor:
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
   @classmethod
-  def from_workdir(cls, workdir, step="latest", **kwargs) -> "Predictor":
-    """EMA weights of a training run's checkpoint ("latest", "best" or a step number)."""
-    return cls.from_loaded(model_io.restore(workdir, step), **kwargs)
-
-  @classmethod
-  def from_saved_model(cls, path, **kwargs) -> "Predictor":
-    """A directory written by model_io.save_model / experiments.export_model."""
+  def from_model_dir(cls, path, **kwargs) -> Predictor:
+    """A model directory (model.json + params.npz) written by `model_io.save_model` /
+    `experiments.export_model`."""
     return cls.from_loaded(model_io.load_model(path), **kwargs)
 
   @classmethod
-  def default(cls, **kwargs) -> "Predictor":
+  def from_workdir(cls, workdir, step: int | str = "latest", **kwargs) -> Predictor:
+    """EMA weights of a training run's checkpoint ("latest", "best" or a step number);
+    imports orbax and optax (`musica_jax.restore`)."""
+    from musica_jax import restore  # noqa: PLC0415  (training machinery: only for workdirs)
+    return cls.from_loaded(restore.restore(workdir, step), **kwargs)
+
+  @classmethod
+  def default(cls, **kwargs) -> Predictor:
     """The package's shipped model (musica_jax/default_model/)."""
     return cls.from_loaded(model_io.load("default"), **kwargs)
 
-  def crops(self, images, boxes):
-    """Standardised crops exactly as the evaluation pipeline makes them (see face_crops)."""
-    return face_crops(images, boxes, self.model_config.image_size)
+  def crops(self, images: Images, boxes: Boxes):
+    """Standardised crops exactly as the evaluation pipeline makes them, with their
+    frames (`crop.face_crops`): (crops float32 [F, 228, 228, 3], scale [F], offset [F, 2],
+    image_index [F], boxes [F, 4])."""
+    return crop_lib.face_crops(images, boxes, self.model_config.image_size)
+
+  # -- the dials ----------------------------------------------------------------------
+
+  def budget_iterations(self, budget: float | None = None,
+                        budget_mmacs: float | None = None) -> float | None:
+    """A budget in mean iterations per face (from either form), checked; None if none."""
+    return budget_lib.budget_iterations(self.model_config, self.quit_info, budget,
+                                        budget_mmacs)
+
+  def stream(self, *, budget: float | None = None,
+             budget_mmacs: float | None = None) -> PredictorStream:
+    """A sequence of calls (video frames, a folder face by face) that keeps `budget` (mean
+    iterations, or MMACs, per face) over all the faces it sees (`PredictorStream`)."""
+    return PredictorStream(self, self.budget_iterations(budget, budget_mmacs))
+
+  @staticmethod
+  def _thresholds(ts: float, t_fail: float) -> None:
+    for name, v in (("ts", ts), ("t_fail", t_fail)):
+      if v is None or np.isnan(v):
+        raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
 
   # -- the cascade --------------------------------------------------------------------
 
-  def budget_iterations(self, budget=None, budget_mmacs=None) -> float | None:
-    """A budget in mean iterations per face (from either form), checked; None if none."""
-    return quit_head_lib.budget_iterations(self.model_config, self.quit_info, budget,
-                                           budget_mmacs)
-
-  def budget_stream(self, budget: float) -> "quit_head_lib.BudgetStream":
-    """The running account of a budget over this predictor's calls (faces seen,
-    iterations run: `.mean_iterations`); see `run_fast`."""
-    budget = float(budget)
-    if budget not in self._budget_streams:
-      self._budget_streams[budget] = quit_head_lib.BudgetStream(
-          self.quit_info, budget, self.model_config.num_stages)
-    return self._budget_streams[budget]
-
-  def reset_budget_streams(self) -> None:
-    """Forgets every budget's running account (a new video, a new folder)."""
-    self._budget_streams.clear()
-
-  def run_fast(self, crops, ts=-np.inf, t_fail=np.inf, budget: float | None = None):
+  def run_fast(self, crops, *, ts: float = -np.inf, t_fail: float = np.inf,
+               budget: float | None = None, stream: budget_lib.BudgetStream | None = None
+               ) -> dict[str, np.ndarray]:
     """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
-    iterations of faces that quit (`fast_inference.run_selective`; numpy out).
+    iterations of faces that quit (`fast_inference.run_selective`); numpy out:
+    "landmarks" [F, N, 2] (crop pixels), "estimated_error", "iterations", "valid".
 
     ts: threshold on the quitting score. budget: mean iterations per face (1..S); each
-    batch of n faces then runs exactly round((budget - 1) n) later iterations, split
+    chunk of n >= 2 faces then runs exactly round((budget - 1) n) later iterations, split
     over the stages by the model's validation profile, on the faces that need them most
     (highest score). A single face cannot run a fraction of an iteration: alone, it quits
-    on a threshold that this predictor adapts call by call so that the faces it has seen
-    with this budget average the budget (`quit_head.BudgetStream`; the first face uses the
-    validation faces' threshold; `reset_budget_streams` starts afresh). So a video or a
-    folder run face by face spends the budget it asks for, as batches do.
+    on the validation faces' threshold for the budget; `stream` (from `stream()`) adapts
+    that threshold face by face so a sequence spends what it asks (`musica_jax.budget`).
     """
+    self._thresholds(ts, t_fail)
+
     def make_part(start, stop, b):
       part = crops[start:stop] if crops.shape[0] > stop - start else crops
       if b > stop - start:
         part = jnp.concatenate([part, jnp.zeros((b - stop + start,) + part.shape[1:],
                                                 part.dtype)])
       return part
-    return self._run_chunks(crops.shape[0], make_part, self.fast.run, ts, t_fail, budget)
+    return self._run_chunks(crops.shape[0], make_part, self.fast.run, ts, t_fail, budget,
+                            stream)
 
-  def run_sources(self, sources: crop_lib.CropSources, ts=-np.inf, t_fail=np.inf,
-                  budget: float | None = None):
-    """`run_fast` from the host part of the crops (`crop.prepare`, `face_sources`): the
-    crop runs in the cascade's compiled program. The host part of the next chunk of
-    max_batch faces is prepared while the device runs the current one."""
+  def run_sources(self, sources: crop_lib.CropSources, *, ts: float = -np.inf,
+                  t_fail: float = np.inf, budget: float | None = None,
+                  stream: budget_lib.BudgetStream | None = None) -> dict[str, np.ndarray]:
+    """`run_fast` from the host part of the crops (`crop.prepare`, `crop.face_sources`):
+    the crop runs in the cascade's compiled program."""
+    self._thresholds(ts, t_fail)
+
     def make_part(start, stop, b):
       return crop_lib.pad(crop_lib.slice_faces(sources, start, stop), b).arrays()
-    return self._run_chunks(len(sources), make_part, self.fast.run_sources, ts, t_fail, budget)
+    return self._run_chunks(len(sources), make_part, self.fast.run_sources, ts, t_fail,
+                            budget, stream)
 
-  def _run_chunks(self, f: int, make_part, run, ts, t_fail, budget):
+  def _run_chunks(self, f: int, make_part, run, ts, t_fail, budget, stream):
     """The cascade over F faces in chunks of at most max_batch, each padded to its
-    power-of-two bucket: make_part(start, stop, bucket) -> the chunk's inputs;
+    power-of-two bucket: make_part(start, stop, bucket) -> the chunk's inputs (the host
+    part of the next chunk is prepared while the device runs this one);
     run(inputs, init, ts, t_fail, capacities=, mask=, min_bucket=) -> EarlyExitOutput."""
     fields = ("landmarks", "estimated_error", "iterations", "valid")
     if f == 0:
@@ -458,7 +248,8 @@ class Predictor:
       return {"landmarks": np.zeros((0, n, 2), np.float32),
               "estimated_error": np.zeros(0, np.float32),
               "iterations": np.zeros(0, np.int32), "valid": np.zeros(0, bool)}
-    stream = None if budget is None else self.budget_stream(budget)
+    if stream is not None:
+      budget = stream.budget
     outs, pending = [], []
 
     def collect(out, n, target):
@@ -471,13 +262,7 @@ class Predictor:
       n = min(f - start, self.max_batch)
       b = count_bucket(max(n, self.min_batch), self.max_batch)
       part = make_part(start, start + n, b)
-      caps, ts_b, target = None, ts, None
-      if stream is not None:
-        if n == 1:
-          target = stream.target()
-          ts_b = max(ts, stream.threshold(target))
-        else:
-          caps = quit_head_lib.budget_capacities(self.quit_info, budget, n)
+      caps, ts_b, target = budget_lib.chunk_dial(self.quit_info, budget, n, ts, stream)
       mask = None if b == n else np.arange(b) < n
       # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
       # batch computed for nothing.
@@ -486,16 +271,17 @@ class Predictor:
       if stream is None:
         pending.append((out, n, target))   # dispatched: the device runs it meanwhile
       else:
-        collect(out, n, target)            # a budget's account needs it before the next
+        collect(out, n, target)            # a stream's account needs it before the next
     for item in pending:
       collect(*item)
     if len(outs) == 1:
       return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
-  def predict(self, images, boxes=None, ts: float = -np.inf, t_fail: float | None = None,
-              budget: float | None = None, budget_mmacs: float | None = None) -> Prediction:
-    """Landmarks for every box of every image.
+  def predict(self, images: Images, boxes: Boxes = None, *, ts: float = -np.inf,
+              t_fail: float | None = None, budget: float | None = None,
+              budget_mmacs: float | None = None) -> Prediction:
+    """Landmarks for every box of every image; the result depends on the arguments only.
 
     images: one HxWx3 uint8 RGB array, or a list of them (sizes may differ).
     boxes: for one image, a box (x0, y0, x1, y1) or a list of boxes; for a list of images,
@@ -504,28 +290,31 @@ class Predictor:
     ts: early exit: a face stops after the first iteration whose quitting score (the
       estimated error, or the model's quit head) is < ts (-inf: every iteration).
     budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
-      multiply-adds in millions; the faces that need it most get the later iterations.
-    t_fail: valid = final estimated error < t_fail; None: the model's `default_t_fail` (chosen on
-      validation data, see experiments.choose_t_fail; inf when the model has none).
+      multiply-adds in millions; the faces that need it most get the later iterations
+      (one face alone: the validation faces' threshold; keep a budget over a sequence of
+      calls with `stream`).
+    t_fail: valid = final estimated error < t_fail; None: the model's `default_t_fail`
+      (chosen on validation data, see experiments.choose_t_fail; inf when it has none).
     Both dials skip the computation of the faces that quit (they save time).
     """
+    return self._predict(images, boxes, ts, t_fail, self.budget_iterations(budget, budget_mmacs),
+                         None)
+
+  def _predict(self, images, boxes, ts, t_fail, budget, stream) -> Prediction:
     t_fail = self.default_t_fail if t_fail is None else t_fail
-    for name, v in (("ts", ts), ("t_fail", t_fail)):
-      if v is None or np.isnan(v):
-        raise ValueError(f"{name} must be a number (use -inf/inf to disable), got {v}")
-    budget = self.budget_iterations(budget, budget_mmacs)
+    self._thresholds(ts, t_fail)
     if boxes is None:
-      photos, single = _photo_list(images)
+      photos, single = images_lib.photo_list(images)
       boxes = [self.find_faces(im) for im in photos]
       images, boxes = (photos[0], boxes[0]) if single else (photos, boxes)
-    photos, image_index, all_boxes, scale, offset = _frames(images, boxes)
+    photos, image_index, all_boxes, scale, offset = images_lib.face_frames(images, boxes)
     size = self.model_config.image_size
 
     def make_part(start, stop, b):   # the host part of a chunk, while the last one runs
       return crop_lib.pad(crop_lib.prepare(photos, image_index[start:stop], scale[start:stop],
                                            offset[start:stop], size), b).arrays()
     out = self._run_chunks(len(image_index), make_part, self.fast.run_sources, ts, t_fail,
-                           budget)
+                           budget, stream)
     crop_lm = np.asarray(out["landmarks"], np.float32)
     lm = face_frame.from_crop(crop_lm.astype(np.float64), scale.astype(np.float64),
                               offset.astype(np.float64)).astype(np.float32)
@@ -533,3 +322,38 @@ class Predictor:
                       iterations=np.asarray(out["iterations"], np.int32),
                       valid=np.asarray(out["valid"], bool), image_index=image_index,
                       boxes=all_boxes, crop_landmarks=crop_lm)
+
+
+class PredictorStream:
+  """A predictor over a sequence of calls that keeps a compute budget: video frames, or a
+  folder run face by face (`Predictor.stream(budget=...)`). A chunk of n >= 2 faces meets
+  the budget exactly; single faces quit on a threshold the stream adapts face by face so
+  that the faces it has seen average the budget (`budget.BudgetStream`). Without a budget
+  it is the plain predictor. Threads may share one (the account is locked)."""
+
+  def __init__(self, predictor: Predictor, budget: float | None):
+    self.predictor = predictor
+    self.budget = budget
+    self.account = None if budget is None else budget_lib.BudgetStream(
+        predictor.quit_info, budget, predictor.model_config.num_stages)
+
+  @property
+  def faces(self) -> int:
+    """Faces this stream has run (with a budget; 0 without)."""
+    return 0 if self.account is None else self.account.faces
+
+  @property
+  def mean_iterations(self) -> float:
+    """Mean iterations per face so far (nan before the first face, or without a budget)."""
+    return float("nan") if self.account is None else self.account.mean_iterations
+
+  def predict(self, images: Images, boxes: Boxes = None, *, ts: float = -np.inf,
+              t_fail: float | None = None) -> Prediction:
+    """`Predictor.predict` with the stream's budget."""
+    return self.predictor._predict(images, boxes, ts, t_fail, self.budget, self.account)  # noqa: SLF001
+
+  def run_fast(self, crops, *, ts: float = -np.inf, t_fail: float = np.inf
+               ) -> dict[str, np.ndarray]:
+    """`Predictor.run_fast` with the stream's budget."""
+    return self.predictor.run_fast(crops, ts=ts, t_fail=t_fail, budget=self.budget,
+                                   stream=self.account)

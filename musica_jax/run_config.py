@@ -1,7 +1,7 @@
 """THE run config of a training workdir: `<workdir>/run_config.json`.
 
 Written by training (experiments.train) when a run starts or resumes; read by everything
-that loads a checkpoint (`model_io.restore`), by the analyses and by a resumed run. One
+that loads a checkpoint (`restore.restore`), by the analyses and by a resumed run. One
 JSON object, one section per config:
 
     {"model": ModelConfig fields, "data": DataConfig fields, "train": TrainConfig fields,
@@ -23,8 +23,7 @@ import numpy as np
 
 from musica_jax import atomic_io
 from musica_jax import strict_json
-from musica_jax import training
-from musica_jax.config import ModelConfig
+from musica_jax.config import ModelConfig, TrainConfig
 
 RUN_CONFIG = "run_config.json"
 
@@ -54,7 +53,7 @@ def save(workdir, model_cfg: ModelConfig, data_cfg, train_cfg, mean_shape,
 def load(workdir) -> dict:
   """The run config of `workdir` as a dict: the JSON sections as written ("model",
   "data", "train", extras) plus "model_config" (a ModelConfig), "train_config" (a
-  training.TrainConfig: missing fields take their defaults, unknown ones are dropped) and
+  TrainConfig: missing fields take their defaults, unknown ones are dropped) and
   "mean_shape" as float32 [N, 2]. FileNotFoundError when the workdir has none;
   ValueError (naming the file) when it cannot be read or does not hold a run config: not
   JSON, a section missing or of the wrong type, a model or training field the configs
@@ -82,13 +81,13 @@ def load(workdir) -> dict:
   if unknown:
     raise ValueError(f"{p}: model fields {unknown} are unknown to this code (written by a "
                      f"newer musica_jax?)")
-  train_known = {f.name for f in dataclasses.fields(training.TrainConfig)}
+  train_known = {f.name for f in dataclasses.fields(TrainConfig)}
   try:
     raw["model_config"] = ModelConfig(**raw["model"])
   except (TypeError, ValueError) as e:     # a field of the wrong type or out of range
     raise ValueError(f"{p}: section 'model' does not make a model config: {e}") from e
   try:
-    raw["train_config"] = training.TrainConfig(
+    raw["train_config"] = TrainConfig(
         **{k: v for k, v in raw["train"].items() if k in train_known})
   except (TypeError, ValueError) as e:
     raise ValueError(f"{p}: section 'train' does not make a training config: {e}") from e

@@ -42,13 +42,15 @@ class FaceTracker:
     self.t_fail = float(t_fail)
     self.ts = ts
     self.budget = budget
+    # One stream for the whole video: the budget holds over its frames' faces.
+    self.stream = predictor.stream(budget=budget)
     self.max_faces = max_faces
     self.boxes = np.zeros((0, 4))
     self.redetections = 0
     self.frames = 0
 
   def _predict(self, frame, boxes):
-    return self.predictor.predict(frame, boxes, ts=self.ts, t_fail=self.t_fail, budget=self.budget)
+    return self.stream.predict(frame, boxes, ts=self.ts, t_fail=self.t_fail)
 
   def _detect(self, frame):
     boxes = self.predictor.find_faces(frame)

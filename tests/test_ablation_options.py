@@ -229,7 +229,7 @@ def test_export_and_predictor_keep_the_options(extractor, global_attention, tmp_
       "model_config"]["global_attention"] == global_attention
   loaded = model_io.load_model(tmp_path / "m")
   assert loaded.model_config == cfg
-  pred = predictor_lib.Predictor.from_saved_model(tmp_path / "m", max_batch=2, min_batch=2)
+  pred = predictor_lib.Predictor.from_model_dir(tmp_path / "m", max_batch=2, min_batch=2)
   image = np.random.default_rng(3).integers(0, 255, (240, 240, 3), np.uint8)
   boxes = np.array([[40.0, 50.0, 200.0, 210.0]])
   got = pred.predict([image], [boxes])

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from musica_jax import crop as crop_lib
+from musica_jax import images as images_lib
 from musica_jax import model_io
 from musica_jax import portable
 from musica_jax import predictor as predictor_lib
@@ -105,7 +107,7 @@ def test_photo_sizes_compile_nothing_new():
     box = (w * 0.2, h * 0.2, w * 0.7, h * 0.8)
     pred = p.predict(image, box)
     assert len(pred) == 1
-    sources, *_ = predictor_lib.face_sources(image, box, p.model_config.image_size)
+    sources, *_ = crop_lib.face_sources(image, box, p.model_config.image_size)
     sides.add(sources.src.shape[1])
   assert sides == set(crop.source_sides(p.model_config.image_size))   # both were used
   assert fast_inference.run_selective_sources._cache_size() <= before + 1
@@ -173,7 +175,7 @@ def test_shipped_detector_fit_maps_detections_onto_landmark_boxes(shared_data):
   p = predictor_lib.Predictor.default()
   ious, nmes = [], []
   for it in items:
-    image = predictor_lib.read_image(it.image_path)
+    image = images_lib.read_image(it.image_path)
     boxes = finder(image)
     k = detector.match_detection(it.box, boxes)
     if k is None:
@@ -229,7 +231,7 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
   from PIL import Image
   it = compare_dlib.split_items(str(shared_data / "300w"), "helen_testset")[0]
   frames, gt = deploy_benchmark_lib.synthetic_sequence(
-      predictor_lib.read_image(it.image_path), it.landmarks, 16)
+      images_lib.read_image(it.image_path), it.landmarks, 16)
   d = tmp_path / "frames"
   d.mkdir()
   for i, f in enumerate(frames):

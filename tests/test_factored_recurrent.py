@@ -1,7 +1,6 @@
 """The factored recurrent layer (`ModelConfig.recurrent_rank`): parameters, forward, bf16
 storage, MAC and parameter counts, save / load / StableHLO export, the SVD conversion
 (`musica_jax.factorise`) and fine-tuning from a saved model (`TrainConfig.init_from`)."""
-import functools
 import json
 
 import jax
@@ -22,10 +21,10 @@ from musica_jax import model_io
 from musica_jax import portable
 from musica_jax import predictor as predictor_lib
 from musica_jax import pyramid
+from musica_jax import restore
 from musica_jax import run_config
 from musica_jax import schemes
 from musica_jax import stage_net
-from musica_jax import training
 
 @pytest.fixture(autouse=True)
 def _highest_precision():
@@ -209,7 +208,7 @@ def test_save_load_export_and_predictor_of_a_factored_model(tmp_path):
     np.testing.assert_array_equal(a, b)
   # bf16 storage (as shipped), the predictor and the portable program agree.
   model_io.save_model(tmp_path / "bf16", params, cfg, mean, {}, dtype="bfloat16")
-  pred = predictor_lib.Predictor.from_saved_model(tmp_path / "bf16", max_batch=4)
+  pred = predictor_lib.Predictor.from_model_dir(tmp_path / "bf16", max_batch=4)
   assert pred.model_config.recurrent_rank == RANK
   assert portable.weight_dtype(pred.params) == "bfloat16"
   crops = np.random.default_rng(3).normal(size=(3, 64, 64, 3)).astype(np.float32)
@@ -355,7 +354,7 @@ def test_init_from_a_saved_model_factorises_it_and_resume_ignores_it(
   assert abs(_loss(fresh, dense_cfg, config.data, run["mean_shape"]) - expected) > 1e-3 * expected
 
   # The EMA starts from the source too (two steps later it is still next to it).
-  step2 = model_io.restore_state(work)[0]
+  step2 = restore.restore_state(work)[0]
   assert np.abs(np.asarray(step2.ema_params["head"]["bias"]) - src["head"]["bias"]).max() < 0.05
   assert np.abs(src["head"]["bias"]).max() > 1
 
@@ -367,7 +366,7 @@ def test_init_from_a_saved_model_factorises_it_and_resume_ignores_it(
   assert "resumed from checkpoint at step 2" in out and "--init_from=/nonexistent ignored" in out
   run = run_config.load(work)
   assert run["train"]["init_from"] == str(tmp_path / "src") and run["init_from"] == rec
-  state, _, _ = model_io.restore_state(work)
+  state, _, _ = restore.restore_state(work)
   assert int(state.step) == 3
   assert not np.array_equal(state.params["recurrent"]["u"], step2.params["recurrent"]["u"])
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from musica_jax import model_io
+from musica_jax import restore
 from musica_jax.config import ModelConfig
 
 CFG = ModelConfig(num_landmarks=68, patch_indices=tuple(range(0, 68, 4)), hidden_size=32)
@@ -94,7 +95,7 @@ def test_refuses_bad_inputs_and_files(tmp_path):
 def test_predictor_from_saved_model(tmp_path):
   from musica_jax import predictor
   model_io.save_model(tmp_path / "m", _params(), CFG, _mean(), {"name": "x"}, dtype="bfloat16")
-  p = predictor.Predictor.from_saved_model(tmp_path / "m")
+  p = predictor.Predictor.from_model_dir(tmp_path / "m")
   assert p.model_config == CFG and p.metadata["name"] == "x"
   assert p.metadata["param_dtype"] == "bfloat16"
 
@@ -114,7 +115,7 @@ def run_dir(tmp_path_factory, make_workdir):
            {"step": 3, "train/loss": 0.5},
            {"step": 4, "eval/nme_interocular": 0.03},
            {"step": 6, "eval/nme_interocular": 0.04}]
-  (wd / model_io.METRICS_LOG).write_text(
+  (wd / restore.METRICS_LOG).write_text(
       "\n".join(json.dumps(r) for r in lines) + '\n{"step": 7, "eval/nme_inter')   # killed
   return wd
 
@@ -126,7 +127,7 @@ def _leaves(tree):
 def test_restore_and_load_of_the_export_give_the_same_model(run_dir, tmp_path):
   from experiments import export_model  # noqa: PLC0415
   export_model.export(str(run_dir), str(tmp_path / "m"))
-  restored = model_io.restore(run_dir)
+  restored = restore.restore(run_dir)
   exported = model_io.load(tmp_path / "m")
   assert isinstance(restored, model_io.LoadedModel) and isinstance(exported, model_io.LoadedModel)
   assert restored.from_workdir and not exported.from_workdir
@@ -141,7 +142,7 @@ def test_restore_and_load_of_the_export_give_the_same_model(run_dir, tmp_path):
   assert exported.metadata["source"]["checkpoint_step"] == 6
   assert exported.metadata["source"]["workdir"] == str(run_dir.resolve())
   # The EMA weights, not the raw ones (they differ in this workdir).
-  state, run, skipped = model_io.restore_state(run_dir)
+  state, run, skipped = restore.restore_state(run_dir)
   assert skipped == [] and int(state.step) == 6 and run["data"]["eval_split"] == "val"
   for a, ema, raw in zip(_leaves(restored.params), _leaves(state.ema_params),
                          _leaves(state.params)):
@@ -156,15 +157,15 @@ def test_restore_and_load_of_the_export_give_the_same_model(run_dir, tmp_path):
 
 def test_best_is_the_kept_checkpoint_with_the_lowest_evaluation(run_dir, tmp_path):
   from experiments import common  # noqa: PLC0415
-  best = model_io.restore(run_dir, "best")
+  best = restore.restore(run_dir, "best")
   assert best.metadata["checkpoint_step"] == 4 and best.metadata["chosen_on"] == "val"
-  assert "chosen_on" not in model_io.restore(run_dir, 4).metadata
+  assert "chosen_on" not in restore.restore(run_dir, 4).metadata
   info = common.model_provenance(best)          # what evaluate writes into its JSON
   assert info["checkpoint_chosen_on"] == "val" and info["checkpoint_step"] == 4
-  assert "checkpoint_chosen_on" not in common.model_provenance(model_io.restore(run_dir))
-  assert model_io.best_step(run_dir, [2, 6]) == 6
+  assert "checkpoint_chosen_on" not in common.model_provenance(restore.restore(run_dir))
+  assert restore.best_step(run_dir, [2, 6]) == 6
   with pytest.raises(model_io.StepError, match="no checkpoint"):
-    model_io.best_step(run_dir, [3])
+    restore.best_step(run_dir, [3])
   # An export of the best checkpoint keeps where it was chosen.
   from experiments import export_model  # noqa: PLC0415
   export_model.export(str(run_dir), str(tmp_path / "m"), checkpoint="best")

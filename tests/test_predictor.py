@@ -5,11 +5,12 @@ import glob
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from musica_jax import crop as crop_lib
 from musica_jax import face_frame
+from musica_jax import images as images_lib
 from musica_jax import model_io
 from musica_jax import predictor as predictor_lib
 from musica_jax.config import ModelConfig
@@ -33,7 +34,7 @@ def _real_faces(shared_data):
 
 def test_crop_equals_eval_pipeline_on_real_300w(shared_data):
   """The standardised crops of make_eval_dataset (the real tf.data pipeline) and of
-  predictor.face_crops agree to 1e-3 when both start from the same decoded pixels."""
+  crop_lib.face_crops agree to 1e-3 when both start from the same decoded pixels."""
   import tensorflow as tf
   from data_pipelines import config as data_config
   from data_pipelines import augment
@@ -51,7 +52,7 @@ def test_crop_equals_eval_pipeline_on_real_300w(shared_data):
                                eval_batch_size=m, num_parallel_calls=1)
   batch = next(input_pipeline.make_eval_dataset(cfg, "all", data=data).as_numpy_iterator())
   decoded = [augment.decode(tf.constant(r)).numpy() for r in raws]
-  crops, scale, offset, index, _ = predictor_lib.face_crops(decoded, list(boxes))
+  crops, scale, offset, index, _ = crop_lib.face_crops(decoded, list(boxes))
   np.testing.assert_array_equal(scale, batch["crop_scale"])
   np.testing.assert_array_equal(offset, batch["crop_offset"])
   np.testing.assert_array_equal(index, np.arange(m))
@@ -96,10 +97,9 @@ def _zero_predictor_compiled():
 def _zero_predictor():
   """A small model whose parameters are all zero: it never moves the mean shape, so its
   landmarks are exactly the mean shape mapped back through the crop frame. One object
-  (its compiled programs) shared by the tests, its mutable state reset for each."""
+  (its compiled programs) shared by the tests, its quitting profile reset for each."""
   p = _zero_predictor_compiled()
   p.quit_info = None
-  p.reset_budget_streams()
   return p
 
 
@@ -178,7 +178,7 @@ def test_shipped_default_model_on_real_test_faces(shared_data):
   from musica_jax import face_frame, metrics, schemes
   p = predictor_lib.Predictor.default()
   files = sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[:24]
-  images = [predictor_lib.read_image(f) for f in files]
+  images = [images_lib.read_image(f) for f in files]
   gts = [readers.read_pts(str(f.with_suffix(".pts")), 68) for f in files]
   boxes = [face_frame.box_from_landmarks(g) for g in gts]
   pred = p.predict(images, boxes)
@@ -219,20 +219,35 @@ def test_budget_dial_runs_exactly_the_budget():
     p.predict(images, boxes, budget=4.0)
 
 
-def test_single_faces_in_a_stream_spend_the_budget_asked_for():
-  """Face by face, the validation threshold would run every face 3 times here (its
-  scores, 0, sit on the table's threshold for 2 iterations); the predictor's running
-  account brings the stream's mean to the budget, and a reset starts it afresh."""
+def test_predict_is_stateless_and_a_stream_spends_the_budget_asked_for():
+  """predict depends on its arguments only: face by face with a budget, each face gets
+  the validation threshold (here 3 iterations: its score, 0, sits on the table's threshold
+  for 2), whatever ran before. A stream keeps a running account that brings its faces'
+  mean to the budget; a new stream starts afresh; without a budget a stream is predict."""
   p = _zero_predictor()
   p.quit_info = {"profile": [[1.0, 0.0, 0.0], [2.0, 0.75, 0.25], [3.0, 1.0, 1.0]],
                  "thresholds": [[1.0, 1.0], [-1.0, 3.0]]}
   image = np.random.default_rng(6).integers(0, 256, (120, 120, 3), dtype=np.uint8)
-  first = [int(p.predict(image, (10, 10, 100, 100), budget=2.0).iterations[0])
-           for _ in range(8)]
+  box = (10, 10, 100, 100)
+  alone = p.predict(image, box, budget=2.0)
+  stream = p.stream(budget=2.0)
+  first = [int(stream.predict(image, box).iterations[0]) for _ in range(8)]
   assert first[0] == 3 and sum(first) == 16          # the open-loop threshold: 24
-  assert p.budget_stream(2.0).mean_iterations == 2.0 and p.budget_stream(2.0).faces == 8
-  assert p.budget_stream(2.5).faces == 0              # one account per budget
-  p.reset_budget_streams()
-  again = [int(p.predict(image, (10, 10, 100, 100), budget=2.0).iterations[0])
-           for _ in range(8)]
-  assert again == first                               # deterministic given the stream
+  assert stream.mean_iterations == 2.0 and stream.faces == 8
+  assert p.stream(budget=2.5).faces == 0              # one account per stream
+  # The stream changed nothing that predict reads: the same face, the same answer.
+  after = p.predict(image, box, budget=2.0)
+  assert int(after.iterations[0]) == int(alone.iterations[0]) == 3
+  np.testing.assert_array_equal(after.landmarks, alone.landmarks)
+  again = p.stream(budget=2.0)
+  assert [int(again.predict(image, box).iterations[0]) for _ in range(8)] == first
+  plain = p.stream()
+  assert plain.budget is None and np.isnan(plain.mean_iterations)
+  np.testing.assert_array_equal(plain.predict(image, box).landmarks,
+                                p.predict(image, box).landmarks)
+  # run_fast on crops keeps the same account.
+  crops = p.crops(image, box)[0]
+  s2 = p.stream(budget=2.0)
+  assert [int(s2.run_fast(crops)["iterations"][0]) for _ in range(8)] == first
+  with pytest.raises(TypeError):
+    p.predict(image, box, -np.inf)                    # the dials are keyword-only

@@ -23,6 +23,7 @@ from experiments import eval_lib
 from musica_jax import atomic_io
 from musica_jax import checkpoints
 from musica_jax import config as config_lib
+from musica_jax import images as images_lib
 from musica_jax import metrics
 from musica_jax import model_io
 from musica_jax import schemes
@@ -424,17 +425,16 @@ def test_training_resumes_from_the_newest_intact_checkpoint(checkpointed, tmp_pa
 
 def test_sixteen_bit_greyscale_is_decoded_not_clipped(tmp_path):
   from PIL import Image  # noqa: PLC0415
-  from musica_jax import predictor  # noqa: PLC0415
   grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
   Image.fromarray(grey).save(tmp_path / "g16.png")
   assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-  rgb = predictor.read_image(tmp_path / "g16.png")
+  rgb = images_lib.read_image(tmp_path / "g16.png")
   assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
   np.testing.assert_array_equal(rgb[..., 0], np.round(grey / 257.0).astype(np.uint8))
   assert 120 < rgb.mean() < 135          # was ~254: PIL's convert("RGB") clips to white
   Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "f.tiff")
   with pytest.raises(ValueError, match="unknown value range"):
-    predictor.read_image(tmp_path / "f.tiff")
+    images_lib.read_image(tmp_path / "f.tiff")
 
 
 @pytest.mark.parametrize("image_shape, box, message", [
@@ -444,15 +444,13 @@ def test_sixteen_bit_greyscale_is_decoded_not_clipped(tmp_path):
     ((480, 640, 3), (600, 440, 900, 740), "outside"),          # mostly off the photo
 ])
 def test_predictor_refuses_boxes_it_cannot_answer(image_shape, box, message):
-  from musica_jax import predictor  # noqa: PLC0415
   with pytest.raises(ValueError, match=message):
-    predictor.check_box_in_image(np.asarray(box, np.float64), image_shape)
+    images_lib.check_box_in_image(np.asarray(box, np.float64), image_shape)
 
 
 def test_plausible_boxes_pass():
-  from musica_jax import predictor  # noqa: PLC0415
   for box in [(100, 80, 300, 300), (-30, -20, 150, 170), (560, 400, 680, 520)]:
-    predictor.check_box_in_image(np.asarray(box, np.float64), (480, 640, 3))
+    images_lib.check_box_in_image(np.asarray(box, np.float64), (480, 640, 3))
 
 
 def _tiny_model(path):
@@ -473,9 +471,9 @@ def test_default_t_fail_flags_faces_and_the_model_checksum_covers_model_json(tmp
   face = _tiny_model(tmp_path / "m")
   box = [float(face.landmarks[:, 0].min()), float(face.landmarks[:, 1].min()),
          float(face.landmarks[:, 0].max()), float(face.landmarks[:, 1].max())]
-  assert predictor.Predictor.from_saved_model(tmp_path / "m").default_t_fail == np.inf
+  assert predictor.Predictor.from_model_dir(tmp_path / "m").default_t_fail == np.inf
   model_io.set_default_t_fail(tmp_path / "m", 0.1, {"rule": "test"})
-  p = predictor.Predictor.from_saved_model(tmp_path / "m", max_batch=1)
+  p = predictor.Predictor.from_model_dir(tmp_path / "m", max_batch=1)
   assert p.default_t_fail == 0.1
   out = p.predict(face.image, box)
   assert out.estimated_error[0] > 0.1 and not out.valid.any()   # the default Tf applies
@@ -625,20 +623,19 @@ def test_exif_transpose_points_match_pil_for_every_orientation(tmp_path):
   """read_image turns a photo upright by its EXIF orientation (PIL's exif_transpose), and
   exif_transpose_points maps stored-pixel points (a .pts) onto that upright photo."""
   from PIL import Image  # noqa: PLC0415
-  from musica_jax import predictor  # noqa: PLC0415
   rng = np.random.default_rng(5)
   stored = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)      # H 30, W 50
   pts = np.stack([rng.integers(0, 50, 20), rng.integers(0, 30, 20)], -1)
   for o in range(1, 9):
     exif = Image.Exif()
-    exif[predictor.EXIF_ORIENTATION] = o
+    exif[images_lib.EXIF_ORIENTATION] = o
     path = tmp_path / f"o{o}.png"
     Image.fromarray(stored).save(path, exif=exif)
-    upright, got = predictor.read_image_and_orientation(path)
+    upright, got = images_lib.read_image_and_orientation(path)
     assert got == o
     assert upright.shape == ((30, 50, 3) if o <= 4 else (50, 30, 3)), o
-    np.testing.assert_array_equal(predictor.read_image(path, exif_transpose=False), stored)
-    mapped = predictor.exif_transpose_points(pts, o, (50, 30)).astype(int)
+    np.testing.assert_array_equal(images_lib.read_image(path, exif_transpose=False), stored)
+    mapped = images_lib.exif_transpose_points(pts, o, (50, 30)).astype(int)
     np.testing.assert_array_equal(upright[mapped[:, 1], mapped[:, 0]],
                                   stored[pts[:, 1], pts[:, 0]], err_msg=str(o))
 
@@ -654,19 +651,19 @@ def test_exif_orientation_is_applied_and_reported(shared_data, tmp_path):
   from experiments import predict_lib  # noqa: PLC0415
   from musica_jax import face_frame, metrics, predictor, schemes  # noqa: PLC0415
   src = sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[0]
-  upright = predictor.read_image(src)
+  upright = images_lib.read_image(src)
   gt = readers.read_pts(str(src.with_suffix(".pts")), 68)
   Image.fromarray(upright).save(tmp_path / "upright.png")
   shutil.copy(src.with_suffix(".pts"), tmp_path / "upright.pts")
   # Stored sideways: the upright photo turned 90 degrees counter-clockwise; Orientation=6
   # says "turn it 90 degrees clockwise to show it". Its .pts is in the stored pixels.
   exif = Image.Exif()
-  exif[predictor.EXIF_ORIENTATION] = 6
+  exif[images_lib.EXIF_ORIENTATION] = 6
   Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png",
                                                                     exif=exif)
   w_up = upright.shape[1]
   readers.write_pts(str(tmp_path / "phone.pts"), np.stack([gt[:, 1], w_up - 1 - gt[:, 0]], -1))
-  sideways = predictor.read_image(tmp_path / "phone.png", exif_transpose=False)
+  sideways = images_lib.read_image(tmp_path / "phone.png", exif_transpose=False)
   assert sideways.shape[:2] == upright.shape[1::-1]          # what was aligned before
   paths = [str(tmp_path / "upright.png"), str(tmp_path / "phone.png")]
   boxes = predict_lib.boxes_for(paths, [], True)
@@ -687,8 +684,7 @@ def test_a_float_photo_in_0_to_1_is_refused_by_predictor_and_detector(shared_dat
   or without a box and by the detector, which used to cast it to a black uint8 photo and
   find no face; a float photo in 0..255 is read as its uint8 twin."""
   import importlib.util  # noqa: PLC0415
-  from musica_jax import predictor  # noqa: PLC0415
-  photo = predictor.read_image(
+  photo = images_lib.read_image(
       sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[0])
   step = max(1, max(photo.shape[:2]) // 400)                 # a quicker detector run
   photo = np.ascontiguousarray(photo[::step, ::step])
@@ -700,7 +696,7 @@ def test_a_float_photo_in_0_to_1_is_refused_by_predictor_and_detector(shared_dat
     p.predict(unit)
   with pytest.raises(ValueError, match="multiply it by 255"):
     p.predict(unit, (20, 20, 120, 120))
-  assert predictor.check_image(unit * 255.0).dtype == np.float32       # 0..255 float: fine
+  assert images_lib.check_image(unit * 255.0).dtype == np.float32       # 0..255 float: fine
   if importlib.util.find_spec("dlib") is None:
     return
   from musica_jax import detector  # noqa: PLC0415
@@ -855,8 +851,7 @@ def test_flat_boxes_and_empty_image_lists_get_clear_messages():
     with pytest.raises(ValueError, match="images: an empty list"):
       p.predict(empty)
   # One box per image as an [n, 4] array is what it looks like.
-  from musica_jax import predictor  # noqa: PLC0415
-  photos, boxes = predictor._normalise_inputs(images, np.tile([10.0, 10, 50, 50], (4, 1)))
+  photos, boxes = images_lib.normalise_inputs(images, np.tile([10.0, 10, 50, 50], (4, 1)))
   assert len(photos) == 4 and [b.shape for b in boxes] == [(1, 4)] * 4
 
 

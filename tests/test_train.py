@@ -21,7 +21,7 @@ from absl import flags
 from experiments import common
 from experiments import train
 from experiments import train_lib
-from musica_jax import model_io
+from musica_jax import restore
 from musica_jax import run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _train(parse_flags, args, workdir):
 
 def _final_params(workdir):
   """Step, raw and EMA parameters of the latest checkpoint, as flat numpy arrays."""
-  state, _, _ = model_io.restore_state(workdir)
+  state, _, _ = restore.restore_state(workdir)
   return int(state.step), [np.asarray(x) for x in jax.tree.leaves((state.params, state.ema_params))]
 
 
