@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from data_pipelines import config as config_lib
-from musica_jax import shape_stats
+from data_pipelines import shape_stats
 
 
 @dataclasses.dataclass

@@ -16,9 +16,9 @@ import numpy as np
 
 from data_pipelines import datasets
 from experiments import common
+from experiments import early_exit_policies as eep
 from musica_jax import cascade
 from musica_jax import cost
-from musica_jax import early_exit_policies as eep
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib

@@ -15,8 +15,8 @@ import numpy as np
 
 from data_pipelines import input_pipeline
 from experiments import common
+from experiments import early_exit_policies as eep
 from musica_jax import cascade
-from musica_jax import early_exit_policies as eep
 from musica_jax import metrics
 from musica_jax import quit_head
 from musica_jax import schemes

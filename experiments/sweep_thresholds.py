@@ -8,7 +8,7 @@ r"""Early-exit analysis ("knowing when to quit", paper 3.2): Ts sweep, Tf, Figur
 
 Evaluates the model once on the (first) evaluation split, keeping per face the landmarks
 and estimated error after every iteration of the full cascade; every early-exit policy is
-then a choice of one of those iterations per face (`musica_jax.early_exit_policies`).
+then a choice of one of those iterations per face (`experiments.early_exit_policies`).
 Writes the JSON (Ts sweep of ours / random / oracle, comparison at --compare_iterations
 mean iterations, Tf curve, working points, calibration of E) and the Figure-2 plot, plus
 `<plot>.t_fail.png` and `<plot>.calibration.png` next to it. NMEs are in percent (with

@@ -1,5 +1,5 @@
 """The early-exit analysis of experiments.sweep_thresholds, flag-free: `run(SweepConfig,
-data_cfg)` evaluates the model once, analyses every Ts (musica_jax.threshold_analysis) and
+data_cfg)` evaluates the model once, analyses every Ts (experiments.threshold_analysis) and
 writes the JSON and the figures. Tests call it in-process."""
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import numpy as np
 from data_pipelines import input_pipeline
 from experiments import eval_lib
 from experiments import common
+from experiments import early_exit_policies as eep
 from experiments import policy_plots
+from experiments import threshold_analysis as ta
 from musica_jax import atomic_io
-from musica_jax import early_exit_policies as eep
 from musica_jax import schemes
 from musica_jax import strict_json
-from musica_jax import threshold_analysis as ta
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ origin, level size, step scale) arrays: no Python branch per stage.
 
 Speed: the per-patch network runs in a channel-major layout. On CPU it is chunked over
 groups of faces (`stage_features`): intermediates stay in cache instead of being
-hundreds of MB of fresh allocations. On GPU/TPU (`EXECUTION`) every patch of the batch
+hundreds of MB of fresh allocations. On GPU/TPU (`ModelConfig.execution`) every patch of the batch
 goes through one batched pass: chunks there would be dozens of small sequential kernels. `stage_step` is the straightforward reference (one
 gather into [B, P, 14, 14, 3], the Flax module); the tests loop it over the stages.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from musica_jax import pyramid
 from musica_jax import quit_head as quit_head_lib
 from musica_jax import stage_net
-from musica_jax.config import ModelConfig
+from musica_jax.config import EXECUTIONS, ModelConfig
 
 
 @flax.struct.dataclass
@@ -116,25 +116,22 @@ def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
 TARGET_CHUNK_PATCHES = 160
 
 
-# Where the per-patch network runs: "auto" (chunked over face groups on the CPU backend,
-# one batched pass on GPU/TPU), "cpu" (always chunked) or "accelerator" (always one pass;
-# the tests force it on the CPU backend). Read at trace time.
-EXECUTION = "auto"
-
-
-def one_batched_pass() -> bool:
-  """Whether the per-patch network runs on the whole batch at once (see EXECUTION)."""
-  if EXECUTION not in ("auto", "cpu", "accelerator"):
-    raise ValueError(f"cascade.EXECUTION must be auto, cpu or accelerator, got {EXECUTION!r}")
-  if EXECUTION == "auto":
+def one_batched_pass(execution: str = "auto") -> bool:
+  """Whether the per-patch network runs on the whole batch at once (`ModelConfig.execution`:
+  "auto" (chunked over face groups on the CPU backend, one batched pass on GPU/TPU),
+  "cpu" (always chunked) or "accelerator" (always one pass))."""
+  if execution not in EXECUTIONS:
+    raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+  if execution == "auto":
     return jax.default_backend() != "cpu"
-  return EXECUTION == "accelerator"
+  return execution == "accelerator"
 
 
-def face_group_size(batch: int, num_patches: int, target: int | None = None) -> int:
+def face_group_size(batch: int, num_patches: int, target: int | None = None,
+                    execution: str = "auto") -> int:
   """Faces per chunk: the largest divisor of `batch` with at most `target` patches
-  (the whole batch on accelerators: `one_batched_pass`)."""
-  if one_batched_pass():
+  (the whole batch in one batched pass: `one_batched_pass(execution)`)."""
+  if one_batched_pass(execution):
     return batch
   target = TARGET_CHUNK_PATCHES if target is None else target
   k = max(1, min(batch, target // max(num_patches, 1)))
@@ -164,7 +161,7 @@ def stage_features(config: ModelConfig, params, atlas: jax.Array, centres: jax.A
   b, p = centres.shape[:2]
   ps = config.patch_size
   start, frac = pyramid.window_starts(centres, xs["level"], xs["level_size"], ps)
-  k = face_group_size(b, p)
+  k = face_group_size(b, p, execution=config.execution)
   local_face = jnp.repeat(jnp.arange(k, dtype=jnp.int32), p)
 
   def chunk(inputs):
@@ -238,7 +235,7 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
   atlas = pyramid.build_atlas(images.astype(jnp.float32), layout)
   shape0 = broadcast_init(init_shape, b, config)
   hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)
-  remat = _remat_default(b, config.num_patches)
+  remat = _remat_default(b, config.num_patches, config.execution)
   limit = (jnp.full((b,), config.num_stages, jnp.int32) if max_iterations is None
            else jnp.asarray(max_iterations, jnp.int32))
 
@@ -272,8 +269,8 @@ REMAT_ABOVE_PATCHES = 16384
 REMAT_ABOVE_PATCHES_ONE_PASS = 262144
 
 
-def _remat_default(batch: int, num_patches: int) -> bool:
-  limit = REMAT_ABOVE_PATCHES_ONE_PASS if one_batched_pass() else REMAT_ABOVE_PATCHES
+def _remat_default(batch: int, num_patches: int, execution: str = "auto") -> bool:
+  limit = REMAT_ABOVE_PATCHES_ONE_PASS if one_batched_pass(execution) else REMAT_ABOVE_PATCHES
   return batch * num_patches > limit
 
 

@@ -13,6 +13,7 @@ from musica_jax import schemes
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EXTRACTORS = ("conv", "inverted_bottleneck")
 GLOBAL_ATTENTIONS = ("none", "fc", "gcn")
+EXECUTIONS = ("auto", "cpu", "accelerator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,10 @@ class ModelConfig:
       and accumulate in float32 (parameters, loss and optimizer stay float32). An
       execution choice, not part of the trained model: training sets it from
       TrainConfig.compute_dtype; saved models and run configs keep "float32".
+    execution: where the per-patch network's layout is tuned for (an execution choice
+      too, static: changing it compiles anew): "cpu" (chunked over groups of faces, so
+      intermediates stay in cache), "accelerator" (one batched pass over every patch),
+      "auto" (by the default backend at trace time; what saved models keep).
   """
   num_landmarks: int = 68
   patch_indices: tuple[int, ...] = tuple(range(68))
@@ -67,6 +72,7 @@ class ModelConfig:
   init_std: float = 0.01
   compute_dtype: str = "float32"
   recurrent_rank: int = 0
+  execution: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
@@ -79,6 +85,8 @@ class ModelConfig:
       raise ValueError(f"image_size {self.image_size} must be divisible by 2^{max(self.levels)}")
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+    if self.execution not in EXECUTIONS:
+      raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
     if self.extractor not in EXTRACTORS:
       raise ValueError(f"extractor must be one of {EXTRACTORS}, got {self.extractor!r}")
     if self.global_attention not in GLOBAL_ATTENTIONS:

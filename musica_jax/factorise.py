@@ -29,9 +29,9 @@ from musica_jax import model_io
 from musica_jax.config import ModelConfig
 
 # Fields that may differ between the source and the target of `convert_params`:
-# the recurrent rank (what the conversion changes) and the compute dtype (an execution
-# choice, not part of the trained model).
-CONVERTIBLE_FIELDS = ("recurrent_rank", "compute_dtype")
+# the recurrent rank (what the conversion changes), the compute dtype and the execution
+# layout (execution choices, not part of the trained model).
+CONVERTIBLE_FIELDS = ("recurrent_rank", "compute_dtype", "execution")
 
 
 def truncated_svd(kernel, rank: int):

@@ -195,18 +195,17 @@ def test_accelerator_path_runs_one_batched_pass_without_a_loop(monkeypatch):
   params = stage_net.init_stacked(jax.random.key(1), SMALL)
   images, init, _ = _inputs(SMALL, batch=8)
   monkeypatch.setattr(cascade, "TARGET_CHUNK_PATCHES", 13)     # CPU: 4 groups of 2 faces
-  monkeypatch.setattr(cascade, "EXECUTION", "cpu")
-  assert cascade.face_group_size(8, 6) == 2
-  cpu_hlo, cpu_out = _stage(SMALL, params, images, init)
-  monkeypatch.setattr(cascade, "EXECUTION", "accelerator")
-  assert cascade.face_group_size(8, 6) == 8
-  acc_hlo, acc_out = _stage(SMALL, params, images, init)
+  assert cascade.face_group_size(8, 6, execution="cpu") == 2
+  cpu_hlo, cpu_out = _stage(dataclasses.replace(SMALL, execution="cpu"), params, images, init)
+  assert cascade.face_group_size(8, 6, execution="accelerator") == 8
+  acc_hlo, acc_out = _stage(dataclasses.replace(SMALL, execution="accelerator"), params,
+                            images, init)
   loop = re.compile(r"\bwhile\(")
   assert loop.search(cpu_hlo), "the CPU path should loop over face groups"
   assert not loop.search(acc_hlo), "the accelerator path loops"
   for a, b in zip(jax.tree.leaves(cpu_out), jax.tree.leaves(acc_out)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  monkeypatch.setattr(cascade, "EXECUTION", "auto")            # chunked on CPU only
+  # "auto" (the default): chunked on the CPU backend only.
   assert cascade.face_group_size(8, 6) == (2 if jax.default_backend() == "cpu" else 8)
 
 

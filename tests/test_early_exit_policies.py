@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from musica_jax import early_exit_policies as eep
+from experiments import early_exit_policies as eep
 
 # 3 iterations (rows) x 4 faces (columns).
 NME = np.array([[4.0, 2.0, 6.0, 8.0],
@@ -137,7 +137,7 @@ def test_working_points():
 
 
 def test_threshold_analysis_working_points_t_fail_and_figure1_faces():
-  from musica_jax import threshold_analysis as ta  # noqa: PLC0415
+  from experiments import threshold_analysis as ta  # noqa: PLC0415
   sw = eep.sweep(NME, EST, ts_values=[-np.inf, 0.15, 0.25, np.inf])
   # Default targets: the full cascade's NME (2.75) + 1%, 5%, 10%; default budgets.
   wp = ta.working_points(sw, 2.75, 10.0)

@@ -4,6 +4,7 @@
 parameters, atlas pyramid, [B, P, H, W, C] im2col StageNet with nn.Dense): the chunked,
 channel-major, unrolled `cascade.run_cascade` must match it to 1e-5.
 """
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -172,28 +173,42 @@ def test_run_cascade_matches_frozen_first_implementation(use_attention, small_ch
   assert float(jnp.abs(full.shapes[-1] - init).max()) > 5
 
 
-def test_group_sizes_per_execution_mode(monkeypatch):
+def test_group_sizes_per_execution_mode():
   sizes = [(b, p) for b in (1, 3, 7, 8, 64, 128) for p in (6, 19, 68)]
   # "cpu": the largest divisor of the batch with at most TARGET_CHUNK_PATCHES patches.
-  monkeypatch.setattr(cascade, "EXECUTION", "cpu")
-  assert not cascade.one_batched_pass()
+  assert not cascade.one_batched_pass("cpu")
   target = cascade.TARGET_CHUNK_PATCHES
+  group = functools.partial(cascade.face_group_size, execution="cpu")
   for b, p in sizes:
-    k = cascade.face_group_size(b, p)
+    k = group(b, p)
     assert b % k == 0 and (k == 1 or k * p <= target), (b, p, k)
     assert not any(b % d == 0 and d * p <= target for d in range(k + 1, b + 1)), (b, p, k)
-  assert [cascade.face_group_size(b, 68) for b in (1, 3, 8, 64)] == [1, 1, 2, 2]
-  assert cascade.face_group_size(64, 6) == 16 and cascade.face_group_size(7, 19) == 7
+  assert [group(b, 68) for b in (1, 3, 8, 64)] == [1, 1, 2, 2]
+  assert group(64, 6) == 16 and group(7, 19) == 7
   # "accelerator": one batched pass, the whole batch in one group.
-  monkeypatch.setattr(cascade, "EXECUTION", "accelerator")
-  assert cascade.one_batched_pass()
-  assert all(cascade.face_group_size(b, p) == b for b, p in sizes)
-  # "auto" is one of the two, by backend; anything else is refused.
-  monkeypatch.setattr(cascade, "EXECUTION", "auto")
+  assert cascade.one_batched_pass("accelerator")
+  assert all(cascade.face_group_size(b, p, execution="accelerator") == b for b, p in sizes)
+  # "auto" (the default) is one of the two, by backend; anything else is refused.
   assert cascade.one_batched_pass() == (jax.default_backend() != "cpu")
-  monkeypatch.setattr(cascade, "EXECUTION", "gpu")
-  with pytest.raises(ValueError, match="EXECUTION"):
-    cascade.face_group_size(8, 6)
+  with pytest.raises(ValueError, match="execution must be one of"):
+    cascade.face_group_size(8, 6, execution="gpu")
+  with pytest.raises(ValueError, match="execution must be one of"):
+    config_lib.ModelConfig(execution="gpu")
+
+
+def test_the_execution_mode_is_static_and_compiles_anew():
+  """ModelConfig.execution is part of the static config: the same jitted function traced
+  with another mode compiles another program (a global read at trace time would not)."""
+  cfg = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9),
+                               hidden_size=16, image_size=32, levels=(1, 0))
+  params = stage_net.init_stacked(jax.random.key(0), cfg)
+  images = jnp.zeros((64, 32, 32, 3))       # cpu: 4 groups of 16 faces
+  init = jnp.full((10, 2), 16.0)
+  texts = {}
+  for mode in ("cpu", "accelerator"):
+    run_cfg = dataclasses.replace(cfg, execution=mode)
+    texts[mode] = cascade.run_cascade_jit.lower(params, images, init, run_cfg).as_text()
+  assert texts["cpu"] != texts["accelerator"]
 
 
 def test_gradients_match_the_frozen_implementation(small_chunks, monkeypatch):

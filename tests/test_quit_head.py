@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import early_exit_policies as eep
 from musica_jax import config as config_lib
 from musica_jax import cost
-from musica_jax import early_exit_policies as eep
 from musica_jax import quit_head
 
 CFG = config_lib.ModelConfig(num_landmarks=10, patch_indices=(0, 2, 4, 6, 8, 9),

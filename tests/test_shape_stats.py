@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from musica_jax import shape_stats
+from data_pipelines import shape_stats
 
 
 def _rot(theta):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments import early_exit_policies as eep
 from musica_jax import cost
-from musica_jax import early_exit_policies as eep
 
 ORACLE_DEFINITION = (
     "oracle: for the per-iteration counts of our policy at each Ts, the assignment of faces "
