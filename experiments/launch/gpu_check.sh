@@ -85,8 +85,7 @@ import jax
 print("jax.devices():", jax.devices())
 print("default backend:", jax.default_backend())
 from musica_jax import cascade
-print("cascade.EXECUTION:", cascade.EXECUTION,
-      "one_batched_pass:", cascade.one_batched_pass())
+print("ModelConfig.execution auto -> one_batched_pass:", cascade.one_batched_pass())
 EOF
   } > "$OUT/env.txt" 2>&1
 }
