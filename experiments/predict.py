@@ -1,4 +1,5 @@
 r"""Landmarks for faces in photos, with an overlay PNG and a JSON (no TensorFlow).
+`musica-predict` (the console script) is the same program.
 
   python -m experiments.predict --image=face.jpg --box=x0,y0,x1,y1 --output=overlay.png \
       --output_json=pred.json [--workdir=W [--checkpoint=STEP] | --model=DIR]

@@ -11,12 +11,16 @@ decodes with dct_method="INTEGER_ACCURATE".
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
 import numpy as np
 
 from musica_jax import face_frame
 
 
-def read_image(path, exif_transpose: bool = True) -> np.ndarray:
+def read_image(path: str | os.PathLike | BinaryIO, exif_transpose: bool = True) -> np.ndarray:
   """A photo file (a path or a binary file object) as RGB uint8 [H, W, 3] (PIL;
   greyscale/RGBA converted to RGB; 16-bit greyscale scaled to 8 bits, see
   `_high_bit_depth_to_rgb8`), turned upright by its EXIF orientation tag (a phone photo
@@ -29,7 +33,8 @@ def read_image(path, exif_transpose: bool = True) -> np.ndarray:
 EXIF_ORIENTATION = 0x0112     # the EXIF tag (274); 1 = upright, 2..8 = flips / rotations
 
 
-def read_image_and_orientation(path, exif_transpose: bool = True) -> tuple[np.ndarray, int]:
+def read_image_and_orientation(path: str | os.PathLike | BinaryIO,
+                               exif_transpose: bool = True) -> tuple[np.ndarray, int]:
   """(RGB uint8 [H, W, 3] as `read_image`, the EXIF orientation of the file: 1 when it
   has none; 2..8 when the stored pixels are flipped or rotated, undone with PIL's
   ImageOps.exif_transpose unless exif_transpose=False)."""
@@ -51,7 +56,8 @@ def read_image_and_orientation(path, exif_transpose: bool = True) -> tuple[np.nd
     return np.asarray(im.convert("RGB")), orientation
 
 
-def exif_transpose_points(points, orientation: int, stored_size) -> np.ndarray:
+def exif_transpose_points(points: Any, orientation: int, stored_size: Sequence[int]
+                          ) -> np.ndarray:
   """Points [..., 2] (x, y pixel centres) of the stored pixels of a photo whose EXIF
   orientation is `orientation` and stored size (width, height) -> the same points on the
   upright photo `read_image` returns (e.g. a .pts file's landmarks, which datasets give in
@@ -83,7 +89,7 @@ def _high_bit_depth_to_rgb8(im, path, fmt=None) -> np.ndarray:
   return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def check_image(image, where: str = "image") -> np.ndarray:
+def check_image(image: Any, where: str = "image") -> np.ndarray:
   """An HxWx3 RGB photo with values in 0..255 (uint8 preferred) -> the array.
 
   Float photos are taken in 0..255, as uint8 ones. A float photo whose values lie in
@@ -118,7 +124,7 @@ def check_image(image, where: str = "image") -> np.ndarray:
   return image
 
 
-def check_box_in_image(box, image_shape, where: str = "box") -> np.ndarray:
+def check_box_in_image(box: Any, image_shape: Sequence[int], where: str = "box") -> np.ndarray:
   """A finite non-empty box whose centre lies inside the photo (the crop is centred on it;
   a box may stick out of the photo, as detector boxes at the border do)."""
   box = face_frame.validate_box(box, where)
@@ -141,7 +147,7 @@ MIN_FACE_SIZE = 20.0
 MIN_BOX_INSIDE = 0.25
 
 
-def check_face_box_size(box, image_shape, where: str = "box") -> None:
+def check_face_box_size(box: Any, image_shape: Sequence[int], where: str = "box") -> None:
   """Refuses face boxes below MIN_FACE_SIZE pixels, and boxes with less than
   MIN_BOX_INSIDE of their area inside the photo (a huge box, a tiny photo)."""
   h, w = image_shape[:2]
@@ -159,7 +165,7 @@ def check_face_box_size(box, image_shape, where: str = "box") -> None:
                      f"allowed)")
 
 
-def photo_list(images) -> tuple[list, bool]:
+def photo_list(images: Any) -> tuple[list, bool]:
   """-> (the photos as a list, was the input a single photo?). An empty list is refused."""
   if isinstance(images, np.ndarray) and images.ndim == 4:
     images = list(images)          # a batch of same-size photos
@@ -179,7 +185,7 @@ def _is_flat_box(boxes) -> bool:
   return arr.ndim == 1 and arr.size == 4
 
 
-def normalise_inputs(images, boxes):
+def normalise_inputs(images: Any, boxes: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """-> (list of photos, list of [K_i, 4] box arrays)."""
   images, single = photo_list(images)
   if single:
@@ -212,7 +218,8 @@ def normalise_inputs(images, boxes):
   return photos, out
 
 
-def face_frames(images, boxes):
+def face_frames(images: Any, boxes: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
+                                                  np.ndarray, np.ndarray]:
   """-> (photos, image_index [F], boxes [F, 4], scale [F], offset [F, 2]) of every box of
   every image (checked)."""
   photos, box_lists = normalise_inputs(images, boxes)

@@ -20,6 +20,7 @@ Without boxes, `predict` finds the faces with a detector (`musica_jax.detector`)
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -61,10 +62,10 @@ class Prediction:
   boxes: np.ndarray            # float64 [F, 4] the input boxes
   crop_landmarks: np.ndarray   # float32 [F, N, 2] in the 228-px crop frame
 
-  def __len__(self):
+  def __len__(self) -> int:
     return int(self.image_index.shape[0])
 
-  def for_image(self, i: int) -> "Prediction":
+  def for_image(self, i: int) -> Prediction:
     sel = self.image_index == i
     return Prediction(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
 
@@ -80,6 +81,7 @@ class Prediction:
 # The predictor.
 
 
+ArrayLike = Any    # a numpy or jax array (or what np.asarray takes)
 Images = Any       # one HxWx3 uint8 RGB array, or a list of them (sizes may differ)
 Boxes = Any        # per image: (x0, y0, x1, y1) or a list of them; a list of those per list
 
@@ -104,7 +106,7 @@ class Predictor:
     default_t_fail: the failure threshold `predict` uses when given none.
   """
 
-  def __init__(self, params: Any, model_config: ModelConfig, mean_shape, *,
+  def __init__(self, params: Any, model_config: ModelConfig, mean_shape: ArrayLike, *,
                max_batch: int = 64, min_batch: int = 1, metadata: dict | None = None,
                quit_params: Any = None, quit_info: dict | None = None,
                face_finder: Callable[[np.ndarray], Any] | None = None,
@@ -145,7 +147,7 @@ class Predictor:
   # -- loading ------------------------------------------------------------------------
 
   @classmethod
-  def from_loaded(cls, m: model_io.LoadedModel, **kwargs) -> Predictor:
+  def from_loaded(cls, m: model_io.LoadedModel, **kwargs: Any) -> Predictor:
     """A model loaded by `model_io.load` / `load_model` or `restore.restore`."""
     meta = dict(m.metadata)
     if not m.from_workdir:
@@ -155,24 +157,26 @@ class Predictor:
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
 
   @classmethod
-  def from_model_dir(cls, path, **kwargs) -> Predictor:
+  def from_model_dir(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
     """A model directory (model.json + params.npz) written by `model_io.save_model` /
     `experiments.export_model`."""
     return cls.from_loaded(model_io.load_model(path), **kwargs)
 
   @classmethod
-  def from_workdir(cls, workdir, step: int | str = "latest", **kwargs) -> Predictor:
+  def from_workdir(cls, workdir: str | os.PathLike, step: int | str = "latest",
+                   **kwargs: Any) -> Predictor:
     """EMA weights of a training run's checkpoint ("latest", "best" or a step number);
     imports orbax and optax (`musica_jax.restore`)."""
     from musica_jax import restore  # noqa: PLC0415  (training machinery: only for workdirs)
     return cls.from_loaded(restore.restore(workdir, step), **kwargs)
 
   @classmethod
-  def default(cls, **kwargs) -> Predictor:
+  def default(cls, **kwargs: Any) -> Predictor:
     """The package's shipped model (musica_jax/default_model/)."""
     return cls.from_loaded(model_io.load("default"), **kwargs)
 
-  def crops(self, images: Images, boxes: Boxes):
+  def crops(self, images: Images, boxes: Boxes) -> tuple[jax.Array, np.ndarray, np.ndarray,
+                                                        np.ndarray, np.ndarray]:
     """Standardised crops exactly as the evaluation pipeline makes them, with their
     frames (`crop.face_crops`): (crops float32 [F, 228, 228, 3], scale [F], offset [F, 2],
     image_index [F], boxes [F, 4])."""
@@ -200,7 +204,7 @@ class Predictor:
 
   # -- the cascade --------------------------------------------------------------------
 
-  def run_fast(self, crops, *, ts: float = -np.inf, t_fail: float = np.inf,
+  def run_fast(self, crops: ArrayLike, *, ts: float = -np.inf, t_fail: float = np.inf,
                budget: float | None = None, stream: budget_lib.BudgetStream | None = None
                ) -> dict[str, np.ndarray]:
     """The early-exit cascade on standardised crops [F, 228, 228, 3] that skips the
@@ -352,7 +356,7 @@ class PredictorStream:
     """`Predictor.predict` with the stream's budget."""
     return self.predictor._predict(images, boxes, ts, t_fail, self.budget, self.account)  # noqa: SLF001
 
-  def run_fast(self, crops, *, ts: float = -np.inf, t_fail: float = np.inf
+  def run_fast(self, crops: ArrayLike, *, ts: float = -np.inf, t_fail: float = np.inf
                ) -> dict[str, np.ndarray]:
     """`Predictor.run_fast` with the stream's budget."""
     return self.predictor.run_fast(crops, ts=ts, t_fail=t_fail, budget=self.budget,
