@@ -18,6 +18,11 @@ outputs, the crop rule, the mean shape). It runs with jax alone:
 
 --format=savedmodel: DIR/saved_model, the same program as a TensorFlow SavedModel (signature
 serving_default: crops -> landmarks, estimated_error). TFLite cannot convert it.
+
+--format=onnx: DIR/model.onnx (symbolic batch) + model.onnx.json; --format=tflite:
+DIR/model.tflite (batch 1) + model.tflite.json. The same program, lowered to plain
+TensorFlow ops and converted by tf2onnx / the TFLite converter (experiments/onnx_export.py;
+`pip install 'musica-jax[onnx]'`).
 """
 from __future__ import annotations
 
@@ -54,9 +59,11 @@ def define_flags():
           "store in the metadata.")
   _define("string", "name", None, "Optional model name stored in the metadata.")
   if "format" not in FLAGS:
-    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo", "savedmodel"],
+    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo", "savedmodel", "onnx",
+                                           "tflite"],
                       "musica: model.json + params.npz; stablehlo: a serialized jax.export "
-                      "program; savedmodel: the same program in a TensorFlow SavedModel.")
+                      "program; savedmodel: the same program in a TensorFlow SavedModel; "
+                      "onnx: model.onnx (symbolic batch); tflite: model.tflite (batch 1).")
   _define("string", "model", None, "--format=stablehlo: export this model directory "
           "('default': the shipped model) instead of --workdir.")
   _define("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
@@ -163,18 +170,24 @@ def _load(workdir, model, checkpoint):
 
 def main(argv):
   common.start(argv)
-  if FLAGS.format in ("stablehlo", "savedmodel"):
+  if FLAGS.format in ("stablehlo", "savedmodel", "onnx", "tflite"):
     if not FLAGS.output:
       raise app.UsageError("--output is required (the directory to write)")
     check_output_dir(FLAGS.output, "output",
                      SAVEDMODEL_DIR if FLAGS.format == "savedmodel" else None)
+    if FLAGS.format in ("onnx", "tflite"):
+      from experiments import onnx_export  # noqa: PLC0415  (TensorFlow, tf2onnx)
+      onnx_export.check_output(FLAGS.output, FLAGS.format)
     if bool(FLAGS.workdir) == bool(FLAGS.model):
       raise app.UsageError(f"--format={FLAGS.format}: give --model=DIR|default or "
                            f"--workdir=W (one of them)")
     if FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
       raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
     try:
-      if FLAGS.format == "savedmodel":
+      if FLAGS.format in ("onnx", "tflite"):
+        write = onnx_export.export_onnx if FLAGS.format == "onnx" else onnx_export.export_tflite
+        write(FLAGS.output, _load(FLAGS.workdir, FLAGS.model, FLAGS.checkpoint))
+      elif FLAGS.format == "savedmodel":
         export_savedmodel(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint)
       else:
         export_portable(FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.checkpoint,
@@ -184,8 +197,8 @@ def main(argv):
       raise app.UsageError(f"{flag}: {e}") from e
     return
   if FLAGS.model:
-    raise app.UsageError("--model is for --format=stablehlo/savedmodel; --format=musica "
-                         "exports a training run (--workdir)")
+    raise app.UsageError("--model is for --format=stablehlo/savedmodel/onnx/tflite; "
+                         "--format=musica exports a training run (--workdir)")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a training run's directory)")
   if not FLAGS.output:
