@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from musica_jax import atomic_io
+from musica_jax import provenance
 from musica_jax import quit_head
 from musica_jax import run_config
 from musica_jax import stage_net
@@ -154,6 +155,10 @@ def _model_digest(info: dict) -> str:
 
 
 def _write_model_json(out: pathlib.Path, info: dict) -> None:
+  """model.json with portable provenance (`musica_jax.provenance`: no absolute paths of
+  the machine that wrote it) and its checksum."""
+  told = {k: info[k] for k in ("metadata", "default_t_fail_chosen") if k in info}
+  info = {**info, **provenance.portable(told)}
   info = {**info, "model_sha256": _model_digest(info)}
   atomic_io.write(out / CONFIG_FILE, lambda f: strict_json.dump(info, f, indent=1))
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from musica_jax import atomic_io
 from musica_jax import face_frame
+from musica_jax import provenance
 from musica_jax import strict_json
 
 KINDS = ("gain", "error")
@@ -99,7 +100,7 @@ def save(directory, params: dict | None, info: dict) -> None:
   else:
     atomic_io.write(directory / PARAMS_FILE, lambda fh: np.savez(
         fh, **{k: np.asarray(v, np.float32) for k, v in params.items()}), binary=True)
-  doc = {"format": FORMAT, "version": VERSION, **info}
+  doc = {"format": FORMAT, "version": VERSION, **provenance.portable(info)}
   atomic_io.write(directory / INFO_FILE, lambda fh: strict_json.dump(doc, fh, indent=1))
 
 
