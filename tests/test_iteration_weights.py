@@ -115,9 +115,3 @@ def test_a_tiny_run_trains_the_weighted_loss_and_records_it(tmp_path, tiny_flags
   expected = 0.95 * (1.6 * lm[0] + 0.4 * lm[1]) + 0.05 * er.sum()
   assert float(logged["loss"]) == pytest.approx(float(expected), rel=1e-4)
   assert _first_loss(work) > 0
-
-  # Resuming keeps the recorded weights.
-  train_lib.train_and_evaluate(
-      _config(parse_flags, [*tiny_flags, "--iteration_weights=4,1", "--steps=3"], work),
-      str(work))
-  assert run_config.load(work)["train_config"].iteration_weights == (4.0, 1.0)
