@@ -16,7 +16,7 @@ import numpy as np
 
 from data_pipelines import datasets
 from experiments import common
-from experiments import early_exit_policies as eep
+from experiments import estimate_calibration
 from musica_jax import cascade
 from musica_jax import cost
 from musica_jax import losses
@@ -287,8 +287,8 @@ def _calibration(ref, final_e, gt, scheme, path, split) -> dict:
   target = np.asarray(losses.per_iteration_error(
       jnp.asarray(ref[None], jnp.float32), jnp.asarray(gt, jnp.float32),
       scheme.outer_eye_corners))[0]
-  out = {"png": path, "pearson": eep.pearson(final_e, target),
-         "spearman": eep.spearman(final_e, target),
+  out = {"png": path, "pearson": estimate_calibration.pearson(final_e, target),
+         "spearman": estimate_calibration.spearman(final_e, target),
          **calibration_plot(final_e, target, path,
                             f"estimated error E vs its target (L1 / outer-eye distance), "
                             f"{split} ({len(ref)} faces), after the last iteration")}

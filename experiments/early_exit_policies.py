@@ -6,9 +6,8 @@ Pure numpy. Inputs are per-iteration, per-face arrays of one evaluation split:
                      landmarks after iteration s (0-based) of the full cascade;
   estimated  [S, F]  the cascade's estimated error E after iteration s.
 
-An *assignment* is an int array `exit_idx` [F] (0-based iteration at which each face quits;
-"iterations" reported to people are exit_idx + 1). Its cost profile is `counts` [S], the
-number of faces quitting at each iteration; its accuracy is mean_f nme[exit_idx[f], f].
+A policy's outcome is an *assignment* of faces to exit iterations (`exit_idx` [F] and its
+`counts` [S]: `early_exit_assignment`).
 
 Three policies at the same cost profile (the counts produced by a success threshold Ts):
 
@@ -16,44 +15,30 @@ Three policies at the same cost profile (the counts produced by a success thresh
 * random  -- the paper's baseline: the same counts, faces assigned to iterations uniformly
              at random; mean NME averaged over `draws` (50) seeded draws. Its exact
              expectation, sum_s counts[s] * mean_f nme[s, f] / F, is reported too.
-* oracle  -- the same counts assigned using the true error. Definition used here: the
-             assignment with exactly those counts that minimises the mean true NME (an
-             optimal transportation / capacitated assignment problem, solved exactly by
-             negative-cycle cancelling, see `oracle_assignment`). It is the best any policy
-             -- causal or not -- can do with that computation profile, so it bounds every
-             curve from below, which is what "marks the best possible assignment" asks for.
-             It is *not* "apply the rule to the true error": a face whose error is still
-             high after iteration 1 but that later iterations do not improve is better
-             stopped early, and its slot given to a face that gains more.
-  `oracle_sequential_assignment` is that other, weaker reading (fill iteration 1 with the
-  counts[0] faces of lowest true error after iteration 1, then iteration 2 from the rest,
-  ...); it is reported for reference but is not a bound.
+* oracle  -- the same counts assigned using the true error: the assignment with exactly
+             those counts that minimises the mean true NME, a lower bound for every policy
+             of that cost (exact; `early_exit_oracle`, which also has the weaker sequential
+             reading reported beside it).
 
 Also here: the Ts sweep, the failure-threshold (Tf) curve, working points (Ts for a target
-NME or a budget of mean iterations / MACs), the comparison at about 2 mean iterations, and
-the calibration of E (Pearson and Spearman per iteration; Spearman via numpy ranks).
+NME or a budget of mean iterations / MACs) and the comparison at about 2 mean iterations.
+The calibration of E is in `estimate_calibration`.
 """
 from __future__ import annotations
 
-import itertools
-import math
 from typing import Sequence
 
 import numpy as np
 
+from experiments import early_exit_assignment as assignment
+from experiments import early_exit_oracle as oracle
+
 
 # ----------------------------------------------------------------------------- basics
 
-def _as_2d(x, name: str) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-    raise ValueError(f"{name} must be [S, F] with S, F >= 1, got shape {x.shape}")
-  return x
-
-
 def _check_pair(nme, estimated):
-  nme = _as_2d(nme, "nme")
-  estimated = _as_2d(estimated, "estimated")
+  nme = assignment.check_2d(nme, "nme")
+  estimated = assignment.check_2d(estimated, "estimated")
   if nme.shape != estimated.shape:
     raise ValueError(f"nme {nme.shape} and estimated {estimated.shape} differ in shape")
   return nme, estimated
@@ -61,34 +46,15 @@ def _check_pair(nme, estimated):
 
 def exit_iterations(estimated, ts: float) -> np.ndarray:
   """[F] 0-based exit iteration: the first s with estimated[s] < ts, else S - 1."""
-  estimated = _as_2d(estimated, "estimated")
+  estimated = assignment.check_2d(estimated, "estimated")
   below = estimated < ts
   below[-1] = True   # the last iteration always ends it
   return np.argmax(below, axis=0).astype(np.int64)
 
 
-def counts_of(exit_idx, num_stages: int) -> np.ndarray:
-  """[S] number of faces quitting at each iteration."""
-  return np.bincount(np.asarray(exit_idx, np.int64), minlength=num_stages)[:num_stages]
-
-
-def assignment_nme(nme, exit_idx) -> np.ndarray:
-  """[F] the true error of each face at its exit iteration."""
-  nme = _as_2d(nme, "nme")
-  exit_idx = np.asarray(exit_idx, np.int64)
-  return nme[exit_idx, np.arange(nme.shape[1])]
-
-
 def mean_iterations(counts) -> float:
   counts = np.asarray(counts, np.float64)
   return float((counts * np.arange(1, len(counts) + 1)).sum() / counts.sum())
-
-
-def _check_counts(counts, s: int, f: int) -> np.ndarray:
-  counts = np.asarray(counts, np.int64)
-  if counts.shape != (s,) or (counts < 0).any() or counts.sum() != f:
-    raise ValueError(f"counts must be [S={s}] non-negative summing to F={f}, got {counts}")
-  return counts
 
 
 # ----------------------------------------------------------------------------- policies
@@ -97,9 +63,9 @@ def policy(nme, estimated, ts: float) -> dict:
   """Ours for one Ts: exit iterations, counts, mean iterations and mean NME."""
   nme, estimated = _check_pair(nme, estimated)
   exit_idx = exit_iterations(estimated, ts)
-  counts = counts_of(exit_idx, nme.shape[0])
+  counts = assignment.counts_of(exit_idx, nme.shape[0])
   return dict(exit_idx=exit_idx, counts=counts, mean_iterations=mean_iterations(counts),
-              nme=float(assignment_nme(nme, exit_idx).mean()))
+              nme=float(assignment.assignment_nme(nme, exit_idx).mean()))
 
 
 def random_baseline(nme, counts, draws: int = 50, seed: int = 0) -> dict:
@@ -108,95 +74,14 @@ def random_baseline(nme, counts, draws: int = 50, seed: int = 0) -> dict:
   Returns {"nme": mean over draws, "std": std over draws, "expected": the exact
   expectation sum_s counts[s] * mean_f nme[s, f] / F}.
   """
-  nme = _as_2d(nme, "nme")
+  nme = assignment.check_2d(nme, "nme")
   s, f = nme.shape
-  counts = _check_counts(counts, s, f)
+  counts = assignment.check_counts(counts, s, f)
   labels = np.repeat(np.arange(s), counts)
   rng = np.random.default_rng(seed)
   vals = np.array([nme[labels, rng.permutation(f)].mean() for _ in range(draws)])
   expected = float((counts * nme.mean(axis=1)).sum() / f)
   return {"nme": float(vals.mean()), "std": float(vals.std()), "expected": expected}
-
-
-def oracle_sequential_assignment(nme, counts) -> np.ndarray:
-  """Iteration s gets the counts[s] faces of lowest nme[s] among those not yet assigned.
-
-  The early-exit rule with the true error in place of the estimate, at the given counts.
-  Ties go to the lower face index.
-  """
-  nme = _as_2d(nme, "nme")
-  s, f = nme.shape
-  counts = _check_counts(counts, s, f)
-  exit_idx = np.full(f, s - 1, np.int64)
-  left = np.arange(f)
-  for it in range(s - 1):
-    order = np.argsort(nme[it, left], kind="stable")
-    take = left[order[:counts[it]]]
-    exit_idx[take] = it
-    left = np.sort(left[order[counts[it]:]])
-  return exit_idx
-
-
-def _simple_cycles(s: int) -> list[tuple[int, ...]]:
-  """Every simple directed cycle of the complete graph on s nodes (each listed once)."""
-  cycles = []
-  for k in range(2, s + 1):
-    for nodes in itertools.combinations(range(s), k):
-      first, rest = nodes[0], nodes[1:]
-      for perm in itertools.permutations(rest):
-        cycles.append((first,) + perm)
-  return cycles
-
-
-def oracle_assignment(nme, counts, init=None, max_rounds: int = 1_000_000) -> np.ndarray:
-  """The assignment with exactly `counts` faces per iteration of minimum total true error.
-
-  Exact. Start: `init` (a feasible assignment, e.g. the policy's) or the sequential
-  oracle. Improve by cancelling negative cycles: moving face g from iteration a to b costs
-  nme[b, g] - nme[a, g]; a set of moves a0 -> a1 -> ... -> a0 (one face out of each
-  iteration on the cycle) keeps the counts. The assignment is optimal iff no such cycle
-  has negative total cost (the optimality condition of min-cost flow: any negative cycle
-  of the residual graph decomposes into simple ones, and a simple one visits each
-  iteration at most once, using the cheapest face to move along each of its edges). With
-  few iterations every simple cycle is enumerated and the most negative one is cancelled
-  each round.
-  """
-  nme = _as_2d(nme, "nme")
-  s, f = nme.shape
-  counts = _check_counts(counts, s, f)
-  if s > 7:
-    raise ValueError(f"oracle_assignment enumerates cycles; S={s} > 7 iterations unsupported")
-  if init is None:
-    exit_idx = oracle_sequential_assignment(nme, counts)
-  else:
-    exit_idx = np.array(init, np.int64, copy=True)
-    if not np.array_equal(counts_of(exit_idx, s), counts):
-      raise ValueError("init does not have the requested counts")
-  if s == 1:
-    return exit_idx
-  cycles = _simple_cycles(s)
-  cycle_edges = [np.array([(c[i], c[(i + 1) % len(c)]) for i in range(len(c))])
-                 for c in cycles]
-  faces = np.arange(f)
-  tol = 1e-12 * max(1.0, float(np.abs(nme).max()))
-  for _ in range(max_rounds):
-    delta = nme - nme[exit_idx, faces]           # [S, F] cost of moving face f to b
-    best = np.full((s, s), np.inf)
-    arg = np.zeros((s, s), np.int64)
-    for a in range(s):
-      members = np.flatnonzero(exit_idx == a)
-      if members.size:
-        sub = delta[:, members]
-        pos = sub.argmin(axis=1)
-        best[a] = sub[np.arange(s), pos]
-        arg[a] = members[pos]
-    costs = np.array([best[e[:, 0], e[:, 1]].sum() for e in cycle_edges])
-    k = int(np.argmin(costs))
-    if not costs[k] < -tol:
-      return exit_idx
-    for a, b in cycle_edges[k]:
-      exit_idx[arg[a, b]] = b
-  raise RuntimeError("oracle_assignment did not converge")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -208,7 +93,7 @@ def ts_grid(estimated, max_points: int = 0) -> np.ndarray:
   (every face runs every iteration), then just above each such value (so that value
   counts as below Ts), or above `max_points` of them at evenly spaced quantiles.
   """
-  estimated = _as_2d(estimated, "estimated")
+  estimated = assignment.check_2d(estimated, "estimated")
   vals = np.unique(estimated[:-1].ravel())
   vals = vals[np.isfinite(vals)]
   if max_points and vals.size > max_points:
@@ -248,12 +133,12 @@ def sweep(nme, estimated, ts_values: Sequence[float] | None = None, draws: int =
     if with_oracle:
       key = tuple(int(c) for c in p["counts"])
       if key not in oracle_cache:
-        seq = oracle_sequential_assignment(nme, p["counts"])
+        seq = oracle.oracle_sequential_assignment(nme, p["counts"])
         # Start from whichever feasible assignment is already better.
-        start = p["exit_idx"] if p["nme"] < assignment_nme(nme, seq).mean() else seq
-        opt = oracle_assignment(nme, p["counts"], init=start)
-        oracle_cache[key] = (float(assignment_nme(nme, opt).mean()),
-                             float(assignment_nme(nme, seq).mean()))
+        start = p["exit_idx"] if p["nme"] < assignment.assignment_nme(nme, seq).mean() else seq
+        opt = oracle.oracle_assignment(nme, p["counts"], init=start)
+        oracle_cache[key] = (float(assignment.assignment_nme(nme, opt).mean()),
+                             float(assignment.assignment_nme(nme, seq).mean()))
       out["nme_oracle"].append(oracle_cache[key][0])
       out["nme_oracle_sequential"].append(oracle_cache[key][1])
   return out
@@ -409,55 +294,3 @@ def compare_at(sw: dict, iterations: float = 2.0) -> dict:
   out["nearest_swept_ts"] = sw["ts"][i]
   out["nearest_swept_mean_iterations"] = x[i]
   return out
-
-
-# ----------------------------------------------------------------------------- calibration
-
-def rankdata(x) -> np.ndarray:
-  """1-based ranks, ties get their average rank (like scipy.stats.rankdata 'average')."""
-  x = np.asarray(x).ravel()
-  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-  ends = np.cumsum(counts)                 # rank of each group's last member
-  return (ends - (counts - 1) / 2.0)[inverse].astype(np.float64)
-
-
-def pearson(x, y) -> float:
-  x = np.asarray(x, np.float64).ravel()
-  y = np.asarray(y, np.float64).ravel()
-  if x.shape != y.shape:
-    raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
-  if x.size < 2:
-    return float("nan")
-  dx, dy = x - x.mean(), y - y.mean()
-  den = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
-  return float((dx * dy).sum() / den) if den > 0 else float("nan")
-
-
-def spearman(x, y) -> float:
-  return pearson(rankdata(x), rankdata(y))
-
-
-def calibration(estimated, true_error, nme=None) -> dict:
-  """Agreement of the estimate with the error it is trained to predict, per iteration.
-
-  Per iteration (and pooled over all): Pearson and Spearman correlation of estimated vs
-  true_error (and vs nme when given), mean absolute difference, mean of each.
-  """
-  estimated = _as_2d(estimated, "estimated")
-  true_error = _as_2d(true_error, "true_error")
-  if nme is not None:
-    nme = _as_2d(nme, "nme")
-
-  def one(e, t, n):
-    d = {"pearson": pearson(e, t), "spearman": spearman(e, t),
-         "mean_abs_diff": float(np.abs(e - t).mean()),
-         "mean_estimated": float(e.mean()), "mean_true": float(t.mean())}
-    if n is not None:
-      d["pearson_vs_nme"] = pearson(e, n)
-      d["spearman_vs_nme"] = spearman(e, n)
-    return d
-
-  per = [one(estimated[i], true_error[i], None if nme is None else nme[i])
-         for i in range(estimated.shape[0])]
-  pooled = one(estimated.ravel(), true_error.ravel(), None if nme is None else nme.ravel())
-  return {"per_iteration": per, "pooled": pooled}

@@ -14,7 +14,7 @@ test split (`--test_split`, default the 300W common set) is evaluated once, at t
 for the report; nothing is chosen on it.
 
 Per design: full-cascade NME; the quitting policy at 2 mean iterations vs the random
-assignment with the same per-iteration counts and the oracle (`early_exit_policies`); the
+assignment with the same per-iteration counts and the oracle (`early_exit_oracle`); the
 fraction of the oracle's gain it captures; the mean iterations it needs to stay within 1%
 and 2% of the full cascade's NME; Spearman of the score vs what it predicts, per
 iteration. `--install` writes the design that is best on validation (the fewest mean

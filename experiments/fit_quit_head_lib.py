@@ -16,6 +16,7 @@ import numpy as np
 from data_pipelines import input_pipeline
 from experiments import common
 from experiments import early_exit_policies as eep
+from experiments import estimate_calibration
 from musica_jax import cascade
 from musica_jax import metrics
 from musica_jax import quit_head
@@ -94,7 +95,7 @@ def assess(nme: np.ndarray, score: np.ndarray, target: np.ndarray | None,
     out[f"oracle_iterations_within_{pct}pct"] = eep.cost_to_reach(
         sw["mean_iterations"], sw["nme_oracle"], full * (1 + pct / 100))
   if target is not None:
-    out["spearman_per_iteration"] = [eep.spearman(score[i], target[i])
+    out["spearman_per_iteration"] = [estimate_calibration.spearman(score[i], target[i])
                                      for i in range(score.shape[0] - 1)]
   out["sweep"] = {k: sw[k] for k in ("ts", "mean_iterations", "counts", "nme_policy",
                                      "nme_random", "nme_oracle")}

@@ -15,6 +15,7 @@ from data_pipelines import input_pipeline
 from experiments import eval_lib
 from experiments import common
 from experiments import early_exit_policies as eep
+from experiments import estimate_calibration
 from experiments import policy_plots
 from experiments import threshold_analysis as ta
 from musica_jax import atomic_io
@@ -212,7 +213,8 @@ def run(cfg: SweepConfig, data_cfg) -> dict:
   a = ta.analyse(per_face, model_cfg, cfg.norm, cfg.num_ts, cfg.draws, cfg.seed,
                  cfg.compare_iterations)
   t_fail = ta.t_fail_analysis(a["nme"], a["estimated"], cfg.t_fail_ts)
-  calib = eep.calibration(a["estimated"], per_face["true_error"], a["nme"] / 100.0)
+  calib = estimate_calibration.calibration(a["estimated"], per_face["true_error"],
+                                           a["nme"] / 100.0)
   result = _result(info, model_cfg, step, data_cfg, split, cfg, a, t_fail, calib)
   f = result["faces"]
   data_note = " (SYNTHETIC faces)" if result["synthetic_data"] else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments import early_exit_assignment as assignment
 from experiments import early_exit_policies as eep
 from musica_jax import cost
 
@@ -62,7 +63,8 @@ def t_fail_analysis(nme, est, t_fail_ts: float | None) -> dict:
   s, f = nme.shape
   exits = (eep.exit_iterations(est, t_fail_ts) if t_fail_ts is not None
            else np.full(f, s - 1, np.int64))
-  curve = eep.t_fail_curve(eep.assignment_nme(nme, exits), eep.assignment_nme(est, exits),
+  curve = eep.t_fail_curve(assignment.assignment_nme(nme, exits),
+                           assignment.assignment_nme(est, exits),
                            failure_threshold=FAILURE_THRESHOLD_NME)
   return {"ts": t_fail_ts, "mean_iterations": float(exits.mean() + 1),
           "failure_threshold_nme": FAILURE_THRESHOLD_NME, "curve": curve}

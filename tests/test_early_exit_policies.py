@@ -1,11 +1,15 @@
 """Early-exit policies on constructed per-iteration errors (answers computed by hand)."""
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
 
+from experiments import early_exit_assignment as assignment
+from experiments import early_exit_oracle as oracle
 from experiments import early_exit_policies as eep
+from experiments import estimate_calibration
 
 # 3 iterations (rows) x 4 faces (columns).
 NME = np.array([[4.0, 2.0, 6.0, 8.0],
@@ -58,14 +62,14 @@ def test_oracle_hand_example():
   # counts [1, 1, 2]. Relative to everyone at iteration 3 (total 11), moving a face to
   # iteration 1 costs (+2, +1, +5, +1), to iteration 2 (+1, 0, +2, 0): the best is +1
   # (face 1 to it. 1 and face 3 to it. 2, or the reverse): 12 / 4 = 3.0.
-  opt = eep.oracle_assignment(NME, [1, 1, 2])
-  np.testing.assert_array_equal(eep.counts_of(opt, 3), [1, 1, 2])
-  assert eep.assignment_nme(NME, opt).mean() == pytest.approx(3.0)
+  opt = oracle.oracle_assignment(NME, [1, 1, 2])
+  np.testing.assert_array_equal(assignment.counts_of(opt, 3), [1, 1, 2])
+  assert assignment.assignment_nme(NME, opt).mean() == pytest.approx(3.0)
   # The sequential reading: it. 1 <- lowest row-0 error (face 1); it. 2 <- lowest row-1
   # error of the rest (faces 0 and 2 tie at 3: face 0); the rest last: (2+3+1+7)/4.
-  seq = eep.oracle_sequential_assignment(NME, [1, 1, 2])
+  seq = oracle.oracle_sequential_assignment(NME, [1, 1, 2])
   np.testing.assert_array_equal(seq, [1, 0, 2, 2])
-  assert eep.assignment_nme(NME, seq).mean() == pytest.approx(3.25)
+  assert assignment.assignment_nme(NME, seq).mean() == pytest.approx(3.25)
   # Ours at Ts = 0.25 has the same counts and NME 3.5: oracle <= sequential <= ours.
 
 
@@ -79,9 +83,9 @@ def test_oracle_is_the_brute_force_optimum():
     counts = np.bincount(rng.integers(0, s, f), minlength=s)
     labels = np.repeat(np.arange(s), counts)
     best = min(nme[list(p), np.arange(f)].sum() for p in set(itertools.permutations(labels)))
-    got = eep.oracle_assignment(nme, counts)
-    np.testing.assert_array_equal(eep.counts_of(got, s), counts)
-    assert eep.assignment_nme(nme, got).sum() == pytest.approx(best, abs=1e-9)
+    got = oracle.oracle_assignment(nme, counts)
+    np.testing.assert_array_equal(assignment.counts_of(got, s), counts)
+    assert assignment.assignment_nme(nme, got).sum() == pytest.approx(best, abs=1e-9)
 
 
 def test_sweep_orders_the_three_policies():
@@ -174,18 +178,28 @@ def test_compare_at():
 
 
 def test_rank_correlations():
-  np.testing.assert_array_equal(eep.rankdata([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
-  np.testing.assert_array_equal(eep.rankdata([3, 1, 2]), [3, 1, 2])
-  assert eep.pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / np.sqrt(2 * 42 / 9))
-  assert eep.spearman([1, 2, 3], [1, 2, 4]) == pytest.approx(1.0)
-  assert eep.spearman([1, 2, 3, 4], [9, 7, 3, 1]) == pytest.approx(-1.0)
-  # Ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4].
-  r = eep.spearman([1, 2, 2, 3], [1, 2, 3, 4])
-  assert r == pytest.approx(eep.pearson([1, 2.5, 2.5, 4], [1, 2, 3, 4]))
-  cal = eep.calibration(EST, NME, NME / 100)
+  pearson, spearman = estimate_calibration.pearson, estimate_calibration.spearman
+  assert pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / np.sqrt(2 * 42 / 9))
+  assert spearman([1, 2, 3], [1, 2, 4]) == pytest.approx(1.0)
+  assert spearman([1, 2, 3, 4], [9, 7, 3, 1]) == pytest.approx(-1.0)
+  # Ties: average ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4].
+  r = spearman([1, 2, 2, 3], [1, 2, 3, 4])
+  assert r == pytest.approx(pearson([1, 2.5, 2.5, 4], [1, 2, 3, 4]))
+  # NaN ranks above every value, the NaNs tied: ranks [1, 3.5, 2, 3.5] (Pearson: NaN).
+  assert spearman([1, np.nan, 3, np.nan], [1, 2, 3, 4]) == pytest.approx(
+      pearson([1, 3.5, 2, 3.5], [1, 2, 3, 4]))
+  assert np.isnan(pearson([1, np.nan, 3], [1, 2, 3]))
+  # Degenerate inputs (a constant, fewer than 2 points): NaN, no warning, no error.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for corr in (pearson, spearman):
+      for x, y in (([1, 1, 1], [1, 2, 3]), ([2, 2], [3, 3]), ([1.0], [2.0]), ([], [])):
+        assert np.isnan(corr(x, y))
+  with pytest.raises(ValueError, match="shapes differ"):
+    pearson([1, 2, 3], [1, 2])
+  cal = estimate_calibration.calibration(EST, NME, NME / 100)
   assert len(cal["per_iteration"]) == 3
-  assert cal["per_iteration"][2]["spearman"] == pytest.approx(
-      eep.spearman(EST[2], NME[2]))
+  assert cal["per_iteration"][2]["spearman"] == pytest.approx(spearman(EST[2], NME[2]))
   assert cal["pooled"]["mean_abs_diff"] == pytest.approx(np.abs(EST - NME).mean())
 
 
