@@ -420,23 +420,31 @@ class JaxprToTF:
     box = self._constant_box(eqn, ins)
     if box is None:
       return self._scatter(eqn, ins, "set")
-    # One window at a known place (`x.at[a:b, c:d].set(u)`, the pyramid atlas): pad the
-    # update to the operand's shape and select it inside the box; no index tensors.
+    # One window at a known place (`x.at[a:b, c:d].set(u)`, the pyramid atlas): slices
+    # and concatenations (a zero operand: a pad), exact copies without index tensors.
+    operand, updates = ins[0], self.t(ins[2])
+    if any(s < 0 or s + w > n for s, w, n in zip(box, updates.shape, operand.shape)):
+      return self.t(operand)          # out of bounds: XLA drops the update (FILL_OR_DROP)
+    return self._replace_box(operand, updates, box)
+
+  def _replace_box(self, operand, update, start):
     tf = self.tf
-    operand, updates = self.t(ins[0]), self.t(ins[2])
-    start, shape = box, list(operand.shape)
-    if any(s < 0 or s + w > n for s, w, n in zip(start, updates.shape, shape)):
-      return operand                  # out of bounds: XLA drops the update (FILL_OR_DROP)
-    padded = tf.pad(updates, [[s, n - s - w] for s, w, n in zip(start, updates.shape, shape)])
-    inside = None
-    for d, (s, w, n) in enumerate(zip(start, updates.shape, shape)):
+    if _is_const(operand) and not np.any(operand):
+      return tf.pad(update, [[s, n - s - w] for s, w, n in
+                             zip(start, update.shape, operand.shape)])
+    for d, (s, w, n) in enumerate(zip(start, update.shape, operand.shape)):
       if (s, w) == (0, n):
         continue
-      m = np.zeros(n, bool)
-      m[s:s + w] = True
-      m = m.reshape([n if i == d else 1 for i in range(len(shape))])
-      inside = tf.constant(m) if inside is None else tf.logical_and(inside, m)
-    return padded if inside is None else tf.where(inside, padded, operand)
+      cut = lambda lo, hi: (operand[(slice(None),) * d + (slice(lo, hi),)] if _is_const(operand)
+                            else tf.strided_slice(operand, [0] * d + [lo],
+                                                  list(operand.shape[:d]) + [hi]))
+      middle = self._replace_box(cut(s, s + w), update, [*start[:d], 0, *start[d + 1:]])
+      parts = [self.t(cut(0, s))] if s else []
+      parts.append(middle)
+      if s + w < n:
+        parts.append(self.t(cut(s + w, n)))
+      return tf.concat(parts, axis=d)
+    return update
 
   @staticmethod
   def _constant_box(eqn, ins):
