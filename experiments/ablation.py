@@ -43,15 +43,16 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defined when run as a program (importing the module defines none, so tests can import
-  it beside other entry points). --data_dir is data_pipelines.flags', --output_md
+  it beside other entry points). --data_dir is experiments.config_flags', --output_md
   experiments.results_table's (whose training-time reading is reused)."""
-  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
-  flags.DEFINE_string("runs_dir", None, "One workdir per row: <runs_dir>/<row>.")
-  flags.DEFINE_boolean("run", False, "Train and evaluate the rows that have no result yet.")
-  flags.DEFINE_list("rows", [], "Only these rows (default: all).")
-  flags.DEFINE_string("output_json", None, "Write the rows (JSON) here.")
-  flags.DEFINE_enum("table", "paper", list(TABLES), "paper: Table 4's ablations, judged on "
-                    "the common set; recipe: schedule / batch / augmentation, judged on val.")
+  results_table.define_flags()
+  d = common.define_flag
+  d("string", "runs_dir", None, "One workdir per row: <runs_dir>/<row>.")
+  d("boolean", "run", False, "Train and evaluate the rows that have no result yet.")
+  d("list", "rows", [], "Only these rows (default: all).")
+  d("string", "output_json", None, "Write the rows (JSON) here.")
+  d("enum", "table", "paper", "paper: Table 4's ablations, judged on the common set; "
+    "recipe: schedule / batch / augmentation, judged on val.", enum_values=list(TABLES))
   flags.mark_flags_as_required(["runs_dir"])
 
 

@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 
 from experiments import common
+from experiments import config_flags
 from musica_jax import atomic_io
 from musica_jax import run_config
 from musica_jax import schemes as schemes_lib
@@ -31,20 +32,15 @@ from musica_jax import strict_json
 FLAGS = flags.FLAGS
 
 
-def _define(kind, name, default, help_):
-  if name not in FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_)
-
-
 def define_flags():
   """Defined when run as a program (importing the module defines none); the data flags
-  are data_pipelines.flags', so the training flagfiles work here."""
-  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415
-  _define("string", "output", None, "PNG to write (Figure 6).")
-  _define("string", "output_json", None, "JSON to write (default: next to --output).")
-  _define("string", "checkpoint", "latest", "Checkpoint step, or 'latest'.")
-  _define("string", "model", None, "An exported model directory (experiments.export_model) "
-          "instead of --workdir; 'default' = the model shipped in musica_jax/default_model.")
+  are experiments.config_flags', so the training flagfiles work here."""
+  d = common.define_flag
+  d("string", "output", None, "PNG to write (Figure 6).")
+  d("string", "output_json", None, "JSON to write (default: next to --output).")
+  d("string", "checkpoint", "latest", "Checkpoint step, or 'latest'.")
+  d("string", "model", None, "An exported model directory (experiments.export_model) "
+    "instead of --workdir; 'default' = the model shipped in musica_jax/default_model.")
 
 
 def part_of(scheme: schemes_lib.LandmarkScheme, landmark: int) -> str:
@@ -171,7 +167,6 @@ def attention_map(workdir, data_cfg, output, output_json=None, checkpoint="lates
 
 def main(argv):
   common.start(argv)
-  from data_pipelines import flags as data_flags  # noqa: PLC0415
   if bool(FLAGS.workdir) == bool(FLAGS.model):
     raise app.UsageError(common.MODEL_SOURCES)
   if not FLAGS.output:
@@ -187,7 +182,7 @@ def main(argv):
               "synthetic_seed"):
       if k in run.get("data", {}) and not FLAGS[k].present:
         overrides[k] = run["data"][k]
-  data_cfg = data_flags.config_from_flags(**overrides)
+  data_cfg = config_flags.data_config_from_flags(**overrides)
   attention_map(FLAGS.workdir, data_cfg, FLAGS.output, FLAGS.output_json, FLAGS.checkpoint,
                 FLAGS.model)
 

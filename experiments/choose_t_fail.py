@@ -28,21 +28,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common
+from experiments import config_flags
 from experiments import eval_lib
-from experiments import evaluate   # noqa: F401  (defines --model, --output_json)
+from experiments import evaluate   # its flags (--model, --output_json)
 from musica_jax import cascade
 from musica_jax import model_io
 from musica_jax import schemes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("fail_nme", 0.08, "A validation face is aligned when its inter-ocular NME "
-                   "is at most this.")
-flags.DEFINE_float("t_fail_margin", 1.05, "Tf = this x the largest estimated error of an "
-                   "aligned validation face.")
-flags.DEFINE_bool("install", False, "Write the chosen Tf into the model's model.json.")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program): experiments.evaluate's
+  (--model, --output_json, ...) and its own."""
+  evaluate.define_flags()
+  d = common.define_flag
+  d("float", "fail_nme", 0.08, "A validation face is aligned when its inter-ocular NME "
+    "is at most this.")
+  d("float", "t_fail_margin", 1.05, "Tf = this x the largest estimated error of an "
+    "aligned validation face.")
+  d("bool", "install", False, "Write the chosen Tf into the model's model.json.")
+
 
 TEST_SPLITS = ("test", "common", "challenging", "full")
 
@@ -70,7 +78,7 @@ def main(argv):
   if FLAGS.workdir:
     raise app.UsageError("--workdir: choose_t_fail works on an exported model; give --model")
   model = FLAGS.model or "default"
-  data_cfg = data_flags.config_from_flags()
+  data_cfg = config_flags.data_config_from_flags()
   split = data_cfg.eval_split.split(",")[0]
   if split in TEST_SPLITS:
     raise app.UsageError(f"--eval_split={split} is a test split; choose Tf on a validation "
@@ -117,4 +125,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

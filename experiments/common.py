@@ -27,7 +27,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import config_flags  # noqa: F401 (defines the model/training/loop flags)
+from experiments import config_flags  # noqa: F401 (defines the model/training/loop/data flags)
+from experiments.flag_defs import define_flag  # THE flag helper (programs: common.define_flag)
 from musica_jax import atomic_io
 from musica_jax import model_io
 from musica_jax import restore
@@ -37,20 +38,21 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 FLAGS = flags.FLAGS
 
-# The model, training and loop flags (experiments/config_flags.py, from their dataclasses)
-# and the data flags (data_pipelines/flags.py) are defined on import, so every entry point
-# accepts the same flagfiles.
-flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics of the run.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "manual", "none"],
-                  "Multi-process start (musica_jax.parallel.initialize_distributed): auto = "
-                  "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
-                  "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
-                  "one process.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0; with --num_processes and --process_id "
-                    "calls jax.distributed.initialize.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+# Every flag is defined through experiments/flag_defs.py (`define_flag`, re-exported here
+# for the programs' `define_flags()`). The model, training, loop and data flags
+# (experiments/config_flags.py, from their dataclasses) and the cluster flags below are
+# defined on import, so every entry point accepts the same flagfiles.
+define_flag("string", "workdir", None, "Checkpoints, logs and metrics of the run.")
+define_flag("enum", "distributed", "auto",
+            "Multi-process start (musica_jax.parallel.initialize_distributed): auto = "
+            "the flags below when given, else the cluster JAX detects (SLURM, TPU pod, "
+            "Open MPI, Kubernetes), else one process; manual = the flags below; none = "
+            "one process.", enum_values=["auto", "manual", "none"])
+define_flag("string", "coordinator_address", None,
+            "Multi-host: host:port of process 0; with --num_processes and --process_id "
+            "calls jax.distributed.initialize.")
+define_flag("integer", "num_processes", None, "Multi-host: number of processes.")
+define_flag("integer", "process_id", None, "Multi-host: this process's index.")
 
 
 VERBOSE_ENV = "MUSICA_VERBOSE"
@@ -148,15 +150,6 @@ def int_flag_at_least(name: str, value: int, minimum: int) -> int:
   if value < minimum:
     raise app.UsageError(f"--{name}={value}: must be >= {minimum}")
   return value
-
-
-def define_flag(kind: str, name: str, default, help_: str, **kwargs) -> None:
-  """flags.DEFINE_<kind>(name, ...) unless a module imported in this process already
-  defined --name. Entry points call it from their `define_flags()`, run only under
-  `if __name__ == "__main__"`, so importing an entry point (tests, other programs)
-  defines none of its flags."""
-  if name not in FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_, **kwargs)
 
 
 def start(argv) -> None:

@@ -1,15 +1,19 @@
-"""The model, training and loop flags, defined once from their dataclasses.
+"""The flags of the config dataclasses, defined once, on import: model, training, loop, data.
 
-One absl flag per field, with the field's name and default, as the data flags
-(`data_pipelines/flags.py`):
+One absl flag per field, with the field's name and default (`flag_defs.define_from_dataclass`):
 - model: --num_patches (a patch subset of the scheme, 0 = all; `config.for_scheme`) and
   the `ModelConfig` fields in MODEL_FIELDS, defaults from `ModelConfig()`;
 - training: every `TrainConfig` field but `seed` (the data flag --seed sets it);
 - loop: every `LoopConfig` field (cadence of experiments/train_lib.py);
-all three dataclasses in `musica_jax/config.py`.
+  these three dataclasses are in `musica_jax/config.py`;
+- data: every `DataConfig` field (`data_pipelines/config.py`): --dataset, --data_dir,
+  --tfds_dir, --num_points, --train_split, --eval_split, --batch_size, --seed, ...;
+  `data_config_from_flags` adds the per-dataset defaults.
 A new field of these dataclasses becomes a flag by adding its help text below (and, for a
-model field, its name to MODEL_FIELDS). Range checks are the entry point's
-(experiments/train.py); the dataclasses validate what they own.
+model field, its name to MODEL_FIELDS); a data field without one gets a pointer to
+DataConfig. Range checks are the entry point's (experiments/train.py); the dataclasses
+validate what they own. `experiments.common` imports this module, so every program
+accepts the same flagfiles; do not define flags with these names elsewhere.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import dataclasses
 
 from absl import flags
 
-from data_pipelines import flags as data_flags
+from data_pipelines import config as data_config
+from experiments import flag_defs
 from musica_jax import config as config_lib
 from musica_jax import schemes
 
@@ -75,6 +80,38 @@ _HELP = {
     "divergence_factor": "Divergence guard: stop training (nothing saved) when the moving "
                          "average of the loss (decay 0.9) exceeds this many times its lowest "
                          "value in the run; 0 disables it.",
+    # data
+    "dataset": "ibug300w | wflw | pts_folder | synthetic_faces.",
+    "data_dir": "Source folder in the official layout (the TFDS manual dir); unused for "
+                "synthetic_faces.",
+    "tfds_dir": "Where prepared data, skip reports and statistics go; empty = "
+                "$TFDS_DATA_DIR or ~/tensorflow_datasets.",
+    "num_points": "Landmarks per face (68: iBUG/300W, 98: WFLW).",
+    "train_split": "Training split (pts_folder: all; train_fit: --val_source less val).",
+    "eval_split": "Evaluation split: common/challenging/full (300W), test or test_<attr> "
+                  "(WFLW), test (synthetic), all (pts_folder); val: carved from "
+                  "--val_source (see --val_fraction).",
+    "batch_size": "GLOBAL training batch; each host gets batch_size // process_count.",
+    "eval_batch_size": "GLOBAL evaluation batch.",
+    "seed": "Seed of the sampling and augmentation stream, and of --box_jitter.",
+    "balancing": "gdb (Mahalanobis, paper 3.4) | pdb (first principal axis) | none.",
+    "gdb_components": "GDB: PCA components K of the Mahalanobis distance.",
+    "gdb_mapping": "GDB: weight = d (linear, default) | d**2 (square) | d**0.5 (sqrt).",
+    "val_fraction": "Fraction of --val_source's faces carved out as the split 'val' (the "
+                    "rest: 'train_fit'), chosen by hashing file ids with --val_seed; 0 = "
+                    "no carve.",
+    "val_seed": "Seed of the val / train_fit carve (independent of --seed).",
+    "val_source": "The split carved into train_fit and val (pts_folder: all).",
+    "flip_label_shift": "The labels' x offset from the image content, in image pixels; "
+                        "mirrored faces keep it (300W: experiments.estimate_flip_shift).",
+    "box_jitter": "Evaluation only: move each face box by U(-F, F) x its size and resize "
+                  "it by 1 + U(-F, F), seeded by --seed and the file id; 0 = off.",
+    "skip_bad": "Skip (count and report) bad annotations/images instead of failing.",
+    "num_parallel_calls": "tf.data parallel map calls; -1 = AUTOTUNE.",
+    "train_cache_mb": "Training photos decoded once and kept in memory (uint8, the region "
+                      "of each face any augmented crop can read) up to this many MB; each "
+                      "batch is then warped from the cache in one XLA program. Over it, or "
+                      "0: each sample decodes its photo (slower).",
 }
 
 _ENUMS = {
@@ -86,14 +123,13 @@ _ENUMS = {
 
 
 def _define():
-  if "num_patches" in FLAGS:         # imported twice (e.g. as __main__ and as a module)
-    return
-  flags.DEFINE_integer("num_patches", 0, _HELP["num_patches"])
-  data_flags.define_from_dataclass(config_lib.ModelConfig, _HELP, names=MODEL_FIELDS,
-                                   enums=_ENUMS)
-  data_flags.define_from_dataclass(config_lib.TrainConfig, _HELP, names=TRAIN_FIELDS,
-                                   enums=_ENUMS)
-  data_flags.define_from_dataclass(config_lib.LoopConfig, _HELP, enums=_ENUMS)
+  flag_defs.define_flag("integer", "num_patches", 0, _HELP["num_patches"])
+  flag_defs.define_from_dataclass(config_lib.ModelConfig, _HELP, names=MODEL_FIELDS,
+                                  enums=_ENUMS)
+  flag_defs.define_from_dataclass(config_lib.TrainConfig, _HELP, names=TRAIN_FIELDS,
+                                  enums=_ENUMS)
+  flag_defs.define_from_dataclass(config_lib.LoopConfig, _HELP, enums=_ENUMS)
+  flag_defs.define_from_dataclass(data_config.DataConfig, _HELP)
 
 
 _define()
@@ -124,3 +160,27 @@ def train_config_from_flags(seed: int) -> config_lib.TrainConfig:
 
 def loop_config_from_flags() -> config_lib.LoopConfig:
   return config_lib.LoopConfig(**{name: getattr(FLAGS, name) for name in LOOP_FIELDS})
+
+
+# Per-dataset defaults used when the flag was not given on the command line.
+_DATASET_DEFAULTS = {
+    "wflw": {"num_points": 98, "eval_split": "test"},
+    "synthetic_faces": {"eval_split": "test"},
+    "pts_folder": {"train_split": "all", "eval_split": "all", "val_source": "all"},
+}
+
+
+def data_config_from_flags(**overrides) -> data_config.DataConfig:
+  """DataConfig from the parsed absl flags (plus keyword overrides), validated.
+
+  Flags not given on the command line take per-dataset defaults: wflw -> --num_points=98,
+  --eval_split=test; synthetic_faces -> --eval_split=test; pts_folder -> --train_split=all,
+  --eval_split=all, --val_source=all.
+  """
+  values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(data_config.DataConfig)}
+  dataset = overrides.get("dataset", values["dataset"])
+  for name, value in _DATASET_DEFAULTS.get(dataset, {}).items():
+    if not FLAGS[name].present:
+      values[name] = value
+  values.update(overrides)
+  return data_config.validate(data_config.DataConfig(**values))

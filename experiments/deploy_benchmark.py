@@ -37,7 +37,6 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415  (--data_dir)
   d = common.define_flag
   d("string", "output_json", None, "Where to write the results (JSON).")
   d("list", "sections", list(deploy_benchmark_lib.SECTIONS), "Sections to run.")

@@ -13,7 +13,7 @@ from absl import app
 import numpy as np
 
 from experiments import common
-from experiments import compare_dlib
+from experiments import peers_lib
 from experiments import predict_lib
 from musica_jax import face_frame
 from musica_jax import images as images_lib
@@ -136,12 +136,12 @@ def _dlib_paths(items, images, box_fit_json) -> dict:
   try:
     dlib = detector_lib.import_dlib()
     mapping = detector_lib.BoxMapping(**json.load(open(box_fit_json))["box_fit"]["mapping"])
-    sp = dlib.shape_predictor(str(compare_dlib.find_dlib_model()))
+    sp = dlib.shape_predictor(str(peers_lib.find_dlib_model()))
     hog = dlib.get_frontal_face_detector()
   except (ImportError, OSError, KeyError, FileNotFoundError) as e:
     print(f"latency: no dlib rows ({e})")
     return {}
-  rects = [compare_dlib.box_to_rect(dlib, mapping.apply(it.box[None])[0]) for it in items]
+  rects = [peers_lib.box_to_rect(dlib, mapping.apply(it.box[None])[0]) for it in items]
 
   def ert(f):
     shape = sp(images[f], rects[f])
@@ -345,7 +345,7 @@ def run(cfg: DeployConfig, command: str = "") -> dict:
   predict_lib.enable_compilation_cache(cfg.compilation_cache)
   if not cfg.data_dir or not os.path.isdir(cfg.data_dir):
     raise app.UsageError(f"--data_dir={cfg.data_dir}: not a directory (300W)")
-  items = compare_dlib.split_items(cfg.data_dir, cfg.split)
+  items = peers_lib.split_items(cfg.data_dir, cfg.split)
   if cfg.max_faces:
     items = items[:cfg.max_faces]
   images = [images_lib.read_image(it.image_path, exif_transpose=False) for it in items]

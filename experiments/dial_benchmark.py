@@ -30,8 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app
 from absl import flags
 
-from data_pipelines import flags as data_flags
 from experiments import common
+from experiments import config_flags
 from experiments import dial_benchmark_lib
 from musica_jax import atomic_io
 
@@ -68,7 +68,7 @@ def main(argv):
         ts_for_budgets=common.float_list_flag("ts_for_budgets", FLAGS.ts_for_budgets),
         rounds=FLAGS.rounds,
         batch1_faces=FLAGS.batch1_faces, calibration_png=FLAGS.calibration_png)
-    res = dial_benchmark_lib.run(cfg, data_flags.config_from_flags(),
+    res = dial_benchmark_lib.run(cfg, config_flags.data_config_from_flags(),
                                  "python -m experiments.dial_benchmark " + " ".join(sys.argv[1:]))
   if FLAGS.output_md:
     atomic_io.write_text(FLAGS.output_md, dial_benchmark_lib.markdown_table(res))

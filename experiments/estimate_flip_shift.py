@@ -31,9 +31,9 @@ from absl import flags
 import numpy as np
 
 from data_pipelines import datasets
-from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from experiments import common
+from experiments import config_flags
 from musica_jax import face_frame
 from musica_jax import images as images_lib
 from musica_jax import predictor as predictor_lib
@@ -45,12 +45,10 @@ _BATCH = 64
 def define_flags():
   """The flags of this entry point (defined when run as a program, so importing the
   module for its functions defines none)."""
-  for name, default, help_ in (
-      ("output_json", "", "Where to write the JSON report."),
-      ("model", "default", "An exported model directory, or 'default' (the shipped model, "
-       "trained with --flip_prob=0.5).")):
-    if name not in FLAGS:
-      flags.DEFINE_string(name, default, help_)
+  d = common.define_flag
+  d("string", "output_json", "", "Where to write the JSON report.")
+  d("string", "model", "default", "An exported model directory, or 'default' (the shipped "
+    "model, trained with --flip_prob=0.5).")
 
 
 def _group(file_id: str) -> str:
@@ -112,7 +110,7 @@ def summarise(file_ids, r: dict) -> dict:
 def main(argv):
   common.start(argv)
   try:
-    cfg = data_flags.config_from_flags()
+    cfg = config_flags.data_config_from_flags()
     data = datasets.load_split(cfg, cfg.train_split)
   except (readers.DataError, ValueError) as e:
     print(f"estimate_flip_shift: error: {e}", file=sys.stderr)

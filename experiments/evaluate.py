@@ -24,8 +24,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from data_pipelines import flags as data_flags
 from experiments import common
+from experiments import config_flags
 from experiments import eval_lib
 from experiments import plots
 from musica_jax import atomic_io
@@ -35,31 +35,37 @@ from musica_jax import schemes
 from musica_jax import strict_json
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_json", None, "Where to write the results JSON.")
-flags.DEFINE_string("checkpoint", "latest", "Checkpoint step to evaluate, 'latest', or "
-                    "'best' (the kept checkpoint with the lowest --eval_split NME logged in "
-                    "training, i.e. chosen on the validation split; the JSON records that split as "
-                    "checkpoint_chosen_on).")
-flags.DEFINE_string("eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
-                    "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
-flags.DEFINE_float("ts", None, "Early exit: success threshold on the quitting score (the "
-                   "estimated error, or the model's quit head).")
-flags.DEFINE_float("budget", None, "Early exit by compute: mean iterations per face (1..3) "
-                   "for each batch of --eval_batch_size faces; needs the model's quitting "
-                   "profile (experiments.fit_quit_head --install).")
-flags.DEFINE_float("budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
-flags.DEFINE_float("t_fail", None, "Failure threshold: faces whose final estimated error is above "
-                   "it are flagged invalid.")
-flags.DEFINE_string("model", None, "Evaluate an exported model directory (written by "
-                    "experiments.export_model) instead of a --workdir checkpoint; 'default' "
-                    "= the model shipped in musica_jax/default_model.")
-flags.DEFINE_bool("with_dlib", False, "300W only: also run dlib's 68-point model on the same "
-                  "faces under the same protocol (experiments.compare_dlib; needs the peers "
-                  "extra) and write both rows side by side.")
-flags.DEFINE_string("dlib_box_fit_json", None, "With --with_dlib: reuse dlib's box fit from "
-                    "an earlier JSON (e.g. results/dlib_300w_common.json) instead of running "
-                    "its detector on the training faces (~80 s).")
-flags.mark_flags_as_required(["output_json"])
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program, or by a program that takes
+  them over: experiments.choose_t_fail)."""
+  d = common.define_flag
+  d("string", "output_json", None, "Where to write the results JSON.")
+  d("string", "checkpoint", "latest", "Checkpoint step to evaluate, 'latest', or "
+    "'best' (the kept checkpoint with the lowest --eval_split NME logged in "
+    "training, i.e. chosen on the validation split; the JSON records that split as "
+    "checkpoint_chosen_on).")
+  d("string", "eval_dataset", None, "Evaluate on this dataset instead of the flagfile's "
+    "(ibug300w | wflw | pts_folder | synthetic_faces), with --data_dir.")
+  d("float", "ts", None, "Early exit: success threshold on the quitting score (the "
+    "estimated error, or the model's quit head).")
+  d("float", "budget", None, "Early exit by compute: mean iterations per face (1..3) "
+    "for each batch of --eval_batch_size faces; needs the model's quitting "
+    "profile (experiments.fit_quit_head --install).")
+  d("float", "budget_mmacs", None, "The same budget in millions of multiply-adds per face.")
+  d("float", "t_fail", None, "Failure threshold: faces whose final estimated error is above "
+    "it are flagged invalid.")
+  d("string", "model", None, "Evaluate an exported model directory (written by "
+    "experiments.export_model) instead of a --workdir checkpoint; 'default' "
+    "= the model shipped in musica_jax/default_model.")
+  d("bool", "with_dlib", False, "300W only: also run dlib's 68-point model on the same "
+    "faces under the same protocol (experiments.compare_dlib; needs the peers "
+    "extra) and write both rows side by side.")
+  d("string", "dlib_box_fit_json", None, "With --with_dlib: reuse dlib's box fit from "
+    "an earlier JSON (e.g. results/dlib_300w_common.json) instead of running "
+    "its detector on the training faces (~80 s).")
+  flags.mark_flags_as_required(["output_json"])
 
 
 def musica_row(summary: dict, model_cfg, info: dict) -> dict:
@@ -78,13 +84,13 @@ def dlib_rows(data_cfg, split: str, per_face: dict, model_cfg, summary: dict, in
               box_fit_json: str | None) -> tuple[dict, np.ndarray]:
   """dlib on exactly the faces this evaluation saw: the side-by-side entry and dlib's
   per-face inter-ocular NMEs."""
-  from experiments import compare_dlib  # noqa: PLC0415
-  side = compare_dlib.dlib_side(data_cfg.data_dir, split, box_fit_json)
+  from experiments import peers_lib  # noqa: PLC0415
+  side = peers_lib.dlib_side(data_cfg.data_dir, split, box_fit_json)
   ids = [f.decode() if isinstance(f, bytes) else str(f) for f in per_face["file_id"]]
   if ids != side["file_ids"]:
     raise RuntimeError(f"split {split!r}: dlib ran on {len(side['file_ids'])} faces, the "
                        f"model on {len(ids)}; the face lists differ")
-  entry = {"protocol": compare_dlib.PROTOCOL, "fr_auc_normalisation": "interocular",
+  entry = {"protocol": peers_lib.PROTOCOL, "fr_auc_normalisation": "interocular",
            "rows": [musica_row(summary, model_cfg, info), side["row"]],
            "box_fit": side["box_fit"]}
   return entry, side["nme_interocular_per_face"]
@@ -112,9 +118,9 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
     if data_cfg.dataset != "ibug300w" or model_cfg.num_landmarks != 68:
       raise app.UsageError(f"--with_dlib needs 300W with 68 points (dataset "
                            f"{data_cfg.dataset}, {model_cfg.num_landmarks} points)")
-    from experiments import compare_dlib  # noqa: PLC0415
+    from experiments import peers_lib  # noqa: PLC0415
     try:
-      compare_dlib.import_dlib()
+      peers_lib.import_dlib()
     except ImportError as e:
       raise app.UsageError(f"--with_dlib: {e}") from e
   scheme = schemes.get_scheme(model_cfg.num_landmarks)
@@ -183,7 +189,7 @@ def main(argv):
   overrides = {}
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset
-  data_cfg = data_flags.config_from_flags(**overrides)
+  data_cfg = config_flags.data_config_from_flags(**overrides)
   splits = [s for s in data_cfg.eval_split.split(",") if s]
   evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.t_fail,
            FLAGS.checkpoint, FLAGS.model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json,
@@ -191,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

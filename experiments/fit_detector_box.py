@@ -19,28 +19,27 @@ from absl import app
 from absl import flags
 
 from experiments import common
-from experiments import compare_dlib
+from experiments import peers_lib
 from musica_jax import detector as detector_lib
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  from data_pipelines import flags as data_flags  # noqa: F401,PLC0415  (--data_dir)
-  if "output_json" not in FLAGS:
-    flags.DEFINE_string("output_json", None, "Where to write the fit (JSON).")
-  if "install" not in FLAGS:
-    flags.DEFINE_boolean("install", False, "Write the fit into musica_jax/detector_boxes.json.")
-  if "fit_max_faces" not in FLAGS:
-    flags.DEFINE_integer("fit_max_faces", 0, "At most this many training faces (0 = all).")
+  """The command's flags (defined only when run as a program); --data_dir is
+  experiments.config_flags'."""
+  d = common.define_flag
+  d("string", "output_json", None, "Where to write the fit (JSON).")
+  d("boolean", "install", False, "Write the fit into musica_jax/detector_boxes.json.")
+  d("integer", "fit_max_faces", 0, "At most this many training faces (0 = all).")
 
 
 def fit(data_dir: str, max_faces: int = 0) -> dict:
   dlib = detector_lib.import_dlib()
-  train = compare_dlib.split_items(data_dir, "train")
+  train = peers_lib.split_items(data_dir, "train")
   if max_faces:
     train = train[::max(1, len(train) // max_faces)][:max_faces]
-  det = compare_dlib.detect_training_boxes(dlib, train)
+  det = peers_lib.detect_training_boxes(dlib, train)
   mapping = detector_lib.fit_box_mapping(det["detector_boxes"], det["landmark_boxes"])
   print(f"detector -> landmark box fit on {det['found']} training faces (HOG missed "
         f"{det['missed']}): {mapping.to_json()}", flush=True)

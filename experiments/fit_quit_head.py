@@ -31,8 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags
 
-from data_pipelines import flags as data_flags
 from experiments import common
+from experiments import config_flags
 from experiments import fit_quit_head_lib
 
 FLAGS = flags.FLAGS
@@ -70,7 +70,7 @@ def main(argv):
       val_batches=FLAGS.val_batches, fit_seed=FLAGS.fit_seed, val_seed=FLAGS.val_seed_stream,
       test_split=FLAGS.test_split, head_steps=FLAGS.head_steps, install=FLAGS.install,
       mild_fraction=FLAGS.mild_fraction, install_design=FLAGS.install_design)
-  fit_quit_head_lib.run(cfg, data_flags.config_from_flags(),
+  fit_quit_head_lib.run(cfg, config_flags.data_config_from_flags(),
                         "python -m experiments.fit_quit_head " + " ".join(sys.argv[1:]))
 
 

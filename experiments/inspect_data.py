@@ -37,10 +37,10 @@ import numpy as np
 from data_pipelines import balancing as balancing_lib
 from data_pipelines import config as config_lib
 from data_pipelines import datasets
-from data_pipelines import flags as data_flags
 from data_pipelines import readers
 from data_pipelines import sources
 from experiments import common  # shared flags, flagfile lookup
+from experiments import config_flags
 from experiments import plots
 from musica_jax import crop as crop_lib
 from musica_jax import face_frame
@@ -167,7 +167,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # TFDS is chatty at INFO
   try:
-    cfg = data_flags.config_from_flags()
+    cfg = config_flags.data_config_from_flags()
     result = inspect(cfg, FLAGS.top_k)
     if FLAGS.figure5:
       result["figure5"] = draw_figure5(cfg, FLAGS.figure5, FLAGS.figure5_seed)

@@ -31,13 +31,14 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags (defined only when run as a program, so tests can import the
   functions beside other entry points)."""
-  flags.DEFINE_list("workdirs", [], "Training workdirs (each with metrics.jsonl).")
-  flags.DEFINE_list("labels", [], "Legend labels, one per workdir (default: folder names).")
-  flags.DEFINE_enum("metric", "nme_interocular", ["nme_interocular", "nme_interpupil"],
-                    "Evaluation metric to plot and fit.")
-  flags.DEFINE_integer("fit_points", 4, "Evaluations (the last ones) the per-doubling fit uses.")
-  flags.DEFINE_string("output_png", None, "Plot here.")
-  flags.DEFINE_string("output_json", None, "Summary JSON here.")
+  d = common.define_flag
+  d("list", "workdirs", [], "Training workdirs (each with metrics.jsonl).")
+  d("list", "labels", [], "Legend labels, one per workdir (default: folder names).")
+  d("enum", "metric", "nme_interocular", "Evaluation metric to plot and fit.",
+    enum_values=["nme_interocular", "nme_interpupil"])
+  d("integer", "fit_points", 4, "Evaluations (the last ones) the per-doubling fit uses.")
+  d("string", "output_png", None, "Plot here.")
+  d("string", "output_json", None, "Summary JSON here.")
 
 
 def read_run(workdir) -> dict:

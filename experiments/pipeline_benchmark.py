@@ -16,21 +16,26 @@ import time
 from absl import flags
 from absl import logging
 
-from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common  # shared flags, flagfile lookup
 from experiments import config_flags
 from musica_jax import host_memory
 from musica_jax import strict_json
 
-_OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Where to write the JSON result.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches.")
-_WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Untimed batches first.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "--end_to_end: the step alone and fed in this "
-                               "many alternations (num_batches steps each in all), so that "
-                               "the drift of a shared machine falls on both.")
-_END_TO_END = flags.DEFINE_boolean("end_to_end", False, "Also time the train step alone and "
-                                   "fed by the pipeline (the model flags of the flagfile).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program)."""
+  d = common.define_flag
+  d("string", "output_json", "", "Where to write the JSON result.")
+  d("integer", "num_batches", 20, "Timed batches.")
+  d("integer", "warmup_batches", 3, "Untimed batches first.")
+  d("integer", "rounds", 2, "--end_to_end: the step alone and fed in this many "
+    "alternations (num_batches steps each in all), so that the drift of a shared machine "
+    "falls on both.")
+  d("boolean", "end_to_end", False, "Also time the train step alone and fed by the "
+    "pipeline (the model flags of the flagfile).")
 
 
 def benchmark(cfg, num_batches: int, warmup: int) -> dict:
@@ -100,19 +105,20 @@ def end_to_end(cfg, num_batches: int, warmup: int, rounds: int = 2) -> dict:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
+  if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   host_memory.keep_large_buffers()   # as training does (train_lib): XLA's big buffers
-  cfg = data_flags.config_from_flags()
-  result = benchmark(cfg, _NUM_BATCHES.value, _WARMUP.value)
-  if _END_TO_END.value:
-    result.update(end_to_end(cfg, _NUM_BATCHES.value, _WARMUP.value, _ROUNDS.value))
+  cfg = config_flags.data_config_from_flags()
+  result = benchmark(cfg, FLAGS.num_batches, FLAGS.warmup_batches)
+  if FLAGS.end_to_end:
+    result.update(end_to_end(cfg, FLAGS.num_batches, FLAGS.warmup_batches, FLAGS.rounds))
   text = strict_json.dumps(result)
   print(text)
-  if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
       f.write(text + "\n")
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

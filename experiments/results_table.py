@@ -28,9 +28,16 @@ from experiments import common
 from musica_jax import atomic_io
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("evals", [], "Evaluation JSONs written by experiments.evaluate.")
-flags.DEFINE_string("split", "common", "Which split of those JSONs to tabulate.")
-flags.DEFINE_string("output_md", None, "Also write the table (markdown) here.")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program, or by experiments.ablation,
+  which writes its table with --output_md)."""
+  d = common.define_flag
+  d("list", "evals", [], "Evaluation JSONs written by experiments.evaluate.")
+  d("string", "split", "common", "Which split of those JSONs to tabulate.")
+  d("string", "output_md", None, "Also write the table (markdown) here.")
+
 
 PAPER_300W_COMMON_INTERPUPIL = {68: 4.63, 34: 4.95, 19: 5.22}
 
@@ -161,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

@@ -14,14 +14,21 @@ from absl import logging
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines import flags as data_flags
 from data_pipelines import input_pipeline
 from experiments import common  # shared flags, flagfile lookup
+from experiments import config_flags
 from musica_jax import schemes
 
-_OUTPUT = flags.DEFINE_string("output", "", "PNG path to write.")
-_NUM = flags.DEFINE_integer("num_images", 16, "Crops to draw (one training batch).")
-_START = flags.DEFINE_integer("start_step", 0, "Training step whose batch is drawn.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program)."""
+  d = common.define_flag
+  d("string", "output", "", "PNG path to write.")
+  d("integer", "num_images", 16, "Crops to draw (one training batch).")
+  d("integer", "start_step", 0, "Training step whose batch is drawn.")
+
 
 _COLOURS = [(255, 60, 60), (60, 255, 60), (60, 140, 255), (255, 255, 60), (255, 60, 255),
             (60, 255, 255), (255, 160, 40), (160, 90, 255), (255, 255, 255), (140, 255, 140)]
@@ -52,16 +59,17 @@ def draw_grid(images: np.ndarray, landmarks: np.ndarray, num_points: int) -> Ima
 
 def main(argv):
   del argv
-  if not _OUTPUT.value:
+  if not FLAGS.output:
     raise app.UsageError("--output is required (a .png path)")
-  if not flags.FLAGS["verbosity"].present:
+  if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  cfg = data_flags.config_from_flags()
-  batch = next(input_pipeline.train_iterator(cfg, start_step=_START.value))
-  n = min(_NUM.value, len(batch["image"]))
-  draw_grid(batch["image"][:n], batch["landmarks"][:n], cfg.num_points).save(_OUTPUT.value)
-  print(f"wrote {_OUTPUT.value} ({n} crops, dataset {cfg.dataset}, split {cfg.train_split})")
+  cfg = config_flags.data_config_from_flags()
+  batch = next(input_pipeline.train_iterator(cfg, start_step=FLAGS.start_step))
+  n = min(FLAGS.num_images, len(batch["image"]))
+  draw_grid(batch["image"][:n], batch["landmarks"][:n], cfg.num_points).save(FLAGS.output)
+  print(f"wrote {FLAGS.output} ({n} crops, dataset {cfg.dataset}, split {cfg.train_split})")
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

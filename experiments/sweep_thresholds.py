@@ -24,8 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app
 from absl import flags
 
-from data_pipelines import flags as data_flags
 from experiments import common
+from experiments import config_flags
 from experiments import sweep_thresholds_lib
 
 FLAGS = flags.FLAGS
@@ -98,7 +98,7 @@ def main(argv):
   overrides = {}
   if FLAGS.eval_dataset:
     overrides["dataset"] = FLAGS.eval_dataset
-  data_cfg = data_flags.config_from_flags(**overrides)
+  data_cfg = config_flags.data_config_from_flags(**overrides)
   sweep_thresholds_lib.run(config_from_flags(), data_cfg)
 
 

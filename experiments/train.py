@@ -18,7 +18,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from data_pipelines import flags as data_flags
 from experiments import common
 from experiments import config_flags
 from experiments import train_lib
@@ -63,7 +62,7 @@ def config_from_flags() -> train_lib.Config:
   """The run's Config from the parsed flags; a flag out of range or inconsistent is a
   UsageError (one line, before anything is created)."""
   try:
-    data_cfg = data_flags.config_from_flags()
+    data_cfg = config_flags.data_config_from_flags()
     model_cfg = config_flags.model_config_from_flags(data_cfg.num_points)
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from experiments import compare_dlib
+from experiments import peers_lib
 from musica_jax import detector
 
 
@@ -61,9 +61,9 @@ def test_match_detection():
 
 def test_summarise_perfect_and_shifted():
   gt = np.random.default_rng(1).uniform(0, 100, (3, 68, 2))
-  row, io = compare_dlib.summarise(gt, gt)
+  row, io = peers_lib.summarise(gt, gt)
   assert row["nme_interpupil"] == 0 and row["fr_008"] == 0 and row["auc_008"] == 1
-  row, _ = compare_dlib.summarise(gt + [1.0, 0.0], gt)
+  row, _ = peers_lib.summarise(gt + [1.0, 0.0], gt)
   assert row["nme_interocular"] > 0
 
 
@@ -74,10 +74,11 @@ _HAVE_DLIB = (importlib.util.find_spec("dlib") is not None
 @pytest.mark.skipif(not _HAVE_DLIB, reason="dlib / face-recognition-models not installed "
                     "(optional: pip install 'musica-jax[peers]')")
 def test_dlib_smoke(shared_data, tmp_path):
-  assert compare_dlib.find_dlib_model().name == compare_dlib.DLIB_MODEL_FILE
+  assert peers_lib.find_dlib_model().name == peers_lib.DLIB_MODEL_FILE
   out = tmp_path / "cmp.json"
-  res = compare_dlib.compare(str(shared_data / "300w"), str(out), split="lfpw_testset",
-                             fit_max_faces=12, max_faces=8)
+  res = peers_lib.compare(peers_lib.DlibConfig(
+      str(shared_data / "300w"), str(out), split="lfpw_testset", fit_max_faces=12,
+      max_faces=8))
   assert out.exists()
   fit = res["box_fit"]
   assert fit["detector_found"] >= 3
@@ -86,6 +87,7 @@ def test_dlib_smoke(shared_data, tmp_path):
   assert 0 < row["nme_interocular"] < 15, row
   assert row["ms_per_face"] > 0
   # Reusing the fit skips the detector and gives the same numbers.
-  again = compare_dlib.compare(str(shared_data / "300w"), None, split="lfpw_testset",
-                               box_fit_json=str(out), max_faces=8)
+  again = peers_lib.compare(peers_lib.DlibConfig(
+      str(shared_data / "300w"), None, split="lfpw_testset", box_fit_json=str(out),
+      max_faces=8))
   assert again["rows"][0]["nme_interocular"] == pytest.approx(row["nme_interocular"])

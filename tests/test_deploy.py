@@ -168,9 +168,9 @@ def test_shipped_detector_fit_maps_detections_onto_landmark_boxes(shared_data):
   fit): the mapped box overlaps the ground-truth landmark box well, and the default model
   localises the face from it."""
   _needs_dlib()
-  from experiments import compare_dlib
+  from experiments import peers_lib
   from musica_jax import detector, metrics, schemes
-  items = compare_dlib.split_items(str(shared_data / "300w"), "lfpw_testset")[:8]
+  items = peers_lib.split_items(str(shared_data / "300w"), "lfpw_testset")[:8]
   finder = detector.FaceFinder(68)
   p = predictor_lib.Predictor.default()
   ious, nmes = [], []
@@ -226,10 +226,10 @@ def test_tracking_a_real_face_through_a_synthetic_sequence(shared_data, tmp_path
   frames and run through `experiments.predict --video`: one detection, then tracked with a
   low error on every frame."""
   _needs_dlib()
-  from experiments import compare_dlib, deploy_benchmark_lib, predict_lib
+  from experiments import deploy_benchmark_lib, peers_lib, predict_lib
   from musica_jax import metrics, schemes
   from PIL import Image
-  it = compare_dlib.split_items(str(shared_data / "300w"), "helen_testset")[0]
+  it = peers_lib.split_items(str(shared_data / "300w"), "helen_testset")[0]
   frames, gt = deploy_benchmark_lib.synthetic_sequence(
       images_lib.read_image(it.image_path), it.landmarks, 16)
   d = tmp_path / "frames"
