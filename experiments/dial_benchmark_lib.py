@@ -19,10 +19,11 @@ from experiments import common
 from experiments import estimate_calibration
 from musica_jax import cascade
 from musica_jax import cost
+from musica_jax import images as images_lib
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
-from musica_jax import quit_head
+from musica_jax import budget as budget_lib
 from musica_jax import schemes
 
 
@@ -126,7 +127,7 @@ def _load(model: str, max_batch: int):
 
 def _faces(pred, data_cfg, split) -> _Faces:
   data = datasets.load_split(data_cfg, split)
-  photos = [predictor_lib.read_image(io.BytesIO(x), exif_transpose=False) for x in data.images]
+  photos = [images_lib.read_image(io.BytesIO(x), exif_transpose=False) for x in data.images]
   boxes = [np.asarray(bx, np.float64) for bx in data.boxes]
   crops, scale, offset, _, _ = pred.crops(photos, boxes)
   gt = (np.asarray(data.landmarks, np.float64) * scale[:, None, None] + offset[:, None, :])
@@ -137,7 +138,7 @@ def _points(info, budgets, ts_budgets) -> list[tuple[str, dict]]:
   """(name, run_fast keywords) of the full cascade and every working point."""
   points = [("full cascade (fast path, Ts=-inf)", dict())]
   points += [(f"budget {float(x):g}", dict(budget=float(x))) for x in budgets]
-  thresholds = [quit_head.threshold_for_budget(info, float(x)) for x in ts_budgets]
+  thresholds = [budget_lib.threshold_for_budget(info, float(x)) for x in ts_budgets]
   points += [(f"Ts {t:.4g}", dict(ts=t)) for t in thresholds]
   return points
 
@@ -165,15 +166,19 @@ class _Paths:
     return [cascade.run_cascade_jit(pred.params, self.crops[i:i + 1], pred._init,
                                     pred.model_config).landmarks for i in range(self.n1)]
 
-  def fast(self, kw, crops=None):
-    return self.pred.run_fast(self.crops if crops is None else crops,
-                              kw.get("ts", -np.inf), np.inf, kw.get("budget"))
+  def fast(self, kw, crops=None, stream=None):
+    crops = self.crops if crops is None else crops
+    if stream is not None:
+      return stream.run_fast(crops, ts=kw.get("ts", -np.inf))
+    return self.pred.run_fast(crops, ts=kw.get("ts", -np.inf), budget=kw.get("budget"))
 
   def fast_batched(self, kw):
     return lambda: self.fast(kw)
 
   def fast_single(self, kw):
-    return lambda: [self.fast(kw, self.crops[i:i + 1])["landmarks"] for i in range(self.n1)]
+    stream = self.pred.stream(budget=kw.get("budget"))   # single faces keep the budget
+    return lambda: [self.fast(kw, self.crops[i:i + 1], stream)["landmarks"]
+                    for i in range(self.n1)]
 
 
 def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
@@ -188,8 +193,8 @@ def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
   rows = []
   for name, kw in points:
     out_b = paths.fast(kw)
-    paths.pred.reset_budget_streams()     # the batch-1 row: a stream of these faces alone
-    singles = [paths.fast(kw, paths.crops[i:i + 1]) for i in range(f)]
+    stream = paths.pred.stream(budget=kw.get("budget"))   # the batch-1 row: these faces
+    singles = [paths.fast(kw, paths.crops[i:i + 1], stream) for i in range(f)]  # as a stream
     it1 = np.concatenate([s["iterations"] for s in singles])
     lm1 = np.concatenate([s["landmarks"] for s in singles])
     rows.append({"working_point": name, **{k: v for k, v in kw.items()},
@@ -264,12 +269,14 @@ def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) 
           t[k].append(_timed(lambda: pred.predict(photos, boxes, **kw[k])) / nb)
       m = {k: float(np.min(v)) for k, v in t.items()}
     else:
+      # Face by face, each path a stream (the budget's threshold adapts over the faces).
+      streams = {k: pred.stream(**kw[k]) for k in kw}
       per_face = {k: [] for k in kw}
       for i in range(nb):
         best = {k: np.inf for k in kw}
         for r in range(rounds):
           for k in (("full", "dial") if (i + r) % 2 == 0 else ("dial", "full")):
-            best[k] = min(best[k], _timed(lambda: pred.predict(photos[i], boxes[i], **kw[k])))
+            best[k] = min(best[k], _timed(lambda: streams[k].predict(photos[i], boxes[i])))
         for k in kw:
           per_face[k].append(best[k])
       m = {k: float(np.median(v)) for k, v in per_face.items()}

@@ -17,6 +17,7 @@ from data_pipelines import input_pipeline
 from experiments import common
 from experiments import early_exit_policies as eep
 from experiments import estimate_calibration
+from experiments import quit_head_fit
 from musica_jax import cascade
 from musica_jax import metrics
 from musica_jax import quit_head
@@ -144,13 +145,13 @@ def scores_of(name: str, data: dict, fitted: dict) -> np.ndarray:
   if name == "true_error":
     return data["nme"]
   if name == "true_gain":
-    return quit_head.targets(data["nme"], "gain")
-  return quit_head.scores_numpy(fitted[name][1], data["feats"])
+    return quit_head_fit.targets(data["nme"], "gain")
+  return quit_head_fit.scores_numpy(fitted[name][1], data["feats"])
 
 
 def target_of(name: str, data: dict) -> np.ndarray:
   """What design `name`'s score predicts: the gain of the next iteration, or the NME."""
-  return quit_head.targets(data["nme"], "gain") if "gain" in name else data["nme"]
+  return quit_head_fit.targets(data["nme"], "gain") if "gain" in name else data["nme"]
 
 
 def _assess_all(sets: dict, fitted: dict) -> dict:
@@ -221,8 +222,8 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
   fitted = {}
   for name, fields in DESIGNS:
     t0 = time.time()
-    fc = quit_head.FitConfig(steps=cfg.head_steps, **fields)
-    fitted[name] = (fc, quit_head.fit(sets["fit"]["feats"], sets["fit"]["nme"], fc))
+    fc = quit_head_fit.FitConfig(steps=cfg.head_steps, **fields)
+    fitted[name] = (fc, quit_head_fit.fit(sets["fit"]["feats"], sets["fit"]["nme"], fc))
     print(f"fitted {name} in {time.time() - t0:.0f} s", flush=True)
   result["designs"] = _assess_all(sets, fitted)
   best = result["chosen_on_validation"] = choose(result["designs"])

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import estimate_calibration
+from experiments import quit_head_fit
+from musica_jax import budget as budget_lib
 from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import quit_head
@@ -19,9 +21,9 @@ INFO = {"profile": [[1.0, 0.0, 0.0], [1.5, 0.45, 0.05], [2.0, 0.8, 0.2], [2.5, 0
 
 def test_targets_by_hand():
   nme = np.array([[0.10, 0.05], [0.06, 0.045], [0.05, 0.046]])
-  np.testing.assert_allclose(quit_head.targets(nme, "gain"),
+  np.testing.assert_allclose(quit_head_fit.targets(nme, "gain"),
                              [[0.04, 0.005], [0.01, -0.001], [0.0, 0.0]], atol=1e-12)
-  np.testing.assert_allclose(quit_head.targets(nme, "error"), np.log(nme))
+  np.testing.assert_allclose(quit_head_fit.targets(nme, "error"), np.log(nme))
 
 
 def test_features_and_step_length():
@@ -48,24 +50,24 @@ def test_fit_learns_a_planted_relation(kind, loss):
     nme[i + 1] = nme[i] - gain
   if kind == "error":   # the current error itself follows feature 0
     nme = 0.05 * np.exp(0.3 * feats[:, :, 0])
-  head = quit_head.fit(feats, nme, quit_head.FitConfig(kind=kind, loss=loss, steps=400,
+  head = quit_head_fit.fit(feats, nme, quit_head_fit.FitConfig(kind=kind, loss=loss, steps=400,
                                                        hidden_units=16))
   assert head["w1"].shape == (s, d, 16)
-  scores = quit_head.scores_numpy(head, feats)
-  target = quit_head.targets(nme, kind)
+  scores = quit_head_fit.scores_numpy(head, feats)
+  target = quit_head_fit.targets(nme, kind)
   for i in range(s - 1 if kind == "gain" else s):
     assert estimate_calibration.spearman(scores[i], target[i]) > 0.9
   # Deterministic for a seed.
-  again = quit_head.fit(feats, nme, quit_head.FitConfig(kind=kind, loss=loss, steps=400,
+  again = quit_head_fit.fit(feats, nme, quit_head_fit.FitConfig(kind=kind, loss=loss, steps=400,
                                                         hidden_units=16))
   np.testing.assert_array_equal(again["w1"], head["w1"])
 
 
 def test_fit_config_rejects_unknown_kinds():
   with pytest.raises(ValueError, match="kind"):
-    quit_head.FitConfig(kind="speed")
+    quit_head_fit.FitConfig(kind="speed")
   with pytest.raises(ValueError, match="loss"):
-    quit_head.FitConfig(loss="l3")
+    quit_head_fit.FitConfig(loss="l3")
 
 
 def test_save_and_load(tmp_path):
@@ -92,13 +94,13 @@ def test_save_and_load(tmp_path):
 @pytest.mark.parametrize("batch", [1, 5, 64, 100])
 def test_budget_capacities_are_exact_and_nested(batch):
   for budget in np.linspace(1.0, 3.0, 17):
-    caps = quit_head.budget_capacities(INFO, float(budget), batch)
+    caps = budget_lib.budget_capacities(INFO, float(budget), batch)
     assert sum(caps) == round((budget - 1.0) * batch)
     assert batch >= caps[0] >= caps[1] >= 0
   # The split follows the profile: at 2 mean iterations 0.8 / 0.2 of the faces.
-  assert quit_head.budget_capacities(INFO, 2.0, 100) == (80, 20)
+  assert budget_lib.budget_capacities(INFO, 2.0, 100) == (80, 20)
   with pytest.raises(ValueError, match="budget"):
-    quit_head.budget_capacities(INFO, 3.5, batch)
+    budget_lib.budget_capacities(INFO, 3.5, batch)
 
 
 def _stream_iterations(threshold, scores):
@@ -114,9 +116,9 @@ def test_budget_stream_meets_the_budget_on_easier_faces(budget):
   # Scores of faces like INFO's validation faces would give about its table; these are
   # 3x easier (lower scores), so the table's threshold alone under-spends the budget.
   scores = rng.exponential(0.05, (3000, 2)) / 3
-  open_loop = _stream_iterations(quit_head.threshold_for_budget(INFO, budget), scores)
+  open_loop = _stream_iterations(budget_lib.threshold_for_budget(INFO, budget), scores)
   assert open_loop.mean() < budget - 0.3
-  stream = quit_head.BudgetStream(INFO, budget, 3)
+  stream = budget_lib.BudgetStream(INFO, budget, 3)
   its = []
   for face in scores:
     target = stream.target()
@@ -126,18 +128,18 @@ def test_budget_stream_meets_the_budget_on_easier_faces(budget):
   assert abs(stream.mean_iterations - budget) < 0.02
   assert abs(np.mean(its[:64]) - budget) < 0.05        # it learns the shift within ~16 faces
   with pytest.raises(ValueError, match="budget"):
-    quit_head.BudgetStream(INFO, 3.5, 3)
+    budget_lib.BudgetStream(INFO, 3.5, 3)
 
 
 def test_threshold_for_budget_and_budget_iterations():
-  assert quit_head.threshold_for_budget(INFO, 2.0) == pytest.approx(0.05)
-  assert quit_head.threshold_for_budget(INFO, 2.25) == pytest.approx(0.04)
+  assert budget_lib.threshold_for_budget(INFO, 2.0) == pytest.approx(0.05)
+  assert budget_lib.threshold_for_budget(INFO, 2.25) == pytest.approx(0.04)
   per_it = 1e-6 * cost.cascade_macs(CFG, 1)
-  assert quit_head.budget_iterations(CFG, INFO, budget_mmacs=2 * per_it) == pytest.approx(2.0)
-  assert quit_head.budget_iterations(CFG, INFO) is None
+  assert budget_lib.budget_iterations(CFG, INFO, budget_mmacs=2 * per_it) == pytest.approx(2.0)
+  assert budget_lib.budget_iterations(CFG, INFO) is None
   with pytest.raises(ValueError, match="between 1 and 3"):
-    quit_head.budget_iterations(CFG, INFO, 0.5)
+    budget_lib.budget_iterations(CFG, INFO, 0.5)
   with pytest.raises(ValueError, match="not both"):
-    quit_head.budget_iterations(CFG, INFO, 2.0, 5.0)
+    budget_lib.budget_iterations(CFG, INFO, 2.0, 5.0)
   with pytest.raises(ValueError, match="no quitting profile"):
-    quit_head.budget_iterations(CFG, None, 2.0)
+    budget_lib.budget_iterations(CFG, None, 2.0)
