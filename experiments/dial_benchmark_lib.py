@@ -1,7 +1,7 @@
 """The accuracy / compute dial of experiments.dial_benchmark, flag-free: `run(DialConfig,
 data_cfg)` measures every working point (accuracy, then interleaved timing rounds, then
 through Predictor.predict) and returns the result dict it writes; `markdown_table` renders
-the README's table from it."""
+the working-point table of results/dial.md from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -89,7 +89,7 @@ def calibration_plot(estimated, true_nme, path, title) -> dict:
 
 
 def markdown_table(res: dict) -> str:
-  """The README's working-point table from a result of `run`."""
+  """The working-point table (results/dial.md) from a result of `run`."""
   b = res["batch_size"]
   full = res["full_cascade"]
   lines = [f"| working point | mean it. (batch {b} / 1) | MMACs/face | NME inter-pupil, batch {b} "

@@ -1,4 +1,4 @@
-r"""The README's results table, made from evaluation JSONs (experiments.evaluate).
+r"""The 300W results table (README, results/accuracy_300w.md), made from evaluation JSONs (experiments.evaluate).
 
   python -m experiments.results_table --evals=results/300w68_common.json,results/300w34_common.json \
       [--split=common] [--output_md=results/300w_common_table.md]
