@@ -8,29 +8,29 @@ r"""ONNX (and LiteRT/TFLite) export of the cascade: `experiments.export_model --
 
 The program is the one of `--format=stablehlo` (`portable.cascade_function`: standardised
 crops [B, 228, 228, 3] float32 -> landmarks [B, N, 2] in crop pixels, estimated error [B];
-the full cascade; NaN in, NaN out), the side-car JSON `portable.describe`'s with the
-format and the way to load it. model.onnx has a symbolic batch ("B"): the graph runs the
-one-face program in an ONNX Loop over the faces (as `portable` vmaps one face), so any
-batch size runs, at the cost of one face after another (no batching speed-up).
-Run it with onnxruntime:
-`onnxruntime.InferenceSession("DIR/model.onnx").run(None, {"crops": crops})`
--> [estimated_error, landmarks] (by name: `session.get_outputs()`).
+the full cascade; NaN in, NaN out); the side-car JSON is `portable.describe`'s with this
+format's name and loader. model.onnx has a symbolic batch "B": an ONNX Loop runs the
+one-face graph over the faces (as `portable` vmaps one face), so any batch size runs, one
+face after another (no batching speed-up). Weights are float32 initializers.
+  onnxruntime.InferenceSession("DIR/model.onnx").run(None, {"crops": crops})
+  -> [landmarks, estimated_error]
+model.tflite takes crops [1, 228, 228, 3] (signature serving_default, same names).
 
 Converter (issue #29): tf2onnx 1.17 (maintained; TensorFlow graph -> ONNX). It cannot
 convert the SavedModel of `--format=savedmodel`: jax2tf in this JAX (0.10) only does
-native serialization (the deprecated `native_serialization=False` / `enable_xla=False`
-are ignored), so that graph is one `XlaCallModule` op holding StableHLO, and tf2onnx has
-no handler for it ("pass1 convert failed for name: StatefulPartitionedCall/XlaCallModule").
+native serialization (`native_serialization=False` / `enable_xla=False` are deprecated and
+ignored), so that graph is one `XlaCallModule` op holding StableHLO, which tf2onnx has no
+handler for ("pass1 convert failed for name: StatefulPartitionedCall/XlaCallModule"), and
+which TFLite's converter refuses ("failed to legalize operation 'mhlo.real_dynamic_slice'").
 jax2onnx (0.17.1) needs orbax-checkpoint < 0.11.37 (the project pins 0.12.8). So this
-module lowers the cascade's jaxpr to plain TensorFlow ops itself (`JaxprToTF`: the ~45
-lax primitives the cascade uses, each one TF op or a few; constant sub-expressions are
-evaluated with JAX at conversion time; `scan` unrolled; gather/scatter through gather_nd /
-tensor_scatter_nd_update with XLA's index semantics) and hands that graph to tf2onnx
-(`tf2onnx.convert.from_function`, the same converter as from a SavedModel). An
-unsupported primitive (e.g. an ablation model's top_k-free paths are covered; a model
-using others) is one line naming it. The same plain-ops graph at batch 1 is what
-`--format=tflite` gives to `tf.lite.TFLiteConverter` (the XlaCallModule SavedModel cannot
-be converted).
+module lowers the cascade's jaxpr to plain TensorFlow ops itself (`JaxprToTF`: the lax
+primitives the cascade and its ablation variants use, each one TF op or a few; what is
+known at conversion time is computed with JAX itself; `scan` unrolled; gather/scatter
+with XLA's index semantics) and hands the batch-1 graph to tf2onnx
+(`tf2onnx.convert.from_function`, the converter of `--saved-model` minus the file) and to
+`tf.lite.TFLiteConverter.from_saved_model`. A primitive it does not lower is one line
+naming it. Why not ONNX straight from the jaxpr: tf2onnx does the ONNX side (op choice
+per opset, its graph optimisations) and the same TF graph gives TFLite.
 
 Needs TensorFlow, tf2onnx and onnx (`pip install 'musica-jax[onnx]'`): this module is in
 experiments/, never imported by musica_jax.
@@ -54,6 +54,7 @@ ONNX_FILE = "model.onnx"
 TFLITE_FILE = "model.tflite"
 OPSET = 17                     # tf2onnx 1.17 goes up to 18; onnxruntime runs both
 INSTALL_HINT = "pip install 'musica-jax[onnx]'"
+_BF16 = np.dtype(jnp.bfloat16)
 _CATCH_ERRORS = "TF2ONNX_CATCH_ERRORS"    # tf2onnx.constants.ENV_TF2ONNX_CATCH_ERRORS
 
 
@@ -133,9 +134,10 @@ class JaxprToTF:
     return [read(v) for v in jaxpr.outvars]
 
   def t(self, x, dtype=None):
-    """x as a tf.Tensor."""
+    """x as a tf.Tensor (bfloat16 values as float32: see p_convert_element_type)."""
     if _is_const(x):
-      return self.tf.constant(np.asarray(x, dtype))
+      x = np.asarray(x, dtype)
+      return self.tf.constant(x.astype(np.float32) if x.dtype == _BF16 else x)
     return x
 
   def eqn(self, eqn, ins):
@@ -240,7 +242,14 @@ class JaxprToTF:
     return out
 
   def p_convert_element_type(self, eqn, ins):
-    return self.tf.cast(self.t(ins[0]), np.dtype(eqn.params["new_dtype"]))
+    """bfloat16 (compute_dtype="bfloat16") is carried as float32 holding bfloat16 values
+    (rounded here): onnxruntime's CPU kernels have no bfloat16 MatMul, and a product of
+    two bfloat16 numbers is exact in float32, as XLA's bf16 x bf16 -> f32 products."""
+    tf = self.tf
+    x, new = self.t(ins[0]), np.dtype(eqn.params["new_dtype"])
+    if new == _BF16:
+      return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
+    return tf.cast(x, new)
 
   def p_clamp(self, eqn, ins):
     lo, x, hi = (self.t(v) for v in ins)

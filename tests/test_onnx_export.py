@@ -108,23 +108,43 @@ def test_onnx_default_model_file_side_car_batch_and_nan(default_export):
   assert np.isfinite(got["landmarks"][[0, 2]]).all()
 
 
-def _phone_predictor():
-  """The phone model's layout (experiments/configs/300w_mobile.flags: 23 patches, levels
-  1 then 0, no local attention) with random weights whose heads move the landmarks by a
-  few pixels (no trained phone model ships)."""
+def _random_predictor(num_patches, **overrides):
+  """A 68-point model with random weights whose heads move the landmarks (by pixels to
+  tens of pixels) and whose recurrent layer matters; the shipped mean shape."""
   from musica_jax import config as config_lib
   from musica_jax import schemes
   from musica_jax import stage_net
-  cfg = config_lib.for_scheme(schemes.get_scheme(68), 23, levels=(1, 0), use_attention=False)
+  cfg = config_lib.for_scheme(schemes.get_scheme(68), num_patches, **overrides)
   params = stage_net.init_stacked(jax.random.key(0), cfg)
-  k1, k2 = jax.random.split(jax.random.key(1))
   head = params["head"]
-  head["bias"] = head["bias"].at[:, :-1].set(3.0 * jax.random.normal(k1, head["bias"][:, :-1].shape))
+  head["bias"] = head["bias"].at[:, :-1].set(
+      3.0 * jax.random.normal(jax.random.key(1), head["bias"][:, :-1].shape))
   head["kernel"] = head["kernel"] * 50
-  params["recurrent"]["kernel"] = params["recurrent"]["kernel"] * 4
+  params["recurrent"] = {k: v * 4 for k, v in params["recurrent"].items()}
   params = jax.tree.map(np.asarray, params)
-  mean = model_io.load("default").mean_shape
-  return predictor_lib.Predictor(params, cfg, mean)
+  return predictor_lib.Predictor(params, cfg, model_io.load("default").mean_shape)
+
+
+def _phone_predictor():
+  """The phone model's layout (experiments/configs/300w_mobile.flags: 23 patches, levels
+  1 then 0, no local attention), random weights (no trained phone model ships)."""
+  return _random_predictor(23, levels=(1, 0), use_attention=False)
+
+
+@pytest.mark.slow      # one conversion each (~5 s)
+@pytest.mark.parametrize("overrides", [
+    {"extractor": "inverted_bottleneck"}, {"global_attention": "fc"},
+    {"global_attention": "gcn"}, {"compute_dtype": "bfloat16"}, {"recurrent_rank": 16}],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_onnx_ablation_variants_match_the_cascade(overrides):
+  """The Table 4 variants, bf16 compute and the factored recurrent layer convert too."""
+  from experiments import onnx_export
+  pred = _random_predictor(19, hidden_size=32, **overrides)
+  session = ort.InferenceSession(onnx_export.convert_onnx(pred).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+  crops = np.random.default_rng(0).normal(size=(2, 228, 228, 3)).astype(np.float32)
+  assert np.abs(pred.run_fast(crops)["landmarks"] - pred.mean_shape).max() > 1
+  _check_parity(session, pred, crops)
 
 
 @pytest.mark.slow      # ~15-25 s on 2 loaded cores (one more conversion)
