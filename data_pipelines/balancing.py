@@ -68,7 +68,8 @@ def top_faces(bal: Balancing, file_ids, k: int = 20) -> list[dict]:
   """The k faces with the largest score and their oversampling ratio vs the median face."""
   if bal.weights is None:
     return []
-  order = np.argsort(-bal.score if bal.method == "gdb" else -np.abs(bal.score - np.median(bal.score)))
+  rarity = bal.score if bal.method == "gdb" else np.abs(bal.score - np.median(bal.score))
+  order = np.argsort(-rarity)
   med = np.median(bal.weights)
   return [{"file_id": str(file_ids[i]), "score": float(bal.score[i]),
            "weight": float(bal.weights[i]), "oversampling_vs_median": float(bal.weights[i] / med)}

@@ -172,13 +172,13 @@ def build(cfg: config_lib.DataConfig, images, landmarks, boxes,
 def _photo_sizes(images) -> np.ndarray | None:
   """int64 [M, 2] (height, width) of encoded photos from their headers (PIL reads only
   the header); None if one cannot be read."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # noqa: PLC0415
   out = np.zeros((len(images), 2), np.int64)
   try:
     for i, data in enumerate(images):
       with Image.open(io.BytesIO(data)) as im:
         out[i] = im.size[::-1]
-  except Exception:  # pylint: disable=broad-except  (PIL raises many kinds)
+  except Exception:  # noqa: BLE001  (PIL raises many kinds)
     return None
   return out
 
@@ -198,7 +198,7 @@ def as_tensor(mosaic: np.ndarray) -> tf.Tensor:
   if mosaic.flags["C_CONTIGUOUS"] and mosaic.ctypes.data % 64 == 0:
     try:
       return tf.experimental.dlpack.from_dlpack(mosaic.__dlpack__())
-    except Exception:  # pylint: disable=broad-except  (an older TF without numpy's dlpack)
+    except Exception:  # noqa: BLE001  (an older TF without numpy's dlpack)
       pass
   return tf.constant(mosaic)
 

@@ -222,7 +222,7 @@ def check_image(path: str) -> tuple[int, int]:
     with Image.open(path) as im:
       im.load()
       w, h = im.size
-  except Exception as e:  # PIL raises many kinds for corrupt files.
+  except Exception as e:  # noqa: BLE001  (PIL raises many kinds for corrupt files)
     raise DataError(path, f"corrupt image: {type(e).__name__}: {e}") from None
   if w < 2 or h < 2:
     raise DataError(path, f"corrupt image: size {w}x{h}")

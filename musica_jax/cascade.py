@@ -21,7 +21,8 @@ origin, level size, step scale) arrays: no Python branch per stage.
 Speed: the per-patch network runs in a channel-major layout. On CPU it is chunked over
 groups of faces (`stage_features`): intermediates stay in cache instead of being
 hundreds of MB of fresh allocations. On GPU/TPU (`ModelConfig.execution`) every patch of the batch
-goes through one batched pass: chunks there would be dozens of small sequential kernels. `stage_step` is the straightforward reference (one
+goes through one batched pass: chunks there would be dozens of small sequential kernels.
+`stage_step` is the straightforward reference (one
 gather into [B, P, 14, 14, 3], the Flax module); the tests loop it over the stages.
 """
 from __future__ import annotations

@@ -77,8 +77,10 @@ class ModelConfig:
   def __post_init__(self):
     object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
     object.__setattr__(self, "levels", tuple(int(l) for l in self.levels))
-    if not self.patch_indices or max(self.patch_indices) >= self.num_landmarks or min(self.patch_indices) < 0:
-      raise ValueError(f"patch_indices must be non-empty indices into {self.num_landmarks} landmarks")
+    if (not self.patch_indices or max(self.patch_indices) >= self.num_landmarks
+        or min(self.patch_indices) < 0):
+      raise ValueError(f"patch_indices must be non-empty indices into {self.num_landmarks} "
+                       f"landmarks")
     if not self.levels or min(self.levels) < 0:
       raise ValueError(f"levels must be non-negative pyramid levels, got {self.levels}")
     if self.image_size % (2 ** max(self.levels)):

@@ -105,8 +105,8 @@ def fit_box_mapping(input_boxes, target_boxes) -> BoxMapping:
 def iou(box, boxes) -> np.ndarray:
   box = np.asarray(box, np.float64)
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  x0 = np.maximum(box[0], boxes[:, 0]); y0 = np.maximum(box[1], boxes[:, 1])
-  x1 = np.minimum(box[2], boxes[:, 2]); y1 = np.minimum(box[3], boxes[:, 3])
+  x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+  x1, y1 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
   inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
   area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
   return inter / (area(box) + area(boxes) - inter)

@@ -64,4 +64,5 @@ def to_crop(points, scale, offset):
 
 
 def from_crop(points, scale, offset):
-  return (np.asarray(points) - np.asarray(offset)[..., None, :]) / np.asarray(scale)[..., None, None]
+  shifted = np.asarray(points) - np.asarray(offset)[..., None, :]
+  return shifted / np.asarray(scale)[..., None, None]

@@ -332,7 +332,8 @@ def _declare_global_attention(cfg: ModelConfig) -> dict:
   if cfg.global_attention == "fc":
     return dense("global_attention", p * d, p)
   if cfg.global_attention == "gcn":
-    return {**dense("global_attention", d, cfg.gcn_hidden), **dense("global_attention_out", cfg.gcn_hidden, 1)}
+    return {**dense("global_attention", d, cfg.gcn_hidden),
+            **dense("global_attention_out", cfg.gcn_hidden, 1)}
   return {}
 
 
