@@ -561,10 +561,9 @@ def tf_function(pred):
 def side_car(pred, fmt: str, load: str, batch: str, command: str) -> dict:
   """`portable.describe` (the stablehlo side-car: inputs, outputs, crop rule, mean shape)
   with this format's name, loader and batch."""
-  info = portable.describe(pred.model_config, pred.mean_shape, ["cpu"],
-                           portable.weight_dtype(pred.params),
+  info = portable.describe(pred.model_config, pred.mean_shape, ["cpu"], "float32",
                            dict(pred.metadata, exported_with=command))
-  info.update(format=f"musica-jax-{fmt}", load=load)
+  info.update(format=f"musica-jax-{fmt}", load=load)     # weights: float32 constants
   info["input"]["batch"] = batch
   info.pop("platforms", None)
   return info
@@ -668,17 +667,17 @@ def export_onnx(output: str, pred, command: str = "python -m experiments.export_
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   atomic_io.write(out / ONNX_FILE, lambda f: f.write(blob), binary=True)
+  cfg = pred.model_config
+  print(f"wrote {out / ONNX_FILE} ({len(blob) / 1e6:.1f} MB, opset {OPSET}, batch B, "
+        f"{cfg.num_landmarks} landmarks / {cfg.num_patches} patches)")
   info = side_car(pred, "onnx", "onnxruntime.InferenceSession(PATH).run(None, "
-                  "{'crops': crops}) -> outputs by name (session.get_outputs())",
+                  "{'crops': crops}) -> [landmarks, estimated_error]",
                   "symbolic 'B' (any B >= 1; an ONNX Loop runs the faces one after "
                   "another)", command)
   info["opset"] = OPSET
   info["converter"] = "experiments/onnx_export.py (jaxpr -> TF ops) + tf2onnx " + \
       importlib.import_module("tf2onnx").__version__
   common.write_json(out / (ONNX_FILE + ".json"), info, indent=1)
-  cfg = pred.model_config
-  print(f"wrote {out / ONNX_FILE} ({len(blob) / 1e6:.1f} MB, opset {OPSET}, batch B, "
-        f"{cfg.num_landmarks} landmarks / {cfg.num_patches} patches)")
   return {"output": str((out / ONNX_FILE).resolve()), "bytes": len(blob), **info}
 
 
@@ -703,9 +702,9 @@ def export_tflite(output: str, pred, command: str = "python -m experiments.expor
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   atomic_io.write(out / TFLITE_FILE, lambda f: f.write(blob), binary=True)
-  info = side_car(pred, "tflite", "tf.lite.Interpreter(model_path=PATH) (or "
-                  "ai_edge_litert.interpreter.Interpreter): input crops [1, S, S, 3]",
-                  "fixed: 1", command)
-  common.write_json(out / (TFLITE_FILE + ".json"), info, indent=1)
   print(f"wrote {out / TFLITE_FILE} ({len(blob) / 1e6:.1f} MB, batch 1)")
+  info = side_car(pred, "tflite", "tf.lite.Interpreter(model_path=PATH) (or ai_edge_litert"
+                  "'s Interpreter).get_signature_runner()(crops=crops) -> {'landmarks', "
+                  "'estimated_error'}", "fixed: 1", command)
+  common.write_json(out / (TFLITE_FILE + ".json"), info, indent=1)
   return {"output": str((out / TFLITE_FILE).resolve()), "bytes": len(blob), **info}
