@@ -7,7 +7,7 @@ StableHLO program (musica_jax.portable).
       --output=DIR [--platforms=cpu,cuda]
 
 --format=musica (default): DIR gets model.json (config, mean shape, metadata) and
-params.npz. Load it with `musica_jax.predictor.Predictor.from_saved_model(DIR)` or
+params.npz. Load it with `musica_jax.predictor.Predictor.from_model_dir(DIR)` or
 `--model=DIR` of experiments.predict. No TensorFlow needed.
 
 --format=stablehlo: DIR gets model.stablehlo, a serialized `jax.export` program with a
