@@ -42,33 +42,23 @@ from musica_jax import predictor as predictor_lib
 FLAGS = flags.FLAGS
 
 
-def _define(kind, name, default, help_, **kw):
-  """Defines a flag unless another entry point imported in this process already did."""
-  if name not in FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_, **kw)
-
-
 def define_flags():
   """The flags of this entry point (defined when run as a program, so importing the
   module for its functions defines none)."""
-  _define("string", "output", None, "Model directory to write (created).")
-  if "dtype" not in FLAGS:
-    flags.DEFINE_enum("dtype", "float32", list(model_io.DTYPES), "Parameter storage dtype.")
-  _define("string", "checkpoint", "latest", "Checkpoint step to export, 'latest' or 'best'.")
-  _define("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) to "
-          "store in the metadata.")
-  _define("string", "name", None, "Optional model name stored in the metadata.")
-  if "format" not in FLAGS:
-    flags.DEFINE_enum("format", "musica", ["musica", "stablehlo", "savedmodel", "onnx",
-                                           "tflite"],
-                      "musica: model.json + params.npz; stablehlo: a serialized jax.export "
-                      "program; savedmodel: the same program in a TensorFlow SavedModel; "
-                      "onnx: model.onnx (symbolic batch); tflite: model.tflite (batch 1).")
-  _define("string", "model", None, "--format=stablehlo: export this model directory "
-          "('default': the shipped model) instead of --workdir.")
-  _define("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
-
-
+  d = common.define_flag
+  d("string", "output", None, "Model directory to write (created).")
+  d("enum", "dtype", "float32", "Parameter storage dtype.", enum_values=list(model_io.DTYPES))
+  d("string", "checkpoint", "latest", "Checkpoint step to export, 'latest' or 'best'.")
+  d("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) to "
+    "store in the metadata.")
+  d("string", "name", None, "Optional model name stored in the metadata.")
+  d("enum", "format", "musica", "musica: model.json + params.npz; stablehlo: a serialized "
+    "jax.export program; savedmodel: the same program in a TensorFlow SavedModel; onnx: "
+    "model.onnx (symbolic batch); tflite: model.tflite (batch 1).",
+    enum_values=["musica", "stablehlo", "savedmodel", "onnx", "tflite"])
+  d("string", "model", None, "--format=stablehlo: export this model directory "
+    "('default': the shipped model) instead of --workdir.")
+  d("list", "platforms", ["cpu", "cuda"], "--format=stablehlo: lowering platforms.")
 
 
 def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = "latest",

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -68,6 +69,10 @@ def test_dial_through_predictor_picks_the_budget_and_times_both_paths_per_face()
     def predict(self, photos, boxes, budget=None):
       calls.append((len(photos) if isinstance(photos, list) else 1, budget))
       return np.zeros(1)
+
+    def stream(self, budget=None):          # face by face: a stream keeps the budget
+      return types.SimpleNamespace(
+          predict=lambda photos, boxes: self.predict(photos, boxes, budget=budget))
 
   rows = [{"working_point": f"budget {b}", "budget": b,
            "batch4": {"nme_change_vs_full_pct": c}, "batch1": {"nme_change_vs_full_pct": c1}}
