@@ -107,7 +107,8 @@ def render(path, attention, mean_shape, patch_indices, scheme, title: str = "") 
       g = mean_shape[list(idx)]
       ax.plot(g[:, 0], g[:, 1], "-", color="0.8", lw=0.8, zorder=1)
     ax.scatter(mean_shape[:, 0], mean_shape[:, 1], s=4, c="0.6", zorder=2)
-    sc = ax.scatter(pts[:, 0], pts[:, 1], c=v, s=marker * (40 + 260 * (v - lo) / max(hi - lo, 1e-9)),
+    size = marker * (40 + 260 * (v - lo) / max(hi - lo, 1e-9))
+    sc = ax.scatter(pts[:, 0], pts[:, 1], c=v, s=size,
                     cmap="inferno", vmin=lo, vmax=hi, edgecolors="k", linewidths=0.4,
                     zorder=3)
     p = int(np.argmax(v))
@@ -117,7 +118,8 @@ def render(path, attention, mean_shape, patch_indices, scheme, title: str = "") 
     ax.set_title(f"{name}\nmax: landmark {lm} ({part_of(scheme, lm)}) {v[p]:.3f}", fontsize=9)
     ax.set_aspect("equal")
     ax.invert_yaxis()
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_yticks([])
   fig.colorbar(sc, ax=axes.tolist(), shrink=0.8, label="mean patch attention")
   if title:
     fig.suptitle(title, fontsize=10)

@@ -172,7 +172,8 @@ def _time_paths(paths: dict, faces: int, rounds: int):
         best = min(best, time.perf_counter() - t0)
       fastest[k].append(best)
       if out and out[0] is not None:
-        results[k][0].append(out[0]); results[k][1].append(out[1])
+        results[k][0].append(out[0])
+        results[k][1].append(out[1])
   return fastest, results
 
 
@@ -313,7 +314,8 @@ def video_section(pred, item, image, frames, t_fail) -> dict:
     if len(p):
       k = int(np.argmin([np.abs(p.landmarks[j] - g).mean() for j in range(len(p))]))
       nme.append(float(_nme(p.landmarks[k][None], g[None], "interocular")[0]))
-      est.append(float(p.estimated_error[k])); iters.append(int(p.iterations[k]))
+      est.append(float(p.estimated_error[k]))
+      iters.append(int(p.iterations[k]))
     else:
       nme.append(np.nan)
   nme = np.asarray(nme)

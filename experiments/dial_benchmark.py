@@ -9,9 +9,9 @@ quitting score) on the faces of --split: mean iterations, MMACs per face, NME
 (inter-pupil / inter-ocular) and wall-clock ms/face at batch --batch_size and at batch 1,
 each beside the full cascade (the masked `cascade.run_cascade`, what every face paid
 before early exit saved time) timed in the same run, interleaved round by round (this
-machine is noisy: only ratios from one run are compared; each path's fastest round). Then the same through
-`Predictor.predict` from decoded photos and boxes (crop included), and a reliability plot
-of the estimated error E (the per-face quality score that Tf thresholds).
+machine is noisy: only ratios from one run are compared; each path's fastest round).
+Then the same through `Predictor.predict` from decoded photos and boxes (crop included),
+and a reliability plot of the estimated error E (the per-face quality score that Tf thresholds).
 
 Batch 1 with a budget: one face cannot run a fraction of an iteration, so it quits on a
 threshold the predictor adapts face by face to keep the stream's mean iterations at the

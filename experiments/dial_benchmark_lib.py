@@ -158,12 +158,12 @@ class _Paths:
       part = crops[s:s + b]
       if part.shape[0] < b:
         part = jnp.concatenate([part, jnp.zeros((b - part.shape[0],) + part.shape[1:])])
-      outs.append(cascade.run_cascade_jit(pred.params, part, pred._init, pred.model_config))
+      outs.append(cascade.run_cascade_jit(pred.params, part, pred.init_shape, pred.model_config))
     return outs
 
   def full_single(self):
     pred = self.pred
-    return [cascade.run_cascade_jit(pred.params, self.crops[i:i + 1], pred._init,
+    return [cascade.run_cascade_jit(pred.params, self.crops[i:i + 1], pred.init_shape,
                                     pred.model_config).landmarks for i in range(self.n1)]
 
   def fast(self, kw, crops=None, stream=None):

@@ -151,8 +151,9 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
           f"mean-shape baseline {summary['mean_shape_baseline']['nme_interocular']:.2f}% "
           f"inter-ocular", flush=True)
     if early:
-      print(f"  early exit Ts={ts} budget={budget} Tf={t_fail}: mean iterations {summary['mean_iterations']:.2f}, "
-            f"NME {summary['nme_early_exit']:.2f}%, invalid {summary['invalid_fraction'] * 100:.1f}%")
+      print(f"  early exit Ts={ts} budget={budget} Tf={t_fail}: mean iterations "
+            f"{summary['mean_iterations']:.2f}, NME {summary['nme_early_exit']:.2f}%, "
+            f"invalid {summary['invalid_fraction'] * 100:.1f}%")
     if with_dlib:
       entry, dlib_io = dlib_rows(data_cfg, split, per_face, model_cfg, summary, info,
                                  dlib_box_fit_json)

@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 def _calling_module(depth: int) -> str:
   """The name of the module `depth` frames above the caller of this function, as absl
   names it (sys.argv[0] for the program run as __main__)."""
-  name = sys._getframe(depth + 1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  name = sys._getframe(depth + 1).f_globals.get("__name__", "")  # noqa: SLF001
   return sys.argv[0] if name == "__main__" else name
 
 

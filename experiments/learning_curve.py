@@ -134,7 +134,8 @@ def main(argv):
   runs = {label: read_run(w) for label, w in zip(labels, FLAGS.workdirs)}
   summary = {label: {"workdir": w, **summarise(runs[label], FLAGS.metric, FLAGS.fit_points)}
              for label, w in zip(labels, FLAGS.workdirs)}
-  summary = {"metric": FLAGS.metric, "command": "python -m experiments.learning_curve " + " ".join(sys.argv[1:]), "runs": summary}
+  command = "python -m experiments.learning_curve " + " ".join(sys.argv[1:])
+  summary = {"metric": FLAGS.metric, "command": command, "runs": summary}
   print(strict_json.dumps(summary, indent=1))
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, summary)

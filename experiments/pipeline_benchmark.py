@@ -59,9 +59,9 @@ def benchmark(cfg, num_batches: int, warmup: int) -> dict:
 def end_to_end(cfg, num_batches: int, warmup: int, rounds: int = 2) -> dict:
   """Train-step samples/s on one fixed batch, and with the pipeline feeding every step
   (num_batches steps each, in `rounds` alternations)."""
-  import functools  # pylint: disable=g-import-not-at-top
-  import jax
-  from musica_jax import parallel, schemes, training
+  import functools  # noqa: PLC0415
+  import jax  # noqa: PLC0415  (JAX after TensorFlow's set-up)
+  from musica_jax import parallel, schemes, training  # noqa: PLC0415
   model_cfg = config_flags.model_config_from_flags(cfg.num_points)
   train_cfg = training.TrainConfig()
   mesh = parallel.make_mesh()

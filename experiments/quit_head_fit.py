@@ -115,5 +115,6 @@ def fit(feats: np.ndarray, nme: np.ndarray, cfg: FitConfig) -> dict:
 
 def scores_numpy(params: dict, feats: np.ndarray) -> np.ndarray:
   """Scores [S, F] of every stage's head on feats [S, F, D] (analysis; numpy in/out)."""
-  out = jax.vmap(quit_head.apply)(jax.tree.map(jnp.asarray, params), jnp.asarray(feats, jnp.float32))
+  out = jax.vmap(quit_head.apply)(jax.tree.map(jnp.asarray, params),
+                                  jnp.asarray(feats, jnp.float32))
   return np.asarray(out, np.float64)

@@ -1,14 +1,16 @@
-r"""The 300W results table (README, results/accuracy_300w.md), made from evaluation JSONs (experiments.evaluate).
+r"""The 300W results table (README, results/accuracy_300w.md), made from evaluation JSONs
+(experiments.evaluate).
 
-  python -m experiments.results_table --evals=results/300w68_common.json,results/300w34_common.json \
-      [--split=common] [--output_md=results/300w_common_table.md]
+  python -m experiments.results_table \
+      --evals=results/300w68_common.json,results/300w34_common.json [--split=common]
+      [--output_md=results/300w_common_table.md]
 
 One row per evaluation (and dlib's row once, from the first JSON that holds a side by side),
 with the training budget read from the run's workdir when it still exists: steps, batch
 size, the split the run evaluated on during training (where "the best checkpoint" was chosen;
-or the JSON's `checkpoint_chosen_on`), and training time from metrics.jsonl: the sum of the logged intervals
-("train/interval_s"), i.e. the wall time of the training processes from start-up to the
-step (periodic evaluations included; steps redone after a resume counted once). Runs
+or the JSON's `checkpoint_chosen_on`), and training time from metrics.jsonl: the sum of the
+logged intervals ("train/interval_s"), i.e. the wall time of the training processes from
+start-up to the step (periodic evaluations included; steps redone after a resume counted once). Runs
 logged before 2026-11-28 have no intervals but a running-average speed since their process
 started; their time is (steps since the process started) / (that speed), per process, a
 new process being recognised by a step that does not increase.

@@ -1,7 +1,8 @@
 r"""Early-exit analysis ("knowing when to quit", paper 3.2): Ts sweep, Tf, Figures 1, 2, 7.
 
-  python -m experiments.sweep_thresholds --flagfile=300w68.flags (--workdir=W | --model=DIR|default) \
-      --output_json=sweep.json --plot=figure2.png [--eval_split=common]
+  python -m experiments.sweep_thresholds --flagfile=300w68.flags \
+      (--workdir=W | --model=DIR|default) --output_json=sweep.json --plot=figure2.png
+      [--eval_split=common]
       [--figure7_workdirs=W19,W34 [--figure7_plot=P --figure7_json=J]]
       [--figure1=figure1.png --figure1_faces=6 --figure1_ts=0.03]
       [--target_nme=3.5,4 --working_iterations=1.5,2 --working_mmacs=100]

@@ -71,7 +71,7 @@ class MetricWriter:
     self._seen = set()
     if self.enabled:
       self._keep_up_to(int(resume_step))
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorflow as tf  # noqa: PLC0415
       self._tf = tf
       self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
 

@@ -128,7 +128,7 @@ class Predictor:
     self.min_batch = min_batch
     self.metadata = dict(metadata or {})
     self.params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
-    self._init = jnp.asarray(mean_shape)
+    self.init_shape = jnp.asarray(mean_shape)     # the cascade's start, on the device
     self.quit_info = quit_info
     # The failure threshold `predict` uses when given none (model.json's default_t_fail,
     # chosen on a validation split; inf: every face valid).
@@ -270,7 +270,7 @@ class Predictor:
       mask = None if b == n else np.arange(b) < n
       # Threshold buckets from b/16 up: fewer branches to compile, at most 1/16 of the
       # batch computed for nothing.
-      out = run(part, self._init, ts_b, t_fail, capacities=caps, mask=mask,
+      out = run(part, self.init_shape, ts_b, t_fail, capacities=caps, mask=mask,
                 min_bucket=max(1, b // 16))
       if stream is None:
         pending.append((out, n, target))   # dispatched: the device runs it meanwhile

@@ -31,7 +31,8 @@ def run_cascade_unrolled(params, images, init_shape, config, ts=-np.inf, t_fail=
     p_i = jax.tree.map(lambda x: x[i], params)
     xs_i = jax.tree.map(lambda x: x[i], xs)
     shape, hidden, err, att = cascade.stage_step(config, p_i, atlas, shape, hidden, xs_i)
-    shapes.append(shape); errors.append(err); atts.append(att); hiddens.append(hidden)
+    for out, x in ((shapes, shape), (errors, err), (atts, att), (hiddens, hidden)):
+      out.append(x)
     for f in range(b):
       if not done[f]:
         out_shape = out_shape.at[f].set(shape[f])
@@ -127,9 +128,9 @@ def test_update_follows_equation_one():
   bias[:, :-1] = 1.0
   params["head"]["bias"] = jnp.asarray(bias)
   out = cascade.run_cascade_jit(params, images, init, cfg)
-  np.testing.assert_allclose(out.shapes[0], jnp.broadcast_to(init + 4, out.shapes[0].shape), atol=1e-5)
-  np.testing.assert_allclose(out.shapes[1], jnp.broadcast_to(init + 6, out.shapes[1].shape), atol=1e-5)
-  np.testing.assert_allclose(out.shapes[2], jnp.broadcast_to(init + 7, out.shapes[2].shape), atol=1e-5)
+  for i, moved in enumerate((4, 6, 7)):
+    np.testing.assert_allclose(out.shapes[i], jnp.broadcast_to(init + moved, out.shapes[i].shape),
+                               atol=1e-5)
 
 
 def test_masking_freezes_each_face_where_error_drops_below_ts():

@@ -247,7 +247,8 @@ def test_carve_is_a_function_of_the_ids_and_keeps_photos_whole():
 
 
 def test_val_needs_train_fit_and_a_fraction():
-  with pytest.raises(ValueError, match="--train_split: 'train' with --eval_split=val: train on train_fit"):
+  with pytest.raises(ValueError,
+                     match="--train_split: 'train' with --eval_split=val: train on train_fit"):
     config_lib.validate(config_lib.DataConfig(train_split="train", eval_split="common,val"))
   with pytest.raises(ValueError, match="--val_fraction"):
     config_lib.validate(config_lib.DataConfig(train_split="train_fit", val_fraction=0.0))

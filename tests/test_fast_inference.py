@@ -54,7 +54,8 @@ def _frozen_sample(atlas, centres, level, origin, level_size, patch_size):
 
 def _frozen_stage(cfg, params, patches, hidden):
   dense = lambda x, p: x @ p["kernel"] + p["bias"]
-  conv = lambda x, p: stage_net.im2col3x3(x) @ p["kernel"].reshape(-1, p["kernel"].shape[-1]) + p["bias"]
+  conv = lambda x, p: (stage_net.im2col3x3(x) @ p["kernel"].reshape(-1, p["kernel"].shape[-1])
+                       + p["bias"])
   b, p = patches.shape[:2]
   x = stage_net.max_pool2x2(nn.relu(conv(patches, params["conv1"])))
   c2 = nn.relu(conv(x, params["conv2"]))

@@ -98,7 +98,8 @@ def test_a_tiny_run_trains_the_weighted_loss_and_records_it(tmp_path, tiny_flags
   state = training.create_train_state(config.model, config.train)
   head = state.params["head"]
   noise = jax.random.normal(jax.random.key(3), head["bias"].shape)
-  state = state.replace(params={**state.params, "head": {**head, "bias": head["bias"] + 20 * noise}})
+  head = {**head, "bias": head["bias"] + 20 * noise}
+  state = state.replace(params={**state.params, "head": head})
   batch = next(input_pipeline.train_iterator(config.data, start_step=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
   init = jnp.asarray(run["mean_shape"])

@@ -388,7 +388,8 @@ def test_evaluate_names_the_damaged_step_and_walks_back_for_latest(checkpointed,
                  "--synthetic_test_size=8", "--eval_batch_size=8",
                  f"--tfds_dir={tmp_path / 'tfds'}"]
   r = _run_all({
-      "step6": ("evaluate", [*common_args, "--checkpoint=6", f"--output_json={tmp_path / 'a.json'}"]),
+      "step6": ("evaluate", [*common_args, "--checkpoint=6",
+                             f"--output_json={tmp_path / 'a.json'}"]),
       "latest": ("evaluate", [*common_args, f"--output_json={tmp_path / 'b.json'}"])})
   assert_one_line_error(r["step6"], "evaluate", "step 6", "damaged")
   rc, so, se = r["latest"]
