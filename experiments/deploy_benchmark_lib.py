@@ -47,8 +47,7 @@ class DeployConfig:
 
 
 def _nme(pred, gt, kind="interpupil"):
-  return np.asarray(metrics.per_face_nme(np.asarray(pred, np.float64),
-                                         np.asarray(gt, np.float64), schemes.IBUG68, kind))
+  return metrics.per_face_nme_numpy(pred, gt, schemes.IBUG68, kind)
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from musica_jax import cost
 from musica_jax import images as images_lib
 from musica_jax import losses
 from musica_jax import metrics
-from musica_jax import predictor as predictor_lib
 from musica_jax import budget as budget_lib
+from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
 
 
@@ -40,52 +40,10 @@ class DialConfig:
   calibration_png: str | None = None
 
 
-def _nme(landmarks, gt, scheme) -> dict:
-  lm, gt = jnp.asarray(landmarks), jnp.asarray(gt)
-  return {kind: float(np.mean(np.asarray(metrics.per_face_nme(lm, gt, scheme, kind))) * 100)
-          for kind in ("interpupil", "interocular")}
-
-
 def _timed(fn) -> float:
   t = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - t
-
-
-def calibration_plot(estimated, true_nme, path, title) -> dict:
-  """Reliability diagram: faces binned by E (deciles), mean true NME per bin vs mean E."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  e, t = np.asarray(estimated, np.float64), np.asarray(true_nme, np.float64)
-  edges = np.quantile(e, np.linspace(0, 1, 11))
-  which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, 9)
-  bins = [{"mean_estimated": float(e[which == k].mean()), "mean_true": float(t[which == k].mean()),
-           "faces": int((which == k).sum())} for k in range(10) if (which == k).any()]
-  fig, ax = plt.subplots(1, 2, figsize=(10, 4.2))
-  ax[0].scatter(e * 100, t * 100, s=5, alpha=0.4, label="faces")
-  ax[0].plot([b["mean_estimated"] * 100 for b in bins], [b["mean_true"] * 100 for b in bins],
-             "o-", color="C3", label="decile means")
-  lim = max(np.quantile(e, 0.99), np.quantile(t, 0.99)) * 100
-  ax[0].plot([0, lim], [0, lim], "k--", lw=0.8, label="perfect calibration")
-  ax[0].set(xlim=(0, lim), ylim=(0, lim), xlabel="estimated error E (%)",
-            ylabel="true error (%, the estimate's target)", title="reliability")
-  ax[0].legend(fontsize=8)
-  order = np.argsort(-e)
-  frac = np.arange(1, e.size + 1) / e.size
-  ax[1].plot(frac * 100, np.cumsum(t[order]) / np.arange(1, e.size + 1) * 100,
-             label="faces of highest E first")
-  ax[1].plot(frac * 100, np.cumsum(np.sort(t)[::-1]) / np.arange(1, e.size + 1) * 100, "--",
-             label="oracle (highest true error first)")
-  ax[1].axhline(t.mean() * 100, color="grey", lw=0.8, label="random order")
-  ax[1].set(xlabel="faces flagged (%)", ylabel="mean true error of flagged faces (%)",
-            title="what a threshold on E flags")
-  ax[1].legend(fontsize=8)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return {"bins": bins}
 
 
 def markdown_table(res: dict) -> str:
@@ -188,7 +146,7 @@ def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
   full_outs = paths.full_batched()
   ref = np.concatenate([np.asarray(o.landmarks) for o in full_outs])[:f]
   final_e = np.concatenate([np.asarray(o.errors[-1]) for o in full_outs])[:f]
-  full_nme = _nme(ref, gt, scheme)
+  full_nme = metrics.mean_nme_percent(ref, gt, scheme)
   paths.full_single()
   rows = []
   for name, kw in points:
@@ -200,10 +158,10 @@ def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
     rows.append({"working_point": name, **{k: v for k, v in kw.items()},
                  f"batch{b}": {"mean_iterations": float(out_b["iterations"].mean()),
                                "mmacs_per_face": float(out_b["iterations"].mean() * per_it),
-                               "nme": _nme(out_b["landmarks"], gt, scheme)},
+                               "nme": metrics.mean_nme_percent(out_b["landmarks"], gt, scheme)},
                  "batch1": {"mean_iterations": float(it1.mean()),
                             "mmacs_per_face": float(it1.mean() * per_it),
-                            "nme": _nme(lm1, gt, scheme)}})
+                            "nme": metrics.mean_nme_percent(lm1, gt, scheme)}})
   return rows, ref, final_e, full_nme
 
 
@@ -291,12 +249,13 @@ def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) 
 def _calibration(ref, final_e, gt, scheme, path, split) -> dict:
   """E after the last iteration against its training target (the rectified L1 error over
   the outer-eye distance): correlations and the reliability plot at `path`."""
+  from experiments import policy_plots  # noqa: PLC0415  (matplotlib: only for the plot)
   target = np.asarray(losses.per_iteration_error(
       jnp.asarray(ref[None], jnp.float32), jnp.asarray(gt, jnp.float32),
       scheme.outer_eye_corners))[0]
   out = {"png": path, "pearson": estimate_calibration.pearson(final_e, target),
          "spearman": estimate_calibration.spearman(final_e, target),
-         **calibration_plot(final_e, target, path,
+         **policy_plots.reliability_plot(final_e, target, path,
                             f"estimated error E vs its target (L1 / outer-eye distance), "
                             f"{split} ({len(ref)} faces), after the last iteration")}
   print(f"wrote {path}")

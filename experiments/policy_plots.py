@@ -75,7 +75,7 @@ def t_fail_plot(t_fail: dict, path, title: str = "",
   _save(fig, path)
 
 
-def calibration_plot(estimated, true_error, path, title: str = "") -> None:
+def estimate_scatter(estimated, true_error, path, title: str = "") -> None:
   """Scatter of estimated vs true error, one panel per iteration."""
   estimated = np.asarray(estimated)
   true_error = np.asarray(true_error)
@@ -177,3 +177,35 @@ def figure1(images, shapes, estimated, ts: float, path, title: str = "",
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   _save(fig, path)
+
+
+def reliability_plot(estimated, true_nme, path, title: str = "") -> dict:
+  """Reliability diagram: faces binned by E (deciles), mean true NME per bin vs mean E."""
+  e, t = np.asarray(estimated, np.float64), np.asarray(true_nme, np.float64)
+  edges = np.quantile(e, np.linspace(0, 1, 11))
+  which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, 9)
+  bins = [{"mean_estimated": float(e[which == k].mean()), "mean_true": float(t[which == k].mean()),
+           "faces": int((which == k).sum())} for k in range(10) if (which == k).any()]
+  fig, ax = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+  ax[0].scatter(e * 100, t * 100, s=5, alpha=0.4, label="faces")
+  ax[0].plot([b["mean_estimated"] * 100 for b in bins], [b["mean_true"] * 100 for b in bins],
+             "o-", color="C3", label="decile means")
+  lim = max(np.quantile(e, 0.99), np.quantile(t, 0.99)) * 100
+  ax[0].plot([0, lim], [0, lim], "k--", lw=0.8, label="perfect calibration")
+  ax[0].set(xlim=(0, lim), ylim=(0, lim), xlabel="estimated error E (%)",
+            ylabel="true error (%, the estimate's target)", title="reliability")
+  ax[0].legend(fontsize=8)
+  order = np.argsort(-e)
+  frac = np.arange(1, e.size + 1) / e.size
+  ax[1].plot(frac * 100, np.cumsum(t[order]) / np.arange(1, e.size + 1) * 100,
+             label="faces of highest E first")
+  ax[1].plot(frac * 100, np.cumsum(np.sort(t)[::-1]) / np.arange(1, e.size + 1) * 100, "--",
+             label="oracle (highest true error first)")
+  ax[1].axhline(t.mean() * 100, color="grey", lw=0.8, label="random order")
+  ax[1].set(xlabel="faces flagged (%)", ylabel="mean true error of flagged faces (%)",
+            title="what a threshold on E flags")
+  ax[1].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+  return {"bins": bins}

@@ -18,7 +18,6 @@ from experiments import common
 from musica_jax import images as images_lib
 from musica_jax import predictor as predictor_lib
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,9 +81,10 @@ def image_paths(images: list[str], image_dir: str | None) -> list[str]:
     d = pathlib.Path(image_dir)
     if not d.is_dir():
       raise app.UsageError(f"--image_dir={image_dir}: not a directory")
-    found = sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    found = sorted(str(p) for p in d.iterdir() if p.suffix.lower() in readers.IMAGE_EXTENSIONS)
     if not found:
-      raise app.UsageError(f"--image_dir={image_dir}: no {'/'.join(IMAGE_EXTENSIONS)} files")
+      kinds = "/".join(readers.IMAGE_EXTENSIONS)
+      raise app.UsageError(f"--image_dir={image_dir}: no {kinds} files")
     paths += found
   if not paths:
     raise app.UsageError("give --image=PATH (repeatable, or a comma list) or --image_dir=DIR")
@@ -333,9 +333,10 @@ def video_frames(source: str):
   naming --video when there is nothing to read at all."""
   p = pathlib.Path(source)
   if p.is_dir():
-    files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in readers.IMAGE_EXTENSIONS)
     if not files:
-      raise app.UsageError(f"--video={source}: no {'/'.join(IMAGE_EXTENSIONS)} frames in it")
+      kinds = "/".join(readers.IMAGE_EXTENSIONS)
+      raise app.UsageError(f"--video={source}: no {kinds} frames in it")
 
     def read(f):
       try:

@@ -193,7 +193,7 @@ def _plots(cfg, title, a, t_fail, true_error) -> list[str]:
                                           if cfg.t_fail_ts is not None else ", full cascade"),
                            nme_label=f"NME of valid faces, {cfg.norm} (%)")
   cal_png = str(pathlib.Path(plot).with_suffix(".calibration.png"))
-  policy_plots.calibration_plot(a["estimated"], true_error, cal_png, title=title)
+  policy_plots.estimate_scatter(a["estimated"], true_error, cal_png, title=title)
   return [plot, t_fail_png, cal_png]
 
 

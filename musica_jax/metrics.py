@@ -43,6 +43,19 @@ def per_face_nme(pred, target, scheme: LandmarkScheme, kind: str, box=None):
   return err / normalising_distance(target, scheme, kind, box)
 
 
+def per_face_nme_numpy(pred, target, scheme: LandmarkScheme, kind: str = "interpupil",
+                       box=None) -> np.ndarray:
+  """`per_face_nme` of numpy (or jax) arrays, as a numpy array."""
+  return np.asarray(per_face_nme(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+                                 scheme, kind, box))
+
+
+def mean_nme_percent(pred, target, scheme: LandmarkScheme,
+                     kinds=("interpupil", "interocular")) -> dict[str, float]:
+  """{kind: mean NME over the faces, in percent} for each normalisation in `kinds`."""
+  return {k: float(per_face_nme_numpy(pred, target, scheme, k).mean()) * 100 for k in kinds}
+
+
 def _errors(nme) -> np.ndarray:
   """Per-face NMEs as float64 with every non-finite value (NaN, -inf, inf) set to +inf:
   a prediction that is not a number is as wrong as can be."""
