@@ -96,11 +96,6 @@ def split_sizes(cfg: config_lib.DataConfig) -> dict:
   return {s: datasets.split_size(cfg, s) for s in datasets.available_splits(cfg)}
 
 
-def sampling_weights(cfg: config_lib.DataConfig, data=None) -> balancing_lib.Balancing:
-  data = data if data is not None else datasets.load_split(cfg, cfg.train_split)
-  return balancing_lib.compute(cfg, data.landmarks)
-
-
 # ---------------------------------------------------------------------------------------
 # Training.
 

@@ -50,10 +50,6 @@ class SyntheticFaceConfig:
 # Canonical shapes.
 
 
-def _lerp_curve(xs, y_of_x):
-  return np.stack([xs, y_of_x(xs)], -1)
-
-
 def _eye_points(p, num_points):
   """Left eye (image left, x < 0). Returns (points, pupil)."""
   cx, cy, half_w = -0.42, -0.28 - 0.02 * p["brow_raise"], 0.19
