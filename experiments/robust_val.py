@@ -66,6 +66,9 @@ def config_from_flags() -> robust_val_lib.RobustValConfig:
   common.int_flag_at_least("max_faces", FLAGS.max_faces, 0)
   for name in ("quality_fail_nme", "min_flagged", "max_false_alarms", "yaw_fraction"):
     common.finite_flag(name, getattr(FLAGS, name), positive=True)
+  for name in ("min_flagged", "max_false_alarms", "yaw_fraction"):
+    if getattr(FLAGS, name) > 1:
+      raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: a fraction, at most 1")
   return robust_val_lib.RobustValConfig(
       output_json=FLAGS.output_json, model=FLAGS.model, split=FLAGS.split,
       conditions=tuple(FLAGS.conditions), max_faces=FLAGS.max_faces,

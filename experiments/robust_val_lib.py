@@ -35,7 +35,9 @@ from data_pipelines import robust_val
 from experiments import common
 from experiments import estimate_calibration
 from musica_jax import cascade
+from musica_jax import face_frame
 from musica_jax import images as images_lib
+from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
@@ -97,62 +99,62 @@ def meets_target(table: dict, min_flagged: float, max_false_alarms: float) -> di
   return {"every_condition": all(per.values()), "per_condition": per}
 
 
-def _rates_at(thresholds, e_sorted_by_cond):
-  """For sorted E arrays of several groups: fraction of each group with E >= t, for each
-  t: [G, T]."""
-  return np.stack([1.0 - np.searchsorted(s, thresholds, side="left") / max(s.size, 1)
-                   for s in e_sorted_by_cond]) if e_sorted_by_cond else np.zeros((0, len(thresholds)))
+def _condition_ok(thresholds, e, failed, cond, names, min_flagged, max_false_alarms):
+  """bool [C, T]: condition c meets the target at threshold t (flagged = E >= t), and the
+  flagged fraction of its failed faces and its false-alarm fraction [C, T] (NaN: none)."""
+  t = np.asarray(thresholds, np.float64)
+
+  def at(values):
+    if not values.size:
+      return np.full(t.shape, np.nan)
+    return 1.0 - np.searchsorted(np.sort(values), t, side="left") / values.size
+  rec = np.stack([at(e[(cond == c) & failed]) for c in names])
+  fa = np.stack([at(e[(cond == c) & ~failed]) for c in names])
+  ok = (np.isnan(rec) | (rec >= min_flagged)) & (np.isnan(fa) | (fa <= max_false_alarms))
+  return ok, rec, fa
 
 
 def choose_robust_t_fail(estimated, nme, condition, fail_nme: float = 0.10,
                          min_flagged: float = 0.5, max_false_alarms: float = 0.02) -> dict:
-  """Tf on E meeting the target in every condition, when one exists.
+  """Tf on E for the target in every condition, or in as many as any Tf can.
 
-  Flagged = E >= Tf. Each condition's flagged fraction of its failed faces falls as Tf
-  rises, and so does its false-alarm fraction, so the Tfs that meet the target form an
-  interval [lo, hi]: lo the lowest Tf with at most max_false_alarms in every condition, hi
-  the highest with at least min_flagged in every condition that has failed faces. Chosen:
-  the geometric middle of [lo, hi] (the most room on both sides for faces not seen here).
-  No such Tf (lo > hi): the Tf that minimises the worst relative shortfall over conditions,
-  max(shortfall of flagged / min_flagged, excess false alarms / max_false_alarms), where
-  the conditions themselves conflict."""
+  Flagged = E >= Tf. In each condition the flagged fraction of its failed faces falls as
+  Tf rises, and so does its false-alarm fraction, so the Tfs meeting the target there form
+  an interval. Rule: among the thresholds, those meeting the target in the most conditions
+  (every condition when one can); of their contiguous runs the longest (in log Tf); Tf =
+  its geometric middle, the most room on both sides for faces not seen here. "feasible":
+  whether that is every condition."""
   e = np.asarray(estimated, np.float64)
   e = np.where(np.isfinite(e), e, np.inf)
   n = np.asarray(nme, np.float64)
   cond = np.asarray(condition)
   failed = ~(n <= fail_nme)
   names = list(dict.fromkeys(cond.tolist()))
-  fails = [np.sort(e[(cond == c) & failed]) for c in names if ((cond == c) & failed).any()]
-  oks = [np.sort(e[(cond == c) & ~failed]) for c in names if ((cond == c) & ~failed).any()]
-  cand = np.unique(np.concatenate([e[np.isfinite(e)], [np.inf]]))
-  # A threshold just above each value too: flagged = E >= t, so t = v flags v, t = v+ not.
-  cand = np.unique(np.concatenate([cand, np.nextafter(cand, np.inf)]))
-  rec = _rates_at(cand, fails).min(0) if fails else np.ones(cand.size)
-  fa = _rates_at(cand, oks).max(0) if oks else np.zeros(cand.size)
-  ok_fa, ok_rec = fa <= max_false_alarms, rec >= min_flagged
-  out = {"rule": None, "feasible": bool((ok_fa & ok_rec).any())}
-  if out["feasible"]:
-    lo, hi = float(cand[ok_fa].min()), float(cand[ok_rec].max())
-    t = float(np.sqrt(lo * hi)) if np.isfinite(hi) and lo > 0 else lo
-    out.update(t_fail=t, interval=[lo, hi],
-               rule=f"the geometric middle of the Tfs that flag >= {min_flagged:g} of the "
-                    f"faces above NME {fail_nme:g} with <= {max_false_alarms:g} false alarms "
-                    f"in every condition (flagged: E >= Tf)")
-  else:
-    worst = np.maximum(np.maximum(min_flagged - rec, 0.0) / min_flagged,
-                       np.maximum(fa - max_false_alarms, 0.0) / max_false_alarms)
-    i = int(np.argmin(worst))
-    out.update(t_fail=float(cand[i]), worst_relative_shortfall=float(worst[i]),
-               lowest_t_with_false_alarms_ok=float(cand[ok_fa].min()),
-               highest_t_with_flagged_ok=float(cand[ok_rec].max()) if ok_rec.any() else None,
-               rule=f"no Tf meets the target in every condition: the Tf minimising the worst "
-                    f"relative shortfall (flagged below {min_flagged:g} / {min_flagged:g}, "
-                    f"false alarms above {max_false_alarms:g} / {max_false_alarms:g})")
-  t = np.array([out["t_fail"]])
-  out["worst_condition_flagged_failed_rate"] = (float(_rates_at(t, fails).min()) if fails
-                                                else None)
-  out["worst_condition_false_alarm_rate"] = float(_rates_at(t, oks).max()) if oks else None
-  return out
+  vals = np.unique(e[np.isfinite(e) & (e > 0)])
+  # A threshold at each value and just above it (t = v flags v, t = v+ does not).
+  cand = np.unique(np.concatenate([vals, np.nextafter(vals, np.inf)]))
+  ok, rec, fa = _condition_ok(cand, e, failed, cond, names, min_flagged, max_false_alarms)
+  count = ok.sum(0)
+  best = int(count.max())
+  top = np.flatnonzero(count == best)
+  runs = np.split(top, np.flatnonzero(np.diff(top) > 1) + 1)
+  run = max(runs, key=lambda r: (np.log(cand[r[-1]] / cand[r[0]]), -r[0]))
+  lo, hi = float(cand[run[0]]), float(cand[run[-1]])
+  t = float(np.sqrt(lo * hi))
+  ok_t, rec_t, fa_t = _condition_ok([t], e, failed, cond, names, min_flagged, max_false_alarms)
+  missed = [c for c, o in zip(names, ok_t[:, 0]) if not o]
+  return {
+      "t_fail": t, "feasible": best == len(names), "interval": [lo, hi],
+      "conditions_meeting_target": best, "conditions": len(names),
+      "conditions_missing_target": missed,
+      "rule": (f"flagged = E >= Tf; the thresholds that flag >= {min_flagged:g} of the faces "
+               f"above NME {fail_nme:g} with <= {max_false_alarms:g} false alarms in the most "
+               f"conditions ({best} of {len(names)}); Tf = the geometric middle of their "
+               f"longest run [{lo:.4f}, {hi:.4f}]"),
+      "worst_condition_flagged_failed_rate": (float(np.nanmin(rec_t)) if np.isfinite(rec_t).any()
+                                              else None),
+      "worst_condition_false_alarm_rate": (float(np.nanmax(fa_t)) if np.isfinite(fa_t).any()
+                                           else None)}
 
 
 def isotonic_fit(x, y, max_knots: int = 64) -> dict:
@@ -262,13 +264,16 @@ def _per_iteration(pred, faces, scheme, batch: int) -> tuple[np.ndarray, np.ndar
   return nme, errors.astype(np.float64)
 
 
-def _estimate_stats(e, nme) -> dict:
-  fin = np.isfinite(e) & np.isfinite(nme)
-  e, nme = e[fin], nme[fin]
+def _estimate_stats(e, nme, target) -> dict:
+  fin = np.isfinite(e) & np.isfinite(nme) & np.isfinite(target)
+  e, nme, target = e[fin], nme[fin], target[fin]
   if not e.size:
     return {}
   failed = nme > 0.10
   return {"mean": float(e.mean()), "median": float(np.median(e)),
+          "median_target": float(np.median(target)),
+          "spearman_vs_target": estimate_calibration.spearman(e, target),
+          "median_target_over_true_nme": float(np.median(target / np.maximum(nme, 1e-9))),
           "median_true_nme": float(np.median(nme)),
           "median_true_over_estimated": float(np.median(nme / np.maximum(e, 1e-9))),
           "underestimated_fraction": float(np.mean(e < nme)),
@@ -282,8 +287,19 @@ def score_condition(pred, faces, scheme, cfg: RobustValConfig) -> dict:
   """One condition's per-face arrays: NMEs, E, and per-iteration NME/E (optional)."""
   p = pred.predict([f.image for f in faces], [f.box for f in faces], t_fail=np.inf)
   gt = np.stack([f.landmarks for f in faces])
+  scale, offset = face_frame.crop_frames(np.stack([f.box for f in faces]))
+  gt_crop = gt * scale[:, None, None] + offset[:, None, :]
+  # E's training target (rectified L1 over the outer-eye distance, crop pixels) and the
+  # roll of the predicted shape (outer eye corners), for the analysis of E.
+  target = np.asarray(losses.per_iteration_error(
+      jnp.asarray(p.crop_landmarks[None], jnp.float32), jnp.asarray(gt_crop, jnp.float32),
+      scheme.outer_eye_corners))[0]
+  a, b = scheme.outer_eye_corners
+  d = p.landmarks[:, b] - p.landmarks[:, a]
   out = {"nme": _nme_all(p.landmarks, gt, scheme),
          "estimated": np.asarray(p.estimated_error, np.float64),
+         "target": target.astype(np.float64),
+         "roll_deg": np.degrees(np.arctan2(d[:, 1], d[:, 0])).astype(np.float64),
          "file_ids": [f.file_id for f in faces]}
   if cfg.per_iteration:
     out["nme_per_iteration"], out["estimated_per_iteration"] = _per_iteration(
@@ -302,13 +318,35 @@ def summarise_condition(s: dict) -> dict:
     row["nme_interocular_per_iteration"] = [float(x.mean() * 100) for x in s["nme_per_iteration"]]
     row["mean_estimated_per_iteration"] = [float(x.mean()) for x in s["estimated_per_iteration"]]
     row["failed_010_per_iteration"] = [int((~(x <= 0.10)).sum()) for x in s["nme_per_iteration"]]
-  row["estimated_error"] = _estimate_stats(s["estimated"], io_)
+  row["estimated_error"] = _estimate_stats(s["estimated"], io_, s["target"])
   return row
+
+
+def condition_ranges(estimated, nme, condition, names, fail_nme, min_flagged,
+                     max_false_alarms) -> dict:
+  """Per condition, the Tfs that meet each half of the target there: false alarms within
+  bound from `false_alarms_ok_from` up; flagged fraction of the failed faces within bound
+  up to `flagged_ok_up_to` (None: no failed faces)."""
+  e = np.asarray(estimated, np.float64)
+  e = np.where(np.isfinite(e), e, np.inf)
+  n, cond = np.asarray(nme, np.float64), np.asarray(condition)
+  failed = ~(n <= fail_nme)
+  vals = np.unique(e[np.isfinite(e)])
+  cand = np.unique(np.concatenate([vals, np.nextafter(vals, np.inf)]))
+  _, rec, fa = _condition_ok(cand, e, failed, cond, names, min_flagged, max_false_alarms)
+  out = {}
+  for i, c in enumerate(names):
+    fa_ok = np.isnan(fa[i]) | (fa[i] <= max_false_alarms)
+    rec_ok = rec[i] >= min_flagged
+    out[c] = {"false_alarms_ok_from": float(cand[fa_ok].min()) if fa_ok.any() else None,
+              "flagged_ok_up_to": (None if np.isnan(rec[i]).all() else
+                                   float(cand[rec_ok].max()) if rec_ok.any() else 0.0)}
+  return out
 
 
 def analysis(rows: dict, quality: dict) -> list[str]:
   """Sentences drawn from the numbers: which conditions hurt most, at which iteration
-  the error appears, and how E reads against the truth."""
+  the error appears, how E reads against the truth, and what keeps Tf from the target."""
   out = []
   clean = rows.get("clean")
   order = sorted(rows, key=lambda c: -rows[c]["nme_interocular"])
@@ -321,16 +359,31 @@ def analysis(rows: dict, quality: dict) -> list[str]:
     if "nme_interocular_per_iteration" in clean:
       for c in worst:
         it, ci = rows[c]["nme_interocular_per_iteration"], clean["nme_interocular_per_iteration"]
-        gain = [it[0] - it[-1], ci[0] - ci[-1]]
-        out.append(f"{c}: NME per iteration {' -> '.join(f'{x:.2f}' for x in it)} "
-                   f"(clean {' -> '.join(f'{x:.2f}' for x in ci)}): the refinement removes "
-                   f"{gain[0]:.2f} points against {gain[1]:.2f} on clean faces; faces above "
-                   f"0.10 after each iteration {rows[c]['failed_010_per_iteration']}.")
-  under = sorted(rows, key=lambda c: -(rows[c]["estimated_error"].get("median_true_over_estimated")
-                                      or 0))
+        fails = rows[c]["failed_010_per_iteration"]
+        if fails[-1] >= fails[-2] and fails[-1] > 0:
+          why = ("the last iteration does not reduce the failures (the refinement stalls on "
+                 "them)")
+        elif fails[0] >= 2 * max(fails[-1], 1):
+          why = ("most failures are there after the first iteration (the start: the upright "
+                 "mean shape in the box) and the later iterations recover most of them")
+        else:
+          why = "the failures shrink at every iteration"
+        out.append(f"{c}: NME per iteration {' -> '.join(f'{x:.2f}' for x in it)} (clean "
+                   f"{' -> '.join(f'{x:.2f}' for x in ci)}); faces above 0.10 after each "
+                   f"iteration {fails}: {why}.")
+  est = {c: rows[c]["estimated_error"] for c in rows}
+  under = sorted(rows, key=lambda c: -(est[c].get("median_true_over_estimated") or 0))
   out.append("E against the true inter-ocular NME (median true / E; Spearman): " + "; ".join(
-      f"{c} {rows[c]['estimated_error']['median_true_over_estimated']:.2f}, "
-      f"{rows[c]['estimated_error']['spearman']:.2f}" for c in under[:5]) + ".")
+      f"{c} {est[c]['median_true_over_estimated']:.2f}, {est[c]['spearman']:.2f}"
+      for c in under) + ".")
+  if all("median_target_over_true_nme" in est[c] for c in rows):
+    ratios = [est[c]["median_target_over_true_nme"] for c in rows]
+    out.append(f"E's training target (rectified L1 / outer-eye distance) is "
+               f"{min(ratios):.2f}-{max(ratios):.2f} x the inter-ocular NME in every "
+               f"condition, so a misread E is the estimate's own error, not the metric's: "
+               f"median E / target " + ", ".join(
+                   f"{c} {est[c]['median'] / est[c]['median_target']:.2f}"
+                   for c in [under[0], "clean", under[-1]] if c in est) + ".")
   d = quality["default"]
   missed = [c for c, r in d["table"].items() if c != "all" and r["failed"]
             and r["flagged_failed"] / r["failed"] < quality["min_flagged"]]
@@ -339,6 +392,24 @@ def analysis(rows: dict, quality: dict) -> list[str]:
                f"{quality['min_flagged']:.0%} of the failed faces in: " + ", ".join(
                    f"{c} ({d['table'][c]['flagged_failed']}/{d['table'][c]['failed']})"
                    for c in missed) + ".")
+  ranges = quality.get("per_condition_tf_range", {})
+  if ranges and not quality["recalibrated"]["feasible"]:
+    hi = [(c, r["flagged_ok_up_to"]) for c, r in ranges.items()
+          if r["flagged_ok_up_to"] is not None]
+    lo = [(c, r["false_alarms_ok_from"]) for c, r in ranges.items()
+          if r["false_alarms_ok_from"] is not None]
+    c_hi, t_hi = min(hi, key=lambda x: x[1])
+    c_lo, t_lo = max(lo, key=lambda x: x[1])
+    alone = [c for c, r in ranges.items() if r["flagged_ok_up_to"] is not None
+             and r["false_alarms_ok_from"] is not None
+             and r["false_alarms_ok_from"] > r["flagged_ok_up_to"]]
+    out.append(f"No threshold on E (nor on any increasing calibration of it) meets the "
+               f"target everywhere: {c_lo} needs Tf >= {t_lo:.4f} for at most "
+               f"{quality['max_false_alarms']:.0%} false alarms, {c_hi} needs Tf <= "
+               f"{t_hi:.4f} to flag {quality['min_flagged']:.0%} of its failures"
+               + (f"; {', '.join(alone)} cannot meet it even alone (E does not rank its "
+                  f"failed faces above the others well enough)" if alone else "")
+               + ". The fix is in the estimate (trained on such faces), not in Tf.")
   return out
 
 
@@ -415,6 +486,7 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
                     "median_true": float(np.median(scored[c]["nme"]["interocular"]))}
                 for c in names}
   quality = {
+      "per_condition_tf_range": condition_ranges(est, nme, cond, names, *q),
       "fail_nme": cfg.quality_fail_nme, "min_flagged": cfg.min_flagged,
       "max_false_alarms": cfg.max_false_alarms,
       "flagged_means": "estimated error E >= Tf (Predictor.predict: valid = E < Tf)",
@@ -456,7 +528,14 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
       "conditions": rows, "quality_score": quality,
       "per_face": {c: {"file_id": scored[c]["file_ids"],
                        "nme_interocular": np.round(scored[c]["nme"]["interocular"], 6).tolist(),
-                       "estimated_error": np.round(scored[c]["estimated"], 6).tolist()}
+                       "estimated_error": np.round(scored[c]["estimated"], 6).tolist(),
+                       "estimated_error_target": np.round(scored[c]["target"], 6).tolist(),
+                       "predicted_roll_deg": np.round(scored[c]["roll_deg"], 3).tolist(),
+                       **({"estimated_error_per_iteration":
+                           np.round(scored[c]["estimated_per_iteration"].T, 6).tolist(),
+                           "nme_interocular_per_iteration":
+                           np.round(scored[c]["nme_per_iteration"].T, 6).tolist()}
+                          if "nme_per_iteration" in scored[c] else {})}
                    for c in names},
       "seconds": None}
   result["analysis"] = analysis(rows, quality)
@@ -466,7 +545,7 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
     result["ced_png"] = cfg.ced_png
     print(f"wrote {cfg.ced_png}")
   result["seconds"] = time.time() - t0
-  common.write_json(cfg.output_json, result)
+  common.write_json(cfg.output_json, result, indent=1)
   return result
 
 
@@ -490,13 +569,22 @@ def _quality_rows(table: dict) -> list[str]:
 
 def markdown_report(res: dict) -> str:
   """The per-condition table, the quality-score tables and the analysis."""
-  rows, q = res["conditions"], res["quality_score"]
+  rows, q, tr = res["conditions"], res["quality_score"], res["transforms"]
   per_it = any("nme_interocular_per_iteration" in r for r in rows.values())
   head = ("| condition | faces | NME io % (vs clean) | NME ip % | FR@0.08 | FR@0.10 | AUC@0.10 "
           + ("| NME io per iteration " if per_it else "")
           + "| median E | median true | Spearman(E, NME) |")
   lines = [f"# Robust-val: {res.get('model_name') or res.get('model_path')} on {res['split']} "
            f"({res['faces']} faces)", "", f"Command: `{res['command']}`", "",
+           f"Conditions (data_pipelines.robust_val, seed {res['seed']}): face size = "
+           f"{tr['face_size']}; downscale_Spx: to an S-px face and back; jpeg_qQ; "
+           f"motion_blur: a line of {tr['motion_blur_length_frac']:g} x face size, random "
+           f"direction; defocus_blur: a disk of radius {tr['defocus_radius_frac']:g} x face "
+           f"size; rotate_D: +-D deg about the face centre, box = {tr['rotation_box']}; "
+           f"strong_yaw: the {tr['yaw_fraction']:.0%} most asymmetric faces (half-face width "
+           f"ratio) + their mirrors (flip permutation, label shift {tr['flip_label_shift']:g} "
+           f"px); occlusion_P: a grey or noise rectangle over P% of the box; box_jitter_F: "
+           f"the evaluation jitter rule. Box: {tr['box']}.", "",
            head, "|" + "---|" * (head.count("|") - 1)]
   for c, r in rows.items():
     e = r["estimated_error"]
@@ -521,9 +609,19 @@ def markdown_report(res: dict) -> str:
             f"({r['t_fail_in_isotonic_units']:.4f} in calibrated units), chosen on "
             f"{r['chosen_on']}: target met in every condition: "
             f"{r['meets_target']['every_condition']}", "", f"Rule: {r['rule']}."]
-  if r.get("interval"):
-    lines.append(f"Tfs meeting the target: [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}].")
+  if not r["feasible"]:
+    lines.append(f"No Tf meets the target in every condition; at most "
+                 f"{r['conditions_meeting_target']} of {r['conditions']} "
+                 f"(missing at Tf: {', '.join(r['conditions_missing_target'])}).")
   lines += [""] + _quality_rows(r["table"])
+  ranges = q.get("per_condition_tf_range")
+  if ranges:
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    lines += ["", "Per condition, the Tfs that meet each half of the target there:", "",
+              f"| condition | <= {q['max_false_alarms']:.0%} false alarms for Tf >= | "
+              f">= {q['min_flagged']:.0%} of failures flagged for Tf <= |", "|---|---|---|"]
+    lines += [f"| {c} | {fmt(v['false_alarms_ok_from'])} | {fmt(v['flagged_ok_up_to'])} |"
+              for c, v in ranges.items()]
   cv = r["cross_validated"]
   lines += ["", f"Held out (2 folds by photo; Tf per fold "
             f"{', '.join(f'{t:.4f}' for t in cv['t_fail_per_fold'])}): target met in every "
@@ -539,5 +637,5 @@ def markdown_report(res: dict) -> str:
     lines.append(f"| {c} | {m['median_estimated']:.4f} | {m['median_isotonic']:.4f} | "
                  f"{m['median_scaled']:.4f} | {m['median_true']:.4f} |")
   lines += ["", f"Installing: {q['install']}", "", "## Analysis"] + [
-      f"- {s}" for s in res["analysis"]]
+      f"- {s}" for s in analysis(rows, q)]
   return "\n".join(lines) + "\n"
