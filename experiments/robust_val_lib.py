@@ -234,8 +234,7 @@ def _load_faces(data_cfg, split: str, max_faces: int) -> list[robust_val.Face]:
 
 
 def _nme_all(pred_lm, gt, scheme) -> dict:
-  p, g = jnp.asarray(pred_lm, jnp.float32), jnp.asarray(gt, jnp.float32)
-  return {k: np.asarray(metrics.per_face_nme(p, g, scheme, k), np.float64)
+  return {k: metrics.per_face_nme_numpy(pred_lm, gt, scheme, k).astype(np.float64)
           for k in metrics.NORMALISATIONS}
 
 
@@ -258,9 +257,8 @@ def _per_iteration(pred, faces, scheme, batch: int) -> tuple[np.ndarray, np.ndar
     shapes.append(np.asarray(out.shapes)[:, :k])
     errors.append(np.asarray(out.errors)[:, :k])
   shapes, errors = np.concatenate(shapes, 1), np.concatenate(errors, 1)
-  nme = np.stack([np.asarray(metrics.per_face_nme(jnp.asarray(sh), jnp.asarray(gt, jnp.float32),
-                                                  scheme, "interocular"), np.float64)
-                  for sh in shapes])
+  nme = np.stack([metrics.per_face_nme_numpy(sh, gt, scheme, "interocular") for sh in shapes])
+  nme = nme.astype(np.float64)
   return nme, errors.astype(np.float64)
 
 
