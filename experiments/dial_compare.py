@@ -1,0 +1,132 @@
+r"""Dials of several models side by side: NME against compute per face, from the JSONs of
+`experiments.dial_benchmark` (run on the same split with the same budgets).
+
+  python -m experiments.dial_compare \
+      --dials=default:R/default_dial_val.json,equal:R/dial_w111_dial_val.json,early:R/...json \
+      --output_md=results/dial_training_val.md --plot=results/dial_training_val.png
+
+Per model: the full cascade's NME, the NME at each budget (mean iterations per face, at
+the benchmark's batch size: exactly that compute), and the dial's mean NME over budgets
+[--low, --high]: the area under its NME-vs-MMACs curve (trapezoids over the budget
+points) divided by the MMAC range: one number per dial, lower is better. Inter-pupil and
+inter-ocular. The plot draws each dial's curve (figure 7's style: NME vs MMACs).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from experiments import common
+from musica_jax import atomic_io
+
+FLAGS = flags.FLAGS
+KINDS = ("interpupil", "interocular")
+
+
+def define_flags() -> None:
+  d = common.define_flag
+  d("list", "dials", None, "name:path of each model's dial_benchmark JSON.", required=True)
+  d("float", "low", 1.5, "Lowest budget (mean iterations) of the dial's mean NME.")
+  d("float", "high", 3.0, "Highest budget of the dial's mean NME.")
+  d("string", "output_md", None, "Where to write the markdown table.")
+  d("string", "output_json", None, "Where to write the comparison (JSON).")
+  d("string", "plot", None, "Where to draw the NME-vs-MMACs curves (PNG).")
+
+
+def curve(result: dict) -> list[dict]:
+  """The budget working points of one dial_benchmark JSON at its batch size, by budget:
+  [{"budget", "mean_iterations", "mmacs", "interpupil", "interocular"}]."""
+  key = f"batch{result['batch_size']}"
+  rows = [r for r in result["working_points"] if r["working_point"].startswith("budget")]
+  return sorted(({"budget": float(r["budget"]), "mean_iterations": r[key]["mean_iterations"],
+                  "mmacs": r[key]["mmacs_per_face"], **{k: r[key]["nme"][k] for k in KINDS}}
+                 for r in rows), key=lambda p: p["budget"])
+
+
+def mean_over_range(points: list[dict], kind: str, low: float, high: float) -> float:
+  """Area under NME(MMACs) between the budgets `low` and `high` / the MMAC range."""
+  sel = [p for p in points if low - 1e-9 <= p["budget"] <= high + 1e-9]
+  if len(sel) < 2:
+    raise ValueError(f"fewer than two budget points in [{low}, {high}]")
+  x = np.asarray([p["mmacs"] for p in sel])
+  y = np.asarray([p[kind] for p in sel])
+  return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def compare(dials: list[tuple[str, str]], low: float = 1.5, high: float = 3.0) -> dict:
+  """{name: {"split", "faces", "full", "points", "dial_mean"}} of every (name, JSON path)."""
+  out = {}
+  for name, path in dials:
+    try:
+      result = json.loads(pathlib.Path(path).read_text())
+      points = curve(result)
+      result["full_cascade"]["nme"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+      raise common.UserError(f"--dials: {name}:{path}: not a dial_benchmark JSON ({e})") from e
+    out[name] = {"split": result["split"], "faces": result["faces"],
+                 "full": {k: result["full_cascade"]["nme"][k] for k in KINDS},
+                 "points": points,
+                 "dial_mean": {k: mean_over_range(points, k, low, high) for k in KINDS}}
+  splits = {v["split"] for v in out.values()}
+  if len(splits) > 1:
+    raise common.UserError(f"--dials: measured on different splits {sorted(splits)}")
+  return out
+
+
+def markdown(table: dict, low: float, high: float) -> str:
+  names = list(table)
+  budgets = [p["budget"] for p in table[names[0]]["points"]]
+  first = table[names[0]]
+  head = (f"Dials on `{first['split']}` ({first['faces']} faces): NME (%) inter-pupil / "
+          f"inter-ocular at each budget (mean iterations per face, exact at the benchmark's "
+          f"batch), and the dial's mean NME over budgets {low:g}-{high:g} (area under "
+          f"NME vs MMACs / MMAC range; lower is better).\n\n")
+  cols = ["model", "full cascade", *[f"budget {b:g}" for b in budgets],
+          f"dial mean {low:g}-{high:g}"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for name in names:
+    t = table[name]
+    cells = [name, f"{t['full']['interpupil']:.3f} / {t['full']['interocular']:.3f}"]
+    by_budget = {p["budget"]: p for p in t["points"]}
+    cells += [f"{by_budget[b]['interpupil']:.3f} / {by_budget[b]['interocular']:.3f}"
+              if b in by_budget else "" for b in budgets]
+    cells.append(f"**{t['dial_mean']['interpupil']:.3f}** / {t['dial_mean']['interocular']:.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return head + "\n".join(lines) + "\n"
+
+
+def main(argv):
+  common.start(argv)
+  dials = []
+  for item in FLAGS.dials:
+    name, sep, path = item.partition(":")
+    if not sep or not name or not path:
+      raise app.UsageError(f"--dials: {item!r}: name:path expected")
+    dials.append((name, path))
+  table = compare(dials, FLAGS.low, FLAGS.high)
+  text = markdown(table, FLAGS.low, FLAGS.high)
+  print(text)
+  command = "python -m experiments.dial_compare " + " ".join(sys.argv[1:])
+  if FLAGS.output_md:
+    atomic_io.write_text(FLAGS.output_md, text + f"\nCommand: `{command}`\n")
+  if FLAGS.output_json:
+    common.write_json(FLAGS.output_json, {"command": command, "low": FLAGS.low,
+                                          "high": FLAGS.high, "dials": table})
+  if FLAGS.plot:
+    from experiments import policy_plots  # noqa: PLC0415  (matplotlib: only for the plot)
+    policy_plots.figure7(
+        [{"name": n, "mmacs": [p["mmacs"] for p in t["points"]],
+          "nme": [p["interpupil"] for p in t["points"]]} for n, t in table.items()],
+        FLAGS.plot, title=f"the dial of each model on {table[dials[0][0]]['split']}",
+        nme_label="NME inter-pupil (%)")
+    print(f"wrote {FLAGS.plot}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  common.run(main)
