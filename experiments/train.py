@@ -24,7 +24,6 @@ from experiments import train_lib
 from musica_jax import parallel
 
 FLAGS = flags.FLAGS
-flags.mark_flag_as_required("workdir")
 
 
 def initialise_distributed() -> None:
@@ -86,4 +85,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required when run as the program only: importing this module (tests, other programs
+  # in one process) must not make --workdir required for every parse.
+  flags.mark_flag_as_required("workdir")
   common.run(main)
