@@ -150,7 +150,7 @@ run_tests() {
   # No preallocation: a few tests start a JAX subprocess while this process holds the GPU.
   XLA_PYTHON_CLIENT_PREALLOCATE=false tmo "$PY" -m pytest "${present[@]}" "${DESELECT[@]}" \
       --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" \
-      -p no:cacheprovider -q > "$OUT/gpu_tests.txt" 2>&1
+      -p no:cacheprovider -o addopts="" -m "not slow" -q > "$OUT/gpu_tests.txt" 2>&1
 }
 section tests "$TESTS_S" "$PHOTOS_RESERVE_S" run_tests
 tail -n 5 "$OUT/gpu_tests.txt"
