@@ -444,7 +444,8 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
   for c in cfg.conditions:
     t = time.time()
     cf = robust_val.apply(c, faces, data_cfg.seed, flip_permutation=scheme.flip_permutation,
-                          label_shift=data_cfg.flip_label_shift, box_jitter_fn=datasets.jitter_boxes,
+                          label_shift=data_cfg.flip_label_shift,
+                          box_jitter_fn=datasets.jitter_boxes,
                           yaw_fraction=cfg.yaw_fraction)
     scored[c] = score_condition(pred, cf, scheme, cfg)
     rows[c] = summarise_condition(scored[c])
@@ -452,7 +453,8 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
       infos[c] = {"downscaled_faces": int(sum(f.info["downscaled"] for f in cf))}
     if c == "strong_yaw":
       infos[c] = {"chosen_faces": len(cf) // 2,
-                  "yaw_asymmetry_min": float(min(f.info["yaw_asymmetry"] for f in cf[:len(cf) // 2]))}
+                  "yaw_asymmetry_min": float(min(f.info["yaw_asymmetry"]
+                                                 for f in cf[:len(cf) // 2]))}
     if c.startswith("occlusion_"):
       infos[c] = {"noise_filled": int(sum(f.info["occlusion_fill"] == "noise" for f in cf))}
     if infos.get(c):
@@ -479,7 +481,8 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
   fin = np.isfinite(est) & np.isfinite(nme) & (est > 0)
   scale = float(np.median(nme[fin] / est[fin])) if fin.any() else float("nan")
   calibrated = {c: {"median_estimated": float(np.median(scored[c]["estimated"])),
-                    "median_isotonic": float(np.median(isotonic_apply(iso, scored[c]["estimated"]))),
+                    "median_isotonic": float(np.median(
+                        isotonic_apply(iso, scored[c]["estimated"]))),
                     "median_scaled": float(np.median(scored[c]["estimated"]) * scale),
                     "median_true": float(np.median(scored[c]["nme"]["interocular"]))}
                 for c in names}
@@ -626,7 +629,7 @@ def markdown_report(res: dict) -> str:
             f"condition: {cv['meets_target']['every_condition']}", ""] + _quality_rows(
                 cv["held_out_table"])
   cal = q["calibration"]
-  lines += ["", f"### Calibration of E (fitted on the same faces)",
+  lines += ["", "### Calibration of E (fitted on the same faces)",
             f"Scale: true NME ~ {cal['scale']:.2f} x E ({cal['scale_rule']}); isotonic: "
             f"{len(cal['isotonic']['x'])} knots (in the JSON).", "",
             "| condition | median E | median E, isotonic | median E x scale | median true NME |",
