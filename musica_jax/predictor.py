@@ -10,12 +10,9 @@ iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow, optax or orb
 face by face) keeps a compute budget with a stream: `s = p.stream(budget=2.5)`, then
 `s.predict(frame, box)` for each face (`musica_jax.budget`).
 
-The face crop is the evaluation pipeline's (data_pipelines.input_pipeline
-make_eval_dataset) and has one definition, `musica_jax.crop`: the host copies the photo
-rectangle each face needs (nothing compiled per photo size); the blend, zero fill and
-standardisation run in the same jitted program as the cascade, compiled once per
-power-of-two face-batch bucket, crop source side and dial setting.
-Without boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
+The crop (`musica_jax.crop`, the evaluation pipeline's) runs in the cascade's jitted
+program, compiled once per power-of-two face bucket, source side and dial setting. Without
+boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
 """
 from __future__ import annotations
 
@@ -38,17 +35,9 @@ from musica_jax import model_io
 from musica_jax.config import ModelConfig
 
 
-# ---------------------------------------------------------------------------------------
-# Buckets.
-
-
 def count_bucket(n: int, maximum: int) -> int:
   """Smallest power of two >= n (capped at maximum)."""
   return min(1 << max(int(n) - 1, 0).bit_length(), maximum)
-
-
-# ---------------------------------------------------------------------------------------
-# Results.
 
 
 @dataclasses.dataclass
@@ -75,10 +64,6 @@ class Prediction:
              "estimated_error": float(self.estimated_error[f]),
              "iterations": int(self.iterations[f]), "valid": bool(self.valid[f])}
             for f in range(len(self))]
-
-
-# ---------------------------------------------------------------------------------------
-# The predictor.
 
 
 ArrayLike = Any    # a numpy or jax array (or what np.asarray takes)

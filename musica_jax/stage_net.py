@@ -30,81 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from musica_jax import layers
 from musica_jax.config import ModelConfig
-
-
-def im2col3x3(x: jax.Array) -> jax.Array:
-  """[..., H, W, C] -> [..., H-2, W-2, 9C]: VALID 3x3 neighbourhoods, (dy, dx, c) order."""
-  h, w = x.shape[-3], x.shape[-2]
-  cols = [x[..., dy:h - 2 + dy, dx:w - 2 + dx, :] for dy in range(3) for dx in range(3)]
-  return jnp.concatenate(cols, axis=-1)
-
-
-def max_pool2x2(x: jax.Array) -> jax.Array:
-  """[..., H, W, C] -> [..., H//2, W//2, C], stride 2 (odd edges dropped, as VALID)."""
-  *lead, h, w, c = x.shape
-  x = x[..., :h // 2 * 2, :w // 2 * 2, :]
-  x = x.reshape(*lead, h // 2, 2, w // 2, 2, c)
-  return x.max(axis=(-4, -2))
-
-
-@jax.custom_vjp
-def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b (2-D) with bf16 operands and float32 accumulation, in the forward product AND
-  the two backward ones (left to autodiff, the backward products of a mixed dot run in
-  float32 and training gains nothing). a, b: any float dtype (float32 parameters get
-  float32 gradients, accumulated in float32); the result is float32."""
-  return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                 preferred_element_type=jnp.float32)
-
-
-def _bf16_matmul_fwd(a, b):
-  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  return (jnp.dot(a16, b16, preferred_element_type=jnp.float32),
-          (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype)))
-
-
-def _bf16_matmul_bwd(res, g):
-  a16, b16, a_like, b_like = res
-  g16 = g.astype(jnp.bfloat16)
-  da = jnp.dot(g16, b16.T, preferred_element_type=jnp.float32).astype(a_like.dtype)
-  db = jnp.dot(a16.T, g16, preferred_element_type=jnp.float32).astype(b_like.dtype)
-  return da, db
-
-
-bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
-def _matmul(a, b):
-  """a @ b with float32 accumulation: bf16 products (`bf16_matmul`) when an operand is
-  bf16, else the plain float32 product."""
-  if jnp.bfloat16 in (a.dtype, b.dtype):
-    return bf16_matmul(a, b)
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-# --- channel-major, patch-minor layout [C, H, W, m] -------------------------------------
-
-def conv3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """VALID 3x3 conv + bias: [Cin, H, W, m] -> [Cout, H-2, W-2, m] (float32).
-
-  cols[(dy, dx, c), (y, x, m)] = x[c, y+dy, x+dx, m]: the same (dy, dx, c) order as
-  kernel.reshape(9 Cin, Cout), so no transpose is needed anywhere. The product runs in
-  x's dtype (bfloat16 compute: bf16 operands) and accumulates in float32.
-  """
-  cin, h, w, m = x.shape
-  cout = kernel.shape[-1]
-  cols = jnp.stack([x[:, dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
-  cols = cols.reshape(9 * cin, (h - 2) * (w - 2) * m)
-  out = _matmul(kernel.reshape(9 * cin, cout).T, cols)
-  return out.reshape(cout, h - 2, w - 2, m) + bias.astype(jnp.float32)[:, None, None, None]
-
-
-def max_pool2x2_cm(x: jax.Array) -> jax.Array:
-  """[C, H, W, m] -> [C, H//2, W//2, m], stride 2 (odd edges dropped)."""
-  c, h, w, m = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2, m)
-  return x.max(axis=(2, 4))
 
 
 def patch_features(params, patches_cm: jax.Array, use_attention: bool,
@@ -120,19 +47,19 @@ def patch_features(params, patches_cm: jax.Array, use_attention: bool,
   if "ib1_expand" in params:           # extractor="inverted_bottleneck" (float32 products)
     c2 = inverted_bottleneck_maps(params, patches_cm).astype(dt)
   else:
-    x = jax.nn.relu(conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
+    x = jax.nn.relu(layers.conv3x3_cm(patches_cm.astype(dt), params["conv1"]["kernel"],
                                params["conv1"]["bias"])).astype(dt)
-    x = max_pool2x2_cm(x)
-    c2 = jax.nn.relu(conv3x3_cm(x, params["conv2"]["kernel"],
+    x = layers.max_pool2x2_cm(x)
+    c2 = jax.nn.relu(layers.conv3x3_cm(x, params["conv2"]["kernel"],
                                 params["conv2"]["bias"])).astype(dt)
-  pooled = max_pool2x2_cm(c2)
+  pooled = layers.max_pool2x2_cm(c2)
   h2, w2 = c2.shape[1:3]
   cy, cx = (h2 - 2) // 2, (w2 - 2) // 2
   desc = jnp.concatenate([c2[:, cy:cy + 2, cx:cx + 2], pooled[:, :2, :2]], axis=0)  # [2C,2,2,m]
   desc = desc.transpose(1, 2, 0, 3).reshape(-1, desc.shape[-1])     # [D, m], (y, x, ch)
   if use_attention:
     att = params["attention"]
-    a = jax.nn.sigmoid(_matmul(att["kernel"].T, desc)
+    a = jax.nn.sigmoid(layers.matmul(att["kernel"].T, desc)
                        + att["bias"].astype(jnp.float32)[:, None])
     desc = (desc * a).astype(dt)
     attention_mean = a.mean(0)
@@ -154,61 +81,31 @@ def recurrent_head(config: ModelConfig, params, desc: jax.Array, hidden: jax.Arr
   dt = jnp.dtype(config.compute_dtype)
   rec_in = jnp.concatenate([desc.astype(dt), hidden.astype(dt)], axis=-1)
   if config.recurrent_rank:          # factored kernel u @ v: (x @ u) @ v, never u @ v
-    pre = _product(_product(rec_in, rec["u"], dt), rec["v"], dt) + rec["bias"].astype(
+    pre = layers.product(layers.product(rec_in, rec["u"], dt), rec["v"], dt) + rec["bias"].astype(
         jnp.float32)
   else:
-    pre = _dense(rec_in, rec["kernel"], rec["bias"], dt)
+    pre = layers.dense(rec_in, rec["kernel"], rec["bias"], dt)
   hidden = jnp.tanh(pre)
-  out = _dense(hidden, params["head"]["kernel"], params["head"]["bias"], dt)
+  out = layers.dense(hidden, params["head"]["kernel"], params["head"]["bias"], dt)
   return hidden, out[:, :-1].reshape(b, config.num_landmarks, 2), out[:, -1]
 
 
-def _product(x, kernel, compute_dtype=jnp.float32):
-  """x @ kernel with f32 accumulation. The operands are bf16 when the compute dtype is
-  bf16 or the kernel is stored in bf16 (exported models); the result is f32."""
-  if jnp.dtype(compute_dtype) == jnp.bfloat16:
-    return bf16_matmul(x, kernel)
-  if kernel.dtype != x.dtype:
-    x = x.astype(kernel.dtype)
-  return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
-
-
-def _dense(x, kernel, bias, compute_dtype=jnp.float32):
-  """x @ kernel + bias (`_product`, then the bias in f32)."""
-  return _product(x, kernel, compute_dtype) + bias.astype(jnp.float32)
-
-
 # --- Table 4 ablations: inverted-bottleneck extractor, global patch attention -----------
-
-def conv1x1_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """1x1 conv + bias: [Cin, H, W, m] -> [Cout, H, W, m] (kernel [Cin, Cout])."""
-  cin, h, w, m = x.shape
-  out = jnp.dot(kernel.T, x.reshape(cin, h * w * m))
-  return out.reshape(kernel.shape[1], h, w, m) + bias[:, None, None, None]
-
-
-def depthwise3x3_cm(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """VALID depthwise 3x3 conv + bias: [C, H, W, m] -> [C, H-2, W-2, m] (kernel [3, 3, C])."""
-  _, h, w, _ = x.shape
-  out = sum(x[:, dy:h - 2 + dy, dx:w - 2 + dx] * kernel[dy, dx][:, None, None, None]
-            for dy in range(3) for dx in range(3))
-  return out + bias[:, None, None, None]
-
 
 def inverted_bottleneck_cm(params, prefix: str, x: jax.Array) -> jax.Array:
   """MobileNetV2 block without residual (the spatial size changes): 1x1 expand, ReLU6,
   depthwise 3x3 VALID, ReLU6, linear 1x1 projection. [Cin, H, W, m] -> [Cout, H-2, W-2, m]."""
   e, d, pr = (params[f"{prefix}_{n}"] for n in ("expand", "depthwise", "project"))
-  x = jax.nn.relu6(conv1x1_cm(x, e["kernel"], e["bias"]))
-  x = jax.nn.relu6(depthwise3x3_cm(x, d["kernel"], d["bias"]))
-  return conv1x1_cm(x, pr["kernel"], pr["bias"])
+  x = jax.nn.relu6(layers.conv1x1_cm(x, e["kernel"], e["bias"]))
+  x = jax.nn.relu6(layers.depthwise3x3_cm(x, d["kernel"], d["bias"]))
+  return layers.conv1x1_cm(x, pr["kernel"], pr["bias"])
 
 
 def inverted_bottleneck_maps(params, patches_cm: jax.Array) -> jax.Array:
   """The conv extractor's layout with each 3x3 conv replaced by an inverted bottleneck:
   [3, ps, ps, m] -> ib1 -> maxpool 2 -> ib2 -> [C, ps/2 - 3, ps/2 - 3, m] (the 'c2' map,
   linear as MobileNetV2's bottleneck outputs)."""
-  x = max_pool2x2_cm(inverted_bottleneck_cm(params, "ib1", patches_cm))
+  x = layers.max_pool2x2_cm(inverted_bottleneck_cm(params, "ib1", patches_cm))
   return inverted_bottleneck_cm(params, "ib2", x)
 
 
@@ -239,7 +136,7 @@ def global_patch_attention(config: ModelConfig, params, desc: jax.Array,
   p, d = config.num_patches, config.descriptor_size
   g = params["global_attention"]
   if config.global_attention == "fc":
-    weights = jax.nn.sigmoid(_dense(desc, g["kernel"], g["bias"]))            # [B, P]
+    weights = jax.nn.sigmoid(layers.dense(desc, g["kernel"], g["bias"]))            # [B, P]
   elif config.global_attention == "gcn":
     if centres is None:
       raise ValueError("global_attention='gcn' needs the patch centres (its patch graph)")
@@ -254,12 +151,6 @@ def global_patch_attention(config: ModelConfig, params, desc: jax.Array,
   else:
     raise ValueError(f"unknown global_attention {config.global_attention!r}")
   return (desc.reshape(b, p, d) * weights[..., None].astype(desc.dtype)).reshape(b, p * d)
-
-
-def to_channel_major(patches: jax.Array) -> jax.Array:
-  """[B, P, ps, ps, C] -> [C, ps, ps, B*P] (patch index b*P + p)."""
-  b, p, h, w, c = patches.shape
-  return patches.reshape(b * p, h, w, c).transpose(3, 1, 2, 0)
 
 
 # --- the Flax module: declares the parameter tree ---------------------------------------
@@ -337,7 +228,6 @@ def _declare_global_attention(cfg: ModelConfig) -> dict:
   return {}
 
 
-
 class StageNet(nn.Module):
   """The network of one iteration. Returns (hidden, displacement, error, attention)."""
   config: ModelConfig
@@ -366,8 +256,8 @@ class StageNet(nn.Module):
       params["recurrent"] = _KernelBias(cfg.init_std, name="recurrent")(rec_shape)
     params["head"] = _KernelBias(cfg.init_std, name="head")(
         (cfg.hidden_size, 2 * cfg.num_landmarks + 1))
-    desc, attention_mean = patch_features(params, to_channel_major(patches), cfg.use_attention,
-                                          cfg.compute_dtype)
+    desc, attention_mean = patch_features(params, layers.to_channel_major(patches),
+                                          cfg.use_attention, cfg.compute_dtype)
     hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden,
                                                  centres)
     return hidden, displacement, error, attention_mean.reshape(b, p)

@@ -16,6 +16,7 @@ import pytest
 
 from musica_jax import cascade
 from musica_jax import config as config_lib
+from musica_jax import layers
 from musica_jax import pyramid
 from musica_jax import stage_net
 from musica_jax import training
@@ -236,7 +237,7 @@ def test_bf16_matmul_backward_products_are_bf16_with_f32_gradients():
   x = jax.random.normal(k1, (16, 48)).astype(jnp.bfloat16)
   w = jax.random.normal(k2, (48, 8))
   g = jax.random.normal(k3, (16, 8))
-  loss16 = lambda x, w: (stage_net.bf16_matmul(x, w) * g).sum()
+  loss16 = lambda x, w: (layers.bf16_matmul(x, w) * g).sum()
   loss32 = lambda x, w: ((x.astype(jnp.float32) @ w) * g).sum()
   dx16, dw16 = jax.grad(loss16, argnums=(0, 1))(x, w)
   dx32, dw32 = jax.grad(loss32, argnums=(0, 1))(x, w)

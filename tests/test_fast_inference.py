@@ -16,6 +16,7 @@ import pytest
 from musica_jax import cascade
 from musica_jax import config as config_lib
 from musica_jax import fast_inference
+from musica_jax import layers
 from musica_jax import pyramid
 from musica_jax import stage_net
 
@@ -54,12 +55,12 @@ def _frozen_sample(atlas, centres, level, origin, level_size, patch_size):
 
 def _frozen_stage(cfg, params, patches, hidden):
   dense = lambda x, p: x @ p["kernel"] + p["bias"]
-  conv = lambda x, p: (stage_net.im2col3x3(x) @ p["kernel"].reshape(-1, p["kernel"].shape[-1])
+  conv = lambda x, p: (layers.im2col3x3(x) @ p["kernel"].reshape(-1, p["kernel"].shape[-1])
                        + p["bias"])
   b, p = patches.shape[:2]
-  x = stage_net.max_pool2x2(nn.relu(conv(patches, params["conv1"])))
+  x = layers.max_pool2x2(nn.relu(conv(patches, params["conv1"])))
   c2 = nn.relu(conv(x, params["conv2"]))
-  pooled = stage_net.max_pool2x2(c2)
+  pooled = layers.max_pool2x2(c2)
   cy, cx = (c2.shape[-3] - 2) // 2, (c2.shape[-2] - 2) // 2
   desc = jnp.concatenate([c2[..., cy:cy + 2, cx:cx + 2, :], pooled[..., :2, :2, :]], -1)
   desc = desc.reshape(b, p, -1)
