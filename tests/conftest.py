@@ -97,3 +97,21 @@ def _tiny_run_flags(tfds_dir, train_size: int = 24, *extra) -> list:
           "--synthetic_test_size=8", "--batch_size=8", "--eval_batch_size=8",
           "--hidden_size=32", f"--tfds_dir={tfds_dir}", "--log_every=1", "--eval_every=-1",
           "--checkpoint_every=2", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_two_level_flags(tmp_path_factory, tiny_run_flags):
+  """The flags of a tiny synthetic run of two iterations (16 faces), data prepared once."""
+  return tiny_run_flags(tmp_path_factory.mktemp("tfds"), 16, "--levels=1,0")
+
+
+@pytest.fixture
+def train_config(parse_flags):
+  """train_config(args, workdir): the Config `python -m experiments.train --workdir=W ARGS`
+  trains (parsed in this process)."""
+  from experiments import train  # noqa: PLC0415
+
+  def make(args, workdir="unused"):
+    parse_flags(f"--workdir={workdir}", *args)
+    return train.config_from_flags()
+  return make

@@ -286,9 +286,9 @@ def test_conversion_refuses_another_model():
 
 
 @pytest.fixture(scope="module")
-def tiny_flags(tmp_path_factory, tiny_run_flags):
-  """A tiny synthetic run (the data prepared once for this module)."""
-  return tiny_run_flags(tmp_path_factory.mktemp("tfds"), 16, "--levels=1,0")
+def tiny_flags(tiny_two_level_flags):
+  """A tiny synthetic run (conftest: data prepared once per session)."""
+  return tiny_two_level_flags
 
 
 def _config(parse_flags, args, workdir):
