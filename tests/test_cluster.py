@@ -34,6 +34,7 @@ def _clean_env(**extra):
   return {**env, "JAX_PLATFORMS": "cpu", "PIP_NO_INDEX": "1", **extra}
 
 
+@pytest.mark.slow   # CI keeps tests/test_flags.py's installed-copy flagfile lookup (seconds)
 def test_wheel_install_runs_the_users_command_outside_the_repository(tmp_path, tfds_dir):
   """Builds the wheel offline, installs it (not editable) into a folder, and runs
   `python -m experiments.train --flagfile=wflw98.flags` from a folder outside the repo:
@@ -130,6 +131,7 @@ exit $rc
 """
 
 
+@pytest.mark.slow   # CI keeps test_train's two processes on localhost matching one process
 @pytest.mark.multiprocess
 def test_slurm_recipe_forms_a_two_process_job(tmp_path):
   """experiments/launch/slurm.sbatch as a 2-task SLURM job would run it (its srun replaced
