@@ -1,6 +1,8 @@
 """Per-iteration loss weights (`TrainConfig.iteration_weights`, --iteration_weights): every
 prefix of the cascade is trained as an answer with its own weight, the option is validated,
 recorded in run_config.json and restored, and a tiny run's first loss is the weighted one."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,9 +86,10 @@ def test_a_tiny_run_trains_the_weighted_loss_and_records_it(tmp_path, tiny_two_l
   batch = {k: jnp.asarray(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
   init = jnp.asarray(run["mean_shape"])
   scheme = schemes.get_scheme(68)
-  _, logged = training.train_step(state, batch, init, model_cfg=config.model,
-                                  train_cfg=config.train, scheme=scheme)
-  out = cascade.run_cascade(state.params, batch["image"], init, config.model)
+  step = jax.jit(functools.partial(training.train_step, model_cfg=config.model,
+                                   train_cfg=config.train, scheme=scheme))
+  _, logged = step(state, batch, init)
+  out = cascade.run_cascade_jit(state.params, batch["image"], init, config.model)
   mask = batch.get("mask")
   mask = None if mask is None else mask.astype(jnp.float32)
   _, parts = losses.cascade_loss(out.shapes, out.errors, batch["landmarks"],

@@ -243,16 +243,19 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
   """A real 2-host job (jax.distributed over gloo on localhost CPU), each process reading
   its own half of the global batch, ends with the same parameters as a 1-process run."""
   args = [*tiny_flags, "--steps=3"]
-  # The 1-process reference runs on CPU too (a subprocess: this one may hold a GPU).
-  single = _train_process(args, tmp_path / "single", env={"JAX_PLATFORMS": "cpu"})
-  assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'multi'}", *args,
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+  # The 1-process reference runs on CPU too (a subprocess: this one may hold a GPU), at the
+  # same time as the two processes of the job.
+  cmd = [sys.executable, "-m", "experiments.train"]
+  popen = lambda extra: subprocess.Popen(
+      [*cmd, *extra, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  single = popen([f"--workdir={tmp_path / 'single'}"])
+  procs = [popen([f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
+  single_err = single.communicate(timeout=300)[1]
+  assert single.returncode == 0, single_err[-3000:]
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
   assert "2 process(es)" in outs[0][0] and "step 3/3" in outs[0][0]
