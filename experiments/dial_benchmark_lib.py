@@ -111,13 +111,9 @@ class _Paths:
 
   def full_batched(self):
     """The full masked cascade over every face, in padded batches (CascadeOutputs)."""
-    pred, crops, b, outs = self.pred, self.crops, self.b, []
-    for s in range(0, self.f, b):
-      part = crops[s:s + b]
-      if part.shape[0] < b:
-        part = jnp.concatenate([part, jnp.zeros((b - part.shape[0],) + part.shape[1:])])
-      outs.append(cascade.run_cascade_jit(pred.params, part, pred.init_shape, pred.model_config))
-    return outs
+    pred = self.pred
+    return [out for out, _ in cascade.run_cascade_padded(
+        pred.params, self.crops, pred.init_shape, pred.model_config, self.b)]
 
   def full_single(self):
     pred = self.pred

@@ -135,7 +135,7 @@ def split_items(data_dir: str, name: str) -> list[sources.FaceItem]:
   data_pipelines.sources, which the prepared data are made from (no TensorFlow)."""
   try:
     scan = sources.scan_ibug300w(data_dir, parts=sources.ibug300w_parts(name))
-  except readers.DataError as e:
+  except (readers.DataError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   return sorted((it for items in scan.splits.values() for it in items),
                 key=lambda it: it.file_id)

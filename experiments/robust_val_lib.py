@@ -248,12 +248,7 @@ def _per_iteration(pred, faces, scheme, batch: int) -> tuple[np.ndarray, np.ndar
   init = jnp.asarray(pred.mean_shape)
   batch = predictor_lib.count_bucket(len(faces), batch)   # a few faces: a small program
   shapes, errors = [], []
-  for s in range(0, len(faces), batch):
-    part = crops[s:s + batch]
-    k = part.shape[0]
-    if k < batch:
-      part = jnp.concatenate([part, jnp.zeros((batch - k,) + part.shape[1:], part.dtype)])
-    out = cascade.run_cascade_jit(pred.params, part, init, pred.model_config)
+  for out, k in cascade.run_cascade_padded(pred.params, crops, init, pred.model_config, batch):
     shapes.append(np.asarray(out.shapes)[:, :k])
     errors.append(np.asarray(out.errors)[:, :k])
   shapes, errors = np.concatenate(shapes, 1), np.concatenate(errors, 1)

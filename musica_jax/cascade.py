@@ -280,3 +280,17 @@ def run_cascade_jit(params, images, init_shape, config: ModelConfig, ts=-jnp.inf
                     quit_params=None, max_iterations=None):
   """Jitted `run_cascade`; thresholds are traced, so sweeping them never recompiles."""
   return run_cascade(params, images, init_shape, config, ts, t_fail, quit_params, max_iterations)
+
+
+def run_cascade_padded(params, images, init_shape, config: ModelConfig,
+                       batch: int) -> list[tuple[CascadeOutput, int]]:
+  """`run_cascade_jit` (full cascade) over the faces of `images` in chunks of `batch`, the
+  last chunk padded with zero crops (one compiled program): [(output, faces in chunk)]."""
+  outs = []
+  for s in range(0, images.shape[0], batch):
+    part = images[s:s + batch]
+    k = part.shape[0]
+    if k < batch:
+      part = jnp.concatenate([part, jnp.zeros((batch - k,) + part.shape[1:], part.dtype)])
+    outs.append((run_cascade_jit(params, part, init_shape, config), k))
+  return outs
