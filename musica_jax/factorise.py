@@ -14,7 +14,12 @@ rank, to fine-tune it (experiments.train --init_from):
   zero in both factors and get no gradient: raising the rank of a factored model adds
   nothing;
 - the same rank: the parameters as they are.
-Every other parameter is copied. numpy only (no jit); the SVD of the shipped model's
+The patch set may grow (`patch_indices` of the target a superset of the source's, e.g.
+MuSiCa34 -> MuSiCa68): the per-patch network is shared over patches, so only the
+recurrent layer's input rows change; each source patch keeps its rows (now at its
+position in the target's order) and every new patch gets zero rows, so the grown model
+computes exactly the source's function until fine-tuning teaches it to use the new
+patches. Every other parameter is copied. numpy only (no jit); the SVD of the shipped model's
 3 x [9216, 512] kernels takes about a second.
 """
 from __future__ import annotations
@@ -60,11 +65,21 @@ def dense_kernel(recurrent: dict) -> np.ndarray:
   return np.matmul(u, np.asarray(recurrent["v"], np.float64)).astype(np.float32)
 
 
+def grows_patches(source: ModelConfig, target: ModelConfig) -> bool:
+  """Whether the target's patch set is a strict superset of the source's (each patch
+  once): the one way the patch set may change in a conversion."""
+  a, b = tuple(source.patch_indices), tuple(target.patch_indices)
+  return a != b and len(set(b)) == len(b) and set(a) < set(b)
+
+
 def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
-  """ValueError naming the first field (other than CONVERTIBLE_FIELDS) in which the two
+  """ValueError naming the first field (other than CONVERTIBLE_FIELDS, and
+  patch_indices when the target's patches include the source's) in which the two
   configs differ."""
   for f in dataclasses.fields(ModelConfig):
     if f.name in CONVERTIBLE_FIELDS:
+      continue
+    if f.name == "patch_indices" and grows_patches(source, target):
       continue
     name, a, b = f.name, getattr(source, f.name), getattr(target, f.name)
     if a != b:
@@ -72,7 +87,7 @@ def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
         name, a, b = "num_patches", len(a), len(b)
       raise ValueError(f"the model config differs from the source model's in {name} "
                        f"(source {_short(a)}, new {_short(b)}); only recurrent_rank may "
-                       f"differ")
+                       f"differ, and patch_indices may add patches to the source's")
 
 
 def _short(value) -> str:
@@ -83,13 +98,39 @@ def _short(value) -> str:
 def convert_params(params: Any, source: ModelConfig, target: ModelConfig):
   """The stacked parameters of a `source` model -> (those of a `target` model (float32
   numpy), a dict saying what was done: "recurrent": "copied" | "factorised" | "densified"
-  | "refactorised", and for an SVD "relative_error" per stage). The configs must agree in
-  every field but recurrent_rank (`check_compatible`)."""
+  | "refactorised", and for an SVD "relative_error" per stage; "new_patches": the
+  landmark indices of the added patches when the patch set grows). The configs must agree
+  in every field but recurrent_rank and a grown patch set (`check_compatible`)."""
   check_compatible(source, target)
   out = dict(jax.tree.map(lambda x: np.asarray(x, np.float32), params))
   out, info = _convert(out, source.recurrent_rank, target.recurrent_rank)
+  if grows_patches(source, target):
+    out = _grow_patches(out, source, target)
+    info["new_patches"] = [int(i) for i in target.patch_indices
+                           if i not in set(source.patch_indices)]
   model_io.check_params(out, target, "source model")
   return out, info
+
+
+def _grow_patches(out: dict, source: ModelConfig, target: ModelConfig) -> dict:
+  """The recurrent layer's input rows [S, P*D + H, ...] (the dense kernel or the factor u)
+  re-laid for the target's patches: patch p's D rows at its target position, zeros for the
+  new patches, the hidden state's H rows last (stage_net: rec_in = concat(descriptors in
+  patch order, hidden))."""
+  d = source.descriptor_size
+  rec = dict(out["recurrent"])
+  name = "kernel" if "kernel" in rec else "u"
+  w = rec[name]
+  s, _, cols = w.shape
+  where = {lm: k for k, lm in enumerate(source.patch_indices)}
+  grown = np.zeros((s, target.num_patches * d + target.hidden_size, cols), w.dtype)
+  for j, lm in enumerate(target.patch_indices):
+    if lm in where:
+      grown[:, j * d:(j + 1) * d] = w[:, where[lm] * d:(where[lm] + 1) * d]
+  grown[:, target.num_patches * d:] = w[:, source.num_patches * d:]
+  rec[name] = grown
+  out["recurrent"] = rec
+  return out
 
 
 def _convert(out: dict, rs: int, rt: int):

@@ -269,6 +269,33 @@ def test_full_rank_svd_reproduces_the_dense_model():
   np.testing.assert_array_equal(same["recurrent"]["u"], low["recurrent"]["u"])
 
 
+@pytest.mark.parametrize("source_rank,target_rank", [(0, 0), (RANK, RANK), (0, RANK)])
+def test_a_grown_patch_set_computes_the_source_model(source_rank, target_rank):
+  """MuSiCa34 -> MuSiCa68 style: the target's patches include the source's (in another
+  order, with new ones between): the converted model gives the source's landmarks and
+  errors (new patches: zero recurrent rows), and the new rows are where they belong."""
+  src_cfg = _cfg(source_rank)
+  params = _params(src_cfg, seed=5)
+  tgt_cfg = _cfg(target_rank, patch_indices=(9, 0, 1, 2, 3, 4, 6, 7, 8))
+  grown, info = factorise.convert_params(params, src_cfg, tgt_cfg)
+  assert info["new_patches"] == [1, 3, 7]
+  images, init = _inputs(src_cfg, 3)
+  ref = cascade.run_cascade_jit(params, images, init, src_cfg)
+  out = cascade.run_cascade_jit(grown, images, init, tgt_cfg)
+  tol = 1e-3 if source_rank == target_rank else 0.5     # an SVD approximates
+  np.testing.assert_allclose(out.shapes, ref.shapes, atol=tol)
+  if source_rank == target_rank:
+    np.testing.assert_allclose(out.errors, ref.errors, atol=1e-4)
+  name = "kernel" if target_rank == 0 else "u"
+  d = src_cfg.descriptor_size
+  w = np.asarray(grown["recurrent"][name])
+  for j in (2, 4, 7):                                   # landmarks 1, 3, 7: new patches
+    assert not w[:, j * d:(j + 1) * d].any()
+  assert w[:, 0:d].any() and w[:, -tgt_cfg.hidden_size:].any()
+  with pytest.raises(ValueError, match="patch_indices"):  # dropping a patch is refused
+    factorise.convert_params(params, src_cfg, _cfg(target_rank, patch_indices=(0, 2, 4, 6, 8, 1)))
+
+
 def test_conversion_refuses_another_model():
   params = _params(SMALL)
   with pytest.raises(ValueError, match=r"in hidden_size \(source 64, new 32\)"):
