@@ -120,11 +120,58 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
                lambda c: np.asarray(bf16.run(c, init).landmarks)),
            "full, crop given, exported StableHLO": crop_only(
                lambda c: np.asarray(exp.call(c)[0]))}
+  paths.update(_profile_paths(pred, items, images))
   if savedmodel:
     import tensorflow as tf  # noqa: PLC0415
     serve = tf.saved_model.load(savedmodel).signatures["serving_default"]
     paths["full, crop given, TensorFlow SavedModel"] = crop_only(
         lambda c: serve(crops=tf.constant(c))["landmarks"].numpy())
+  return paths
+
+
+PROFILE = "profile: "
+
+
+def _profile_paths(pred, items, images) -> dict:
+  """The pieces of a batch-1 `predict` (full cascade), timed beside it: where its time
+  goes. Each piece is called on its own (its inputs made beforehand), so the pieces add
+  up to about the whole; what is left is Python, checks and transfers."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from musica_jax import cascade  # noqa: PLC0415
+  from musica_jax import crop as crop_lib  # noqa: PLC0415
+  cfg, fast = pred.model_config, pred.fast
+  frames = [images_lib.face_frames(im, it.box) for it, im in zip(items, images)]
+  prep = lambda f: crop_lib.prepare(frames[f][0], frames[f][1], frames[f][3], frames[f][4],
+                                    cfg.image_size)
+  sources = [jax.device_put(prep(f).arrays()) for f in range(len(items))]
+  num_levels = max(cfg.levels) + 1
+  levels_of = jax.jit(lambda a: crop_lib.crop_levels(a, num_levels))
+  levels = [levels_of(a) for a in sources]
+  shape0 = cascade.broadcast_init(pred.init_shape, 1, cfg)
+  hidden0 = jnp.zeros((1, cfg.hidden_size), jnp.float32)
+
+  def stage_fn(i):
+    xs = {k: v for k, v in cascade.stage_xs(cfg, i).items() if k != "origin"}
+    return jax.jit(lambda p, level, shape, hidden: cascade.stage_forward(
+        cfg, p, level, shape, hidden, xs)[:3])
+  stages = [stage_fn(i) for i in range(cfg.num_stages)]
+  tiny = jax.jit(lambda x: x + 1)
+  one = jnp.zeros((1,), jnp.float32)
+  done = lambda x: (jax.block_until_ready(x), None)[1:]
+  paths = {
+      f"{PROFILE}host: face frame (checks, box -> crop frame)":
+          lambda f: (images_lib.face_frames(images[f], items[f].box), None)[1:],
+      f"{PROFILE}host: crop source (crop.prepare)": lambda f: (prep(f), None)[1:],
+      f"{PROFILE}device program, sources on the device (crop + pyramid + iterations)":
+          lambda f: done(fast.run_sources(sources[f], pred.init_shape)),
+      f"{PROFILE}device: crop + pyramid alone": lambda f: done(levels_of(sources[f])),
+      f"{PROFILE}a trivial jitted call (dispatch floor)": lambda f: done(tiny(one))}
+  for i in range(cfg.num_stages):
+    level = cfg.levels[i]
+    paths[f"{PROFILE}device: iteration {i + 1} alone (level {level}, {cfg.num_patches} "
+          f"patches)"] = (lambda f, i=i, level=level: done(stages[i](
+              fast.stage_params[i], levels[f][level], shape0, hidden0)))
   return paths
 
 
