@@ -196,9 +196,10 @@ def check_steps_vs_checkpoints(workdir: str, steps: int) -> None:
 def load_init(source: str, model_cfg: config_lib.ModelConfig):
   """The initial parameters of a new run from the model `source` (TrainConfig.init_from:
   a model directory, 'default' or a workdir, `model_io.load`), converted to `model_cfg`
-  (`factorise.convert_params`: only recurrent_rank may differ, and the patch set may grow). Returns (float32 numpy
-  parameters, the source's mean shape, the record for run_config.json's "init_from"
-  section). A bad source or a config that differs is a UserError naming --init_from."""
+  (`factorise.convert_params`: only recurrent_rank may differ, and the patch set may
+  grow). Returns (float32 numpy parameters, the source's mean shape, the record for
+  run_config.json's "init_from" section). A bad source or a config that differs is a
+  UserError naming --init_from."""
   try:
     loaded = model_io.load(source)
     params, info = factorise.convert_params(loaded.params, loaded.model_config, model_cfg)
