@@ -8,6 +8,11 @@ also what `ImageProjectiveTransformV3` uses.
 
 Randomness is stateless: every draw comes from `key` (a [2] int64 seed) folded with a
 fixed id per draw, so an example's augmentation is a pure function of its key.
+
+Photometric order, the same in both training paths (`augment_example` per sample,
+face_cache.render_batch per batch): warp -> image quality (`degrade`: blur, then low
+resolution; the camera's view of the face) -> colour -> occlusion -> greyscale ->
+standardise (the caller's).
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ _CENTRE = (CROP - 1) / 2.0
 # Draw ids (fold-in constants) so adding a draw never changes the others.
 _ROT, _ROT_P, _SHEAR, _SHEAR_P, _SCALE, _SCALE_AX, _SCALE_P = range(1, 8)
 _FLIP_P, _BOX_S, _BOX_T, _BOX_P, _COLOR, _COLOR_P, _GREY_P, _OCC, _OCC_P = range(8, 17)
+_LOWRES_P, _LOWRES, _BLUR_P, _BLUR = range(17, 21)
+# sample_params' draws of `degrade`.
+DEGRADE_KEYS = ("blur", "blur_sigma", "lowres", "lowres_size")
 
 
 def decode(image_bytes):
@@ -165,6 +173,82 @@ def occlude(key, image, max_frac):
   return tf.where(inside[..., None], occlusion_noise(key, tf.shape(image)), image)
 
 
+def blur_radius(cfg: config_lib.DataConfig) -> int:
+  """The Gaussian's half-width in px: 3 x the largest sigma the config draws."""
+  return int(math.ceil(3.0 * cfg.blur_max_sigma))
+
+
+def lowres_size(face_px):
+  """The side (int32) of the low-resolution crop in which the face box (BOX_SIZE crop px)
+  is face_px px: round(228 x face_px / 142), at least 1."""
+  n = tf.round(CROP * tf.cast(face_px, tf.float32) / face_frame.BOX_SIZE)
+  return tf.cast(tf.clip_by_value(n, 1.0, float(CROP)), tf.int32)
+
+
+def gaussian_blur(images, sigma, radius: int):
+  """images float32 [K, H, W, C] each blurred by its axis-aligned Gaussian, sigma float32
+  [K, 2] (y, x) px: taps on [-radius, radius] normalised to sum 1, borders mirrored
+  (SYMMETRIC), so a constant image stays constant and the mean brightness stays. One
+  separable depthwise convolution for all K images (their channels side by side)."""
+  _, h, w, c = images.shape
+  k, t = tf.shape(images)[0], 2 * radius + 1
+  offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+  taps = tf.exp(-0.5 * tf.square(offsets / tf.maximum(sigma, 1e-3)[..., None]))
+  taps = taps / tf.reduce_sum(taps, -1, keepdims=True)                   # [K, 2, T]
+  per_channel = tf.repeat(tf.transpose(taps, [1, 2, 0]), c, axis=2)      # [2, T, K * C]
+  x = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "SYMMETRIC")
+  x = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h + 2 * radius, w + 2 * radius, k * c])
+  x = tf.nn.depthwise_conv2d(x, tf.reshape(per_channel[0], [t, 1, k * c, 1]),
+                             [1, 1, 1, 1], "VALID")
+  x = tf.nn.depthwise_conv2d(x, tf.reshape(per_channel[1], [1, t, k * c, 1]),
+                             [1, 1, 1, 1], "VALID")
+  return tf.transpose(tf.reshape(x, [h, w, k, c]), [2, 0, 1, 3])
+
+
+def lowres(image, size):
+  """image float32 [H, W, C] area-averaged down to [size, size] (each low-resolution pixel
+  the mean of the crop area it covers, as a camera's pixel integrates its area) and
+  bilinearly back up to [H, W] (half-pixel centres, as tf.image.resize and PIL)."""
+  h, w = image.shape[0], image.shape[1]
+  small = tf.image.resize(image, tf.stack([size, size]), method="area")
+  return tf.image.resize(small, [h, w], method="bilinear")
+
+
+def _on_drawn(images, drawn, fn, arg, in_place: bool):
+  """images [B, ...] with images[i] := fn(images[i], arg[i]) (batched over the drawn i)
+  where `drawn` [B]; the others pass bit for bit and cost nothing. in_place: written into
+  images' own buffer (InplaceUpdate, no copy of the batch), for a caller whose `images`
+  has no other reader; else a new tensor (tensor_scatter_nd_update)."""
+  idx = tf.where(drawn)[:, 0]
+  sub = tf.gather(images, idx)
+  sub = tf.cond(tf.size(idx) > 0, lambda: fn(sub, tf.gather(arg, idx)), lambda: sub)
+  if in_place:   # runs after the gather, which it depends on: it reads the old pixels
+    return tf.raw_ops.InplaceUpdate(x=images, i=tf.cast(idx, tf.int32), v=sub)
+  return tf.tensor_scatter_nd_update(images, idx[:, None], sub)
+
+
+def degrade(cfg: config_lib.DataConfig, images, params, in_place: bool = False):
+  """The image-quality augmentation of a batch of crops (images float32 [B, H, W, C], in
+  0..255; params: sample_params' DEGRADE_KEYS stacked [B, ...]): the samples drawn for blur
+  get `gaussian_blur`, then those drawn for low resolution get `lowres` (a camera blurs,
+  then samples). Only drawn samples are computed. Both training paths call it (the
+  per-sample path with a batch of one), so they compute the same from the same draws.
+  in_place=True writes into images' buffer: only for a tensor nothing else reads."""
+  if not cfg.augment:
+    return images
+  if cfg.blur_prob > 0:
+    radius = blur_radius(cfg)
+    images = _on_drawn(images, params["blur"], lambda x, s: gaussian_blur(x, s, radius),
+                       params["blur_sigma"], in_place)
+  if cfg.lowres_prob > 0:
+    spec = tf.TensorSpec(images.shape[1:], tf.float32)
+    images = _on_drawn(images, params["lowres"],
+                       lambda x, n: tf.map_fn(lambda a: lowres(*a), (x, n),
+                                              fn_output_signature=spec),
+                       params["lowres_size"], in_place)
+  return images
+
+
 def standardise(image):
   """Zero mean, unit std per image (as tf.image.per_image_standardization)."""
   return tf.image.per_image_standardization(image)
@@ -179,14 +263,19 @@ def sample_params(cfg: config_lib.DataConfig, key, landmarks, box, flip_perm) ->
     "colour"     bool, "colour_fractions" float32 [2, 3] (colour_jitter's draws)
     "occlusion"  bool, "occlusion_rect" float32 [4] (x0, x1, y0, y1 crop px)
     "greyscale"  bool
-  Without cfg.augment: the face box's crop, no photometric change."""
+    "blur"       bool, "blur_sigma" float32 [2] (y, x) crop px (`degrade`)
+    "lowres"     bool, "lowres_size" int32: the side of the low-resolution crop (`degrade`)
+  Without cfg.augment: the face box's crop, no photometric change. Occlusion, blur and
+  low resolution at probability 0 draw nothing (a constant False coin)."""
   landmarks = tf.cast(landmarks, tf.float32)
   if not cfg.augment:
     matrix = crop_matrix(box)
     false = tf.constant(False)
     return {"matrix": matrix, "landmarks": transform_points(matrix, landmarks),
             "colour": false, "colour_fractions": tf.zeros([2, 3]), "occlusion": false,
-            "occlusion_rect": tf.zeros([4]), "greyscale": false}
+            "occlusion_rect": tf.zeros([4]), "greyscale": false, "blur": false,
+            "blur_sigma": tf.zeros([2]), "lowres": false,
+            "lowres_size": tf.constant(CROP, tf.int32)}
   landmark_box = tf.concat([tf.reduce_min(landmarks, 0), tf.reduce_max(landmarks, 0)], 0)
   matrix, flip = sample_geometry(cfg, key, box, landmark_box)
   # Label convention: labels sit flip_label_shift px right of the image content, in IMAGE
@@ -202,7 +291,16 @@ def sample_params(cfg: config_lib.DataConfig, key, landmarks, box, flip_perm) ->
   points = tf.where(flip, tf.gather(points, flip_perm), points)
   occlusion = (_coin(key, _OCC_P, cfg.occlusion_prob) if cfg.occlusion_prob > 0
                else tf.constant(False))
-  return {"matrix": matrix, "landmarks": points,
+  off = tf.constant(False)
+  quality = {
+      "blur": _coin(key, _BLUR_P, cfg.blur_prob) if cfg.blur_prob > 0 else off,
+      "blur_sigma": (_uniform(key, _BLUR, [2], 0.0, cfg.blur_max_sigma)
+                     if cfg.blur_prob > 0 else tf.zeros([2])),
+      "lowres": _coin(key, _LOWRES_P, cfg.lowres_prob) if cfg.lowres_prob > 0 else off,
+      "lowres_size": (lowres_size(_uniform(key, _LOWRES, (), cfg.lowres_min_px,
+                                           cfg.lowres_max_px))
+                      if cfg.lowres_prob > 0 else tf.constant(CROP, tf.int32))}
+  return {"matrix": matrix, "landmarks": points, **quality,
           "colour": _coin(key, _COLOR_P, cfg.color_prob),
           "colour_fractions": _uniform(key, _COLOR, [2, 3], 0.0, cfg.color_clip_max),
           "occlusion": occlusion,
@@ -215,6 +313,7 @@ def augment_example(cfg: config_lib.DataConfig, key, image, landmarks, box, flip
   standardisation is applied by the caller, landmarks [N, 2] crop pixels)."""
   p = sample_params(cfg, key, landmarks, box, flip_perm)
   crop = warp(image, p["matrix"])
+  crop = degrade(cfg, crop[None], {k: p[k][None] for k in DEGRADE_KEYS})[0]
   crop = tf.where(p["colour"], _stretch(crop, p["colour_fractions"]), crop)
   if cfg.occlusion_prob > 0:
     crop = tf.where(p["occlusion"] & occlusion_mask(p["occlusion_rect"])[..., None],

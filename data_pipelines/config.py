@@ -9,6 +9,11 @@ here every augmentation has its own coin (same marginal probability), so each ca
 switched off or tuned alone. Horizontal flip: the original skipped it for WFLW, the paper
 lists it; we follow the paper (flip_prob=0.5). The occlusion rectangle is off by default
 (the issue asks for it as an option; set occlusion_prob=0.5 for the original behaviour).
+Resolution and blur (issue #28: deployment faces from low-resolution video, webcams,
+defocus, motion; off by default): the crop is blurred (an axis-aligned Gaussian) and/or
+brought down to a face of U(lowres_min_px, lowres_max_px) px and back up
+(augment.degrade). A starting point (its effect on val and robust-val not measured yet):
+--lowres_prob=0.3 --blur_prob=0.2 with the default ranges.
 
 Where prepared data goes (`tfds_dir`): "" means $TFDS_DATA_DIR when set, else
 ~/tensorflow_datasets. Under it: `<builder>/<config>/<version>/` (TFDS), where the config name
@@ -22,12 +27,17 @@ import dataclasses
 import math
 import os
 
+from musica_jax import face_frame
+
 DATASETS = ("ibug300w", "wflw", "pts_folder", "synthetic_faces")
 BALANCING = ("gdb", "pdb", "none")
 GDB_MAPPINGS = ("linear", "square", "sqrt")
 # The two splits carved from --val_source (see DataConfig.val_fraction).
 VAL_SPLIT = "val"
 FIT_SPLIT = "train_fit"
+# The ranges of the image-quality augmentation (DataConfig.lowres_*, blur_max_sigma).
+MIN_FACE_PX = 8.0
+MAX_BLUR_SIGMA = 12.0
 
 
 @dataclasses.dataclass
@@ -88,6 +98,18 @@ class DataConfig:
   greyscale_prob: float = 0.5
   occlusion_prob: float = 0.0
   occlusion_max_frac: float = 0.5    # rectangle sides up to this fraction of the crop
+  # Image quality (augment.degrade, right after the warp; the landmarks do not move). Blur:
+  # an axis-aligned Gaussian, sigma_y and sigma_x each U(0, blur_max_sigma) crop px (the
+  # face box is 142 crop px: 3 px ~ 2% of the face; round defocus-like to elongated
+  # motion-like). Low resolution: the crop is area-averaged down so that the face box
+  # (142 crop px) becomes U(lowres_min_px, lowres_max_px) px, then bilinearly up to 228
+  # (what a camera that saw the face at that size, and the crop of its frame, give).
+  # Blur before resolution when both fire.
+  lowres_prob: float = 0.0
+  lowres_min_px: float = 40.0
+  lowres_max_px: float = 120.0
+  blur_prob: float = 0.0
+  blur_max_sigma: float = 3.0
 
   # Evaluation only (robustness to the detector's box): each eval face box is moved by
   # U(-box_jitter, box_jitter) x its width / height and resized by 1 + U(-box_jitter,
@@ -135,13 +157,21 @@ def validate(cfg: DataConfig) -> DataConfig:
   need(cfg.gdb_components >= 1, "gdb_components", "must be >= 1")
   need(cfg.pdb_bins >= 2, "pdb_bins", "must be >= 2")
   for f in ("rotation_prob", "shear_prob", "scale_prob", "flip_prob", "box_prob",
-            "color_prob", "greyscale_prob", "occlusion_prob"):
+            "color_prob", "greyscale_prob", "occlusion_prob", "lowres_prob", "blur_prob"):
     need(0.0 <= getattr(cfg, f) <= 1.0, f, "a probability in [0, 1]")
   need(0 < cfg.scale_min <= cfg.scale_max, "scale_min", "need 0 < scale_min <= scale_max")
   need(cfg.box_scale_x_max >= 1 and cfg.box_scale_y_max >= 1, "box_scale_x_max",
        "box scale maxima must be >= 1")
   need(0 <= cfg.color_clip_max < 0.5, "color_clip_max", "must be in [0, 0.5)")
   need(0 < cfg.occlusion_max_frac <= 1, "occlusion_max_frac", "must be in (0, 1]")
+  need(MIN_FACE_PX <= cfg.lowres_min_px <= face_frame.BOX_SIZE, "lowres_min_px",
+       f"a face size in px in [{MIN_FACE_PX:g}, {face_frame.BOX_SIZE:g}] (the face box's "
+       f"size in the crop), got {cfg.lowres_min_px}")
+  need(cfg.lowres_min_px <= cfg.lowres_max_px <= face_frame.BOX_SIZE, "lowres_max_px",
+       f"a face size in px in [--lowres_min_px={cfg.lowres_min_px:g}, "
+       f"{face_frame.BOX_SIZE:g}], got {cfg.lowres_max_px}")
+  need(0 < cfg.blur_max_sigma <= MAX_BLUR_SIGMA, "blur_max_sigma",
+       f"crop px in (0, {MAX_BLUR_SIGMA:g}], got {cfg.blur_max_sigma}")
   need(0 <= cfg.val_fraction < 1, "val_fraction", "must be in [0, 1)")
   need(math.isfinite(cfg.flip_label_shift), "flip_label_shift", "must be a finite number")
   need(0 <= cfg.box_jitter < 1, "box_jitter", "must be in [0, 1)")

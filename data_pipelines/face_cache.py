@@ -25,12 +25,15 @@ from the mosaic and the op's bilinear weights blend it; a neighbour outside the 
 reads 0 (the op's constant fill: the zero border). The cut only moves integer indices,
 so the crop from a cut region is the crop from the whole photo bit for bit; it equals
 `augment.warp`'s up to the last bit of the coordinates (XLA fuses their multiply-adds):
-~3e-5 grey levels on 300W, <= 0.03 on a noise photo with x ~ 1000. Then colour,
-occlusion and greyscale with each sample's draws (`augment.sample_params`, the draws of
-the per-sample path) and the per-image standardisation, vectorised over the batch.
+~3e-5 grey levels on 300W, <= 0.03 on a noise photo with x ~ 1000. Then blur and low
+resolution (`augment.degrade`, the per-sample path's function, on the drawn samples only,
+written into the crop's buffer), colour, occlusion and greyscale with each sample's draws
+(`augment.sample_params`, the draws of the per-sample path) and the per-image
+standardisation, vectorised over the batch.
 ~2,000-2,400 samples/s on the development CPU (experiments.pipeline_benchmark; ~110 ms
 of CPU per batch of 128: the warp ~50 (its gather ~45), the photometric passes ~40, the
-per-sample draws and tf.data ~20).
+per-sample draws and tf.data ~20). With --lowres_prob=0.3 --blur_prob=0.2, ~40 ms more
+(~0.5 ms per low-resolution sample, ~0.9 per blurred one): ~1,600 samples/s.
 """
 from __future__ import annotations
 
@@ -252,8 +255,13 @@ def render_batch(cfg: config_lib.DataConfig, mosaic, batch: dict):
   Five passes over the batch (measured the fastest split on the development CPU, where
   XLA:CPU fuses elementwise work well but reduces 2-3x slower than TensorFlow's kernels):
   the warp (XLA), the colour range per channel (TF), colour / occlusion / greyscale (XLA),
-  the sums for the mean and variance (TF), the standardisation (XLA)."""
+  the sums for the mean and variance (TF), the standardisation (XLA); between the warp and
+  the colour range, augment.degrade on the samples drawn for blur or low resolution (TF
+  kernels on those samples only)."""
   crop = warp_batch(mosaic, batch["cell"], batch["region"], batch["transform"])
+  # Blur / low resolution of the drawn samples, written into the crop's buffer (the crop
+  # is this function's own: nothing else reads it).
+  crop = augment.degrade(cfg, crop, batch, in_place=True)
   b = tf.shape(crop)[0]
   colour, fr = batch["colour"], batch["colour_fractions"]
   # Colour "jetting" (augment._stretch) per sample and channel; the other samples pass

@@ -14,10 +14,11 @@ global batch. Then (the default, `face_cache`): the training photos are decoded 
 an in-memory uint8 cache of each face's region (DataConfig.train_cache_mb); parallel map
 (per sample: face index, key, augment.sample_params: matrix, landmarks, photometric draws)
 -> batch(B/H, drop_remainder) -> parallel map (per batch: face_cache.render_batch, the
-warp of every crop from the cache in one XLA program, colour / occlusion / greyscale,
-standardise) -> prefetch. Without the cache (over its budget, or train_cache_mb=0):
-parallel map (decode, augment_example, standardise per sample) -> batch -> prefetch; the
-same draws, the same pixels up to float rounding (tests/test_data_pipeline.py).
+warp of every crop from the cache in one XLA program, blur / low resolution of the drawn
+samples, colour / occlusion / greyscale, standardise) -> prefetch. Without the cache
+(over its budget, or train_cache_mb=0): parallel map (decode, augment_example,
+standardise per sample) -> batch -> prefetch; the same draws, the same pixels up to float
+rounding (tests/test_data_pipeline.py).
 
 Evaluation: every face exactly once, in file_id order (crop from the face box, moved and
 resized per face when --box_jitter > 0); global batches of eval_batch_size,

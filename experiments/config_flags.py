@@ -104,6 +104,17 @@ _HELP = {
     "val_source": "The split carved into train_fit and val (pts_folder: all).",
     "flip_label_shift": "The labels' x offset from the image content, in image pixels; "
                         "mirrored faces keep it (300W: experiments.estimate_flip_shift).",
+    "lowres_prob": "Training: probability that a crop is brought down to a face of "
+                   "U(--lowres_min_px, --lowres_max_px) px (area average) and bilinearly "
+                   "back up to 228 (low-resolution video, webcams); 0 = off.",
+    "lowres_min_px": "--lowres_prob: the smallest face size drawn, px (the face box is 142 "
+                     "px in the crop).",
+    "lowres_max_px": "--lowres_prob: the largest face size drawn, px (<= 142).",
+    "blur_prob": "Training: probability that a crop is blurred by an axis-aligned Gaussian, "
+                 "sigma_y and sigma_x each U(0, --blur_max_sigma) (defocus, motion); before "
+                 "--lowres_prob's resampling when both fire; 0 = off.",
+    "blur_max_sigma": "--blur_prob: the largest Gaussian sigma, in crop px (the face box is "
+                      "142 px: 3 px ~ 2% of the face).",
     "box_jitter": "Evaluation only: move each face box by U(-F, F) x its size and resize "
                   "it by 1 + U(-F, F), seeded by --seed and the file id; 0 = off.",
     "skip_bad": "Skip (count and report) bad annotations/images instead of failing.",

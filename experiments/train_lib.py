@@ -228,6 +228,17 @@ def _describe_init(record: dict) -> str:
   return f"initialised from {record['source']} ({record['path']}): {how}"
 
 
+def data_flags_differ(recorded, data_cfg: data_config.DataConfig) -> bool:
+  """Whether a workdir's recorded data section (run_config "data") differs from data_cfg.
+  A field the record predates counts as its default, which is the behaviour from before
+  the field existed (e.g. --lowres_prob=0), so resuming an older run with the same flags
+  is no change."""
+  if not isinstance(recorded, dict):
+    return True
+  return {**dataclasses.asdict(data_config.DataConfig()), **recorded} != dataclasses.asdict(
+      data_cfg)
+
+
 def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
   model_cfg, train_cfg, data_cfg = config.model, config.train, config.data
   scheme = schemes.get_scheme(data_cfg.num_points)
@@ -242,7 +253,7 @@ def _train_and_evaluate(config: Config, workdir: str, on_start) -> dict:
       raise app.UsageError(f"--workdir={workdir} holds a run with a different model "
                            f"({previous['model_config']}); use a new workdir or the same "
                            f"model flags")
-    if previous["data"] != dataclasses.asdict(data_cfg):
+    if data_flags_differ(previous.get("data"), data_cfg):
       say(f"note: the data flags differ from the run in {workdir}; the resumed data "
           f"stream will not be the one of an uninterrupted run")
   # --init_from applies to a run that starts afresh; a resumed run keeps the record of

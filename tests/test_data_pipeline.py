@@ -82,7 +82,10 @@ def test_resume_gives_the_same_batches(cfg, bal):
 
 
 @pytest.mark.parametrize("changes", [dict(occlusion_prob=0.5, greyscale_prob=0.3),
-                                     dict(augment=False)], ids=["all_augmentations", "plain"])
+                                     dict(lowres_prob=0.5, blur_prob=0.5, occlusion_prob=0.3,
+                                          lowres_min_px=20.0),
+                                     dict(augment=False)],
+                         ids=["all_augmentations", "image_quality", "plain"])
 def test_cached_pipeline_equals_the_per_sample_pipeline(cfg, changes):
   """The face cache + batched render gives the batches of the per-sample path (decode,
   augment_example, standardise per sample): the same draws (landmarks bit for bit), the
@@ -101,13 +104,14 @@ def test_cached_pipeline_equals_the_per_sample_pipeline(cfg, changes):
     assert a["image"].dtype == np.float32
     np.testing.assert_array_equal(a["landmarks"], b["landmarks"])
     np.testing.assert_allclose(a["image"], b["image"], atol=1e-3)
-  if changes.get("occlusion_prob"):   # the occlusion draws change pixels, nothing else
-    plain = dataclasses.replace(c, occlusion_prob=0.0)
-    x = next(input_pipeline.train_iterator(c, 3))
-    y = next(input_pipeline.train_iterator(plain, 3))
-    np.testing.assert_array_equal(x["landmarks"], y["landmarks"])
-    changed = np.abs(x["image"] - y["image"]).max(axis=(1, 2, 3)) > 0.1
-    assert changed.any(), changed
+  for flag in ("occlusion_prob", "lowres_prob", "blur_prob"):
+    if changes.get(flag):   # its draws change pixels, nothing else
+      plain = dataclasses.replace(c, **{flag: 0.0})
+      x = next(input_pipeline.train_iterator(c, 3))
+      y = next(input_pipeline.train_iterator(plain, 3))
+      np.testing.assert_array_equal(x["landmarks"], y["landmarks"])
+      changed = np.abs(x["image"] - y["image"]).max(axis=(1, 2, 3)) > 0.1
+      assert changed.any(), (flag, changed)
 
 
 def test_cache_budget_falls_back_to_decoding_per_sample(cfg):
