@@ -1,5 +1,5 @@
-"""Landmarks for faces in photos: image + face box(es) -> landmarks, estimated error,
-iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow, optax or orbax).
+"""Photos + face boxes -> landmarks, estimated error, iterations used, valid flag (numpy,
+PIL and JAX only: no TensorFlow, optax or orbax).
 
     from musica_jax import Predictor, read_image
     p = Predictor.default()                          # or .from_model_dir(D) / .from_workdir(W)
@@ -10,9 +10,9 @@ iterations used, valid flag. numpy + PIL + JAX only (no TensorFlow, optax or orb
 face by face) keeps a compute budget with a stream: `s = p.stream(budget=2.5)`, then
 `s.predict(frame, box)` for each face (`musica_jax.budget`).
 
-The crop (`musica_jax.crop`, the evaluation pipeline's) runs in the cascade's jitted
-program, compiled once per power-of-two face bucket, source side and dial setting. Without
-boxes, `predict` finds the faces with a detector (`musica_jax.detector`).
+The crop (`musica_jax.crop`) runs in the cascade's jitted program, compiled once per
+power-of-two face bucket, source side and dial setting; without boxes, `predict` finds the
+faces with a detector (`musica_jax.detector`).
 """
 from __future__ import annotations
 
@@ -78,16 +78,15 @@ class Predictor:
     params: stacked stage parameters (e.g. EMA parameters).
     model_config: the ModelConfig they belong to.
     mean_shape: [N, 2] initial shape in crop pixels (training-set mean).
-    max_batch: largest number of faces run through the cascade at once; batches are
-      padded to powers of two up to it.
-    min_batch: smallest padded batch (fewer compiled programs, more padding).
+    max_batch / min_batch: the most faces run through the cascade at once (batches are
+      padded to powers of two up to it) / the smallest padded batch.
     metadata: free-form description kept on the object (`.metadata`).
     quit_params / quit_info: the model's quitting policy (`musica_jax.quit_head`): a
       learned head (or None: the network's estimated error) and its validation profile,
       which turns a budget into per-stage capacities (needed for `budget=`).
-    face_finder: image -> face boxes [K, 4] in the landmark-box convention, for
-      `predict` without boxes; default (built on first use): dlib's HOG detector with the
-      shipped box fit (`musica_jax.detector.FaceFinder`; needs the peers extra).
+    face_finder: image -> face boxes [K, 4] (landmark-box convention) for `predict`
+      without boxes; default: dlib's HOG detector with the shipped box fit, built on
+      first use (`musica_jax.detector.FaceFinder`; needs the peers extra).
     default_t_fail: the failure threshold `predict` uses when given none.
   """
 
@@ -119,6 +118,9 @@ class Predictor:
     # chosen on a validation split; inf: every face valid).
     self.default_t_fail = np.inf if default_t_fail is None else float(default_t_fail)
     self.fast = fast_inference.FastCascade(self.params, model_config, quit_params=quit_params)
+    # On the CPU results are host memory: np.asarray reads them without device_get's
+    # per-call bookkeeping (~0.18 ms at batch 1 on the 2-core CPU).
+    self._host_is_device = jax.default_backend() == "cpu"
     self._face_finder = face_finder
 
   def find_faces(self, image: np.ndarray) -> np.ndarray:
@@ -162,9 +164,8 @@ class Predictor:
 
   def crops(self, images: Images, boxes: Boxes) -> tuple[jax.Array, np.ndarray, np.ndarray,
                                                         np.ndarray, np.ndarray]:
-    """Standardised crops exactly as the evaluation pipeline makes them, with their
-    frames (`crop.face_crops`): (crops float32 [F, 228, 228, 3], scale [F], offset [F, 2],
-    image_index [F], boxes [F, 4])."""
+    """The evaluation pipeline's standardised crops and frames (`crop.face_crops`): (crops
+    [F, 228, 228, 3] float32, scale [F], offset [F, 2], image_index [F], boxes [F, 4])."""
     return crop_lib.face_crops(images, boxes, self.model_config.image_size)
 
   # -- the dials ----------------------------------------------------------------------
@@ -242,7 +243,8 @@ class Predictor:
     outs, pending = [], []
 
     def collect(out, n, target):
-      got = jax.device_get(tuple(getattr(out, k) for k in fields))   # one transfer
+      got = ([np.asarray(getattr(out, k)) for k in fields] if self._host_is_device
+             else jax.device_get(tuple(getattr(out, k) for k in fields)))   # async copies
       outs.append({k: np.asarray(v)[:n] for k, v in zip(fields, got)})
       if stream is not None:
         stream.record(outs[-1]["iterations"], target)
