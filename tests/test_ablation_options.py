@@ -154,6 +154,7 @@ def test_gcn_needs_the_patch_centres():
 # --- through the cascade, training, export, predictor, cost --------------------------------
 
 @pytest.mark.usefixtures("highest_precision")   # compares paths: no TF32 (conftest.py)
+@pytest.mark.slow   # ~23 s on 2 cores; the default extractor's paths: test_fast_inference
 @pytest.mark.parametrize("extractor,global_attention", OPTIONS)
 def test_every_cascade_path_computes_the_same_function(extractor, global_attention,
                                                        monkeypatch):

@@ -27,6 +27,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow   # ~37 s on 2 cores; test_entry_points parses its flags in CI
 def test_benchmark_smoke(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run([sys.executable, "-c", CODE, str(out)], capture_output=True, text=True,
