@@ -65,9 +65,10 @@ _HELP = {
                  "random initialisation: an exported model directory, 'default' (the shipped "
                  "model) or a training workdir (its latest EMA weights). The model flags must "
                  "match the source's but for --recurrent_rank (a dense source is factorised "
-                 "by truncated SVD). Ignored when --workdir holds a checkpoint (the run "
-                 "resumes). Steps, schedule and EMA warm-up count from 0; the initial shape "
-                 "is this run's training mean shape.",
+                 "by truncated SVD) and a grown patch set (--num_patches=68 from a 34-patch "
+                 "model: the new patches start with zero recurrent weights). Ignored when "
+                 "--workdir holds a checkpoint (the run resumes). Steps, schedule and EMA "
+                 "warm-up count from 0; the initial shape is this run's training mean shape.",
     "iteration_weights": "Weights of the iterations' landmark losses, one per iteration "
                          "(scaled to sum to the number of iterations); empty = all equal "
                          "(the paper's). E.g. 3,2,1 favours the early iterations, which the "
