@@ -120,6 +120,18 @@ def _model_paths(pred, items, images, ts_list, budgets, savedmodel) -> dict:
                lambda c: np.asarray(bf16.run(c, init).landmarks)),
            "full, crop given, exported StableHLO": crop_only(
                lambda c: np.asarray(exp.call(c)[0]))}
+  if jax.default_backend() != "cpu":   # the masked program (small batches there) vs selective
+    def selective(run):
+      def timed(f):
+        keep, fast_inference.MASKED_MAX_BATCH_ACCELERATOR = (
+            fast_inference.MASKED_MAX_BATCH_ACCELERATOR, 0)
+        try:
+          return run(f)
+        finally:
+          fast_inference.MASKED_MAX_BATCH_ACCELERATOR = keep
+      return timed
+    paths.update({f"budget {b} (predict, selective program)": selective(
+        predict_path(budget=float(b))) for b in budgets})
   paths.update(_profile_paths(pred, items, images))
   if savedmodel:
     import tensorflow as tf  # noqa: PLC0415

@@ -84,15 +84,31 @@ def bucket_sizes(batch: int, min_bucket: int = 1) -> tuple[int, ...]:
   return tuple(sizes) + (batch,)
 
 
-def _run_all(stage_params, levels, init_shape, config, t_fail) -> EarlyExitOutput:
-  """Every iteration on every face (no face quits): the stages on the whole batch."""
+def _run_all(stage_params, levels, init_shape, config, t_fail, quit_params=None, ts=None,
+             mask=None) -> EarlyExitOutput:
+  """Every iteration on every face: the stages on the whole batch. ts None: no face quits.
+  Else the masked early exit (the rule of `cascade.run_cascade`: a face's result freezes
+  after the first iteration whose score is < ts; it still computes the rest), the same
+  result as the selective program without its top-k, buckets and scatters."""
   b = levels[0].shape[0]
   shape = cascade.broadcast_init(init_shape, b, config)
   hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
+  state = cascade.initial_state(shape, hidden)
   for stage in range(config.num_stages):
     xs = {k: v for k, v in cascade.stage_xs(config, stage).items() if k != "origin"}
-    shape, hidden, err, _ = cascade.stage_forward(
+    new, hidden, err, _ = cascade.stage_forward(
         config, stage_params[stage], levels[config.levels[stage]], shape, hidden, xs)
+    if ts is not None:
+      score = quit_head_lib.score(quit_head_lib.stage_slice(quit_params, stage), hidden, err,
+                                  quit_head_lib.step_length(new, shape))
+      state = cascade.early_exit_update(state, ~state["done"], new, hidden, err, score < ts)
+      if stage == 0 and mask is not None:     # padding faces: the first iteration only
+        state["done"] = state["done"] | ~jnp.asarray(mask, bool)
+    shape = new
+  if ts is not None:
+    return EarlyExitOutput(landmarks=state["shape"], estimated_error=state["error"],
+                           hidden=state["hidden"], iterations=state["iterations"],
+                           valid=state["error"] < t_fail)
   return EarlyExitOutput(landmarks=shape, estimated_error=err, hidden=hidden,
                          iterations=jnp.full((b,), config.num_stages, jnp.int32),
                          valid=err < t_fail)
@@ -115,10 +131,14 @@ def _run_subset(config, params_i, quit_i, stage, levels, state, idx, go, ts):
                                                          unique_indices=True), state, sub)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket", "selective"))
+_STATIC = ("config", "capacities", "min_bucket", "selective", "masked")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def run_selective(stage_params: tuple, quit_params, images, init_shape, config: ModelConfig,
                   ts=-jnp.inf, t_fail=jnp.inf, capacities: tuple[int, ...] | None = None,
-                  min_bucket: int = 1, mask=None, selective: bool = True) -> EarlyExitOutput:
+                  min_bucket: int = 1, mask=None, selective: bool = True,
+                  masked: bool = False) -> EarlyExitOutput:
   """Early exit that skips the computation of the faces that quit (one jitted program).
 
   Args:
@@ -134,6 +154,9 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
     selective: False when no face may quit (ts = -inf, no capacities): every iteration
       runs on the whole batch, without the selection (top-k, buckets, scatters), which
       only costs time then (`FastCascade.run` decides).
+    masked: with a threshold (no capacities), compute every iteration for every face and
+      freeze each face's result where it quits (`_run_all`): the same result, no
+      selection machinery; for small batches on accelerators (`FastCascade`).
   """
   if images.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
@@ -142,14 +165,15 @@ def run_selective(stage_params: tuple, quit_params, images, init_shape, config: 
   # (1.2 MB at 228 px) costs as much as an iteration at batch 64 on a 2-core CPU.
   levels = pyramid.build_levels(images.astype(jnp.float32), max(config.levels) + 1)
   return _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail,
-                     capacities, min_bucket, mask, selective)
+                     capacities, min_bucket, mask, selective, masked)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacities", "min_bucket", "selective"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def run_selective_sources(stage_params: tuple, quit_params, sources: tuple, init_shape,
                           config: ModelConfig, ts=-jnp.inf, t_fail=jnp.inf,
                           capacities: tuple[int, ...] | None = None, min_bucket: int = 1,
-                          mask=None, selective: bool = True) -> EarlyExitOutput:
+                          mask=None, selective: bool = True,
+                          masked: bool = False) -> EarlyExitOutput:
   """`run_selective` from photos: the crop (`musica_jax.crop.crop_levels`: blend, zero
   fill, standardisation, pyramid) runs in the same program as the cascade. sources: the
   arrays of a `crop.CropSources` (`CropSources.arrays()`); the rest as `run_selective`."""
@@ -158,16 +182,18 @@ def run_selective_sources(stage_params: tuple, quit_params, sources: tuple, init
                      f"reads {config.image_size}")
   levels = crop_lib.crop_levels(tuple(sources), max(config.levels) + 1)
   return _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail,
-                     capacities, min_bucket, mask, selective)
+                     capacities, min_bucket, mask, selective, masked)
 
 
 def _run_levels(stage_params, quit_params, levels, init_shape, config, ts, t_fail, capacities,
-                min_bucket, mask, selective=True) -> EarlyExitOutput:
+                min_bucket, mask, selective=True, masked=False) -> EarlyExitOutput:
   """The selective cascade on the pyramid levels [level 0 [B, S, S, C], level 1, ...]."""
   b = levels[0].shape[0]
   s = config.num_stages
   if not selective and capacities is None:
     return _run_all(stage_params, levels, init_shape, config, t_fail)
+  if masked and capacities is None:
+    return _run_all(stage_params, levels, init_shape, config, t_fail, quit_params, ts, mask)
   if capacities is not None:
     capacities = tuple(int(k) for k in capacities)
     if len(capacities) != s - 1 or any(not 0 <= k <= b for k in capacities) or any(
@@ -221,6 +247,22 @@ def _selective(ts, capacities) -> bool:
   return capacities is not None or float(ts) > -np.inf
 
 
+# Batches up to this many faces with a threshold (no capacities) run the masked program on
+# accelerators (`_masked`). Measured on one H200 (2026-12-04, issue #24, the full-rank
+# default): batch 1, the threshold path 0.96 ms against 0.39 ms for the masked cascade;
+# each iteration's selection there is a launch and a sync, dearer than the iteration
+# itself. Not yet measured with this program (experiments/launch/gpu_check.sh times both).
+MASKED_MAX_BATCH_ACCELERATOR = 4
+
+
+def _masked(batch: int, capacities, backend: str | None = None) -> bool:
+  """Whether a threshold dial runs masked (every iteration, results frozen where a face
+  quits) instead of selective: small batches on accelerators; never on the CPU, where
+  skipping an iteration saves its time."""
+  backend = backend or jax.default_backend()
+  return capacities is None and backend != "cpu" and batch <= MASKED_MAX_BATCH_ACCELERATOR
+
+
 class FastCascade:
   """Prepared parameters (+ optional quit head) and the selective early-exit path.
 
@@ -240,7 +282,7 @@ class FastCascade:
     caps = None if capacities is None else tuple(int(k) for k in capacities)
     return run_selective(self.stage_params, self.quit_params, images, init_shape,
                          self.config, np.float32(ts), np.float32(t_fail), caps, min_bucket,
-                         mask, _selective(ts, caps))
+                         mask, _selective(ts, caps), _masked(images.shape[0], caps))
 
   def run_sources(self, sources: tuple, init_shape, ts=-np.inf, t_fail=np.inf,
                   capacities: Sequence[int] | None = None, min_bucket: int = 1,
@@ -251,4 +293,4 @@ class FastCascade:
     return run_selective_sources(self.stage_params, self.quit_params, tuple(sources),
                                  init_shape, self.config, np.float32(ts),
                                  np.float32(t_fail), caps, min_bucket, mask,
-                                 _selective(ts, caps))
+                                 _selective(ts, caps), _masked(sources[0].shape[0], caps))

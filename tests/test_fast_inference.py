@@ -277,10 +277,25 @@ def test_threshold_path_matches_the_masked_cascade(small_chunks, with_head):
   for f in range(16):
     out = fast.run(images[f:f + 1], init, ts, t_fail)
     _check_early_exit(out, jax.tree.map(lambda x: x[f:f + 1], ref))
+  # The masked program (every iteration for every face, results frozen where a face
+  # quits; accelerators' choice for small batches) gives the same result, padding too.
+  args = (fast.stage_params, fast.quit_params, images, init, cfg, jnp.float32(ts),
+          jnp.float32(t_fail))
+  _check_early_exit(fast_inference.run_selective(*args, masked=True), ref)
+  padded = fast_inference.run_selective(*args, mask=np.arange(16) < 12, masked=True)
+  _check_early_exit(jax.tree.map(lambda x: x[:12], padded), ref, n=12)
+  assert np.all(np.asarray(padded.iterations)[12:] == 1)
   # Ts = -inf: every iteration, the full cascade's last shape.
   out = fast.run(images, init)
   np.testing.assert_allclose(out.landmarks, full.shapes[-1], atol=1e-5)
   assert np.all(np.asarray(out.iterations) == cfg.num_stages)
+
+
+def test_small_threshold_batches_run_masked_on_accelerators_only():
+  assert not fast_inference._masked(1, None, "cpu")
+  assert fast_inference._masked(1, None, "gpu") and fast_inference._masked(4, None, "tpu")
+  assert not fast_inference._masked(64, None, "gpu")
+  assert not fast_inference._masked(2, (1, 1), "gpu")      # a budget keeps its capacities
 
 
 @pytest.mark.parametrize("with_head", [False, True])
