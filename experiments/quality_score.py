@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app
 from absl import flags
 
-from data_pipelines import robust_val
+from experiments import robust_val
 from experiments import common
 from experiments import config_flags
 from experiments import quality_features
@@ -41,22 +41,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command's flags (defined only when run as a program)."""
+  robust_val.define_condition_flags("Faces to fit and measure on (a validation split).")
   d = common.define_flag
-  d("string", "model", "default", "Exported model directory, or 'default'.")
-  d("string", "split", "val", "Faces to fit and measure on (a validation split).")
-  d("list", "conditions", list(robust_val.CONDITIONS),
-    "Conditions (data_pipelines.robust_val): clean, downscale_<px>px, jpeg_q<Q>, "
-    "motion_blur, defocus_blur, rotate_<deg>, strong_yaw, occlusion_<percent>, "
-    "box_jitter_<fraction>.")
-  d("integer", "max_faces", 0, "Only the first N faces of --split by file id (0: all).")
-  d("float", "yaw_fraction", robust_val.YAW_FRACTION,
-    "strong_yaw: this fraction of the faces, the most asymmetric, plus their mirrors.")
-  d("float", "quality_fail_nme", 0.10, "Quality score: a face failed above this "
-    "inter-ocular NME.")
-  d("float", "min_flagged", 0.5, "Quality score target: at least this fraction of the "
-    "failed faces flagged in every condition.")
-  d("float", "max_false_alarms", 0.02, "Quality score target: at most this fraction of "
-    "the other faces flagged in every condition.")
   d("integer", "folds", 2, "Cross-fitting folds (by photo; 2: robust_val's folds).")
   d("list", "other_folds", ["5"], "Also summarise the held-out measure with these numbers "
     "of folds.")
@@ -83,17 +69,12 @@ def _other_folds() -> tuple[int, ...]:
 
 
 def config_from_flags() -> quality_score_lib.QualityScoreConfig:
-  common.int_flag_at_least("max_faces", FLAGS.max_faces, 0)
+  robust_val.check_condition_flags()
   common.int_flag_at_least("folds", FLAGS.folds, 2)
   common.int_flag_at_least("shape_components", FLAGS.shape_components, 1)
-  for name in ("quality_fail_nme", "min_flagged", "max_false_alarms", "yaw_fraction"):
-    common.finite_flag(name, getattr(FLAGS, name), positive=True)
   common.finite_flag("ridge", FLAGS.ridge)
   if FLAGS.ridge < 0:
     raise app.UsageError(f"--ridge={FLAGS.ridge}: must be >= 0")
-  for name in ("min_flagged", "max_false_alarms", "yaw_fraction"):
-    if getattr(FLAGS, name) > 1:
-      raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: a fraction, at most 1")
   return quality_score_lib.QualityScoreConfig(
       output_json=FLAGS.output_json, output_md=FLAGS.output_md, model=FLAGS.model,
       split=FLAGS.split, train_split=FLAGS.train_split, conditions=tuple(FLAGS.conditions),

@@ -305,14 +305,8 @@ def leave_one_condition_out(x, e, nme, cond, fold, names, *, ridge: float, fail_
 
 def run(cfg: QualityScoreConfig, data_cfg, command: str = "") -> dict:
   """Features, fit, honest measure and report (cfg.output_json)."""
-  if cfg.split in robust_val_lib.TEST_SPLITS:
-    raise app.UsageError(f"--split={cfg.split} is a test split; the quality score is fitted "
-                         f"and measured on validation faces (e.g. val)")
-  for c in cfg.conditions:
-    try:
-      robust_val.check_condition(c)
-    except ValueError as e:
-      raise app.UsageError(f"--conditions: {e}") from None
+  robust_val_lib.check_split_and_conditions(cfg.split, cfg.conditions, "the quality score "
+                                            "is fitted and measured on")
   unknown = [f for f in cfg.features if f not in quality_features.FEATURES]
   if unknown or not cfg.features or len(set(cfg.features)) != len(cfg.features):
     raise app.UsageError(f"--features: distinct names of {list(quality_features.FEATURES)} (got "

@@ -36,11 +36,12 @@ from musica_jax import atomic_io
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  """The command's flags (defined only when run as a program)."""
+def define_condition_flags(split_help: str) -> None:
+  """The flags of the faces, conditions and quality target (shared with
+  experiments.quality_score)."""
   d = common.define_flag
   d("string", "model", "default", "Exported model directory, or 'default'.")
-  d("string", "split", "val", "Faces to build the conditions from (a validation split).")
+  d("string", "split", "val", split_help)
   d("list", "conditions", list(robust_val.CONDITIONS),
     "Conditions (data_pipelines.robust_val): clean, downscale_<px>px, jpeg_q<Q>, "
     "motion_blur, defocus_blur, rotate_<deg>, strong_yaw, occlusion_<percent>, "
@@ -48,14 +49,30 @@ def define_flags() -> None:
   d("integer", "max_faces", 0, "Only the first N faces of --split by file id (0: all).")
   d("float", "yaw_fraction", robust_val.YAW_FRACTION,
     "strong_yaw: this fraction of the faces, the most asymmetric, plus their mirrors.")
-  d("bool", "per_iteration", True, "Also NME and E after every iteration (a second pass "
-    "through the cascade).")
   d("float", "quality_fail_nme", 0.10, "Quality score: a face failed above this "
     "inter-ocular NME.")
   d("float", "min_flagged", 0.5, "Quality score target: at least this fraction of the "
     "failed faces flagged in every condition.")
   d("float", "max_false_alarms", 0.02, "Quality score target: at most this fraction of "
     "the other faces flagged in every condition.")
+
+
+def check_condition_flags() -> None:
+  """One line naming the flag for a bad value of `define_condition_flags`' flags."""
+  common.int_flag_at_least("max_faces", FLAGS.max_faces, 0)
+  for name in ("quality_fail_nme", "min_flagged", "max_false_alarms", "yaw_fraction"):
+    common.finite_flag(name, getattr(FLAGS, name), positive=True)
+  for name in ("min_flagged", "max_false_alarms", "yaw_fraction"):
+    if getattr(FLAGS, name) > 1:
+      raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: a fraction, at most 1")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program)."""
+  define_condition_flags("Faces to build the conditions from (a validation split).")
+  d = common.define_flag
+  d("bool", "per_iteration", True, "Also NME and E after every iteration (a second pass "
+    "through the cascade).")
   d("string", "output_json", None, "Where to write the JSON (required unless --from_json).")
   d("string", "output_md", None, "Also write the report (markdown).")
   d("string", "ced_png", None, "CED plot, one curve per condition.")
@@ -63,12 +80,7 @@ def define_flags() -> None:
 
 
 def config_from_flags() -> robust_val_lib.RobustValConfig:
-  common.int_flag_at_least("max_faces", FLAGS.max_faces, 0)
-  for name in ("quality_fail_nme", "min_flagged", "max_false_alarms", "yaw_fraction"):
-    common.finite_flag(name, getattr(FLAGS, name), positive=True)
-  for name in ("min_flagged", "max_false_alarms", "yaw_fraction"):
-    if getattr(FLAGS, name) > 1:
-      raise app.UsageError(f"--{name}={getattr(FLAGS, name)}: a fraction, at most 1")
+  check_condition_flags()
   return robust_val_lib.RobustValConfig(
       output_json=FLAGS.output_json, model=FLAGS.model, split=FLAGS.split,
       conditions=tuple(FLAGS.conditions), max_faces=FLAGS.max_faces,

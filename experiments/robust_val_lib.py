@@ -418,17 +418,23 @@ def _ced(curves: dict, path: str, title: str) -> None:
     plots.ced_plot(curves, path, threshold=0.10, title=title)
 
 
-def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
-  """Every condition of cfg on cfg.split's faces: the result dict (also written to
-  cfg.output_json)."""
-  if cfg.split in TEST_SPLITS:
-    raise app.UsageError(f"--split={cfg.split} is a test split; the robustness validation "
-                         f"is built from validation faces (e.g. val)")
-  for c in cfg.conditions:
+def check_split_and_conditions(split: str, conditions, what: str) -> None:
+  """UsageError naming the flag for a test split or an unknown condition."""
+  if split in TEST_SPLITS:
+    raise app.UsageError(f"--split={split} is a test split; {what} validation faces "
+                         f"(e.g. val)")
+  for c in conditions:
     try:
       robust_val.check_condition(c)
     except ValueError as e:
       raise app.UsageError(f"--conditions: {e}") from None
+
+
+def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
+  """Every condition of cfg on cfg.split's faces: the result dict (also written to
+  cfg.output_json)."""
+  check_split_and_conditions(cfg.split, cfg.conditions, "the robustness validation is built "
+                             "from")
   t0 = time.time()
   loaded = common.load_model(None, cfg.model)
   pred = predictor_lib.Predictor.from_loaded(loaded, max_batch=cfg.batch_size)
