@@ -146,6 +146,17 @@ def float_list_flag(name: str, values) -> tuple[float, ...]:
     raise app.UsageError(f"--{name}: numbers expected, got {values}") from e
 
 
+def name_path_flag(name: str, items) -> list[tuple[str, str]]:
+  """A list flag of name:path items -> [(name, path)]; UsageError naming the flag."""
+  out = []
+  for item in items or ():
+    label, sep, path = item.partition(":")
+    if not sep or not label or not path:
+      raise app.UsageError(f"--{name}: {item!r}: name:path expected")
+    out.append((label, path))
+  return out
+
+
 def int_flag_at_least(name: str, value: int, minimum: int) -> int:
   if value < minimum:
     raise app.UsageError(f"--{name}={value}: must be >= {minimum}")

@@ -18,7 +18,6 @@ import pathlib
 import sys
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from experiments import common
@@ -102,12 +101,7 @@ def markdown(table: dict, low: float, high: float) -> str:
 
 def main(argv):
   common.start(argv)
-  dials = []
-  for item in FLAGS.dials:
-    name, sep, path = item.partition(":")
-    if not sep or not name or not path:
-      raise app.UsageError(f"--dials: {item!r}: name:path expected")
-    dials.append((name, path))
+  dials = common.name_path_flag("dials", FLAGS.dials)
   table = compare(dials, FLAGS.low, FLAGS.high)
   text = markdown(table, FLAGS.low, FLAGS.high)
   print(text)

@@ -641,3 +641,64 @@ def markdown_report(res: dict) -> str:
   lines += ["", f"Installing: {q['install']}", "", "## Analysis"] + [
       f"- {s}" for s in analysis(rows, q)]
   return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Several models side by side (experiments.robust_val_compare).
+
+
+def compare(results: dict[str, dict]) -> dict:
+  """{name: a `run` result} (the first the reference) -> per condition each run's NME
+  (inter-ocular %) and FR@0.10, and per run where it is better / worse than the
+  reference and its recalibrated quality score. The runs must share their conditions."""
+  names = list(results)
+  if not names:
+    raise ValueError("no runs to compare")
+  ref = results[names[0]]
+  conditions = list(ref["conditions"])
+  for n in names[1:]:
+    if list(results[n]["conditions"]) != conditions:
+      raise ValueError(f"{n}: conditions {list(results[n]['conditions'])} differ from "
+                       f"{names[0]}'s {conditions}")
+  rows = {c: {n: {"nme_interocular": results[n]["conditions"][c]["nme_interocular"],
+                  "fr_010": results[n]["conditions"][c]["fr_010"]} for n in names}
+          for c in conditions}
+  runs = {}
+  for n in names:
+    delta = {c: rows[c][n]["nme_interocular"] - rows[c][names[0]]["nme_interocular"]
+             for c in conditions}
+    q = results[n].get("quality_score", {}).get("recalibrated", {})
+    runs[n] = {"model": results[n].get("model_name"), "step": results[n].get("checkpoint_step"),
+               "better_in": [c for c in conditions if delta[c] < 0],
+               "worse_in": [c for c in conditions if delta[c] > 0],
+               "quality_conditions_meeting_target": q.get("conditions_meeting_target"),
+               "quality_t_fail": q.get("t_fail")}
+  return {"reference": names[0], "conditions": conditions, "rows": rows, "runs": runs}
+
+
+def compare_markdown(table: dict) -> str:
+  names, ref = list(table["runs"]), table["reference"]
+  head = ["| condition | " + " | ".join(f"{n}: NME io % / FR@0.10" for n in names) + " |",
+          "|---|" + "---|" * len(names)]
+  lines = []
+  for c in table["conditions"]:
+    cells = []
+    for n in names:
+      r = table["rows"][c][n]
+      better = n != ref and r["nme_interocular"] < table["rows"][c][ref]["nme_interocular"]
+      text = f"{r['nme_interocular']:.2f} / {100 * r['fr_010']:.1f}%"
+      cells.append(f"**{text}**" if better else text)
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  summary = []
+  for n in names:
+    r = table["runs"][n]
+    q = (f"quality score (Tf on val + robust-val) meets the target in "
+         f"{r['quality_conditions_meeting_target']} conditions"
+         if r["quality_conditions_meeting_target"] is not None else "no quality score")
+    where = "" if n == ref else (
+        f": lower NME than {ref} in {len(r['better_in'])} of {len(table['conditions'])} "
+        f"conditions" + (f" (not in {', '.join(r['worse_in'])})" if r["worse_in"] else
+                         " (every condition)"))
+    summary.append(f"- {n} (model {r['model']}, step {r['step']}){where}; {q}.")
+  return ("\n".join(head + lines) + "\n\nBold: lower inter-ocular NME than the reference "
+          f"({ref}).\n\n" + "\n".join(summary) + "\n")

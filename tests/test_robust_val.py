@@ -233,3 +233,24 @@ def test_entry_point_on_four_val_faces_writes_every_condition(shared_data, tfds_
   with pytest.raises(Exception, match="test split"):
     robust_val_lib.run(robust_val_lib.RobustValConfig(output_json=str(out), split="common"),
                        config_flags.data_config_from_flags())
+
+
+def test_compare_marks_where_a_recipe_is_better_and_refuses_other_conditions():
+  from experiments import robust_val_lib  # noqa: PLC0415
+
+  def result(nmes, name, quality=None):
+    return {"model_name": name, "checkpoint_step": 10,
+            "conditions": {c: {"nme_interocular": v, "fr_010": v / 100}
+                           for c, v in nmes.items()},
+            "quality_score": {"recalibrated": quality or {}}}
+  ref = result({"clean": 3.7, "rotate_40": 6.1}, "ref", {"conditions_meeting_target": 1})
+  new = result({"clean": 3.8, "rotate_40": 5.7}, "new")
+  table = robust_val_lib.compare({"ref": ref, "new": new})
+  assert table["runs"]["new"]["better_in"] == ["rotate_40"]
+  assert table["runs"]["new"]["worse_in"] == ["clean"]
+  assert table["runs"]["ref"]["quality_conditions_meeting_target"] == 1
+  md = robust_val_lib.compare_markdown(table)
+  assert "| rotate_40 | 6.10 / 6.1% | **5.70 / 5.7%** |" in md
+  assert "lower NME than ref in 1 of 2 conditions (not in clean)" in md
+  with pytest.raises(ValueError, match="differ"):
+    robust_val_lib.compare({"ref": ref, "other": result({"clean": 3.0}, "o")})
