@@ -93,7 +93,7 @@ def _run_all(stage_params, levels, init_shape, config, t_fail, quit_params=None,
   b = levels[0].shape[0]
   shape = cascade.broadcast_init(init_shape, b, config)
   hidden = jnp.zeros((b, config.hidden_size), jnp.float32)
-  state = cascade.initial_state(shape, hidden)
+  state = None if ts is None else cascade.initial_state(shape, hidden)
   for stage in range(config.num_stages):
     xs = {k: v for k, v in cascade.stage_xs(config, stage).items() if k != "origin"}
     new, hidden, err, _ = cascade.stage_forward(
