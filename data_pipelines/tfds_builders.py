@@ -18,7 +18,9 @@ again automatically; an unchanged one is reused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -228,5 +230,24 @@ def prepared_builder(dataset: str, config: MusicaBuilderConfig, tfds_dir: str):
   dl_config = tfds.download.DownloadConfig(
       manual_dir=config.source_dir or None,
       download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=dl_config)
+  # Two runs started together on one machine would both prepare the same config and the
+  # second rename fails ("Directory not empty"): one prepares, the others wait, then reuse.
+  with _preparation_lock(os.path.join(tfds_dir, "musica_locks", f"{dataset}_{config.name}")):
+    builder.download_and_prepare(download_config=dl_config)
   return builder
+
+
+@contextlib.contextmanager
+def _preparation_lock(path: str):
+  """An exclusive lock on the file `path` (created) while preparing; says when it waits."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process preparing the data ({path}.lock)", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -115,3 +115,43 @@ def test_inspect_data_fails_on_bad_items_or_counts_them(tmp_path):
   assert rep["splits"]["all"]["faces"] == 2
   assert rep["splits"]["all"]["skipped"]["by_reason"] == {"wrong point count": 1,
                                                           "corrupt image": 1}
+
+
+
+_SPLIT_SIZES = """
+import sys
+from data_pipelines import config as config_lib
+from data_pipelines import input_pipeline
+cfg = config_lib.DataConfig(dataset="pts_folder", data_dir=sys.argv[1], tfds_dir=sys.argv[2],
+                            train_split="all", eval_split="all")
+print("SIZES", input_pipeline.split_sizes(cfg), flush=True)
+"""
+
+
+def test_a_run_waits_while_another_process_prepares_the_same_data(tmp_path):
+  # Two runs started together used to race on the prepared folder's rename ("Directory not
+  # empty"); now one prepares while the others wait on a lock, then reuse its data. Here
+  # the test holds the lock as the preparing process would.
+  import fcntl  # noqa: PLC0415
+  root, tfds_dir = str(tmp_path / "mine"), str(tmp_path / "tfds")
+  _folder(root, 3)
+  cfg = config_lib.DataConfig(dataset="pts_folder", data_dir=root, tfds_dir=tfds_dir,
+                              train_split="all", eval_split="all")
+  lock = os.path.join(tfds_dir, "musica_locks",
+                      f"pts_folder_{datasets.builder_config(cfg).name}.lock")
+  os.makedirs(os.path.dirname(lock))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  with open(lock, "a") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    proc = subprocess.Popen([sys.executable, "-c", _SPLIT_SIZES, root, tfds_dir], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+      first = proc.stdout.readline()
+      assert "waiting for another process preparing the data" in first, first
+      assert proc.poll() is None       # blocked while the lock is held
+      assert not os.path.isdir(os.path.join(tfds_dir, "pts_folder"))
+    finally:
+      fcntl.flock(held, fcntl.LOCK_UN)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "SIZES {'all': 3}" in out, out
