@@ -350,5 +350,10 @@ def model_provenance(m: model_io.LoadedModel) -> dict:
     chosen_on = source.get("chosen_on")
   if chosen_on:       # --checkpoint=best: the split training evaluated on
     info["checkpoint_chosen_on"] = chosen_on
+  if m.metadata.get("averaged_from"):   # experiments.average_models
+    info["averaged_from"] = [
+        {"model_name": a["metadata"].get("name"), "weight": a["weight"],
+         "checkpoint_step": a["metadata"].get("source", {}).get("checkpoint_step")}
+        for a in m.metadata["averaged_from"]]
   info["quit_policy"] = (m.quit_info or {}).get("design")
   return info

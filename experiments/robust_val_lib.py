@@ -669,6 +669,7 @@ def compare(results: dict[str, dict]) -> dict:
              for c in conditions}
     q = results[n].get("quality_score", {}).get("recalibrated", {})
     runs[n] = {"model": results[n].get("model_name"), "step": results[n].get("checkpoint_step"),
+               "averaged_from": results[n].get("averaged_from"),
                "better_in": [c for c in conditions if delta[c] < 0],
                "worse_in": [c for c in conditions if delta[c] > 0],
                "quality_conditions_meeting_target": q.get("conditions_meeting_target"),
@@ -699,6 +700,9 @@ def compare_markdown(table: dict) -> str:
         f": lower NME than {ref} in {len(r['better_in'])} of {len(table['conditions'])} "
         f"conditions" + (f" (not in {', '.join(r['worse_in'])})" if r["worse_in"] else
                          " (every condition)"))
-    summary.append(f"- {n} (model {r['model']}, step {r['step']}){where}; {q}.")
+    made = (f"step {r['step']}" if not r.get("averaged_from") else "the average of " + " + ".join(
+        f"{a['weight']:.2g} x {a['model_name']} (step {a['checkpoint_step']})"
+        for a in r["averaged_from"]))
+    summary.append(f"- {n} (model {r['model']}, {made}){where}; {q}.")
   return ("\n".join(head + lines) + "\n\nBold: lower inter-ocular NME than the reference "
           f"({ref}).\n\n" + "\n".join(summary) + "\n")

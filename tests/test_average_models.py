@@ -72,6 +72,9 @@ def test_the_program_writes_a_model_that_names_its_sources(tmp_path):
   # (paths are stored as the metadata redacts them: the folder's name is kept)
   assert [s["model"].rsplit("/", 1)[-1] for s in soup.metadata["averaged_from"]] == ["a", "b"]
   assert [s["weight"] for s in soup.metadata["averaged_from"]] == [0.5, 0.5]
+  # The results JSONs (robust_val, evaluate) record the ingredients.
+  from experiments import common  # noqa: PLC0415
+  assert [x["weight"] for x in common.model_provenance(soup)["averaged_from"]] == [0.5, 0.5]
   x, y, z = (jax.tree.leaves(m.params)[0] for m in (a, b, soup))
   np.testing.assert_allclose(z, (x + y) / 2, rtol=1e-6, atol=1e-7)
   bad = subprocess.run([sys.executable, "-m", "experiments.average_models",

@@ -252,5 +252,12 @@ def test_compare_marks_where_a_recipe_is_better_and_refuses_other_conditions():
   md = robust_val_lib.compare_markdown(table)
   assert "| rotate_40 | 6.10 / 6.1% | **5.70 / 5.7%** |" in md
   assert "lower NME than ref in 1 of 2 conditions (not in clean)" in md
+  assert "(model new, step 10)" in md
+  # A weight average of two models (experiments.average_models) names its ingredients.
+  soup = dict(result({"clean": 3.6, "rotate_40": 5.9}, "soup"), checkpoint_step=None,
+              averaged_from=[{"model_name": "ref", "weight": 0.5, "checkpoint_step": 10},
+                             {"model_name": "new", "weight": 0.5, "checkpoint_step": 8}])
+  md = robust_val_lib.compare_markdown(robust_val_lib.compare({"ref": ref, "soup": soup}))
+  assert "(model soup, the average of 0.5 x ref (step 10) + 0.5 x new (step 8))" in md
   with pytest.raises(ValueError, match="differ"):
     robust_val_lib.compare({"ref": ref, "other": result({"clean": 3.0}, "o")})
