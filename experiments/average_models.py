@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
+from experiments import export_model
 from musica_jax import model_io
 
 FLAGS = flags.FLAGS
@@ -41,6 +42,8 @@ def define_flags() -> None:
   d("string", "output", None, "Model directory to write (created).", required=True)
   d("enum", "dtype", "float32", "Parameter storage dtype.", enum_values=list(model_io.DTYPES))
   d("string", "name", None, "Optional model name stored in the metadata.")
+  d("string", "eval_json", None, "Optional evaluation JSON (experiments.evaluate) of the "
+    "averaged model to store in the metadata.")
 
 
 def normalised_weights(weights, count: int) -> list[float]:
@@ -88,6 +91,7 @@ def main(argv):
     weights = normalised_weights(FLAGS.weights, len(FLAGS.models))
   except ValueError as e:
     raise app.UsageError(f"--weights: {e}") from None
+  evaluation = export_model.read_eval_json(FLAGS.eval_json) if FLAGS.eval_json else None
   models = [common.load_model(None, path) for path in FLAGS.models]
   try:
     params = average(models, weights)
@@ -98,6 +102,8 @@ def main(argv):
           "exported_with": "python -m experiments.average_models " + " ".join(sys.argv[1:])}
   if FLAGS.name:
     meta["name"] = FLAGS.name
+  if evaluation is not None:
+    meta["evaluation"] = evaluation
   out = model_io.save_model(FLAGS.output, params, models[0].model_config,
                             models[0].mean_shape, meta, dtype=FLAGS.dtype)
   print(f"wrote {out}: " + " + ".join(f"{w:.3g} x {p}" for p, w in zip(FLAGS.models, weights)))

@@ -353,7 +353,9 @@ def model_provenance(m: model_io.LoadedModel) -> dict:
   if m.metadata.get("averaged_from"):   # experiments.average_models
     info["averaged_from"] = [
         {"model_name": a["metadata"].get("name"), "weight": a["weight"],
-         "checkpoint_step": a["metadata"].get("source", {}).get("checkpoint_step")}
+         "checkpoint_step": a["metadata"].get("source", {}).get("checkpoint_step"),
+         "trained_in": a["metadata"].get("source", {}).get("workdir"),
+         "checkpoint_chosen_on": a["metadata"].get("source", {}).get("chosen_on")}
         for a in m.metadata["averaged_from"]]
   info["quit_policy"] = (m.quit_info or {}).get("design")
   return info

@@ -69,10 +69,7 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
   if name:
     meta["name"] = name
   if eval_json:
-    try:
-      meta["evaluation"] = json.loads(pathlib.Path(eval_json).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise app.UsageError(f"--eval_json={eval_json}: cannot read it as JSON: {e}") from e
+    meta["evaluation"] = read_eval_json(eval_json)
   out = model_io.save_model(output, m.params, cfg, m.mean_shape, meta, dtype=dtype)
   size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
   summary = {"output": str(out.resolve()), "dtype": dtype, "bytes": size,
@@ -82,6 +79,15 @@ def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = 
   print(f"wrote {out} ({size / 1e6:.1f} MB, {dtype}, step {info['checkpoint_step']}, "
         f"{cfg.num_landmarks} landmarks / {cfg.num_patches} patches{rank})")
   return summary
+
+
+def read_eval_json(path: str) -> dict:
+  """--eval_json: an evaluation JSON (experiments.evaluate) to store in the model's
+  metadata; a one-line UsageError when it cannot be read."""
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise app.UsageError(f"--eval_json={path}: cannot read it as JSON: {e}") from e
 
 
 STABLEHLO_FILE = "model.stablehlo"

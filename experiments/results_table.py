@@ -106,8 +106,17 @@ def rows_from(path: str, split: str) -> list[dict]:
          "paper_interpupil": PAPER_300W_COMMON_INTERPUPIL.get(patches),
          "source": path, "command": result.get("command"),
          "chosen_on": result.get("checkpoint_chosen_on")}
-  budget = training_budget(result.get("workdir") or result.get("trained_in"), step)
-  row.update({k: v for k, v in budget.items() if v is not None})
+  if result.get("averaged_from"):      # experiments.average_models: each ingredient's run
+    parts = [dict(training_budget(a.get("trained_in"), a.get("checkpoint_step")),
+                  step=a.get("checkpoint_step"), weight=a.get("weight"))
+             for a in result["averaged_from"]]
+    row["ingredients"] = parts
+    row["chosen_on"] = row["chosen_on"] or "/".join(sorted(
+        {a.get("checkpoint_chosen_on") or p.get("chosen_on") or "not recorded"
+         for a, p in zip(result["averaged_from"], parts)}))
+  else:
+    budget = training_budget(result.get("workdir") or result.get("trained_in"), step)
+    row.update({k: v for k, v in budget.items() if v is not None})
   rows = [row]
   side = result.get("side_by_side", {}).get(split)
   if side:
@@ -123,6 +132,12 @@ def _f(x, fmt):
   return "-" if x is None else format(x, fmt)
 
 
+def _budget(r: dict) -> str:
+  if r.get("train_hours") is not None:
+    return f"{r['step']} steps x {r.get('batch_size')} faces, {r['train_hours']:.1f} h"
+  return f"step {r.get('step')}"
+
+
 def markdown(rows: list[dict]) -> str:
   head = ("| method | MMACs | NME inter-pupil (paper) | NME inter-ocular | FR@0.08 | AUC@0.08 "
           "| inter-pupil per iteration | training budget | checkpoint chosen on | source |\n"
@@ -131,11 +146,11 @@ def markdown(rows: list[dict]) -> str:
   for r in rows:
     if r.get("is_dlib"):
       budget = "pretrained (dlib)"
-    elif "train_hours" in r:
-      budget = (f"{r['step']} steps x {r.get('batch_size')} faces, "
-                f"{r['train_hours']:.1f} h")
+    elif r.get("ingredients"):
+      budget = "weight average of " + " + ".join(
+          f"{p['weight']:.2g} x ({_budget(p)})" for p in r["ingredients"])
     else:
-      budget = f"step {r.get('step')}"
+      budget = _budget(r)
     chosen = "-" if r.get("is_dlib") else (r.get("chosen_on") or "not recorded")
     per_it = " / ".join(f"{x:.2f}" for x in r.get("per_iteration_interpupil") or [])
     paper = f" ({r['paper_interpupil']:.2f})" if r.get("paper_interpupil") else ""

@@ -66,3 +66,25 @@ def test_missing_split_is_a_clear_error(tmp_path):
   a = _eval_json(tmp_path / "a.json", 19, 5.2)
   with pytest.raises(app.UsageError, match="no split 'full'"):
     results_table.table([a], "full")
+
+
+def test_a_weight_averaged_model_reports_each_ingredients_budget(tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "run_config.json").write_text(json.dumps({"data": {"batch_size": 64,
+                                                             "eval_split": "val"}}))
+  (wd / "metrics.jsonl").write_text("\n".join(json.dumps(
+      {"step": s, "train/steps_per_s": 1.0, "train/interval_s": 360.0})
+      for s in (100, 200, 300)))
+  path = tmp_path / "soup.json"
+  _eval_json(path, 34, 4.6)
+  result = json.loads(path.read_text())
+  result.update(checkpoint_step=None, workdir=None, averaged_from=[
+      {"model_name": "a", "weight": 0.5, "checkpoint_step": 200, "trained_in": str(wd),
+       "checkpoint_chosen_on": "val"},
+      {"model_name": "b", "weight": 0.5, "checkpoint_step": 300,
+       "trained_in": str(tmp_path / "gone"), "checkpoint_chosen_on": "val"}])
+  path.write_text(json.dumps(result))
+  md, rows = results_table.table([str(path)])
+  assert ("weight average of 0.5 x (200 steps x 64 faces, 0.2 h) + 0.5 x (step 300)" in md)
+  assert rows[0]["chosen_on"] == "val"

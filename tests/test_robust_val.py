@@ -223,7 +223,9 @@ def test_entry_point_on_four_val_faces_writes_every_condition(shared_data, tfds_
     assert len(r["nme_interocular_per_iteration"]) == 3
     assert {"fr_010", "auc_010", "estimated_error"} <= set(r)
   q = saved["quality_score"]
-  assert q["default"]["t_fail"] == pytest.approx(0.0906, abs=1e-4)
+  from musica_jax import model_io  # noqa: PLC0415
+  shipped = model_io.load_model(model_io.default_model_path())
+  assert q["default"]["t_fail"] == pytest.approx(shipped.default_t_fail, abs=1e-9)
   assert set(q["default"]["table"]) == set(rv.CONDITIONS) | {"all"}
   assert set(q["recalibrated"]["table"]) == set(rv.CONDITIONS) | {"all"}
   assert (tmp_path / "ced.png").stat().st_size > 10000
