@@ -58,6 +58,23 @@ def test_models_that_cannot_be_averaged_are_refused(tmp_path):
     average_models.average([a], [1.0])
 
 
+def test_a_model_the_first_grew_from_is_grown_before_averaging(tmp_path):
+  from musica_jax import factorise  # noqa: PLC0415
+  big_cfg = ModelConfig(num_landmarks=68, patch_indices=tuple(range(0, 68, 2)), hidden_size=32)
+  big, small = _model(tmp_path, "big", 0, cfg=big_cfg), _model(tmp_path, "small", 1)
+  soup = average_models.average([big, small], [0.5, 0.5])
+  grown = factorise.convert_params(small.params, CFG, big_cfg)[0]
+  for x, y, z in zip(jax.tree.leaves(big.params), jax.tree.leaves(grown),
+                     jax.tree.leaves(soup)):
+    np.testing.assert_allclose(z, 0.5 * x + 0.5 * y, rtol=1e-6, atol=1e-7)
+  # The new patches' recurrent rows are half the big model's (the small one has zeros).
+  d = big_cfg.descriptor_size
+  new = big_cfg.patch_indices.index(2)          # landmark 2: not a patch of the small model
+  rows = slice(new * d, (new + 1) * d)
+  np.testing.assert_allclose(soup["recurrent"]["kernel"][:, rows],
+                             0.5 * big.params["recurrent"]["kernel"][:, rows], rtol=1e-6)
+
+
 def test_the_program_writes_a_model_that_names_its_sources(tmp_path):
   a, b = _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
