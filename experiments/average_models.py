@@ -16,8 +16,8 @@ layer (--recurrent_rank) averages its two factors, not their product: close to t
 average for fine-tunes that moved little from one start, and what the measurement
 measures. A 34-patch model that a 68-patch run grew from (--init_from) may be averaged
 with it (listed after it): it is grown first, its new patches' recurrent rows zero.
-The soup gets no quit head and no `default_t_fail`: fit them on val (`experiments.fit_quit_head --install`,
-`experiments.choose_t_fail --install`).
+The soup gets no quit head and no `default_t_fail`: fit them on val
+(`experiments.fit_quit_head --install`, `experiments.choose_t_fail --install`).
 """
 from __future__ import annotations
 
