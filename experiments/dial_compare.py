@@ -35,6 +35,10 @@ def define_flags() -> None:
   d("string", "output_md", None, "Where to write the markdown table.")
   d("string", "output_json", None, "Where to write the comparison (JSON).")
   d("string", "plot", None, "Where to draw the NME-vs-MMACs curves (PNG).")
+  d("list", "static", [], "Names (of --dials) whose full cascade counts as a static model "
+    "(a model trained for that compute, run without a dial); the dials of the others are "
+    "checked against them (issue #25: is the dial on or below every static model of no "
+    "more MMACs?).")
 
 
 def curve(result: dict) -> list[dict]:
@@ -69,12 +73,50 @@ def compare(dials: list[tuple[str, str]], low: float = 1.5, high: float = 3.0) -
       raise common.UserError(f"--dials: {name}:{path}: not a dial_benchmark JSON ({e})") from e
     out[name] = {"split": result["split"], "faces": result["faces"],
                  "full": {k: result["full_cascade"]["nme"][k] for k in KINDS},
+                 "full_mmacs": result["full_cascade"].get("mmacs_per_face"),
                  "points": points,
                  "dial_mean": {k: mean_over_range(points, k, low, high) for k in KINDS}}
   splits = {v["split"] for v in out.values()}
   if len(splits) > 1:
     raise common.UserError(f"--dials: measured on different splits {sorted(splits)}")
   return out
+
+
+def pareto(table: dict, static: list[str]) -> dict:
+  """Each dial (the models not in `static`) against the static models: per budget point,
+  the static model of the lowest NME among those of no more MMACs (full cascade) and
+  whether the dial is at or below it, by inter-pupil NME. {name: [{"budget", "mmacs",
+  "nme", "best_static", "static_nme", "dominates"}]}; best_static None: no static model
+  is that cheap."""
+  statics = [(n, table[n]["full_mmacs"], table[n]["full"]["interpupil"]) for n in static]
+  out = {}
+  for name, t in table.items():
+    if name in static:
+      continue
+    rows = []
+    for p in t["points"]:
+      cheaper = [(nme, n) for n, mmacs, nme in statics
+                 if mmacs is not None and mmacs <= p["mmacs"] + 1e-9]
+      best = min(cheaper) if cheaper else None
+      rows.append({"budget": p["budget"], "mmacs": p["mmacs"], "nme": p["interpupil"],
+                   "best_static": best[1] if best else None,
+                   "static_nme": best[0] if best else None,
+                   "dominates": best is None or p["interpupil"] <= best[0]})
+    out[name] = rows
+  return out
+
+
+def pareto_markdown(checks: dict) -> str:
+  lines = ["Against the static models (inter-pupil NME; a dial point is on or below the "
+           "static frontier when no static model of no more MMACs has a lower NME):", ""]
+  for name, rows in checks.items():
+    bad = [r for r in rows if not r["dominates"]]
+    lines.append(f"- {name}: " + ("on or below the static models at every budget" if not bad
+                                  else "above them at " + ", ".join(
+                                      f"budget {r['budget']:g} ({r['mmacs']:.1f} MMACs: "
+                                      f"{r['nme']:.3f} vs {r['best_static']} "
+                                      f"{r['static_nme']:.3f})" for r in bad)))
+  return "\n".join(lines) + "\n"
 
 
 def markdown(table: dict, low: float, high: float) -> str:
@@ -103,19 +145,29 @@ def main(argv):
   common.start(argv)
   dials = common.name_path_flag("dials", FLAGS.dials)
   table = compare(dials, FLAGS.low, FLAGS.high)
+  unknown = sorted(set(FLAGS.static) - set(table))
+  if unknown:
+    raise common.UserError(f"--static: {unknown} not among the --dials names {list(table)}")
   text = markdown(table, FLAGS.low, FLAGS.high)
+  checks = pareto(table, list(FLAGS.static)) if FLAGS.static else None
+  if checks:
+    text += "\n" + pareto_markdown(checks)
   print(text)
   command = "python -m experiments.dial_compare " + " ".join(sys.argv[1:])
   if FLAGS.output_md:
     atomic_io.write_text(FLAGS.output_md, text + f"\nCommand: `{command}`\n")
   if FLAGS.output_json:
     common.write_json(FLAGS.output_json, {"command": command, "low": FLAGS.low,
-                                          "high": FLAGS.high, "dials": table})
+                                          "high": FLAGS.high, "dials": table,
+                                          "static": list(FLAGS.static), "pareto": checks})
   if FLAGS.plot:
     from experiments import policy_plots  # noqa: PLC0415  (matplotlib: only for the plot)
     policy_plots.figure7(
-        [{"name": n, "mmacs": [p["mmacs"] for p in t["points"]],
-          "nme": [p["interpupil"] for p in t["points"]]} for n, t in table.items()],
+        [{"name": n + (" (static: full cascade)" if n in FLAGS.static else ""),
+          "mmacs": [t["full_mmacs"]] if n in FLAGS.static
+          else [p["mmacs"] for p in t["points"]],
+          "nme": [t["full"]["interpupil"]] if n in FLAGS.static
+          else [p["interpupil"] for p in t["points"]]} for n, t in table.items()],
         FLAGS.plot, title=f"the dial of each model on {table[dials[0][0]]['split']}",
         nme_label="NME inter-pupil (%)")
     print(f"wrote {FLAGS.plot}")
