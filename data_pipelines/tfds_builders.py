@@ -239,9 +239,16 @@ def prepared_builder(dataset: str, config: MusicaBuilderConfig, tfds_dir: str):
 
 @contextlib.contextmanager
 def _preparation_lock(path: str):
-  """An exclusive lock on the file `path` (created) while preparing; says when it waits."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".lock", "a") as f:
+  """An exclusive lock on the file `path` (created) while preparing; says when it waits.
+  Where the lock file cannot be made (a read-only data folder of prepared data on a
+  cluster) there is nothing to prepare either: it goes on without the lock."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path + ".lock", "a")  # noqa: SIM115  (closed below)
+  except OSError:
+    yield
+    return
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -155,3 +155,17 @@ def test_a_run_waits_while_another_process_prepares_the_same_data(tmp_path):
       fcntl.flock(held, fcntl.LOCK_UN)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "SIZES {'all': 3}" in out, out
+
+
+def test_a_read_only_data_folder_prepares_without_a_lock(tmp_path, monkeypatch):
+  # A cluster job reading prepared data from a read-only folder cannot create the lock
+  # file: the preparation (a reuse there) goes on without it.
+  from data_pipelines import tfds_builders  # noqa: PLC0415
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Read-only file system")
+  monkeypatch.setattr(tfds_builders.os, "makedirs", refuse)
+  ran = []
+  with tfds_builders._preparation_lock(str(tmp_path / "ro" / "musica_locks" / "x")):
+    ran.append(True)
+  assert ran == [True] and not (tmp_path / "ro").exists()
