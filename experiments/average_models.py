@@ -75,24 +75,20 @@ def average(models: list[model_io.LoadedModel], weights: list[float]):
   if len(models) < 2:
     raise ValueError("averaging needs at least two models")
   first = models[0]
+  cfg = first.model_config
   trees = [first.params]
   for m in models[1:]:
     if not np.allclose(m.mean_shape, first.mean_shape, atol=1e-2):
       raise ValueError(f"{m.path}: its mean shape differs from {first.path}'s")
-    if m.model_config == first.model_config:
+    if m.model_config == cfg:
       trees.append(m.params)
-      continue
-    diff = {k: (v, getattr(m.model_config, k))
-            for k, v in dataclasses.asdict(first.model_config).items()
-            if getattr(m.model_config, k) != v}
-    if m.model_config.recurrent_rank != first.model_config.recurrent_rank \
-        or not factorise.grows_patches(m.model_config, first.model_config):
+    elif (m.model_config.recurrent_rank == cfg.recurrent_rank
+          and factorise.grows_patches(m.model_config, cfg)):
+      trees.append(factorise.convert_params(m.params, m.model_config, cfg)[0])
+    else:
+      diff = {k: (v, getattr(m.model_config, k))
+              for k, v in dataclasses.asdict(cfg).items() if getattr(m.model_config, k) != v}
       raise ValueError(f"{m.path}: its config differs from {first.path}'s: {diff}")
-    try:
-      trees.append(factorise.convert_params(m.params, m.model_config, first.model_config)[0])
-    except ValueError as e:
-      raise ValueError(f"{m.path}: its config differs from {first.path}'s: {diff} ({e})"
-                       ) from None
   return jax.tree_util.tree_map(
       lambda *leaves: sum(w * np.asarray(x, np.float64) for w, x in zip(weights, leaves)
                           ).astype(np.float32), *trees)

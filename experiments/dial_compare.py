@@ -162,12 +162,16 @@ def main(argv):
                                           "static": list(FLAGS.static), "pareto": checks})
   if FLAGS.plot:
     from experiments import policy_plots  # noqa: PLC0415  (matplotlib: only for the plot)
+    curves = []
+    for n, t in table.items():
+      if n in FLAGS.static:     # a static model: its full cascade, one point
+        curves.append({"name": n + " (static: full cascade)", "mmacs": [t["full_mmacs"]],
+                       "nme": [t["full"]["interpupil"]]})
+      else:
+        curves.append({"name": n, "mmacs": [p["mmacs"] for p in t["points"]],
+                       "nme": [p["interpupil"] for p in t["points"]]})
     policy_plots.figure7(
-        [{"name": n + (" (static: full cascade)" if n in FLAGS.static else ""),
-          "mmacs": [t["full_mmacs"]] if n in FLAGS.static
-          else [p["mmacs"] for p in t["points"]],
-          "nme": [t["full"]["interpupil"]] if n in FLAGS.static
-          else [p["interpupil"] for p in t["points"]]} for n, t in table.items()],
+        curves,
         FLAGS.plot, title=f"the dial of each model on {table[dials[0][0]]['split']}",
         nme_label="NME inter-pupil (%)")
     print(f"wrote {FLAGS.plot}")
