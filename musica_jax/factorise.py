@@ -19,7 +19,9 @@ MuSiCa34 -> MuSiCa68): the per-patch network is shared over patches, so only the
 recurrent layer's input rows change; each source patch keeps its rows (now at its
 position in the target's order) and every new patch gets zero rows, so the grown model
 computes exactly the source's function until fine-tuning teaches it to use the new
-patches. Every other parameter is copied. numpy only (no jit); the SVD of the shipped model's
+patches. The pyramid levels may change for the same number of iterations (e.g. (2, 1, 0)
+-> (2, 0, 0)): no parameter depends on the level, so each iteration keeps its weights and
+reads the new level (fine-tune after). Every other parameter is copied. numpy only (no jit); the SVD of the shipped model's
 3 x [9216, 512] kernels takes about a second.
 """
 from __future__ import annotations
@@ -72,14 +74,22 @@ def grows_patches(source: ModelConfig, target: ModelConfig) -> bool:
   return a != b and len(set(b)) == len(b) and set(a) < set(b)
 
 
+def changes_levels(source: ModelConfig, target: ModelConfig) -> bool:
+  """Whether the target reads other pyramid levels with as many iterations."""
+  a, b = tuple(source.levels), tuple(target.levels)
+  return a != b and len(a) == len(b)
+
+
 def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
-  """ValueError naming the first field (other than CONVERTIBLE_FIELDS, and
-  patch_indices when the target's patches include the source's) in which the two
-  configs differ."""
+  """ValueError naming the first field (other than CONVERTIBLE_FIELDS, patch_indices
+  when the target's patches include the source's, and levels of the same length) in
+  which the two configs differ."""
   for f in dataclasses.fields(ModelConfig):
     if f.name in CONVERTIBLE_FIELDS:
       continue
     if f.name == "patch_indices" and grows_patches(source, target):
+      continue
+    if f.name == "levels" and changes_levels(source, target):
       continue
     name, a, b = f.name, getattr(source, f.name), getattr(target, f.name)
     if a != b:
@@ -87,7 +97,8 @@ def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
         name, a, b = "num_patches", len(a), len(b)
       raise ValueError(f"the model config differs from the source model's in {name} "
                        f"(source {_short(a)}, new {_short(b)}); only recurrent_rank may "
-                       f"differ, and patch_indices may add patches to the source's")
+                       f"differ, patch_indices may add patches to the source's and "
+                       f"levels may change for as many iterations")
 
 
 def _short(value) -> str:
@@ -108,6 +119,8 @@ def convert_params(params: Any, source: ModelConfig, target: ModelConfig):
     out = _grow_patches(out, source, target)
     info["new_patches"] = [int(i) for i in target.patch_indices
                            if i not in set(source.patch_indices)]
+  if changes_levels(source, target):
+    info["levels"] = {"source": list(source.levels), "new": list(target.levels)}
   model_io.check_params(out, target, "source model")
   return out, info
 

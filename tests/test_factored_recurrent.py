@@ -302,8 +302,24 @@ def test_conversion_refuses_another_model():
     factorise.convert_params(params, SMALL, _cfg(RANK, hidden_size=32))
   with pytest.raises(ValueError, match=r"in num_patches \(source 6, new 3\)"):
     factorise.convert_params(params, SMALL, _cfg(RANK, patch_indices=(0, 1, 2)))
-  with pytest.raises(ValueError, match="levels"):
-    factorise.convert_params(params, SMALL, _cfg(0, levels=(1, 0)))
+  with pytest.raises(ValueError, match="levels"):       # fewer iterations: refused
+    factorise.convert_params(params, SMALL, _cfg(0, levels=(1,)))
+
+
+def test_other_levels_keep_every_parameter_and_read_the_new_level():
+  """As many iterations reading other pyramid levels (the dial's (2, 1, 0) -> (2, 0, 0)):
+  every parameter is copied, the record names the levels, and the converted model is the
+  source's weights run on the new levels (not the source's landmarks)."""
+  params = _params(SMALL, seed=3)
+  new_cfg = _cfg(0, levels=tuple(reversed(SMALL.levels)))
+  conv, info = factorise.convert_params(params, SMALL, new_cfg)
+  assert info["levels"] == {"source": list(SMALL.levels), "new": list(new_cfg.levels)}
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(conv)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+  images, init = _inputs(SMALL, 2)
+  ref = cascade.run_cascade_jit(params, images, init, SMALL)
+  out = cascade.run_cascade_jit(conv, images, init, new_cfg)
+  assert not np.allclose(out.shapes, ref.shapes, atol=1e-4)
 
 
 # --- training ----------------------------------------------------------------------------------
