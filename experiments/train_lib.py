@@ -197,9 +197,9 @@ def load_init(source: str, model_cfg: config_lib.ModelConfig):
   """The initial parameters of a new run from the model `source` (TrainConfig.init_from:
   a model directory, 'default' or a workdir, `model_io.load`), converted to `model_cfg`
   (`factorise.convert_params`: only recurrent_rank may differ, the patch set may
-  grow and the levels change). Returns (float32 numpy parameters, the source's mean shape, the record for
-  run_config.json's "init_from" section). A bad source or a config that differs is a
-  UserError naming --init_from."""
+  grow and the levels change). Returns (float32 numpy parameters, the source's mean
+  shape, the record for run_config.json's "init_from" section). A bad source or a
+  config that differs is a UserError naming --init_from."""
   try:
     loaded = model_io.load(source)
     params, info = factorise.convert_params(loaded.params, loaded.model_config, model_cfg)

@@ -21,8 +21,8 @@ position in the target's order) and every new patch gets zero rows, so the grown
 computes exactly the source's function until fine-tuning teaches it to use the new
 patches. The pyramid levels may change for the same number of iterations (e.g. (2, 1, 0)
 -> (2, 0, 0)): no parameter depends on the level, so each iteration keeps its weights and
-reads the new level (fine-tune after). Every other parameter is copied. numpy only (no jit); the SVD of the shipped model's
-3 x [9216, 512] kernels takes about a second.
+reads the new level (fine-tune after). Every other parameter is copied. numpy only (no
+jit); the SVD of the shipped model's 3 x [9216, 512] kernels takes about a second.
 """
 from __future__ import annotations
 
