@@ -12,6 +12,8 @@ before early exit saved time) timed in the same run, interleaved round by round 
 machine is noisy: only ratios from one run are compared; each path's fastest round).
 Then the same through `Predictor.predict` from decoded photos and boxes (crop included),
 and a reliability plot of the estimated error E (the per-face quality score that Tf thresholds).
+The JSON names the model ("model_path": its resolved directory, or "default"), so
+`experiments.dial_compare --time` can reload it.
 
 Batch 1 with a budget: one face cannot run a fraction of an iteration, so it quits on a
 threshold the predictor adapts face by face to keep the stream's mean iterations at the

@@ -71,11 +71,12 @@ def markdown_table(res: dict) -> str:
 @dataclasses.dataclass
 class _Faces:
   """The split's faces, decoded and cropped once: photos and boxes for Predictor.predict,
-  crops and ground truth in crop pixels for the cascade."""
+  crops and ground truth in crop pixels for the cascade (`landmarks`: in the photos)."""
   photos: list
   boxes: list
   crops: np.ndarray
   gt: np.ndarray
+  landmarks: np.ndarray | None = None
 
 
 def _load(model: str, max_batch: int):
@@ -88,8 +89,9 @@ def _faces(pred, data_cfg, split) -> _Faces:
   photos = [images_lib.read_image(io.BytesIO(x), exif_transpose=False) for x in data.images]
   boxes = [np.asarray(bx, np.float64) for bx in data.boxes]
   crops, scale, offset, _, _ = pred.crops(photos, boxes)
-  gt = (np.asarray(data.landmarks, np.float64) * scale[:, None, None] + offset[:, None, :])
-  return _Faces(photos, boxes, crops, gt)
+  landmarks = np.asarray(data.landmarks, np.float64)
+  gt = landmarks * scale[:, None, None] + offset[:, None, :]
+  return _Faces(photos, boxes, crops, gt, landmarks)
 
 
 def _points(info, budgets, ts_budgets) -> list[tuple[str, dict]]:
@@ -242,6 +244,43 @@ def _through_predictor(pred, faces: _Faces, rows, b: int, n1: int, rounds: int) 
   return through
 
 
+def time_predict(models: dict, data_cfg, split: str, batch: int, rounds: int) -> dict:
+  """Ms per face through Predictor.predict (photos and boxes in, the crop included) of
+  several models on the faces of `split` in batches of `batch`, all from one run:
+  models = {name: (model, [budget, or None for the full cascade])}. After an untimed
+  pass of each (compilation; it gives the mean iterations and NME), every round runs each
+  model at each of its points once over all the faces, in that order; each point's
+  fastest round is kept (this machine is noisy: only times of one run compare). At batch
+  1 a budget is kept over the faces by a stream, as in the batch-1 rows of `run`.
+  {"batch", "rounds", "faces", "device", "cpu_count", "models": {name: [{"budget",
+  "ms_per_face", "mean_iterations", "nme_interpupil"}]}}."""
+  preds = {n: _load(m, batch) for n, (m, _) in models.items()}
+  faces = _faces(next(iter(preds.values())), data_cfg, split)
+  f = len(faces.photos)
+
+  def call(name, x):
+    if batch == 1 and x is not None:
+      return preds[name].stream(budget=x).predict(faces.photos, faces.boxes)
+    return preds[name].predict(faces.photos, faces.boxes, budget=x)
+  points = [(n, x) for n, (_, xs) in models.items() for x in xs]
+  check = {}
+  for p in points:          # untimed: compilation, and what each point computes
+    out = call(*p)
+    scheme = schemes.get_scheme(preds[p[0]].model_config.num_landmarks)
+    check[p] = {"mean_iterations": float(out.iterations.mean()),
+                "nme_interpupil": metrics.mean_nme_percent(
+                    out.landmarks, faces.landmarks, scheme, ("interpupil",))["interpupil"]}
+  times = {p: [] for p in points}
+  for r in range(rounds):
+    for p in points:
+      times[p].append(_timed(lambda p=p: call(*p)) / f)
+    print(f"predict timing round {r + 1}/{rounds} ({len(points)} points)", flush=True)
+  return {"batch": batch, "rounds": rounds, "faces": f, "cpu_count": os.cpu_count(),
+          "device": str(jax.devices()[0].device_kind),
+          "models": {n: [{"budget": x, "ms_per_face": min(times[(n, x)]) * 1e3,
+                          **check[(n, x)]} for x in xs] for n, (_, xs) in models.items()}}
+
+
 def _calibration(ref, final_e, gt, scheme, path, split) -> dict:
   """E after the last iteration against its training target (the rectified L1 error over
   the outer-eye distance): correlations and the reliability plot at `path`."""
@@ -285,7 +324,10 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
   through = _through_predictor(pred, faces, rows, b, n1, cfg.rounds)
   result = {"command": command,
             "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-            "model": pred.metadata.get("name") or cfg.model, "split": cfg.split, "faces": f,
+            "model": pred.metadata.get("name") or cfg.model,
+            "model_path": cfg.model if cfg.model == "default"
+                          else os.path.realpath(os.path.expanduser(cfg.model)),
+            "split": cfg.split, "faces": f,
             "batch_size": b, "batch1_faces_timed": n1, "rounds": cfg.rounds,
             "quit_policy": info.get("design"), "mmacs_per_iteration": per_it,
             "full_cascade": {"nme": full_nme, "mmacs_per_face": per_it * mcfg.num_stages,

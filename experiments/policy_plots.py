@@ -97,9 +97,10 @@ def estimate_scatter(estimated, true_error, path, title: str = "") -> None:
   _save(fig, path)
 
 
-def figure7(variants: list[dict], path, title: str = "", nme_label: str = "NME (%)") -> None:
-  """NME vs MMACs, one segmented line per variant (its Ts sweep); the full cascade and
-  the one-iteration point are marked."""
+def figure7(variants: list[dict], path, title: str = "", nme_label: str = "NME (%)",
+            x_label: str = "multiply-adds per face (M), mean over the split") -> None:
+  """NME vs MMACs (or what `x_label` names, in each variant's "mmacs"), one segmented line
+  per variant (its Ts sweep); the full cascade and the one-iteration point are marked."""
   fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
   for v in variants:
     x = np.asarray(v["mmacs"])
@@ -107,7 +108,7 @@ def figure7(variants: list[dict], path, title: str = "", nme_label: str = "NME (
     order = np.argsort(x, kind="stable")
     line, = ax.plot(x[order], y[order], "-", marker=".", ms=3, lw=1.2, label=v["name"])
     ax.plot([x.max()], [y[np.argmax(x)]], "s", color=line.get_color(), ms=6)
-  ax.set_xlabel("multiply-adds per face (M), mean over the split")
+  ax.set_xlabel(x_label)
   ax.set_ylabel(nme_label)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, title="square: full cascade", title_fontsize=7)
