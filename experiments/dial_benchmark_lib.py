@@ -22,6 +22,7 @@ from musica_jax import cost
 from musica_jax import images as images_lib
 from musica_jax import losses
 from musica_jax import metrics
+from musica_jax import model_io
 from musica_jax import budget as budget_lib
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
@@ -325,7 +326,7 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
   result = {"command": command,
             "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
             "model": pred.metadata.get("name") or cfg.model,
-            "model_path": cfg.model if cfg.model == "default"
+            "model_path": cfg.model if cfg.model in model_io.BUNDLED_MODELS
                           else os.path.realpath(os.path.expanduser(cfg.model)),
             "split": cfg.split, "faces": f,
             "batch_size": b, "batch1_faces_timed": n1, "rounds": cfg.rounds,

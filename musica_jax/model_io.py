@@ -20,9 +20,10 @@ shapes a fresh `stage_net.init_stacked` would make for the stored config, so a f
 does not match its config is refused with a message naming the array.
 
 THE way to load a model (every entry point, the predictor and the tests use it):
-`load(source, step)`: an exported directory (`load_model`), 'default' (the shipped model,
-`DEFAULT_MODEL_DIR`) or a training workdir (`musica_jax.restore`: the EMA weights of a checkpoint,
-"latest", "best" or a step number; orbax and optax are imported only then). Both give a
+`load(source, step)`: an exported directory (`load_model`), 'default' or 'musica68' (the
+shipped models, `BUNDLED_MODELS`) or a training workdir (`musica_jax.restore`: the EMA
+weights of a checkpoint, "latest", "best" or a step number; orbax and optax are imported
+only then). Both give a
 `LoadedModel` (float32 numpy parameters on the host; replicate them over devices with
 `parallel.replicate`).
 """
@@ -53,6 +54,10 @@ CONFIG_FILE = "model.json"
 PARAMS_FILE = "params.npz"
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
+# The models that ship inside the package, by the name `load` accepts: the default (the
+# fast one, whose dial and speed the docs measure) and MuSiCa68 (twice its multiply-adds,
+# the more accurate one), each in musica_jax/<name>_model/.
+BUNDLED_MODELS = ("default", "musica68")
 
 
 @dataclasses.dataclass
@@ -82,15 +87,17 @@ class StepError(ValueError):
   evaluation logged for a kept checkpoint."""
 
 
-def default_model_path() -> pathlib.Path:
-  """The package's shipped model directory; NoDefaultModelError when it is absent."""
-  if not is_model_dir(DEFAULT_MODEL_DIR):
+def default_model_path(name: str = "default") -> pathlib.Path:
+  """The directory of a model shipped in the package (`BUNDLED_MODELS`);
+  NoDefaultModelError when it is absent."""
+  path = DEFAULT_MODEL_DIR if name == "default" else DEFAULT_MODEL_DIR.parent / f"{name}_model"
+  if not is_model_dir(path):
     raise NoDefaultModelError(
-        f"no default model ships with this installation: {DEFAULT_MODEL_DIR} "
+        f"no {name} model ships with this installation: {path} "
         f"({CONFIG_FILE} + {PARAMS_FILE}) does not exist. Give a model "
         f"explicitly (a training workdir, or a directory written by "
         f"`python -m experiments.export_model --workdir=W --output=DIR`).")
-  return DEFAULT_MODEL_DIR
+  return path
 
 
 def _key(path) -> str:
@@ -307,11 +314,11 @@ def read_quit_head(directory, cfg: ModelConfig, where: str):
 
 
 def load(source, step="latest", on_skip=None) -> LoadedModel:
-  """A model from whatever `source` holds: 'default' (the shipped model), an exported
-  model directory (`load_model`; `step` must stay "latest") or a training workdir
-  (`restore(source, step, on_skip)`)."""
-  if str(source) == "default":
-    source = default_model_path()
+  """A model from whatever `source` holds: 'default' or 'musica68' (the models shipped in
+  the package, `BUNDLED_MODELS`), an exported model directory (`load_model`; `step` must
+  stay "latest") or a training workdir (`restore(source, step, on_skip)`)."""
+  if str(source) in BUNDLED_MODELS:
+    source = default_model_path(str(source))
   p = pathlib.Path(source)
   if run_config.path(p).is_file() and not (p / CONFIG_FILE).is_file():
     from musica_jax import restore  # noqa: PLC0415  (orbax and optax: only for workdirs)

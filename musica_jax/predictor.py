@@ -2,7 +2,7 @@
 PIL and JAX only: no TensorFlow, optax or orbax).
 
     from musica_jax import Predictor, read_image
-    p = Predictor.default()                          # or .from_model_dir(D) / .from_workdir(W)
+    p = Predictor.default()        # or .default("musica68") / .from_model_dir(D) / .from_workdir(W)
     pred = p.predict(read_image("face.jpg"), [x0, y0, x1, y1])
     pred.landmarks[0]                                # [N, 2] image pixels (0-based, centres)
 
@@ -145,8 +145,7 @@ class Predictor:
 
   @classmethod
   def from_model_dir(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
-    """A model directory (model.json + params.npz) written by `model_io.save_model` /
-    `experiments.export_model`."""
+    """A model directory written by `model_io.save_model` / `experiments.export_model`."""
     return cls.from_loaded(model_io.load_model(path), **kwargs)
 
   @classmethod
@@ -158,9 +157,11 @@ class Predictor:
     return cls.from_loaded(restore.restore(workdir, step), **kwargs)
 
   @classmethod
-  def default(cls, **kwargs: Any) -> Predictor:
-    """The package's shipped model (musica_jax/default_model/)."""
-    return cls.from_loaded(model_io.load("default"), **kwargs)
+  def default(cls, name: str = "default", **kwargs: Any) -> Predictor:
+    """A shipped model (`model_io.BUNDLED_MODELS`): "default" or "musica68" (2x the MACs)."""
+    if name not in model_io.BUNDLED_MODELS:
+      raise ValueError(f"no shipped model {name!r}; shipped: {list(model_io.BUNDLED_MODELS)}")
+    return cls.from_loaded(model_io.load(name), **kwargs)
 
   def crops(self, images: Images, boxes: Boxes) -> tuple[jax.Array, np.ndarray, np.ndarray,
                                                         np.ndarray, np.ndarray]:
@@ -173,8 +174,7 @@ class Predictor:
   def budget_iterations(self, budget: float | None = None,
                         budget_mmacs: float | None = None) -> float | None:
     """A budget in mean iterations per face (from either form), checked; None if none."""
-    return budget_lib.budget_iterations(self.model_config, self.quit_info, budget,
-                                        budget_mmacs)
+    return budget_lib.budget_iterations(self.model_config, self.quit_info, budget, budget_mmacs)
 
   def stream(self, *, budget: float | None = None,
              budget_mmacs: float | None = None) -> PredictorStream:

@@ -17,6 +17,7 @@ import pytest
 from musica_jax import cascade
 from musica_jax import config as config_lib
 from musica_jax import layers
+from musica_jax import model_io
 from musica_jax import pyramid
 from musica_jax import stage_net
 from musica_jax import training
@@ -57,6 +58,9 @@ def test_wheel_install_runs_the_users_command_outside_the_repository(tmp_path, t
   assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
   assert (target / "experiments" / "configs" / "wflw98.flags").is_file()
   assert (target / "experiments" / "launch" / "slurm.sbatch").is_file()
+  for name in model_io.BUNDLED_MODELS:      # the shipped models travel in the wheel
+    assert model_io.is_model_dir(model_io.default_model_path(name)) == model_io.is_model_dir(
+        target / "musica_jax" / f"{name}_model"), name
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = _clean_env(PYTHONPATH=str(target))

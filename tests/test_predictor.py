@@ -167,16 +167,23 @@ def test_no_default_model_message(tmp_path, monkeypatch):
   monkeypatch.setattr(model_io, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
   with pytest.raises(model_io.NoDefaultModelError, match="export_model"):
     predictor_lib.Predictor.default()
+  with pytest.raises(model_io.NoDefaultModelError, match="no musica68 model"):
+    model_io.load("musica68")
+  with pytest.raises(ValueError, match="no shipped model 'musica19'"):
+    predictor_lib.Predictor.default("musica19")
 
 
-def test_shipped_default_model_on_real_test_faces(shared_data):
-  """The shipped model localises real 300W common-set faces far better than its mean
+@pytest.mark.parametrize("name,patches", [("default", 34), ("musica68", 68)])
+def test_shipped_models_on_real_test_faces(shared_data, name, patches):
+  """Each shipped model localises real 300W common-set faces far better than its mean
   shape (the README's full-set numbers come from experiments.evaluate)."""
-  if not model_io.is_model_dir(model_io.DEFAULT_MODEL_DIR):
-    pytest.skip("no default model ships with this checkout")
+  try:
+    p = predictor_lib.Predictor.default(name)
+  except model_io.NoDefaultModelError:
+    pytest.skip(f"no {name} model ships with this checkout")
+  assert p.model_config.num_patches == patches and p.quit_info and np.isfinite(p.default_t_fail)
   from data_pipelines import readers
   from musica_jax import face_frame, metrics, schemes
-  p = predictor_lib.Predictor.default()
   files = sorted((shared_data / "300w" / "helen" / "testset").glob("*.jpg"))[:24]
   images = [images_lib.read_image(f) for f in files]
   gts = [readers.read_pts(str(f.with_suffix(".pts")), 68) for f in files]
