@@ -292,7 +292,7 @@ def resolve_flagfiles(argv: list[str]) -> list[str]:
 
 
 MODEL_SOURCES = ("give exactly one of --workdir (a training run) and --model (an exported "
-                 "model directory, or 'default')")
+                 "model directory, or a shipped model: 'default' or 'musica68')")
 
 
 def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest", *,
@@ -315,7 +315,8 @@ def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest
       raise app.UsageError(f"no --model or --workdir given, and {e}" if not model
                            else f"--model={model}: {e}") from e
     except (FileNotFoundError, ValueError) as e:
-      raise app.UsageError(f"--model={model}: {e}") from e
+      shipped = " or ".join(repr(n) for n in model_io.BUNDLED_MODELS)
+      raise app.UsageError(f"--model={model}: {e}; or name a shipped model: {shipped}") from e
 
   def skipped(step, why):
     print(f"warning: checkpoint step {step} in {os.path.join(workdir, 'checkpoints')} is "

@@ -73,6 +73,7 @@ def test_model_source_errors_name_the_flag(tmp_path):
                       f"--output_json={tmp_path / 'o.json'}")
   assert missing.returncode != 0
   assert f"--model={tmp_path / 'nowhere'}" in missing.stderr and "not a directory" in missing.stderr
+  assert "shipped model: 'default' or 'musica68'" in missing.stderr
 
 
 def test_budget_dial_on_the_common_set(shared_data, tfds_dir, tmp_path):
