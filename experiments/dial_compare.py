@@ -141,7 +141,8 @@ def pareto_markdown(checks: dict, cost: str = "mmacs") -> str:
   return "\n".join(lines) + "\n"
 
 
-def markdown(table: dict, low: float, high: float) -> str:
+def markdown(table: dict, low: float, high: float, static: tuple = ()) -> str:
+  """The NME table; a static model's row has its full cascade only (no dial)."""
   names = list(table)
   budgets = [p["budget"] for p in table[names[0]]["points"]]
   first = table[names[0]]
@@ -155,10 +156,11 @@ def markdown(table: dict, low: float, high: float) -> str:
   for name in names:
     t = table[name]
     cells = [name, f"{t['full']['interpupil']:.3f} / {t['full']['interocular']:.3f}"]
-    by_budget = {p["budget"]: p for p in t["points"]}
+    by_budget = {} if name in static else {p["budget"]: p for p in t["points"]}
     cells += [f"{by_budget[b]['interpupil']:.3f} / {by_budget[b]['interocular']:.3f}"
               if b in by_budget else "" for b in budgets]
-    cells.append(f"**{t['dial_mean']['interpupil']:.3f}** / {t['dial_mean']['interocular']:.3f}")
+    cells.append("static" if name in static else
+                 f"**{t['dial_mean']['interpupil']:.3f}** / {t['dial_mean']['interocular']:.3f}")
     lines.append("| " + " | ".join(cells) + " |")
   return head + "\n".join(lines) + "\n"
 
@@ -262,7 +264,7 @@ def main(argv):
     timing = time_table(table, static, dict(common.name_path_flag("models", FLAGS.models)),
                         config_flags.data_config_from_flags(), batch,
                         common.int_flag_at_least("rounds", FLAGS.rounds, 1))
-  text = markdown(table, FLAGS.low, FLAGS.high)
+  text = markdown(table, FLAGS.low, FLAGS.high, tuple(static))
   checks = pareto(table, static) if static else None
   if checks:
     text += "\n" + pareto_markdown(checks)

@@ -70,6 +70,10 @@ def test_pareto_marks_the_budgets_where_a_cheaper_static_model_is_better(tmp_pat
   assert [r["dominates"] for r in bad] == [True, False, True]
   text = dial_compare.pareto_markdown({"dial": bad})
   assert "above them at budget 2 (20.0 MMACs: 5.800 vs small 5.500)" in text
+  # The NME table gives a static model its full cascade only.
+  row = next(x for x in dial_compare.markdown(table, 1.5, 3.0, ("small", "tiny")).splitlines()
+             if x.startswith("| small |"))
+  assert row.startswith("| small | 5.500 / ") and row.endswith("| static |") and "6.000" not in row
 
 
 def test_pareto_by_ms_marks_the_budgets_where_a_faster_static_model_is_better():
