@@ -306,6 +306,11 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
   if info is None:
     raise app.UsageError(f"--model={cfg.model}: no quitting profile (run experiments."
                          f"fit_quit_head --install first)")
+  for name, values in (("budgets", cfg.budgets), ("ts_for_budgets", cfg.ts_for_budgets)):
+    bad = [x for x in values if not 1 <= float(x) <= mcfg.num_stages]
+    if bad:
+      raise app.UsageError(f"--{name}={','.join(f'{x:g}' for x in bad)}: outside 1 to the "
+                           f"model's {mcfg.num_stages} iterations")
   scheme = schemes.get_scheme(mcfg.num_landmarks)
   b = data_cfg.eval_batch_size
   faces = _faces(pred, data_cfg, cfg.split)

@@ -81,7 +81,10 @@ def threshold_for_budget(info: dict, budget: float) -> float:
   """The quitting threshold whose mean iterations on the validation faces is `budget`
   (for batch 1, where a capacity cannot express a fraction of a face)."""
   table = np.asarray(info["thresholds"], np.float64)   # rows [threshold, mean_iterations]
+  table = table[np.isfinite(table[:, 0])]   # a null threshold (no face quits): -inf below
   order = np.argsort(table[:, 1])
+  if budget > table[order[-1], 1]:          # above every finite row: no face quits
+    return -np.inf
   return float(np.interp(budget, table[order, 1], table[order, 0]))
 
 

@@ -89,3 +89,19 @@ def test_dial_through_predictor_picks_the_budget_and_times_both_paths_per_face()
     face = singles[4 * i:4 * i + 4]
     assert sorted(b is None for _, b in face) == [False, False, True, True]
   assert all(v["speedup"] > 0 for v in out.values())
+
+
+def test_dial_budgets_beyond_the_models_iterations_are_one_line_errors(monkeypatch):
+  """A 2-iteration model (the phone model) refuses a budget or a Ts budget above 2 by
+  naming the flag, before any face is read."""
+  from absl import app
+  from experiments import dial_benchmark_lib as dial
+  pred = types.SimpleNamespace(model_config=types.SimpleNamespace(num_stages=2),
+                               quit_info={"design": "test"})
+  monkeypatch.setattr(dial, "_load", lambda model, batch: pred)
+  data_cfg = types.SimpleNamespace(eval_batch_size=4)
+  with pytest.raises(app.UsageError, match=r"--ts_for_budgets=2.5: outside 1 to the model's 2"):
+    dial.run(dial.DialConfig(output_json="x.json", budgets=(2.0, 1.5)), data_cfg)
+  with pytest.raises(app.UsageError, match=r"--budgets=2.75: outside"):
+    dial.run(dial.DialConfig(output_json="x.json", budgets=(2.75, 1.5), ts_for_budgets=()),
+             data_cfg)

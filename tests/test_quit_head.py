@@ -134,6 +134,13 @@ def test_budget_stream_meets_the_budget_on_easier_faces(budget):
 def test_threshold_for_budget_and_budget_iterations():
   assert budget_lib.threshold_for_budget(INFO, 2.0) == pytest.approx(0.05)
   assert budget_lib.threshold_for_budget(INFO, 2.25) == pytest.approx(0.04)
+  # A fitted table starts with [null, S] (at the full budget no face quits): a number, never
+  # NaN, at and near the top (a 2-iteration model's "Ts for budget 2" used to be NaN).
+  fitted = {**INFO, "thresholds": [[None, 3.0], [0.001, 2.999]] + INFO["thresholds"][:-1]}
+  assert budget_lib.threshold_for_budget(fitted, 3.0) == -np.inf
+  assert budget_lib.threshold_for_budget(fitted, 2.9995) == -np.inf
+  assert budget_lib.threshold_for_budget(fitted, 2.999) == pytest.approx(0.001)
+  assert budget_lib.threshold_for_budget(fitted, 2.0) == pytest.approx(0.05)
   per_it = 1e-6 * cost.cascade_macs(CFG, 1)
   assert budget_lib.budget_iterations(CFG, INFO, budget_mmacs=2 * per_it) == pytest.approx(2.0)
   assert budget_lib.budget_iterations(CFG, INFO) is None
