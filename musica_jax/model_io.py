@@ -54,9 +54,9 @@ CONFIG_FILE = "model.json"
 PARAMS_FILE = "params.npz"
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
-# The models that ship inside the package, by the name `load` accepts: the default (the
-# fast one, whose dial and speed the docs measure) and MuSiCa68 (twice its multiply-adds,
-# the more accurate one), each in musica_jax/<name>_model/.
+# The models `load` accepts by name, each in musica_jax/<name>_model/: the default (the
+# fast one, whose dial and speed the docs measure; tracked) and MuSiCa68 (twice its
+# multiply-adds, more accurate; git-ignored and built locally: results/recipe_10k_robust_val.md).
 BUNDLED_MODELS = ("default", "musica68")
 
 
@@ -314,8 +314,8 @@ def read_quit_head(directory, cfg: ModelConfig, where: str):
 
 
 def load(source, step="latest", on_skip=None) -> LoadedModel:
-  """A model from whatever `source` holds: 'default' or 'musica68' (the models shipped in
-  the package, `BUNDLED_MODELS`), an exported model directory (`load_model`; `step` must
+  """A model from whatever `source` holds: 'default' or 'musica68' (the package's
+  models, `BUNDLED_MODELS`), an exported model directory (`load_model`; `step` must
   stay "latest") or a training workdir (`restore(source, step, on_skip)`)."""
   if str(source) in BUNDLED_MODELS:
     source = default_model_path(str(source))
