@@ -29,7 +29,7 @@ from musica_jax import schemes
 FLAGS = flags.FLAGS
 
 MODEL_FIELDS = ("levels", "use_attention", "extractor", "global_attention", "hidden_size",
-                "recurrent_rank")
+                "recurrent_rank", "stage_patches")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.TrainConfig)
                      if f.name != "seed")
 LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(config_lib.LoopConfig))
@@ -49,6 +49,10 @@ _HELP = {
                       "(the paper's); r > 0 = factors u [P*D + H, r] @ v [r, H], computed as "
                       "(x @ u) @ v (fewer weights and MACs; fine-tune from a dense model with "
                       "--init_from).",
+    "stage_patches": "Patches each iteration reads, one count per iteration (e.g. 9,17,34 "
+                     "of 34: cheap coarse iterations, spread evenly over the patch list); "
+                     "empty = all patches every iteration (the paper's). May differ from "
+                     "--init_from's model.",
     # training
     "steps": "Total training steps.",
     "learning_rate": "Adam learning rate.",
@@ -73,6 +77,9 @@ _HELP = {
                          "(scaled to sum to the number of iterations); empty = all equal "
                          "(the paper's). E.g. 3,2,1 favours the early iterations, which the "
                          "budget dial stops at.",
+    "all_patches_every": "With --stage_patches: every this many steps the cascade trains "
+                         "reading all patches at every iteration, so the same weights also "
+                         "run the full schedule (2 = alternate); 0 = never.",
     # loop
     "log_every": "Steps between progress lines.",
     "eval_every": "Steps between evaluations on --eval_split (0: only at the end; -1: never).",
@@ -155,10 +162,16 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     levels = tuple(int(l) for l in FLAGS.levels)
   except ValueError as e:
     raise ValueError(f"--levels: comma-separated integers expected, got {FLAGS.levels}") from e
+  try:
+    stage_patches = tuple(int(k) for k in FLAGS.stage_patches)
+  except ValueError as e:
+    raise ValueError(f"--stage_patches: comma-separated integers expected, got "
+                     f"{FLAGS.stage_patches}") from e
   values = {name: getattr(FLAGS, name) for name in MODEL_FIELDS}
   try:
     return config_lib.for_scheme(scheme, FLAGS.num_patches or None,
-                                 **{**values, "levels": levels})
+                                 **{**values, "levels": levels,
+                                    "stage_patches": stage_patches})
   except ValueError as e:
     named = [f"--{n}" for n in MODEL_FIELDS if n in str(e) and n != "levels"]
     raise ValueError(f"{'/'.join(named) or '--num_patches/--levels'}: {e}") from e

@@ -138,7 +138,7 @@ class _Paths:
                     for i in range(self.n1)]
 
 
-def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
+def _accuracy(paths: _Paths, points, gt, scheme, mcfg):
   """Rows of the working points' accuracy at both batch sizes, the full cascade's
   landmarks, final E and NME (and every program compiled before any timing)."""
   f, b = paths.f, paths.b
@@ -156,10 +156,10 @@ def _accuracy(paths: _Paths, points, gt, scheme, per_it: float):
     lm1 = np.concatenate([s["landmarks"] for s in singles])
     rows.append({"working_point": name, **{k: v for k, v in kw.items()},
                  f"batch{b}": {"mean_iterations": float(out_b["iterations"].mean()),
-                               "mmacs_per_face": float(out_b["iterations"].mean() * per_it),
+                               "mmacs_per_face": cost.mean_macs(mcfg, out_b["iterations"]) / 1e6,
                                "nme": metrics.mean_nme_percent(out_b["landmarks"], gt, scheme)},
                  "batch1": {"mean_iterations": float(it1.mean()),
-                            "mmacs_per_face": float(it1.mean() * per_it),
+                            "mmacs_per_face": cost.mean_macs(mcfg, it1) / 1e6,
                             "nme": metrics.mean_nme_percent(lm1, gt, scheme)}})
   return rows, ref, final_e, full_nme
 
@@ -317,11 +317,11 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
   f = faces.crops.shape[0]
   print(f"{cfg.split}: {f} faces; model {mcfg.num_landmarks} pts / {mcfg.num_patches} "
         f"patches, quitting policy {info.get('design')}", flush=True)
-  per_it = cost.cascade_macs(mcfg, 1) / 1e6
+  per_it = cost.cascade_macs(mcfg) / mcfg.num_stages / 1e6     # mean over the iterations
   n1 = f if not cfg.batch1_faces else min(cfg.batch1_faces, f)
   paths = _Paths(pred, faces.crops, b, n1)
   points = _points(info, cfg.budgets, cfg.ts_for_budgets)
-  rows, ref, final_e, full_nme = _accuracy(paths, points, faces.gt, scheme, per_it)
+  rows, ref, final_e, full_nme = _accuracy(paths, points, faces.gt, scheme, mcfg)
   times = _timing(paths, points, cfg.rounds)
   # The fastest round of each path: interference from other processes only ever adds
   # time, so the minimum is the steadiest estimate on a shared machine (medians in JSON).
@@ -336,7 +336,8 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
             "split": cfg.split, "faces": f,
             "batch_size": b, "batch1_faces_timed": n1, "rounds": cfg.rounds,
             "quit_policy": info.get("design"), "mmacs_per_iteration": per_it,
-            "full_cascade": {"nme": full_nme, "mmacs_per_face": per_it * mcfg.num_stages,
+            "mmacs_per_stage": [m / 1e6 for m in cost.iteration_macs(mcfg)],
+            "full_cascade": {"nme": full_nme, "mmacs_per_face": cost.cascade_macs(mcfg) / 1e6,
                              f"batch{b}_ms_per_face": med["full_b"] * 1e3,
                              "batch1_ms_per_face": med["full_1"] * 1e3},
             "working_points": rows, "through_predictor": through,

@@ -142,7 +142,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
                                   capacities=capacities)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if early:
-      summary["mmacs_early_exit"] = cost.cascade_macs(model_cfg, summary["mean_iterations"]) / 1e6
+      summary["mmacs_early_exit"] = cost.mean_macs(model_cfg, per_face["iterations"]) / 1e6
     result["splits"][split] = summary
     curves[f"MuSiCa {split}"] = per_face["nme_interocular_per_iteration"][-1]
     print(f"{split}: {summary['faces']} faces, NME inter-pupil {summary['nme_interpupil']:.2f}% "

@@ -73,6 +73,9 @@ def config_from_flags() -> train_lib.Config:
   if train_cfg.iteration_weights and len(train_cfg.iteration_weights) != model_cfg.num_stages:
     raise app.UsageError(f"--iteration_weights: {len(train_cfg.iteration_weights)} values for "
                          f"{model_cfg.num_stages} iterations (--levels)")
+  if train_cfg.all_patches_every and not model_cfg.stage_patches:
+    raise app.UsageError("--all_patches_every: needs --stage_patches (without it every "
+                         "iteration reads all patches already)")
   loop_cfg = config_flags.loop_config_from_flags()
   check_ranges(train_cfg, loop_cfg)
   return train_lib.Config(model=model_cfg, train=train_cfg, data=data_cfg, loop=loop_cfg)

@@ -29,20 +29,44 @@ def budget_iterations(config, info: dict | None, budget: float | None = None,
   (range, and that the model has the profile a budget needs). None when neither given."""
   if budget is not None and budget_mmacs is not None:
     raise ValueError("give budget (mean iterations per face) or budget_mmacs, not both")
-  per_iteration = cost.cascade_macs(config, 1) / 1e6
+  s = config.num_stages
+  lo, hi = cost.cascade_macs(config, 1) / 1e6, cost.cascade_macs(config) / 1e6
   if budget_mmacs is not None:
-    budget = float(budget_mmacs) / per_iteration
+    budget = mmacs_to_iterations(config, info, float(budget_mmacs))
   if budget is None:
     return None
-  s = config.num_stages
   if not (np.isfinite(budget) and 1.0 <= budget <= s):
     raise ValueError(f"budget must be between 1 and {s} mean iterations per face "
-                     f"({per_iteration:.2f} to {s * per_iteration:.2f} MMACs), got "
-                     f"{budget:.4g} iterations")
+                     f"({lo:.2f} to {hi:.2f} MMACs), got "
+                     + (f"{budget:.4g} iterations" if budget_mmacs is None
+                        else f"{float(budget_mmacs):.4g} MMACs"))
   if info is None:
     raise ValueError("this model has no quitting profile (quit_head.json, written by "
                      "experiments.fit_quit_head --install): a budget needs one; use ts")
   return float(budget)
+
+
+def mmacs_to_iterations(config, info: dict | None, budget_mmacs: float) -> float:
+  """Mean iterations per face that cost `budget_mmacs` MMACs per face. Iterations of
+  equal cost: MMACs / per-iteration MMACs. With `stage_patches` (unequal costs) it
+  depends on how the faces spread over the iterations: the model's quitting profile
+  (info["profile"], the fraction of faces reaching each iteration at each mean) says,
+  else the interpolation of `cost.cascade_macs`."""
+  per = np.asarray(cost.iteration_macs(config), np.float64) / 1e6
+  if np.allclose(per, per[0]):
+    return float(budget_mmacs) / per[0]
+  if not info or "profile" not in info:
+    cum = np.concatenate([[0.0], np.cumsum(per)])
+    return float(np.interp(budget_mmacs, cum, np.arange(len(cum)), left=0.0,
+                           right=float(len(per) + 1)))
+  prof = np.asarray(info["profile"], np.float64)
+  prof = prof[np.argsort(prof[:, 0])]
+  mmacs = per[0] + prof[:, 1:] @ per[1:]
+  if budget_mmacs < mmacs[0] or budget_mmacs > mmacs[-1]:     # outside: linear, then checked
+    cum = np.concatenate([[0.0], np.cumsum(per)])
+    return float(np.interp(budget_mmacs, cum, np.arange(len(cum)), left=0.0,
+                           right=float(len(per) + 1)))
+  return float(np.interp(budget_mmacs, mmacs, prof[:, 0]))
 
 
 def budget_capacities(info: dict, budget: float, batch: int) -> tuple[int, ...]:

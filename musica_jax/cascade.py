@@ -59,18 +59,56 @@ def stage_inputs(config: ModelConfig):
   """Per-iteration static facts as arrays, scanned alongside the stacked parameters."""
   layout = pyramid.AtlasLayout(config.image_size, max(config.levels) + 1)
   levels = np.asarray(config.levels, np.int32)
-  return layout, dict(
+  xs = dict(
       level=jnp.asarray(levels),
       origin=jnp.asarray(np.asarray(layout.origins, np.int32)[levels]),
       level_size=jnp.asarray(np.asarray(layout.level_sizes, np.int32)[levels]),
       step_scale=jnp.asarray(np.exp2(levels).astype(np.float32)),
   )
+  if config.stage_patches:     # [S, P]: 1 where iteration i reads the patch
+    mask = np.zeros((config.num_stages, config.num_patches), np.float32)
+    for i in range(config.num_stages):
+      mask[i, list(config.stage_patch_positions(i))] = 1.0
+    xs["patch_mask"] = jnp.asarray(mask)
+  return layout, xs
 
 
 def stage_xs(config: ModelConfig, i: int) -> dict:
-  """The scanned inputs of stage `i` alone (for paths that run one stage at a time)."""
+  """The inputs of stage `i` alone (for paths that run one stage at a time). With
+  `stage_patches`, "patch_positions" (a static tuple) replaces the scan's "patch_mask":
+  the stage then computes only the patches it reads."""
   _, xs = stage_inputs(config)
-  return {k: v[i] for k, v in xs.items()}
+  out = {k: v[i] for k, v in xs.items() if k != "patch_mask"}
+  if config.stage_patches:
+    out["patch_positions"] = config.stage_patch_positions(i)
+  return out
+
+
+def stage_patch_mask(config: ModelConfig, xs) -> jax.Array | None:
+  """[P] float, 1 for the patches this stage reads (None: all of them)."""
+  if "patch_mask" in xs:
+    return xs["patch_mask"]
+  if "patch_positions" in xs:
+    return jnp.zeros((config.num_patches,), jnp.float32).at[
+        jnp.asarray(xs["patch_positions"])].set(1.0)
+  return None
+
+
+def _masked_descriptors(config: ModelConfig, desc, att, xs):
+  """Descriptors [b, P*D] and attention [b, P] with the patches this stage does not read
+  zeroed (a scanned stage computes them all, then masks) or scattered into zeros (a stage
+  of its own computed only its `patch_positions`)."""
+  b, p, d = desc.shape[0], config.num_patches, config.descriptor_size
+  if "patch_positions" in xs:
+    pos = jnp.asarray(xs["patch_positions"])
+    desc = jnp.zeros((b, p, d), desc.dtype).at[:, pos].set(desc.reshape(b, -1, d))
+    att = jnp.zeros((b, p), att.dtype).at[:, pos].set(att)
+    return desc.reshape(b, p * d), att
+  if "patch_mask" in xs:
+    m = xs["patch_mask"]
+    desc = (desc.reshape(b, p, d) * m[None, :, None].astype(desc.dtype)).reshape(b, p * d)
+    return desc, att * m[None, :]
+  return desc, att
 
 
 def broadcast_init(init_shape, batch, config):
@@ -106,7 +144,8 @@ def stage_step(config: ModelConfig, params, atlas, shape, hidden, xs):
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
   patches = pyramid.sample_patches(atlas, centres, xs["level"], xs["origin"],
                                    xs["level_size"], config.patch_size)
-  hidden, disp, err, att = stage_net.apply_stage(config, params, patches, hidden, centres)
+  hidden, disp, err, att = stage_net.apply_stage(config, params, patches, hidden, centres,
+                                                 stage_patch_mask(config, xs))
   return shape + xs["step_scale"] * disp, hidden, err, att
 
 
@@ -198,7 +237,10 @@ def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: 
   """One iteration (the scanned stage function): returns (shape, hidden, error, attention).
   `face_index`: see `stage_features` (shape and hidden are then the subset's)."""
   centres = jax.lax.stop_gradient(shape[:, list(config.patch_indices), :])
-  desc, att = stage_features(config, params, atlas, centres, xs, remat, face_index)
+  read = (centres if "patch_positions" not in xs
+          else centres[:, list(xs["patch_positions"]), :])
+  desc, att = stage_features(config, params, atlas, read, xs, remat, face_index)
+  desc, att = _masked_descriptors(config, desc, att, xs)
   hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden, centres)
   return shape + xs["step_scale"] * disp, hidden, err, att
 
@@ -209,7 +251,7 @@ def stage_params(params, i: int):
 
 def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
                 config: ModelConfig, ts=-jnp.inf, t_fail=jnp.inf, quit_params=None,
-                max_iterations=None) -> CascadeOutput:
+                max_iterations=None, patch_mask=None) -> CascadeOutput:
   """The whole cascade for a batch of level-0 face crops.
 
   Args:
@@ -224,6 +266,8 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
       the estimated error as the quitting signal. None: the paper's rule (E < ts).
     max_iterations: optional [B] int, a face stops after that many iterations (an
       explicit assignment: the reference for the budget path of `fast_inference`).
+    patch_mask: optional [S, P] (traced), the patches each iteration reads, in place of
+      `config.stage_patches`' (training's all_patches_every switches it per step).
 
   The iterations are `stage_forward` composed with `lax.scan` over the stacked
   parameters and the scanned per-stage inputs of `stage_inputs`.
@@ -233,6 +277,9 @@ def run_cascade(params: Any, images: jax.Array, init_shape: jax.Array,
     raise ValueError(f"images must be [B, {config.image_size}, {config.image_size}, C], "
                      f"got {images.shape}")
   layout, xs = stage_inputs(config)
+  if patch_mask is not None:
+    xs["patch_mask"] = jnp.asarray(patch_mask, jnp.float32).reshape(
+        config.num_stages, config.num_patches)
   atlas = pyramid.build_atlas(images.astype(jnp.float32), layout)
   shape0 = broadcast_init(init_shape, b, config)
   hidden0 = jnp.zeros((b, config.hidden_size), jnp.float32)

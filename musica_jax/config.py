@@ -47,6 +47,12 @@ class ModelConfig:
       "bias"), computed as (x @ u) @ v: r (P*D + 2H) multiply-adds instead of
       (P*D + H) H. At most min(P*D + H, H). A factored model can be fine-tuned from a
       dense one (`musica_jax.factorise`, training's --init_from).
+    stage_patches: () (every iteration reads all P patches, the paper's) or one count per
+      iteration: iteration i reads k_i of the P patches, spread evenly over the patch list
+      (`stage_patch_positions`); the others' descriptors enter its recurrent FC as zeros.
+      Cheap early iterations (e.g. 9, 17, 34 of 34 patches) make the whole cascade cheaper
+      where coarse steps need few patches. The parameters are those of all P patches, so
+      a model can be fine-tuned to it from one without (training's --init_from).
     compute_dtype: "float32", or "bfloat16": the network's products take bf16 operands
       and accumulate in float32 (parameters, loss and optimizer stay float32). An
       execution choice, not part of the trained model: training sets it from
@@ -73,10 +79,12 @@ class ModelConfig:
   compute_dtype: str = "float32"
   recurrent_rank: int = 0
   execution: str = "auto"
+  stage_patches: tuple[int, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "patch_indices", tuple(int(i) for i in self.patch_indices))
     object.__setattr__(self, "levels", tuple(int(l) for l in self.levels))
+    object.__setattr__(self, "stage_patches", tuple(int(k) for k in self.stage_patches))
     if (not self.patch_indices or max(self.patch_indices) >= self.num_landmarks
         or min(self.patch_indices) < 0):
       raise ValueError(f"patch_indices must be non-empty indices into {self.num_landmarks} "
@@ -106,6 +114,10 @@ class ModelConfig:
                        f"layer's {self.recurrent_input_size} inputs and {self.hidden_size} "
                        f"outputs), got {rank!r}")
     object.__setattr__(self, "recurrent_rank", int(rank))
+    ks = self.stage_patches
+    if ks and (len(ks) != self.num_stages or min(ks) < 1 or max(ks) > self.num_patches):
+      raise ValueError(f"stage_patches must be empty or {self.num_stages} counts (one per "
+                       f"iteration) in 1..{self.num_patches} (the patches), got {ks}")
 
   @property
   def num_patches(self) -> int:
@@ -114,6 +126,23 @@ class ModelConfig:
   @property
   def num_stages(self) -> int:
     return len(self.levels)
+
+  @property
+  def patches_per_stage(self) -> tuple[int, ...]:
+    """Patches each iteration reads (all P unless `stage_patches`)."""
+    return self.stage_patches or (self.num_patches,) * self.num_stages
+
+  def stage_patch_positions(self, stage: int) -> tuple[int, ...]:
+    """Positions (into patch_indices) of the patches iteration `stage` reads: all, or
+    k evenly spaced over the list (the nearest position to each of k equal steps from the
+    first patch to the last), so every part of the face keeps some."""
+    p, k = self.num_patches, self.patches_per_stage[stage]
+    if k >= p:
+      return tuple(range(p))
+    if k == 1:
+      return (0,)
+    return tuple(int(i) for i in sorted({int(x + 0.5) for x in (
+        j * (p - 1) / (k - 1) for j in range(k))}))
 
   @property
   def descriptor_size(self) -> int:
@@ -161,8 +190,16 @@ class TrainConfig:
   # number of iterations; `losses.cascade_loss`); (): all 1, the paper's loss. Weights
   # that favour early iterations train the cascade's prefixes for the budget dial.
   iteration_weights: tuple[float, ...] = ()
+  # With ModelConfig.stage_patches: every this many steps (step % k == 0) the cascade is
+  # trained reading all patches at every iteration instead, so the one set of weights
+  # serves both (the dial may then run the cheap schedule or the full one); 0: never.
+  all_patches_every: int = 0
 
   def __post_init__(self):
+    if isinstance(self.all_patches_every, bool) or not (
+        isinstance(self.all_patches_every, numbers.Integral) and self.all_patches_every >= 0):
+      raise ValueError(f"all_patches_every must be a non-negative integer, got "
+                       f"{self.all_patches_every!r}")
     try:
       weights = tuple(float(w) for w in self.iteration_weights)
     except (TypeError, ValueError) as e:

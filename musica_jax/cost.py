@@ -8,10 +8,14 @@ forward pass.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from musica_jax.config import ModelConfig
 
 
-def stage_macs(config: ModelConfig) -> dict:
+def stage_macs(config: ModelConfig, stage: int | None = None) -> dict:
+  """Multiply-adds per face of one iteration by part: iteration `stage` (it reads
+  `config.patches_per_stage[stage]` patches), or None: an iteration reading all P."""
   p, c, k = config.patch_size, config.conv_features, 9
   conv1_out = p - 2
   conv2_out = conv1_out // 2 - 2
@@ -27,7 +31,8 @@ def stage_macs(config: ModelConfig) -> dict:
         "conv2": conv2_out ** 2 * k * c * c,
     }
   per_patch["attention"] = d * d if config.use_attention else 0
-  out = {name: v * config.num_patches for name, v in per_patch.items()}
+  read = config.num_patches if stage is None else config.patches_per_stage[stage]
+  out = {name: v * read for name, v in per_patch.items()}
   out["global_attention"] = _global_attention_macs(config)
   out["recurrent"] = recurrent_weights(config)    # one multiply-add per kernel weight
   out["head"] = config.hidden_size * (2 * config.num_landmarks + 1)
@@ -59,10 +64,24 @@ def _global_attention_macs(config: ModelConfig) -> int:
   return 0
 
 
+def iteration_macs(config: ModelConfig) -> list[float]:
+  """Multiply-adds per face of each iteration (they differ with `stage_patches`)."""
+  return [float(sum(stage_macs(config, i).values())) for i in range(config.num_stages)]
+
+
 def cascade_macs(config: ModelConfig, iterations: float | None = None) -> float:
-  """Multiply-adds of `iterations` iterations (all stages by default)."""
-  n = config.num_stages if iterations is None else iterations
-  return float(sum(stage_macs(config).values())) * n
+  """Multiply-adds per face of the first `iterations` iterations (all by default). A
+  fractional count (a mean over faces) interpolates between the whole ones: exact when
+  every face runs the whole count just below or above it; `mean_macs` is exact."""
+  n = config.num_stages if iterations is None else float(iterations)
+  cum = np.concatenate([[0.0], np.cumsum(iteration_macs(config))])
+  return float(np.interp(n, np.arange(len(cum)), cum))
+
+
+def mean_macs(config: ModelConfig, iterations) -> float:
+  """Mean multiply-adds per face of faces that ran `iterations` [F] iterations each."""
+  cum = np.concatenate([[0.0], np.cumsum(iteration_macs(config))])
+  return float(cum[np.asarray(iterations, np.int64).reshape(-1)].mean())
 
 
 def parameter_count(config: ModelConfig) -> int:

@@ -91,6 +91,8 @@ def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
       continue
     if f.name == "levels" and changes_levels(source, target):
       continue
+    if f.name == "stage_patches":      # the same parameters, whatever each stage reads
+      continue
     name, a, b = f.name, getattr(source, f.name), getattr(target, f.name)
     if a != b:
       if name == "patch_indices" and len(a) != len(b):

@@ -233,7 +233,8 @@ class StageNet(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, patches: jax.Array, hidden: jax.Array, centres: jax.Array | None = None):
+  def __call__(self, patches: jax.Array, hidden: jax.Array, centres: jax.Array | None = None,
+               patch_mask: jax.Array | None = None):
     cfg = self.config
     b, p = patches.shape[:2]
     c = patches.shape[-1]
@@ -258,9 +259,13 @@ class StageNet(nn.Module):
         (cfg.hidden_size, 2 * cfg.num_landmarks + 1))
     desc, attention_mean = patch_features(params, layers.to_channel_major(patches),
                                           cfg.use_attention, cfg.compute_dtype)
+    attention_mean = attention_mean.reshape(b, p)
+    if patch_mask is not None:         # ModelConfig.stage_patches: unread patches -> 0
+      desc = desc.reshape(b, p, d) * patch_mask[None, :, None].astype(desc.dtype)
+      attention_mean = attention_mean * patch_mask[None, :]
     hidden, displacement, error = recurrent_head(cfg, params, desc.reshape(b, p * d), hidden,
                                                  centres)
-    return hidden, displacement, error, attention_mean.reshape(b, p)
+    return hidden, displacement, error, attention_mean
 
 
 def init_stacked(key: jax.Array, config: ModelConfig) -> Any:
@@ -277,5 +282,5 @@ def init_stacked(key: jax.Array, config: ModelConfig) -> Any:
   return jax.vmap(lambda k: net.init(k, patches, hidden, centres)["params"])(keys)
 
 
-def apply_stage(config: ModelConfig, params, patches, hidden, centres=None):
-  return StageNet(config).apply({"params": params}, patches, hidden, centres)
+def apply_stage(config: ModelConfig, params, patches, hidden, centres=None, patch_mask=None):
+  return StageNet(config).apply({"params": params}, patches, hidden, centres, patch_mask)

@@ -81,9 +81,15 @@ def train_step(state: TrainState, batch: dict, init_shape: jax.Array, *,
   weights = None if weights is None else weights.astype(jnp.float32)
 
   run_cfg = dataclasses.replace(model_cfg, compute_dtype=train_cfg.compute_dtype)
+  patch_mask = None
+  if train_cfg.all_patches_every and model_cfg.stage_patches:
+    every = state.step % train_cfg.all_patches_every == 0      # all patches this step
+    _, xs = cascade.stage_inputs(model_cfg)
+    patch_mask = jnp.where(every, jnp.ones_like(xs["patch_mask"]), xs["patch_mask"])
 
   def loss_fn(params):
-    out = cascade.run_cascade(params, batch["image"], init_shape, run_cfg)
+    out = cascade.run_cascade(params, batch["image"], init_shape, run_cfg,
+                              patch_mask=patch_mask)
     total, parts = losses.cascade_loss(out.shapes, out.errors, batch["landmarks"],
                                        scheme.outer_eye_corners, weights,
                                        train_cfg.iteration_weights)
