@@ -240,7 +240,13 @@ def stage_forward(config: ModelConfig, params, atlas, shape, hidden, xs, remat: 
   read = (centres if "patch_positions" not in xs
           else centres[:, list(xs["patch_positions"]), :])
   desc, att = stage_features(config, params, atlas, read, xs, remat, face_index)
-  desc, att = _masked_descriptors(config, desc, att, xs)
+  rec = params["recurrent"]
+  rows = (rec["u"] if "u" in rec else rec["kernel"]).shape[0]
+  if "patch_positions" in xs and rows == read.shape[1] * config.descriptor_size + hidden.shape[-1]:
+    # The kernel keeps only the read patches' rows (`fast_inference.unstack_params`).
+    _, att = _masked_descriptors(config, desc, att, xs)
+  else:
+    desc, att = _masked_descriptors(config, desc, att, xs)
   hidden, disp, err = stage_net.recurrent_head(config, params, desc, hidden, centres)
   return shape + xs["step_scale"] * disp, hidden, err, att
 

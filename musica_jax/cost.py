@@ -34,15 +34,20 @@ def stage_macs(config: ModelConfig, stage: int | None = None) -> dict:
   read = config.num_patches if stage is None else config.patches_per_stage[stage]
   out = {name: v * read for name, v in per_patch.items()}
   out["global_attention"] = _global_attention_macs(config)
-  out["recurrent"] = recurrent_weights(config)    # one multiply-add per kernel weight
+  # One multiply-add per kernel weight; a stage reading k < P patches multiplies only
+  # their rows (`fast_inference.unstack_params`, the deployed path).
+  out["recurrent"] = recurrent_weights(config, read)
   out["head"] = config.hidden_size * (2 * config.num_landmarks + 1)
   return out
 
 
-def recurrent_weights(config: ModelConfig) -> int:
+def recurrent_weights(config: ModelConfig, patches: int | None = None) -> int:
   """Kernel weights of one stage's recurrent FC, which are also its multiply-adds per face:
-  dense (P*D + H) H; factored (recurrent_rank r: (x @ u) @ v) r (P*D + H) + r H."""
-  n_in, h, r = config.recurrent_input_size, config.hidden_size, config.recurrent_rank
+  dense (P*D + H) H; factored (recurrent_rank r: (x @ u) @ v) r (P*D + H) + r H. With
+  `patches`, the rows of that many patches (a stage reading fewer than P)."""
+  h, r = config.hidden_size, config.recurrent_rank
+  n_in = (config.recurrent_input_size if patches is None
+          else patches * config.descriptor_size + h)
   return r * (n_in + h) if r else n_in * h
 
 

@@ -57,22 +57,40 @@ class EarlyExitOutput:
   valid: jax.Array             # [B] bool, estimated_error < t_fail
 
 
-def unstack_params(params, weight_dtype=None) -> tuple:
+def unstack_params(params, weight_dtype=None, config: ModelConfig | None = None) -> tuple:
   """Stacked [S, ...] parameters -> tuple of S per-stage trees (separate buffers).
 
   weight_dtype: optional storage dtype (e.g. jnp.bfloat16) of the recurrent and head
   kernels, the bulk of the bytes (a factored recurrent layer: both factors u and v);
   everything else stays f32.
+  config: with `stage_patches`, a stage that reads k < P patches keeps only the rows of
+  its recurrent kernel (dense "kernel" or factor "u") that those patches and the hidden
+  state multiply: its product then skips the unread patches' zeros (fewer multiply-adds,
+  and fewer weight bytes, which bound batch-1 latency).
   """
   s = jax.tree.leaves(params)[0].shape[0]
   out = []
   for i in range(s):
     p = jax.tree.map(lambda x: jnp.array(x[i]), params)
+    if config is not None and config.patches_per_stage[i] < config.num_patches:
+      rows = np.asarray(recurrent_rows(config, i))
+      rec = dict(p["recurrent"])
+      name = "u" if "u" in rec else "kernel"
+      rec[name] = jnp.asarray(np.asarray(rec[name])[rows])
+      p["recurrent"] = rec
     if weight_dtype is not None:
       for name in ("recurrent", "head"):
         p[name] = {k: v if k == "bias" else v.astype(weight_dtype) for k, v in p[name].items()}
     out.append(p)
   return tuple(out)
+
+
+def recurrent_rows(config: ModelConfig, stage: int) -> list[int]:
+  """Rows of the recurrent kernel [P*D + H, .] that iteration `stage` multiplies: its read
+  patches' descriptors, then the hidden state."""
+  d, p = config.descriptor_size, config.num_patches
+  rows = [j for q in config.stage_patch_positions(stage) for j in range(q * d, (q + 1) * d)]
+  return rows + list(range(p * d, p * d + config.hidden_size))
 
 
 def bucket_sizes(batch: int, min_bucket: int = 1) -> tuple[int, ...]:
@@ -273,7 +291,7 @@ class FastCascade:
 
   def __init__(self, params: Any, config: ModelConfig, weight_dtype=None, quit_params=None):
     self.config = config
-    self.stage_params = unstack_params(params, weight_dtype)
+    self.stage_params = unstack_params(params, weight_dtype, config)
     self.quit_params = None if quit_params is None else jax.tree.map(jnp.asarray, quit_params)
 
   def run(self, images, init_shape, ts=-np.inf, t_fail=np.inf,

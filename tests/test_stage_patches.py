@@ -52,7 +52,14 @@ def test_scan_fast_path_and_reference_loop_agree_and_differ_from_all_patches():
   images, init, _ = _inputs(CFG, batch=4)
   out = cascade.run_cascade(params, images, init, CFG)
   ref = run_cascade_unrolled(params, images, init, CFG)
-  fast = fast_inference.FastCascade(params, CFG).run(images, init)
+  fc = fast_inference.FastCascade(params, CFG)
+  # Stage 0 reads 2 patches: its kernel keeps their rows and the hidden state's only.
+  assert fc.stage_params[0]["recurrent"]["u"].shape[0] == 2 * CFG.descriptor_size + 32
+  assert fc.stage_params[2]["recurrent"]["u"].shape[0] == CFG.recurrent_input_size
+  fast = fc.run(images, init)
+  unsliced = fast_inference.run_selective(fast_inference.unstack_params(params), None, images,
+                                          init, CFG)
+  np.testing.assert_allclose(unsliced.landmarks, fast.landmarks, atol=2e-3)
   np.testing.assert_allclose(out.shapes, ref.shapes, atol=2e-3)
   np.testing.assert_allclose(fast.landmarks, out.landmarks, atol=2e-3)
   np.testing.assert_allclose(fast.estimated_error, out.estimated_error, atol=1e-4)
@@ -89,8 +96,12 @@ def test_cost_counts_each_iterations_patches():
   per_full = cost.iteration_macs(full)
   per = cost.iteration_macs(cheap)
   assert per[2] == per_full[2] and per[0] < per[1] < per[2]
-  recurrent = cost.stage_macs(full)["recurrent"] + cost.stage_macs(full)["head"]
-  np.testing.assert_allclose(per[0] - recurrent, (per_full[0] - recurrent) * 9 / 34)
+  first, every = cost.stage_macs(cheap, 0), cost.stage_macs(full)
+  for part in ("conv1", "conv2", "attention"):
+    assert first[part] * 34 == every[part] * 9
+  # The recurrent product multiplies the read patches' rows only (the fast path's).
+  assert first["recurrent"] == 128 * (9 * 256 + 512 + 512)
+  assert first["head"] == every["head"]
   assert cost.cascade_macs(cheap) == pytest.approx(sum(per))
   assert cost.cascade_macs(cheap, 2) == pytest.approx(per[0] + per[1])
   assert cost.mean_macs(cheap, [1, 3]) == pytest.approx((per[0] + sum(per)) / 2)
