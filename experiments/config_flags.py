@@ -162,11 +162,7 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
     levels = tuple(int(l) for l in FLAGS.levels)
   except ValueError as e:
     raise ValueError(f"--levels: comma-separated integers expected, got {FLAGS.levels}") from e
-  try:
-    stage_patches = tuple(int(k) for k in FLAGS.stage_patches)
-  except ValueError as e:
-    raise ValueError(f"--stage_patches: comma-separated integers expected, got "
-                     f"{FLAGS.stage_patches}") from e
+  stage_patches = stage_patches_from_flags()
   values = {name: getattr(FLAGS, name) for name in MODEL_FIELDS}
   try:
     return config_lib.for_scheme(scheme, FLAGS.num_patches or None,
@@ -175,6 +171,15 @@ def model_config_from_flags(num_points: int) -> config_lib.ModelConfig:
   except ValueError as e:
     named = [f"--{n}" for n in MODEL_FIELDS if n in str(e) and n != "levels"]
     raise ValueError(f"{'/'.join(named) or '--num_patches/--levels'}: {e}") from e
+
+
+def stage_patches_from_flags() -> tuple[int, ...]:
+  """--stage_patches as a tuple of ints (ValueError naming the flag)."""
+  try:
+    return tuple(int(k) for k in FLAGS.stage_patches)
+  except ValueError as e:
+    raise ValueError(f"--stage_patches: comma-separated integers expected, got "
+                     f"{FLAGS.stage_patches}") from e
 
 
 def train_config_from_flags(seed: int) -> config_lib.TrainConfig:

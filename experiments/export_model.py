@@ -3,6 +3,7 @@ StableHLO program (musica_jax.portable).
 
   python -m experiments.export_model --workdir=W --output=DIR [--dtype=bfloat16]
       [--checkpoint=latest|STEP] [--eval_json=eval.json] [--name=300w34]
+      [--stage_patches=9,17,34]   # the run's weights reading another schedule
   python -m experiments.export_model --format=stablehlo --model=default|DIR (or --workdir=W)
       --output=DIR [--platforms=cpu,cuda]
 
@@ -26,6 +27,7 @@ TensorFlow ops and converted by tf2onnx / the TFLite converter (experiments/onnx
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,6 +36,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
+from experiments import config_flags
 from musica_jax import atomic_io
 from musica_jax import model_io
 from musica_jax import portable
@@ -62,9 +65,18 @@ def define_flags():
 
 
 def export(workdir: str, output: str, dtype: str = "float32", checkpoint: str = "latest",
-           eval_json: str | None = None, name: str | None = None) -> dict:
+           eval_json: str | None = None, name: str | None = None,
+           stage_patches: tuple[int, ...] | None = None) -> dict:
+  """stage_patches: export the same weights reading this schedule (`ModelConfig.
+  stage_patches`; e.g. the full one, or the cheap one, of a run trained with
+  --all_patches_every); None: the run's."""
   m = common.load_model(workdir, None, checkpoint)
   cfg, info = m.model_config, m.metadata
+  if stage_patches is not None:
+    try:
+      cfg = dataclasses.replace(cfg, stage_patches=tuple(stage_patches))
+    except ValueError as e:
+      raise app.UsageError(f"--stage_patches: {e}") from e
   meta = {"source": info, "exported_with": "python -m experiments.export_model"}
   if name:
     meta["name"] = name
@@ -203,8 +215,14 @@ def main(argv):
   if not os.path.isdir(FLAGS.workdir):
     raise app.UsageError(f"--workdir={FLAGS.workdir}: not a directory")
   try:
+    schedule = None
+    if FLAGS["stage_patches"].present:
+      try:
+        schedule = config_flags.stage_patches_from_flags()
+      except ValueError as e:
+        raise app.UsageError(str(e)) from None
     export(FLAGS.workdir, FLAGS.output, FLAGS.dtype, FLAGS.checkpoint, FLAGS.eval_json,
-           FLAGS.name)
+           FLAGS.name, schedule)
   except FileNotFoundError as e:
     raise app.UsageError(f"--workdir={FLAGS.workdir}: {e}") from e
 

@@ -29,6 +29,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from absl import app
 from absl import flags
 
 from experiments import common
@@ -65,11 +66,17 @@ def define_flags() -> None:
 
 def main(argv):
   common.start(argv)
+  try:
+    schedule = (config_flags.stage_patches_from_flags() if FLAGS["stage_patches"].present
+                else None)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   cfg = fit_quit_head_lib.QuitStudyConfig(
       output_json=FLAGS.output_json, model=FLAGS.model, fit_batches=FLAGS.fit_batches,
       val_batches=FLAGS.val_batches, fit_seed=FLAGS.fit_seed, val_seed=FLAGS.val_seed_stream,
       test_split=FLAGS.test_split, head_steps=FLAGS.head_steps, install=FLAGS.install,
-      mild_fraction=FLAGS.mild_fraction, install_design=FLAGS.install_design)
+      mild_fraction=FLAGS.mild_fraction, install_design=FLAGS.install_design,
+      stage_patches=schedule)
   fit_quit_head_lib.run(cfg, config_flags.data_config_from_flags(),
                         "python -m experiments.fit_quit_head " + " ".join(sys.argv[1:]))
 

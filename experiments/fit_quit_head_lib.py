@@ -21,6 +21,7 @@ from experiments import quit_head_fit
 from musica_jax import cascade
 from musica_jax import metrics
 from musica_jax import quit_head
+from musica_jax import schedules
 from musica_jax import schemes
 
 
@@ -38,6 +39,9 @@ class QuitStudyConfig:
   install: bool = False
   mild_fraction: float = 0.5
   install_design: str | None = None
+  # The model's weights reading this schedule (`ModelConfig.stage_patches`); its policy
+  # is installed as quit_head@<schedule> (None: the model's own schedule).
+  stage_patches: tuple[int, ...] | None = None
 
 
 # The designs of the study: (name, FitConfig fields). "E" is the network's own estimate
@@ -103,17 +107,25 @@ def assess(nme: np.ndarray, score: np.ndarray, target: np.ndarray | None,
   return out
 
 
-def profile(score: np.ndarray, num_stages: int, points: int = 200) -> dict:
+def profile(score: np.ndarray, num_stages: int, points: int = 200,
+            nme: np.ndarray | None = None) -> dict:
   """The threshold policy on validation faces: per threshold, mean iterations and the
-  fraction of faces reaching each later stage (budget -> capacities, batch-1 budget)."""
+  fraction of faces reaching each later stage (budget -> capacities, batch-1 budget);
+  with `nme` [S, F] (inter-ocular, fraction) also "nme_profile": rows [mean iterations,
+  the policy's mean NME], which compares a model's schedules (`musica_jax.schedules`)."""
   grid = eep.ts_grid(score, points)
-  rows, table = [], []
+  rows, table, nmes = [], [], []
   for t in grid:
     ex = eep.exit_iterations(score, float(t))
     mi = float(ex.mean() + 1)
     rows.append([mi] + [float((ex >= j).mean()) for j in range(1, num_stages)])
     table.append([float(t), mi])
-  return {"profile": rows, "thresholds": table}
+    if nme is not None:
+      nmes.append([mi, float(np.asarray(nme)[ex, np.arange(ex.shape[0])].mean())])
+  out = {"profile": rows, "thresholds": table}
+  if nme is not None:
+    out["nme_profile"] = nmes
+  return out
 
 
 def _streams(cfg: QuitStudyConfig, data_cfg, params, mcfg, scheme, init) -> dict:
@@ -184,9 +196,11 @@ def choose(designs: dict) -> str:
   return head_best if cost2(head_best) < cost2("E") else "E"
 
 
-def _install(best: str, fitted: dict, sets: dict, result: dict, path, num_stages: int):
-  """Writes design `best` with its validation profile beside the model."""
-  prof = profile(scores_of(best, sets["val"], fitted), num_stages)
+def _install(best: str, fitted: dict, sets: dict, result: dict, path, num_stages: int,
+             schedule: str = ""):
+  """Writes design `best` with its validation profile beside the model (`schedule`: the
+  file suffix of another schedule's policy, `musica_jax.schedules`)."""
+  prof = profile(scores_of(best, sets["val"], fitted), num_stages, nme=sets["val"]["nme"])
   if best == "E":
     head, info = None, {"design": "E", "kind": "estimated_error",
                         "score": "the network's estimated error E: quit when below Ts"}
@@ -198,8 +212,9 @@ def _install(best: str, fitted: dict, sets: dict, result: dict, path, num_stages
                       "estimated inter-ocular NME (fraction): quit when below Ts")}
   info.update(trained_on=result["budget"], command=result["command"],
               profile_faces="validation stream", **prof)
-  quit_head.save(path, head, info)
-  print(f"installed the quitting policy {best} in {path}", flush=True)
+  quit_head.save(path, head, info, schedule)
+  print(f"installed the quitting policy {best} in {path}"
+        + (f" for schedule {schedule[1:]}" if schedule else ""), flush=True)
 
 
 def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
@@ -209,6 +224,12 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
     raise app.UsageError(f"--install_design={cfg.install_design}: not one of E, "
                          f"{', '.join(n for n, _ in DESIGNS)}")
   loaded = common.load_model(None, cfg.model)
+  own = loaded.model_config
+  if cfg.stage_patches is not None:
+    try:
+      loaded = schedules.with_schedule(loaded, cfg.stage_patches)
+    except ValueError as e:
+      raise app.UsageError(f"--stage_patches: {e}") from e
   path = loaded.path
   mcfg, params = loaded.model_config, jax.tree.map(jnp.asarray, loaded.params)
   scheme = schemes.get_scheme(mcfg.num_landmarks)
@@ -231,7 +252,7 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
   if cfg.install_design:
     best = result["installed_design"] = cfg.install_design
   if cfg.install:
-    _install(best, fitted, sets, result, path, mcfg.num_stages)
+    _install(best, fitted, sets, result, path, mcfg.num_stages, schedules.suffix(own, mcfg))
     result["installed_in"] = str(path)
   common.write_json(cfg.output_json, result)
   return result

@@ -118,6 +118,8 @@ class ModelConfig:
     if ks and (len(ks) != self.num_stages or min(ks) < 1 or max(ks) > self.num_patches):
       raise ValueError(f"stage_patches must be empty or {self.num_stages} counts (one per "
                        f"iteration) in 1..{self.num_patches} (the patches), got {ks}")
+    if ks and min(ks) == self.num_patches:      # every iteration reads all: the plain model
+      object.__setattr__(self, "stage_patches", ())
 
   @property
   def num_patches(self) -> int:

@@ -32,6 +32,7 @@ from musica_jax import fast_inference
 from musica_jax import host_memory
 from musica_jax import images as images_lib
 from musica_jax import model_io
+from musica_jax import schedules
 from musica_jax.config import ModelConfig
 
 
@@ -122,6 +123,7 @@ class Predictor:
     # per-call bookkeeping (~0.18 ms at batch 1 on the 2-core CPU).
     self._host_is_device = jax.default_backend() == "cpu"
     self._face_finder = face_finder
+    self._schedules: dict = {}     # schedule -> (LoadedModel, kwargs), then -> Predictor
 
   def find_faces(self, image: np.ndarray) -> np.ndarray:
     """Face boxes [K, 4] (landmark-box convention) of one photo, by the face finder."""
@@ -140,8 +142,12 @@ class Predictor:
     if not m.from_workdir:
       meta.update(model_path=str(m.path), param_dtype=m.dtype)
     kwargs.setdefault("default_t_fail", m.default_t_fail)
-    return cls(m.params, m.model_config, m.mean_shape, metadata=meta,
+    pred = cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
+    if not m.from_workdir:     # the other schedules of its weights (`musica_jax.schedules`)
+      pred._schedules = {s: (schedules.with_schedule(m, s), kwargs)
+                         for s in schedules.available(m.path)}
+    return pred
 
   @classmethod
   def from_model_dir(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
@@ -180,7 +186,27 @@ class Predictor:
              budget_mmacs: float | None = None) -> PredictorStream:
     """A sequence of calls (video frames, a folder face by face) that keeps `budget` (mean
     iterations, or MMACs, per face) over all the faces it sees (`PredictorStream`)."""
+    p, it = self.for_budget_mmacs(budget_mmacs)
+    if p is not self:
+      return PredictorStream(p, it)
     return PredictorStream(self, self.budget_iterations(budget, budget_mmacs))
+
+  def for_budget_mmacs(self, budget_mmacs: float | None) -> tuple[Predictor, float | None]:
+    """(the predictor of the schedule that serves `budget_mmacs` best on validation, mean
+    iterations for it or None: its full cascade); (self, None) when the model has one
+    schedule or the budget is none (`musica_jax.schedules.choose`)."""
+    if budget_mmacs is None or not self._schedules:
+      return self, None
+    keys = list(self._schedules)
+    for k in keys:
+      if not isinstance(self._schedules[k], Predictor):
+        m, kwargs = self._schedules[k]
+        sub = Predictor.from_loaded(m, **kwargs)
+        sub._schedules = {}          # noqa: SLF001  (one level: the model's own decides)
+        self._schedules[k] = sub
+    cands = [self] + [self._schedules[k] for k in keys]
+    i, it = schedules.choose([(p.model_config, p.quit_info) for p in cands], budget_mmacs)
+    return cands[i], (None if i == 0 else it)
 
   @staticmethod
   def _thresholds(ts: float, t_fail: float) -> None:
@@ -288,6 +314,9 @@ class Predictor:
       (chosen on validation data, see experiments.choose_t_fail; inf when it has none).
     Both dials skip the computation of the faces that quit (they save time).
     """
+    p, it = self.for_budget_mmacs(budget_mmacs)
+    if p is not self:          # another schedule of the same weights serves this budget
+      return p._predict(images, boxes, ts, t_fail, it, None)  # noqa: SLF001
     return self._predict(images, boxes, ts, t_fail, self.budget_iterations(budget, budget_mmacs),
                          None)
 

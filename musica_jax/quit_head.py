@@ -90,34 +90,46 @@ def stage_slice(params: dict | None, i: int):
 
 # ------------------------------------------------------------------------------- storage
 
-def save(directory, params: dict | None, info: dict) -> None:
+def file_names(schedule: str = "") -> tuple[str, str]:
+  """(params file, info file) of the policy of the model's own schedule (""), or of
+  another schedule of its weights ("@9_17_34": `musica_jax.schedules`)."""
+  stem = "quit_head" + schedule
+  return stem + ".npz", stem + ".json"
+
+
+def save(directory, params: dict | None, info: dict, schedule: str = "") -> None:
   """Writes quit_head.json (+ quit_head.npz unless params is None: the policy is then the
-  network's estimated error) into a model directory, each file atomically."""
+  network's estimated error) into a model directory, each file atomically; `schedule`:
+  the suffix of another schedule's files (`file_names`)."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
+  params_file, info_file = file_names(schedule)
   if params is None:
-    (directory / PARAMS_FILE).unlink(missing_ok=True)
+    (directory / params_file).unlink(missing_ok=True)
   else:
-    atomic_io.write(directory / PARAMS_FILE, lambda fh: np.savez(
+    atomic_io.write(directory / params_file, lambda fh: np.savez(
         fh, **{k: np.asarray(v, np.float32) for k, v in params.items()}), binary=True)
   doc = {"format": FORMAT, "version": VERSION, **provenance.portable(info)}
-  atomic_io.write(directory / INFO_FILE, lambda fh: strict_json.dump(doc, fh, indent=1))
+  atomic_io.write(directory / info_file, lambda fh: strict_json.dump(doc, fh, indent=1))
 
 
 _KEYS = ("w1", "b1", "w2", "b2", "mean", "std", "exp_output")
 
 
-def load(directory, num_stages: int, hidden_size: int) -> tuple[dict | None, dict] | None:
+def load(directory, num_stages: int, hidden_size: int,
+         schedule: str = "") -> tuple[dict | None, dict] | None:
   """(params, info) of a model directory's quitting policy; None when it has none.
 
   params is None for the policy "the network's own estimated error" (info only: the
-  validation profile that turns a budget into capacities or a threshold).
+  validation profile that turns a budget into capacities or a threshold). `schedule`:
+  another schedule's policy (`file_names`).
   """
   directory = pathlib.Path(directory)
-  info_path = directory / INFO_FILE
+  params_name, info_name = file_names(schedule)
+  info_path = directory / info_name
   if not info_path.is_file():
-    if (directory / PARAMS_FILE).is_file():
-      raise ValueError(f"{directory}: {PARAMS_FILE} without {INFO_FILE}")
+    if (directory / params_name).is_file():
+      raise ValueError(f"{directory}: {params_name} without {info_name}")
     return None
   try:
     info = json.loads(info_path.read_text())
@@ -130,13 +142,13 @@ def load(directory, num_stages: int, hidden_size: int) -> tuple[dict | None, dic
       raise ValueError(f"{info_path}: no {key!r} table")
   if info.get("kind") == "estimated_error":
     return None, info
-  with np.load(directory / PARAMS_FILE) as z:
+  with np.load(directory / params_name) as z:
     params = {k: np.asarray(z[k], np.float32) for k in z.files}
   missing = set(_KEYS) - set(params)
   if missing:
-    raise ValueError(f"{directory / PARAMS_FILE}: missing arrays {sorted(missing)}")
+    raise ValueError(f"{directory / params_name}: missing arrays {sorted(missing)}")
   d = hidden_size + 3
   if params["w1"].shape[:2] != (num_stages, d):
-    raise ValueError(f"{directory / PARAMS_FILE}: w1 has shape {params['w1'].shape}, the "
+    raise ValueError(f"{directory / params_name}: w1 has shape {params['w1'].shape}, the "
                      f"model needs [{num_stages}, {d}, units]")
   return params, info

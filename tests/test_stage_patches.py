@@ -19,6 +19,10 @@ from musica_jax import config as config_lib
 from musica_jax import cost
 from musica_jax import factorise
 from musica_jax import fast_inference
+from musica_jax import model_io
+from musica_jax import predictor as predictor_lib
+from musica_jax import quit_head
+from musica_jax import schedules
 from musica_jax import run_config
 from musica_jax import schemes
 from musica_jax import stage_net
@@ -140,6 +144,15 @@ def test_a_tiny_run_alternates_schedules_and_records_them(tmp_path, tiny_two_lev
   run = run_config.load(work)
   assert run["model_config"].stage_patches == (1, 2)
   assert run["train_config"].all_patches_every == 2
+  # The same weights exported reading the full schedule, or the run's.
+  from experiments import export_model  # noqa: PLC0415
+  full = tmp_path / "full"
+  export_model.export(str(work), str(full), stage_patches=(config.model.num_patches,) * 2)
+  assert model_io.load_model(full).model_config.stage_patches == ()
+  export_model.export(str(work), str(tmp_path / "own"))
+  assert model_io.load_model(tmp_path / "own").model_config.stage_patches == (1, 2)
+  with pytest.raises(app.UsageError, match=r"^--stage_patches: stage_patches must be"):
+    export_model.export(str(work), str(tmp_path / "bad"), stage_patches=(3, 200))
 
   # Step 0 (0 % 2 == 0) reads every patch at every iteration: the recurrent rows of the
   # patches stage 0 skips get a gradient; step 1 reads the schedule: they get none.
@@ -164,3 +177,62 @@ def test_a_tiny_run_alternates_schedules_and_records_them(tmp_path, tiny_two_lev
   odd = state.replace(step=jnp.ones((), jnp.int32))     # fresh Adam moments, step 1
   s2, _ = step(odd, batch, init)
   assert moved(odd, s2) == 0.0
+
+
+def _policy(cfg, nme_full, nme_one):
+  """An estimated-error policy of a 3-iteration schedule: faces spread evenly, policy NME
+  falling linearly from nme_one (1 iteration) to nme_full (3)."""
+  return {"design": "E", "kind": "estimated_error",
+          "profile": [[1.0, 0.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 1.0]],
+          "thresholds": [[0.2, 1.0], [0.05, 2.0], [0.0, 3.0]],
+          "nme_profile": [[1.0, nme_one], [2.0, (nme_one + nme_full) / 2], [3.0, nme_full]]}
+
+
+def test_choose_takes_the_schedule_of_lowest_validation_nme_at_the_budget():
+  full = config_lib.for_scheme(68, 34, recurrent_rank=128)
+  cheap = dataclasses.replace(full, stage_patches=(9, 17, 34))
+  cands = [(full, _policy(full, 0.036, 0.046)), (cheap, _policy(cheap, 0.039, 0.055))]
+  m_full, m_cheap = cost.cascade_macs(full) / 1e6, cost.cascade_macs(cheap) / 1e6
+  # At the cheap schedule's whole cascade: the full one's dial would have ~1.8 iterations
+  # (NME ~0.044), the cheap cascade gives 0.039.
+  assert schedules.choose(cands, m_cheap) == (1, None)
+  i, it = schedules.choose(cands, 0.5 * (cost.cascade_macs(cheap, 1) + cost.cascade_macs(
+      cheap, 2)) / 1e6)
+  assert i == 1 and it == pytest.approx(1.5)
+  assert schedules.choose(cands, m_full) == (0, None)          # the most accurate
+  # Below one iteration of the full schedule only the cheap one can serve.
+  assert schedules.choose(cands, cost.cascade_macs(cheap, 1) / 1e6)[0] == 1
+  # Without NME profiles: the model's own schedule.
+  assert schedules.choose([(full, None), (cheap, {})], m_cheap) == (0, None)
+
+
+def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
+  cfg = dataclasses.replace(CFG, stage_patches=())
+  params = _params(cfg, scale=10.0)
+  mean = np.tile(np.linspace(20, 44, 10)[:, None], (1, 2)).astype(np.float32)
+  d = tmp_path / "m"
+  model_io.save_model(d, params, cfg, mean, {"name": "tiny"})
+  cheap = dataclasses.replace(cfg, stage_patches=(2, 4, 6))
+  quit_head.save(d, None, _policy(cfg, 0.036, 0.046))
+  quit_head.save(d, None, _policy(cheap, 0.039, 0.055), schedules.suffix(cfg, cheap))
+  assert (d / "quit_head@2_4_6.json").is_file()
+  assert schedules.available(d) == [(2, 4, 6)]
+  p = predictor_lib.Predictor.from_model_dir(d, max_batch=4)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+  boxes = [[20, 20, 70, 70], [25, 15, 75, 68]]
+  m_cheap = cost.cascade_macs(cheap) / 1e6
+  sub, it = p.for_budget_mmacs(m_cheap)
+  assert sub.model_config.stage_patches == (2, 4, 6) and it is None
+  assert sub.quit_info["nme_profile"][-1][1] == 0.039
+  got = p.predict(image, boxes, budget_mmacs=m_cheap)
+  ref = predictor_lib.Predictor(params, cheap, mean, max_batch=4).predict(image, boxes)
+  np.testing.assert_allclose(got.landmarks, ref.landmarks, atol=1e-3)
+  plain = p.predict(image, boxes)                        # no budget: the model's own
+  assert float(np.abs(plain.landmarks - got.landmarks).max()) > 1e-3
+  np.testing.assert_allclose(p.predict(image, boxes, budget_mmacs=cost.cascade_macs(cfg) / 1e6)
+                             .landmarks, plain.landmarks, atol=1e-4)
+  assert p.stream(budget_mmacs=m_cheap).predictor is sub
+  # A schedule that does not fit the model: one line naming the model.
+  with pytest.raises(ValueError, match="stage_patches must be"):
+    schedules.with_schedule(model_io.load_model(d), (2, 4))

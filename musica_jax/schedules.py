@@ -1,0 +1,110 @@
+"""A model's schedules: its weights reading fewer patches in the early iterations.
+
+A model trained with `--stage_patches=9,17,34 --all_patches_every=2` runs its full
+schedule (every patch at every iteration; the model directory's config) and the cheap one
+(9, 17, then 34 patches: `ModelConfig.stage_patches`) with the same weights. Each
+schedule has its own quitting policy beside the model: quit_head.json/.npz for the
+model's own, quit_head@9_17_34.json/.npz for another
+(`experiments.fit_quit_head --stage_patches=9,17,34 --install`).
+
+A budget in MMACs then picks the schedule: `choose` compares, on the validation stream
+the policies were fitted on (their "nme_profile": policy NME per mean iterations), each
+schedule's dial at that budget (its full cascade when that costs less) and takes the
+lowest NME. `Predictor.predict(budget_mmacs=...)` does this, so one dial spans from the
+cheap schedule's first iteration to the full schedule's whole cascade.
+numpy only (and model_io).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from musica_jax import budget as budget_lib
+from musica_jax import cost
+from musica_jax import model_io
+from musica_jax import quit_head
+from musica_jax.config import ModelConfig
+
+
+def suffix(own: ModelConfig, config: ModelConfig) -> str:
+  """The file suffix of the quitting policy of schedule `config` in the directory of a
+  model whose own config is `own`: "" (its own schedule) or "@9_17_34" (patches per
+  iteration; "@34_34_34" for all patches when its own schedule is a cheap one)."""
+  if config.patches_per_stage == own.patches_per_stage:
+    return ""
+  return "@" + "_".join(str(k) for k in config.patches_per_stage)
+
+
+def parse(text: str) -> tuple[int, ...]:
+  """"9,17,34" or "9_17_34" (or "@9_17_34") -> (9, 17, 34)."""
+  parts = text.lstrip("@").replace("_", ",").split(",")
+  try:
+    return tuple(int(k) for k in parts if k.strip())
+  except ValueError as e:
+    raise ValueError(f"a schedule is comma-separated patch counts, got {text!r}") from e
+
+
+def available(path) -> list[tuple[int, ...]]:
+  """The schedules with a quitting policy in a model directory, other than its own."""
+  p = pathlib.Path(path)
+  if not p.is_dir():
+    return []
+  return sorted(parse(f.name[len("quit_head@"):-len(".json")])
+                for f in p.glob("quit_head@*.json"))
+
+
+def with_schedule(m: model_io.LoadedModel, stage_patches) -> model_io.LoadedModel:
+  """The same weights reading `stage_patches` (a ValueError naming the model when they do
+  not fit it), with that schedule's quitting policy (none when it has none)."""
+  try:
+    cfg = dataclasses.replace(m.model_config, stage_patches=tuple(stage_patches))
+  except ValueError as e:
+    raise ValueError(f"model {m.path}: {e}") from e
+  name = suffix(m.model_config, cfg)
+  if not name:
+    return m
+  head = None
+  if not m.from_workdir:
+    try:
+      head = quit_head.load(m.path, cfg.num_stages, cfg.hidden_size, name)
+    except (ValueError, KeyError, OSError) as e:
+      raise ValueError(f"model {m.path}: quit head of schedule {name[1:]}: {e}") from e
+  q, info = (None, None) if head is None else head
+  return dataclasses.replace(m, model_config=cfg, quit_head=q, quit_info=info,
+                             metadata={**m.metadata, "schedule": list(cfg.patches_per_stage)})
+
+
+def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float) -> tuple[float, float | None]:
+  """(validation NME of this schedule's dial at budget_mmacs, mean iterations to ask for;
+  None: its full cascade, which costs no more). inf when the budget is below one
+  iteration or the policy has no NME profile."""
+  prof = info.get("nme_profile") if info else None
+  if not prof:
+    return np.inf, None
+  rows = np.asarray(prof, np.float64)
+  rows = rows[np.argsort(rows[:, 0])]
+  full = cost.cascade_macs(config) / 1e6
+  if budget_mmacs >= full - 1e-9:
+    return float(rows[-1, 1]), None
+  if budget_mmacs < cost.cascade_macs(config, 1) / 1e6:
+    return np.inf, None
+  it = budget_lib.mmacs_to_iterations(config, info, budget_mmacs)
+  return float(np.interp(it, rows[:, 0], rows[:, 1])), it
+
+
+def choose(candidates: list[tuple[ModelConfig, dict | None]], budget_mmacs: float
+           ) -> tuple[int, float | None]:
+  """(index of the schedule to run, mean iterations for its dial or None for its full
+  cascade) for a budget of `budget_mmacs` MMACs per face: the lowest validation NME
+  among candidates (config, quitting info); the first (the model's own) on ties and when
+  none has an NME profile."""
+  best, best_nme, best_it = 0, np.inf, None
+  for i, (cfg, info) in enumerate(candidates):
+    nme, it = _nme_at(cfg, info, budget_mmacs)
+    if nme < best_nme - 1e-12:
+      best, best_nme, best_it = i, nme, it
+  if not np.isfinite(best_nme):
+    return 0, None
+  return best, best_it
