@@ -30,6 +30,7 @@ from experiments import eval_lib
 from experiments import plots
 from musica_jax import atomic_io
 from musica_jax import cost
+from musica_jax import schedules
 from musica_jax import budget as budget_lib
 from musica_jax import schemes
 from musica_jax import strict_json
@@ -105,6 +106,14 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   info = common.model_provenance(loaded)    # with checkpoint_chosen_on for 'best'
   params, mesh = eval_lib.on_devices(loaded)
   capacities = None
+  if budget_mmacs is not None:       # another schedule of the weights may serve it better
+    other = schedules.for_budget_mmacs(loaded, budget_mmacs)
+    if other is not None:
+      loaded, budget, budget_mmacs = other[0], other[1], None
+      model_cfg = loaded.model_config
+      info["schedule"] = list(model_cfg.patches_per_stage)
+      print(f"--budget_mmacs: the schedule {model_cfg.patches_per_stage} serves it "
+            f"({'its full cascade' if budget is None else f'{budget:.3f} mean iterations'})")
   if budget is not None or budget_mmacs is not None:
     try:
       budget = budget_lib.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)

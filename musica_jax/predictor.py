@@ -309,7 +309,9 @@ class Predictor:
     budget / budget_mmacs: the other dial, compute per face: mean iterations (1..3) or
       multiply-adds in millions; the faces that need it most get the later iterations
       (one face alone: the validation faces' threshold; keep a budget over a sequence of
-      calls with `stream`).
+      calls with `stream`). A model with cheaper schedules of its weights (quitting
+      policies quit_head@...: `musica_jax.schedules`) runs, for budget_mmacs, the schedule
+      most accurate at that cost on validation (its whole cascade when it costs less).
     t_fail: valid = final estimated error < t_fail; None: the model's `default_t_fail`
       (chosen on validation data, see experiments.choose_t_fail; inf when it has none).
     Both dials skip the computation of the faces that quit (they save time).

@@ -108,3 +108,16 @@ def choose(candidates: list[tuple[ModelConfig, dict | None]], budget_mmacs: floa
   if not np.isfinite(best_nme):
     return 0, None
   return best, best_it
+
+
+def for_budget_mmacs(m: model_io.LoadedModel, budget_mmacs: float
+                     ) -> tuple[model_io.LoadedModel, float | None] | None:
+  """The loaded model's schedule that serves `budget_mmacs` best on validation (`choose`)
+  and the mean iterations for its dial (None: its full cascade); None when that is the
+  model's own schedule (or it has no other)."""
+  others = [] if m.from_workdir else available(m.path)
+  if not others:
+    return None
+  cands = [m] + [with_schedule(m, s) for s in others]
+  i, it = choose([(c.model_config, c.quit_info) for c in cands], budget_mmacs)
+  return None if i == 0 else (cands[i], it)
