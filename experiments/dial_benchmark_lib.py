@@ -23,6 +23,7 @@ from musica_jax import images as images_lib
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import model_io
+from musica_jax import schedules
 from musica_jax import budget as budget_lib
 from musica_jax import predictor as predictor_lib
 from musica_jax import schemes
@@ -80,9 +81,25 @@ class _Faces:
   landmarks: np.ndarray | None = None
 
 
+def _model_path(model: str) -> str:
+  """What names the model in the JSON (a shipped name, or the real path), with its
+  "@schedule" suffix when it has one."""
+  path, schedule = schedules.split_model_name(model)
+  name = path if path in model_io.BUNDLED_MODELS else os.path.realpath(os.path.expanduser(path))
+  return name + ("" if schedule is None else "@" + "_".join(str(k) for k in schedule))
+
+
 def _load(model: str, max_batch: int):
-  return predictor_lib.Predictor.from_loaded(common.load_model(None, model),
-                                             max_batch=max_batch)
+  """A predictor of `model`; "DIR@9_17_34": its weights reading that schedule, with that
+  schedule's quitting policy (`musica_jax.schedules`)."""
+  path, schedule = schedules.split_model_name(model)
+  loaded = common.load_model(None, path)
+  if schedule is not None:
+    try:
+      loaded = schedules.with_schedule(loaded, schedule)
+    except ValueError as e:
+      raise app.UsageError(f"--model={model}: {e}") from e
+  return predictor_lib.Predictor.from_loaded(loaded, max_batch=max_batch)
 
 
 def _faces(pred, data_cfg, split) -> _Faces:
@@ -331,8 +348,7 @@ def run(cfg: DialConfig, data_cfg, command: str = "") -> dict:
   result = {"command": command,
             "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
             "model": pred.metadata.get("name") or cfg.model,
-            "model_path": cfg.model if cfg.model in model_io.BUNDLED_MODELS
-                          else os.path.realpath(os.path.expanduser(cfg.model)),
+            "model_path": _model_path(cfg.model),
             "split": cfg.split, "faces": f,
             "batch_size": b, "batch1_faces_timed": n1, "rounds": cfg.rounds,
             "quit_policy": info.get("design"), "mmacs_per_iteration": per_it,

@@ -46,6 +46,15 @@ def parse(text: str) -> tuple[int, ...]:
     raise ValueError(f"a schedule is comma-separated patch counts, got {text!r}") from e
 
 
+def split_model_name(name: str) -> tuple[str, tuple[int, ...] | None]:
+  """"default@9_17_34" -> ("default", (9, 17, 34)); a name without such a suffix -> (name,
+  None)."""
+  head, sep, tail = str(name).rpartition("@")
+  if sep and head and tail and all(c.isdigit() or c in "_," for c in tail):
+    return head, parse(tail)
+  return str(name), None
+
+
 def available(path) -> list[tuple[int, ...]]:
   """The schedules with a quitting policy in a model directory, other than its own."""
   p = pathlib.Path(path)

@@ -236,3 +236,12 @@ def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
   # A schedule that does not fit the model: one line naming the model.
   with pytest.raises(ValueError, match="stage_patches must be"):
     schedules.with_schedule(model_io.load_model(d), (2, 4))
+
+
+def test_a_model_name_may_carry_a_schedule():
+  assert schedules.split_model_name("default@9_17_34") == ("default", (9, 17, 34))
+  assert schedules.split_model_name("/m/x@17,34,34") == ("/m/x", (17, 34, 34))
+  assert schedules.split_model_name("default") == ("default", None)
+  assert schedules.split_model_name("/runs/a@b/model") == ("/runs/a@b/model", None)
+  from experiments import dial_benchmark_lib  # noqa: PLC0415
+  assert dial_benchmark_lib._model_path("default@9_17_34") == "default@9_17_34"  # noqa: SLF001
