@@ -54,7 +54,7 @@ def test_positions_spread_over_the_patch_list_and_the_config_checks_counts():
 def test_scan_fast_path_and_reference_loop_agree_and_differ_from_all_patches():
   params = _params(CFG)
   images, init, _ = _inputs(CFG, batch=4)
-  out = cascade.run_cascade(params, images, init, CFG)
+  out = cascade.run_cascade_jit(params, images, init, CFG)
   ref = run_cascade_unrolled(params, images, init, CFG)
   fc = fast_inference.FastCascade(params, CFG)
   # Stage 0 reads 2 patches: its kernel keeps their rows and the hidden state's only.
@@ -62,7 +62,7 @@ def test_scan_fast_path_and_reference_loop_agree_and_differ_from_all_patches():
   assert fc.stage_params[2]["recurrent"]["u"].shape[0] == CFG.recurrent_input_size
   fast = fc.run(images, init)
   unsliced = fast_inference.run_selective(fast_inference.unstack_params(params), None, images,
-                                          init, CFG)
+                                          init, CFG, selective=False)
   np.testing.assert_allclose(unsliced.landmarks, fast.landmarks, atol=2e-3)
   np.testing.assert_allclose(out.shapes, ref.shapes, atol=2e-3)
   np.testing.assert_allclose(fast.landmarks, out.landmarks, atol=2e-3)
@@ -85,12 +85,12 @@ def test_what_a_stage_does_not_read_cannot_change_it():
   rows = np.concatenate([np.arange(p * d, (p + 1) * d) for p in unread])
   changed = {**params, "recurrent": {**params["recurrent"],
                                      "u": u.at[0, rows].add(5.0)}}   # stage 0 only
-  a = cascade.run_cascade(params, images, init, CFG)
-  b = cascade.run_cascade(changed, images, init, CFG)
+  a = cascade.run_cascade_jit(params, images, init, CFG)
+  b = cascade.run_cascade_jit(changed, images, init, CFG)
   np.testing.assert_allclose(a.shapes[0], b.shapes[0], atol=1e-5)
   changed_read = {**params, "recurrent": {**params["recurrent"],
                                           "u": u.at[0, :d].add(5.0)}}  # patch 0: read
-  c = cascade.run_cascade(changed_read, images, init, CFG)
+  c = cascade.run_cascade_jit(changed_read, images, init, CFG)
   assert float(jnp.abs(c.shapes[0] - a.shapes[0]).max()) > 1e-3
 
 
@@ -149,8 +149,6 @@ def test_a_tiny_run_alternates_schedules_and_records_them(tmp_path, tiny_two_lev
   full = tmp_path / "full"
   export_model.export(str(work), str(full), stage_patches=(config.model.num_patches,) * 2)
   assert model_io.load_model(full).model_config.stage_patches == ()
-  export_model.export(str(work), str(tmp_path / "own"))
-  assert model_io.load_model(tmp_path / "own").model_config.stage_patches == (1, 2)
   with pytest.raises(app.UsageError, match=r"^--stage_patches: stage_patches must be"):
     export_model.export(str(work), str(tmp_path / "bad"), stage_patches=(3, 200))
 
