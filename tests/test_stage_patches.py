@@ -231,6 +231,11 @@ def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
   np.testing.assert_allclose(p.predict(image, boxes, budget_mmacs=cost.cascade_macs(cfg) / 1e6)
                              .landmarks, plain.landmarks, atol=1e-4)
   assert p.stream(budget_mmacs=m_cheap).predictor is sub
+  # evaluate --budget_mmacs makes the same choice on the loaded model.
+  loaded, it = schedules.for_budget_mmacs(model_io.load_model(d), m_cheap)
+  assert loaded.model_config.stage_patches == (2, 4, 6) and it is None
+  assert loaded.quit_info["nme_profile"][-1][1] == 0.039
+  assert schedules.for_budget_mmacs(model_io.load_model(d), cost.cascade_macs(cfg) / 1e6) is None
   # A schedule that does not fit the model: one line naming the model.
   with pytest.raises(ValueError, match="stage_patches must be"):
     schedules.with_schedule(model_io.load_model(d), (2, 4))
