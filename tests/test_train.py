@@ -238,6 +238,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow    # ~37 s on 2 cores (two JAX processes); four local devices: below
 @pytest.mark.multiprocess
 def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
   """A real 2-host job (jax.distributed over gloo on localhost CPU), each process reading
@@ -267,6 +268,7 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_flags):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow    # ~19 s on 2 cores: a benchmark program end to end
 def test_pipeline_benchmark_end_to_end_mode(tmp_path, tiny_flags):
   out_json = tmp_path / "tp.json"
   flags_ = [f for f in tiny_flags if not f.startswith(("--log_every", "--eval_every",
