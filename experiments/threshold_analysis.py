@@ -34,16 +34,20 @@ def analyse(per_face, model_cfg, norm: str, num_ts: int, draws: int, seed: int,
   est = per_face["estimated_error"]
   sw = eep.sweep(nme, est, draws=draws, seed=seed, with_oracle=with_oracle,
                  max_points=num_ts)
-  mmacs_it = cost.cascade_macs(model_cfg, 1) / 1e6
-  sw["mmacs"] = [eep.expected_macs(c, mmacs_it) for c in sw["counts"]]
-  return {"nme": nme, "estimated": est, "sweep": sw, "mmacs_per_iteration": mmacs_it,
+  # Per iteration (they differ with ModelConfig.stage_patches); "mmacs_per_iteration" is
+  # their mean (x iterations: the full cascade).
+  per_stage = [m / 1e6 for m in cost.iteration_macs(model_cfg)]
+  sw["mmacs"] = [eep.expected_macs(c, per_stage) for c in sw["counts"]]
+  return {"nme": nme, "estimated": est, "sweep": sw, "mmacs_per_stage": per_stage,
+          "mmacs_per_iteration": float(np.mean(per_stage)),
           "comparison": eep.compare_at(sw, compare_iterations) if with_oracle else None}
 
 
-def working_points(sw: dict, full_nme: float, mmacs_it: float, target_nme=(),
+def working_points(sw: dict, full_nme: float, mmacs_it, target_nme=(),
                    budget_iterations=(), budget_mmacs=()) -> dict:
   """The Ts of each target NME (default: the full cascade's NME + 1%, 5%, 10% relative),
-  of each budget of mean iterations (default 1.25, 1.5, 2, 2.5) and of mean MMACs."""
+  of each budget of mean iterations (default 1.25, 1.5, 2, 2.5) and of mean MMACs;
+  mmacs_it: MMACs of one iteration, or a list per iteration."""
   targets = list(target_nme) or [full_nme * r for r in DEFAULT_TARGET_RATIOS]
   budgets = list(budget_iterations) or list(DEFAULT_BUDGET_ITERATIONS)
   return {
