@@ -118,6 +118,9 @@ class ModelConfig:
     if ks and (len(ks) != self.num_stages or min(ks) < 1 or max(ks) > self.num_patches):
       raise ValueError(f"stage_patches must be empty or {self.num_stages} counts (one per "
                        f"iteration) in 1..{self.num_patches} (the patches), got {ks}")
+    if ks and self.global_attention != "none" and min(ks) < self.num_patches:
+      raise ValueError("stage_patches needs global_attention='none' (a global attention "
+                       "weighs every patch of the face)")
     if ks and min(ks) == self.num_patches:      # every iteration reads all: the plain model
       object.__setattr__(self, "stage_patches", ())
 

@@ -49,6 +49,9 @@ def test_positions_spread_over_the_patch_list_and_the_config_checks_counts():
   for bad in ((9, 17), (0, 17, 34), (9, 17, 35)):
     with pytest.raises(ValueError, match="stage_patches must be empty or 3 counts"):
       config_lib.for_scheme(68, 34, stage_patches=bad)
+  with pytest.raises(ValueError, match="stage_patches needs global_attention='none'"):
+    config_lib.for_scheme(68, 34, stage_patches=(9, 17, 34), global_attention="fc")
+  assert config_lib.for_scheme(68, 34, stage_patches=(34, 34, 34)).stage_patches == ()
 
 
 def test_scan_fast_path_and_reference_loop_agree_and_differ_from_all_patches():
