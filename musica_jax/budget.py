@@ -55,18 +55,16 @@ def mmacs_to_iterations(config, info: dict | None, budget_mmacs: float) -> float
   per = np.asarray(cost.iteration_macs(config), np.float64) / 1e6
   if np.allclose(per, per[0]):
     return float(budget_mmacs) / per[0]
-  if not info or "profile" not in info:
-    cum = np.concatenate([[0.0], np.cumsum(per)])
-    return float(np.interp(budget_mmacs, cum, np.arange(len(cum)), left=0.0,
-                           right=float(len(per) + 1)))
-  prof = np.asarray(info["profile"], np.float64)
-  prof = prof[np.argsort(prof[:, 0])]
-  mmacs = per[0] + prof[:, 1:] @ per[1:]
-  if budget_mmacs < mmacs[0] or budget_mmacs > mmacs[-1]:     # outside: linear, then checked
-    cum = np.concatenate([[0.0], np.cumsum(per)])
-    return float(np.interp(budget_mmacs, cum, np.arange(len(cum)), left=0.0,
-                           right=float(len(per) + 1)))
-  return float(np.interp(budget_mmacs, mmacs, prof[:, 0]))
+  if info and "profile" in info:
+    prof = np.asarray(info["profile"], np.float64)
+    prof = prof[np.argsort(prof[:, 0])]
+    mmacs = per[0] + prof[:, 1:] @ per[1:]
+    if mmacs[0] <= budget_mmacs <= mmacs[-1]:
+      return float(np.interp(budget_mmacs, mmacs, prof[:, 0]))
+  # No profile, or outside it: between whole iterations (the caller checks the range).
+  cum = np.concatenate([[0.0], np.cumsum(per)])
+  return float(np.interp(budget_mmacs, cum, np.arange(len(cum)), left=0.0,
+                         right=float(len(per) + 1)))
 
 
 def budget_capacities(info: dict, budget: float, batch: int) -> tuple[int, ...]:

@@ -123,7 +123,9 @@ class Predictor:
     # per-call bookkeeping (~0.18 ms at batch 1 on the 2-core CPU).
     self._host_is_device = jax.default_backend() == "cpu"
     self._face_finder = face_finder
-    self._schedules: dict = {}     # schedule -> (LoadedModel, kwargs), then -> Predictor
+    self._schedules: list = []     # the other schedules (LoadedModel each), from_loaded
+    self._schedule_kwargs: dict = {}
+    self._schedule_predictors: dict = {}   # index in _schedules -> Predictor, built on use
 
   def find_faces(self, image: np.ndarray) -> np.ndarray:
     """Face boxes [K, 4] (landmark-box convention) of one photo, by the face finder."""
@@ -145,8 +147,8 @@ class Predictor:
     pred = cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
     if not m.from_workdir:     # the other schedules of its weights (`musica_jax.schedules`)
-      pred._schedules = {s: (schedules.with_schedule(m, s), kwargs)
-                         for s in schedules.available(m.path)}
+      pred._schedules = [schedules.with_schedule(m, s) for s in schedules.available(m.path)]
+      pred._schedule_kwargs = kwargs
     return pred
 
   @classmethod
@@ -197,16 +199,16 @@ class Predictor:
     schedule or the budget is none (`musica_jax.schedules.choose`)."""
     if budget_mmacs is None or not self._schedules:
       return self, None
-    keys = list(self._schedules)
-    for k in keys:
-      if not isinstance(self._schedules[k], Predictor):
-        m, kwargs = self._schedules[k]
-        sub = Predictor.from_loaded(m, **kwargs)
-        sub._schedules = {}          # noqa: SLF001  (one level: the model's own decides)
-        self._schedules[k] = sub
-    cands = [self] + [self._schedules[k] for k in keys]
-    i, it = schedules.choose([(p.model_config, p.quit_info) for p in cands], budget_mmacs)
-    return cands[i], (None if i == 0 else it)
+    i, it = schedules.choose([(self.model_config, self.quit_info)]
+                             + [(m.model_config, m.quit_info) for m in self._schedules],
+                             budget_mmacs)
+    if i == 0:
+      return self, None
+    if i - 1 not in self._schedule_predictors:
+      sub = Predictor.from_loaded(self._schedules[i - 1], **self._schedule_kwargs)
+      sub._schedules = []            # noqa: SLF001  (one level: the model's own decides)
+      self._schedule_predictors[i - 1] = sub
+    return self._schedule_predictors[i - 1], it
 
   @staticmethod
   def _thresholds(ts: float, t_fail: float) -> None:
