@@ -151,7 +151,7 @@ def split_spec(cfg: config_lib.DataConfig, split: str) -> tuple[str, int | None]
   carved splits: that of --val_source)."""
   if _is_carved(split):
     if cfg.val_fraction <= 0:
-      raise ValueError(f"split {split!r} needs --val_fraction > 0")
+      raise readers.SplitError(f"split {split!r} needs --val_fraction > 0")
     return split_spec(cfg, cfg.val_source)
   builder = prepare(cfg)
   stored = set(builder.info.splits.keys())
@@ -160,21 +160,21 @@ def split_spec(cfg: config_lib.DataConfig, split: str) -> tuple[str, int | None]
       parts = sources.IBUG300W_SPLITS[split]
       missing = [p for p in parts if p not in stored]
       if missing:
-        raise ValueError(
+        raise readers.SplitError(
             f"300W split {split!r} needs the folders "
             f"{[sources.IBUG300W_FOLDERS[p] for p in missing]}, not found under "
             f"{cfg.data_dir} (--data_dir)")
       return "+".join(parts), None
     if split in sources.IBUG300W_FOLDERS:
       if split not in stored:
-        raise ValueError(f"300W folder {sources.IBUG300W_FOLDERS[split]} not found under "
+        raise readers.SplitError(f"300W folder {sources.IBUG300W_FOLDERS[split]} not found under "
                          f"{cfg.data_dir} (--data_dir)")
       return split, None
   elif cfg.dataset == "wflw" and split in sources.WFLW_SUBSETS:
     return "test", sources.WFLW_SUBSETS[split][1]
   elif tfds_builders.stored_split_name(split) in stored:
     return tfds_builders.stored_split_name(split), None
-  raise ValueError(f"--{cfg.dataset}: unknown split {split!r}; available: "
+  raise readers.SplitError(f"--{cfg.dataset}: unknown split {split!r}; available: "
                    f"{available_splits(cfg)}")
 
 

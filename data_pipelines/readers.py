@@ -22,6 +22,11 @@ WFLW_NUM_POINTS = 98
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "make_up", "occlusion", "blur")
 
 
+class SplitError(ValueError):
+  """A split the data folder or the flags do not provide; the message names the folder or
+  flag (entry points report it as one line, as any user error)."""
+
+
 class DataError(ValueError):
   """A bad annotation or image; the message names the file (and line)."""
 

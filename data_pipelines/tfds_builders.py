@@ -225,14 +225,16 @@ def make_config(dataset: str, data_dir: str, num_points: int, skip_bad: bool,
 
 def prepared_builder(dataset: str, config: MusicaBuilderConfig, tfds_dir: str):
   """Returns the builder, preparing the data first if this config is not on disk yet."""
-  builder = BUILDERS[dataset](config=config, data_dir=tfds_dir)
   # Reuses the prepared data when this config (source fingerprint) is already on disk.
   dl_config = tfds.download.DownloadConfig(
       manual_dir=config.source_dir or None,
       download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   # Two runs started together on one machine would both prepare the same config and the
   # second rename fails ("Directory not empty"): one prepares, the others wait, then reuse.
+  # The builder is made inside the lock: one made before it reads the dataset info of a
+  # folder not yet prepared (no splits) and keeps it after the other process finishes.
   with _preparation_lock(os.path.join(tfds_dir, "musica_locks", f"{dataset}_{config.name}")):
+    builder = BUILDERS[dataset](config=config, data_dir=tfds_dir)
     builder.download_and_prepare(download_config=dl_config)
   return builder
 

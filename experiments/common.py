@@ -28,6 +28,7 @@ from absl import flags
 from absl import logging
 
 from experiments import config_flags  # noqa: F401 (defines the model/training/loop/data flags)
+from data_pipelines import readers  # numpy-only: no TensorFlow
 from experiments.flag_defs import define_flag  # THE flag helper (programs: common.define_flag)
 from musica_jax import atomic_io
 from musica_jax import model_io
@@ -87,7 +88,7 @@ def fail(message: str, exitcode: int = 1):
   sys.exit(exitcode)
 
 
-USER_ERRORS = (app.UsageError, UserError, OSError)
+USER_ERRORS = (app.UsageError, UserError, OSError, readers.SplitError)
 
 
 def _guarded(main):

@@ -131,8 +131,12 @@ print("SIZES", input_pipeline.split_sizes(cfg), flush=True)
 def test_a_run_waits_while_another_process_prepares_the_same_data(tmp_path):
   # Two runs started together used to race on the prepared folder's rename ("Directory not
   # empty"); now one prepares while the others wait on a lock, then reuse its data. Here
-  # the test holds the lock as the preparing process would.
+  # the test holds the lock and prepares the data as the preparing process would.
   import fcntl  # noqa: PLC0415
+
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  from data_pipelines import tfds_builders  # noqa: PLC0415
   root, tfds_dir = str(tmp_path / "mine"), str(tmp_path / "tfds")
   _folder(root, 3)
   cfg = config_lib.DataConfig(dataset="pts_folder", data_dir=root, tfds_dir=tfds_dir,
@@ -151,6 +155,11 @@ def test_a_run_waits_while_another_process_prepares_the_same_data(tmp_path):
       assert "waiting for another process preparing the data" in first, first
       assert proc.poll() is None       # blocked while the lock is held
       assert not os.path.isdir(os.path.join(tfds_dir, "pts_folder"))
+      # The lock's holder prepares the data meanwhile, as a first run would: the waiting
+      # run must then read the prepared splits (a builder it made before waiting had none).
+      tfds_builders.BUILDERS["pts_folder"](
+          config=datasets.builder_config(cfg), data_dir=tfds_dir).download_and_prepare(
+              download_config=tfds.download.DownloadConfig(manual_dir=root))
     finally:
       fcntl.flock(held, fcntl.LOCK_UN)
   out, _ = proc.communicate(timeout=300)
@@ -169,3 +178,21 @@ def test_a_read_only_data_folder_prepares_without_a_lock(tmp_path, monkeypatch):
   with tfds_builders._preparation_lock(str(tmp_path / "ro" / "musica_locks" / "x")):
     ran.append(True)
   assert ran == [True] and not (tmp_path / "ro").exists()
+
+
+def test_a_300w_folder_without_a_splits_folders_fails_in_one_line(tmp_path, tfds_dir, capsys):
+  # A data folder holding afw only: the training split names the folders it lacks, and an
+  # entry point reports it as one line naming them (it used to dump a traceback).
+  from experiments import common  # noqa: PLC0415
+  root = tmp_path / "300w"
+  _folder(str(root / "afw"), 2)
+  cfg = config_lib.DataConfig(dataset="ibug300w", data_dir=str(root), tfds_dir=tfds_dir,
+                              train_split="train", eval_split="train", val_source="train")
+  with pytest.raises(readers.SplitError, match=r"lfpw/trainset.*helen/trainset"):
+    datasets.split_spec(cfg, "train")
+  assert datasets.split_spec(cfg, "afw") == ("afw", None)
+  with pytest.raises(SystemExit) as e:
+    common._guarded(lambda argv: datasets.split_spec(cfg, "train"))([])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "lfpw/trainset" in err[0] and "--data_dir" in err[0], err
