@@ -33,6 +33,7 @@ from experiments.flag_defs import define_flag  # THE flag helper (programs: comm
 from musica_jax import atomic_io
 from musica_jax import model_io
 from musica_jax import restore
+from musica_jax import schedules
 from musica_jax import strict_json
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -300,7 +301,8 @@ def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest
                default_if_none: bool = False) -> model_io.LoadedModel:
   """THE model loader of the entry points (over `model_io.load` / `restore.restore`):
   --workdir's checkpoint (--checkpoint: a step, 'latest' or 'best') or --model (an
-  exported directory, or 'default'), exactly one; default_if_none: neither = the shipped
+  exported directory, or 'default'; "DIR@9_17_34": its weights reading that schedule,
+  `musica_jax.schedules`), exactly one; default_if_none: neither = the shipped
   model. Problems become one line naming the flag (app.UsageError, or UserError for a
   damaged checkpoint). A damaged checkpoint that 'latest' walks back over is a warning on
   stderr."""
@@ -310,14 +312,21 @@ def load_model(workdir: str | None, model: str | None, checkpoint: str = "latest
   if not workdir and not model and not default_if_none:
     raise app.UsageError(MODEL_SOURCES)
   if not workdir:
+    path, schedule = schedules.split_model_name(model or "default")
     try:
-      return model_io.load(model or "default")
+      loaded = model_io.load(path)
     except model_io.NoDefaultModelError as e:
       raise app.UsageError(f"no --model or --workdir given, and {e}" if not model
                            else f"--model={model}: {e}") from e
     except (FileNotFoundError, ValueError) as e:
       shipped = " or ".join(repr(n) for n in model_io.BUNDLED_MODELS)
       raise app.UsageError(f"--model={model}: {e}; or name a shipped model: {shipped}") from e
+    if schedule is None:
+      return loaded
+    try:            # "DIR@9_17_34": the weights reading that schedule, with its policy
+      return schedules.with_schedule(loaded, schedule)
+    except ValueError as e:
+      raise app.UsageError(f"--model={model}: {e}") from e
 
   def skipped(step, why):
     print(f"warning: checkpoint step {step} in {os.path.join(workdir, 'checkpoints')} is "

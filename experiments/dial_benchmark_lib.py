@@ -92,14 +92,7 @@ def _model_path(model: str) -> str:
 def _load(model: str, max_batch: int):
   """A predictor of `model`; "DIR@9_17_34": its weights reading that schedule, with that
   schedule's quitting policy (`musica_jax.schedules`)."""
-  path, schedule = schedules.split_model_name(model)
-  loaded = common.load_model(None, path)
-  if schedule is not None:
-    try:
-      loaded = schedules.with_schedule(loaded, schedule)
-    except ValueError as e:
-      raise app.UsageError(f"--model={model}: {e}") from e
-  return predictor_lib.Predictor.from_loaded(loaded, max_batch=max_batch)
+  return predictor_lib.Predictor.from_loaded(common.load_model(None, model), max_batch=max_batch)
 
 
 def _faces(pred, data_cfg, split) -> _Faces:

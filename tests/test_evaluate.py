@@ -74,6 +74,12 @@ def test_model_source_errors_name_the_flag(tmp_path):
   assert missing.returncode != 0
   assert f"--model={tmp_path / 'nowhere'}" in missing.stderr and "not a directory" in missing.stderr
   assert "shipped model: 'default' or 'musica68'" in missing.stderr
+  # --stage_patches reads another schedule of a --model's weights; with a run it would be
+  # ignored (the run's config wins), so it is refused.
+  run = _evaluate("--flagfile=demo.flags", f"--workdir={tmp_path}", "--stage_patches=1,2",
+                  f"--output_json={tmp_path / 'o.json'}")
+  assert run.returncode != 0 and "--stage_patches: only with --model" in run.stderr
+  assert "Traceback" not in run.stderr, run.stderr
 
 
 def test_budget_dial_on_the_common_set(shared_data, tfds_dir, tmp_path):

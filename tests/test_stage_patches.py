@@ -242,6 +242,17 @@ def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
   # A schedule that does not fit the model: one line naming the model.
   with pytest.raises(ValueError, match="stage_patches must be"):
     schedules.with_schedule(model_io.load_model(d), (2, 4))
+  # The entry points' one loader reads "DIR@2_4_6" (evaluate, robust_val, dial_benchmark...):
+  # that schedule with its policy; a schedule that does not fit is a usage error.
+  from absl import app  # noqa: PLC0415
+
+  from experiments import common  # noqa: PLC0415
+  got = common.load_model(None, f"{d}@2_4_6")
+  assert got.model_config.stage_patches == (2, 4, 6)
+  assert got.quit_info["nme_profile"][-1][1] == 0.039
+  assert common.load_model(None, str(d)).model_config.stage_patches == ()
+  with pytest.raises(app.UsageError, match="stage_patches must be"):
+    common.load_model(None, f"{d}@2_4")
 
 
 def test_a_model_name_may_carry_a_schedule():
