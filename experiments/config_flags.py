@@ -80,6 +80,9 @@ _HELP = {
     "all_patches_every": "With --stage_patches: every this many steps the cascade trains "
                          "reading all patches at every iteration, so the same weights also "
                          "run the full schedule (2 = alternate); 0 = never.",
+    "train_stages": "Only these iterations' parameters are trained (e.g. 0,1; empty = all). "
+                    "With --stage_patches and --init_from, the cheap schedule's own early "
+                    "stages for an unchanged model (experiments.attach_schedule).",
     # loop
     "log_every": "Steps between progress lines.",
     "eval_every": "Steps between evaluations on --eval_split (0: only at the end; -1: never).",

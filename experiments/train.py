@@ -76,6 +76,10 @@ def config_from_flags() -> train_lib.Config:
   if train_cfg.all_patches_every and not model_cfg.stage_patches:
     raise app.UsageError("--all_patches_every: needs --stage_patches (without it every "
                          "iteration reads all patches already)")
+  if train_cfg.train_stages and max(train_cfg.train_stages) >= model_cfg.num_stages:
+    raise app.UsageError(f"--train_stages={','.join(map(str, train_cfg.train_stages))}: the "
+                         f"model has {model_cfg.num_stages} iterations (0 to "
+                         f"{model_cfg.num_stages - 1}, --levels)")
   loop_cfg = config_flags.loop_config_from_flags()
   check_ranges(train_cfg, loop_cfg)
   return train_lib.Config(model=model_cfg, train=train_cfg, data=data_cfg, loop=loop_cfg)

@@ -199,8 +199,19 @@ class TrainConfig:
   # trained reading all patches at every iteration instead, so the one set of weights
   # serves both (the dial may then run the cheap schedule or the full one); 0: never.
   all_patches_every: int = 0
+  # Only these iterations' (stages') parameters are updated; (): all. With
+  # ModelConfig.stage_patches and the last stage frozen, a run trains a cheap schedule's own
+  # early stages beside a model whose weights stay as they are (`schedules.attach_stages`).
+  train_stages: tuple[int, ...] = ()
 
   def __post_init__(self):
+    try:
+      stages = tuple(int(k) for k in self.train_stages)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"train_stages must be stage indices, got {self.train_stages!r}") from e
+    if any(k < 0 for k in stages) or len(set(stages)) != len(stages):
+      raise ValueError(f"train_stages must be distinct non-negative stage indices, got {stages}")
+    object.__setattr__(self, "train_stages", stages)
     if isinstance(self.all_patches_every, bool) or not (
         isinstance(self.all_patches_every, numbers.Integral) and self.all_patches_every >= 0):
       raise ValueError(f"all_patches_every must be a non-negative integer, got "

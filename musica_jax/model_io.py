@@ -140,6 +140,11 @@ def _sha256(path) -> str:
   return h.hexdigest()
 
 
+def params_digest(directory) -> str:
+  """The SHA-256 of a model directory's params.npz (what model.json records)."""
+  return _sha256(pathlib.Path(directory) / PARAMS_FILE)
+
+
 def _jsonable(x):
   """Metadata values -> plain JSON (numpy scalars/arrays, tuples, paths)."""
   if isinstance(x, dict):

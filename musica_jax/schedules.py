@@ -7,22 +7,32 @@ schedule has its own quitting policy beside the model: quit_head.json/.npz for t
 model's own, quit_head@9_17_34.json/.npz for another
 (`experiments.fit_quit_head --stage_patches=9,17,34 --install`).
 
+A schedule may also have its own early stages (stages@9_17_34.npz beside the model, written
+by `save_stages` / `experiments.attach_schedule`): a run that trained only those stages
+(`--train_stages=0,1`) with the rest frozen, so the model's own weights, and its full
+cascade's accuracy, stay exactly as they were; `with_schedule` puts them in place.
+
 A budget in MMACs then picks the schedule: `choose` compares, on the validation stream
 the policies were fitted on (their "nme_profile": policy NME per mean iterations), each
 schedule's dial at that budget (its full cascade when that costs less) and takes the
 lowest NME. `Predictor.predict(budget_mmacs=...)` does this, so one dial spans from the
 cheap schedule's first iteration to the full schedule's whole cascade.
-numpy only (and model_io).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 
+import jax
+import ml_dtypes
 import numpy as np
+
+from musica_jax import atomic_io
 
 from musica_jax import budget as budget_lib
 from musica_jax import cost
+from musica_jax import fast_inference
 from musica_jax import model_io
 from musica_jax import quit_head
 from musica_jax.config import ModelConfig
@@ -81,8 +91,87 @@ def with_schedule(m: model_io.LoadedModel, stage_patches) -> model_io.LoadedMode
     except (ValueError, KeyError, OSError) as e:
       raise ValueError(f"model {m.path}: quit head of schedule {name[1:]}: {e}") from e
   q, info = (None, None) if head is None else head
-  return dataclasses.replace(m, model_config=cfg, quit_head=q, quit_info=info,
+  params = m.params
+  if not m.from_workdir and stages_path(m.path, name).is_file():
+    params = _with_own_stages(m, name)
+  return dataclasses.replace(m, params=params, model_config=cfg, quit_head=q, quit_info=info,
                              metadata={**m.metadata, "schedule": list(cfg.patches_per_stage)})
+
+
+def stages_path(directory, name: str) -> pathlib.Path:
+  """Where schedule `name` ("@9_17_34", `suffix`) keeps its own early stages."""
+  return pathlib.Path(directory) / f"stages{name}.npz"
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def save_stages(m: model_io.LoadedModel, params, config: ModelConfig, stages) -> pathlib.Path:
+  """Writes stages `stages` of `params` (stacked [S, ...], e.g. a `--train_stages` run's
+  EMA weights) beside the model directory `m` as schedule `config`'s own early stages. The
+  other stages of `params` must be the model's own (up to its storage rounding), as a run
+  with them frozen leaves them: else a ValueError naming the first that differs. Rows of
+  the recurrent kernel that a stage does not read are stored as zeros (compressed away)."""
+  name = suffix(m.model_config, config)
+  stages = sorted(int(k) for k in stages)
+  if not name or not stages or not 0 <= stages[0] <= stages[-1] < config.num_stages - 1:
+    raise ValueError(f"own stages need a schedule other than the model's own and stages "
+                     f"before the last (got {config.patches_per_stage}, stages {stages})")
+  own, new = model_io.flatten_params(m.params), model_io.flatten_params(params)
+  if set(own) != set(new) or any(own[k].shape != new[k].shape for k in own):
+    raise ValueError(f"model {m.path}: the parameters do not have the model's names and shapes")
+  rnd = _bf16 if m.dtype == "bfloat16" else (lambda x: np.asarray(x, np.float32))
+  for k in sorted(own):
+    for i in range(config.num_stages):
+      if i not in stages and not np.allclose(rnd(new[k][i]), own[k][i], rtol=2 ** -7, atol=0):
+        raise ValueError(f"model {m.path}: stage {i} of {k} differs from the model's: only "
+                         f"the trained stages {stages} may (train with --train_stages)")
+  stored = {}
+  for k, v in new.items():
+    v = np.array(v[stages], np.float32)
+    if k in ("recurrent/u", "recurrent/kernel"):       # [S, P*D + H, .]
+      for j, i in enumerate(stages):
+        unread = np.ones(v.shape[1], bool)
+        unread[fast_inference.recurrent_rows(config, i)] = False
+        v[j, unread] = 0.0
+    stored[k] = (v.astype(ml_dtypes.bfloat16).view(np.uint16) if m.dtype == "bfloat16" else v)
+  stored["__stages__"] = np.asarray(stages, np.int32)
+  stored["__model_params_sha256__"] = np.asarray(model_io.params_digest(m.path))
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **stored)
+  path = stages_path(m.path, name)
+  atomic_io.write(path, lambda f: f.write(buf.getvalue()), binary=True)
+  return path
+
+
+def _with_own_stages(m: model_io.LoadedModel, name: str):
+  """m's parameters with schedule `name`'s own stages in place (a ValueError naming the
+  file when it does not fit the model)."""
+  path = stages_path(m.path, name)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      raw = {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({e})") from e
+  if str(raw.pop("__model_params_sha256__", "")) != model_io.params_digest(m.path):
+    raise ValueError(f"{path}: made for other weights than {m.path}'s params.npz")
+  stages = [int(k) for k in raw.pop("__stages__")]
+  own = model_io.flatten_params(m.params)
+  if set(raw) != set(own):
+    raise ValueError(f"{path}: parameter names differ from the model's")
+
+  def put(keypath, leaf):
+    k = model_io._key(keypath)  # noqa: SLF001  (the one naming of parameters)
+    v = raw[k]
+    v = v.view(ml_dtypes.bfloat16) if v.dtype == np.uint16 else v
+    if v.shape != (len(stages),) + leaf.shape[1:]:
+      raise ValueError(f"{path}: {k} has shape {v.shape}, expected "
+                       f"{(len(stages),) + leaf.shape[1:]}")
+    out = np.array(leaf, np.float32)
+    out[stages] = np.asarray(v, np.float32)
+    return out
+  return jax.tree_util.tree_map_with_path(put, m.params)
 
 
 def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float) -> tuple[float, float | None]:

@@ -103,6 +103,13 @@ def train_step(state: TrainState, batch: dict, init_shape: jax.Array, *,
   params = optax.apply_updates(state.params, updates)
   d = ema_decay_at(state.step, train_cfg.ema_decay)
   ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+  if train_cfg.train_stages:      # the other stages' parameters and EMA stay bit for bit
+    trained = np.zeros(model_cfg.num_stages, bool)
+    trained[list(train_cfg.train_stages)] = True
+    keep = lambda new, old: jnp.where(  # noqa: E731
+        jnp.asarray(trained).reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    params = jax.tree.map(keep, params, state.params)
+    ema = jax.tree.map(keep, ema, state.ema_params)
   new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                    nonfinite_steps=state.nonfinite_steps)
   keep_old = lambda n, o: jnp.where(ok, n, o)

@@ -135,6 +135,12 @@ def test_flags_check_the_schedule(train_config, tmp_path):
     train_config(["--flagfile=300w34.flags", "--stage_patches=9,17"], tmp_path)
   with pytest.raises(app.UsageError, match=r"^--all_patches_every: needs --stage_patches"):
     train_config(["--flagfile=300w34.flags", "--all_patches_every=2"], tmp_path)
+  assert train_config(["--flagfile=300w34.flags", "--train_stages=0,1"],
+                      tmp_path).train.train_stages == (0, 1)
+  with pytest.raises(app.UsageError, match=r"^--train_stages=0,3: the model has 3 iterations"):
+    train_config(["--flagfile=300w34.flags", "--train_stages=0,3"], tmp_path)
+  with pytest.raises(app.UsageError, match="train_stages must be distinct"):
+    train_config(["--flagfile=300w34.flags", "--train_stages=1,1"], tmp_path)
 
 
 def test_a_tiny_run_alternates_schedules_and_records_them(tmp_path, tiny_two_level_flags,
@@ -262,3 +268,50 @@ def test_a_model_name_may_carry_a_schedule():
   assert schedules.split_model_name("/runs/a@b/model") == ("/runs/a@b/model", None)
   from experiments import dial_benchmark_lib  # noqa: PLC0415
   assert dial_benchmark_lib._model_path("default@9_17_34") == "default@9_17_34"  # noqa: SLF001
+
+
+def test_a_schedule_with_its_own_stages_leaves_the_model_as_it_was(
+    tmp_path, tiny_two_level_flags, train_config):
+  from experiments import attach_schedule  # noqa: PLC0415
+  from experiments import common  # noqa: PLC0415
+  from experiments import export_model  # noqa: PLC0415
+  from musica_jax import restore  # noqa: PLC0415
+  base_run, base = tmp_path / "base_run", tmp_path / "base"
+  train_lib.train_and_evaluate(train_config([*tiny_two_level_flags, "--steps=1"], base_run),
+                               str(base_run))
+  export_model.export(str(base_run), str(base), dtype="bfloat16")
+  files = {f.name: f.read_bytes() for f in base.iterdir()}
+  # The cheap schedule (1 then 2 patches) trains its first stage only; the last is frozen.
+  work = tmp_path / "cheap"
+  cfg = train_config([*tiny_two_level_flags, f"--init_from={base}", "--stage_patches=1,2",
+                      "--train_stages=0", "--steps=2", "--learning_rate=1e-2"], work)
+  train_lib.train_and_evaluate(cfg, str(work))
+  assert run_config.load(work)["train_config"].train_stages == (0,)
+  run, own = restore.restore(str(work)), model_io.load_model(base)
+  r, o = model_io.flatten_params(run.params), model_io.flatten_params(own.params)
+  assert all(np.array_equal(r[k][1], o[k][1]) for k in o)        # frozen: bit for bit
+  assert any(not np.allclose(r[k][0], o[k][0]) for k in o)       # trained
+
+  path, schedule, stages = attach_schedule.attach(str(base), str(work), "latest")
+  assert path.name == "stages@1_2.npz" and schedule == (1, 2) and stages == (0,)
+  assert {f.name: f.read_bytes() for f in base.iterdir() if f.name in files} == files
+  # MODEL@1_2 runs the run's weights (bf16 as the model); the model itself is unchanged.
+  got = common.load_model(None, f"{base}@1_2")
+  assert got.model_config.stage_patches == (1, 2)
+  as_bf16 = jax.tree.map(schedules._bf16, run.params)  # noqa: SLF001
+  images, init = _inputs(got.model_config)[0], jnp.asarray(got.mean_shape)
+  out = cascade.run_cascade(got.params, images, init, got.model_config)
+  ref = cascade.run_cascade(as_bf16, images, init, got.model_config)
+  np.testing.assert_allclose(out.shapes, ref.shapes, atol=1e-4)
+  plain = cascade.run_cascade(own.params, images, init, got.model_config)
+  assert float(jnp.abs(plain.shapes[-1] - out.shapes[-1]).max()) > 1e-3
+  assert common.load_model(None, str(base)).params["conv1"]["kernel"][0].tolist() == \
+      own.params["conv1"]["kernel"][0].tolist()
+  # Refused: a run that trained every stage, and stages made for other weights.
+  with pytest.raises(app.UsageError, match="trained every stage"):
+    attach_schedule.attach(str(base), str(base_run), "latest")
+  other = tmp_path / "other"
+  export_model.export(str(base_run), str(other), dtype="float32")
+  (other / path.name).write_bytes(path.read_bytes())
+  with pytest.raises(app.UsageError, match="made for other weights"):
+    common.load_model(None, f"{other}@1_2")
