@@ -197,7 +197,10 @@ def choose(candidates: list[tuple[ModelConfig, dict | None]], budget_mmacs: floa
   """(index of the schedule to run, mean iterations for its dial or None for its full
   cascade) for a budget of `budget_mmacs` MMACs per face: the lowest validation NME
   among candidates (config, quitting info); the first (the model's own) on ties and when
-  none has an NME profile."""
+  it has no NME profile (nothing to compare the others with: a policy fitted before
+  profiles were kept would otherwise lose to any schedule that has one, at every budget)."""
+  if not (candidates[0][1] or {}).get("nme_profile"):
+    return 0, None
   best, best_nme, best_it = 0, np.inf, None
   for i, (cfg, info) in enumerate(candidates):
     nme, it = _nme_at(cfg, info, budget_mmacs)

@@ -211,6 +211,11 @@ def test_choose_takes_the_schedule_of_lowest_validation_nme_at_the_budget():
   assert schedules.choose(cands, cost.cascade_macs(cheap, 1) / 1e6)[0] == 1
   # Without NME profiles: the model's own schedule.
   assert schedules.choose([(full, None), (cheap, {})], m_cheap) == (0, None)
+  # The own policy without one (fitted before profiles were kept) is not compared with a
+  # schedule that has one: it would lose at every budget, its full cascade included.
+  no_profile = {k: v for k, v in cands[0][1].items() if k != "nme_profile"}
+  assert schedules.choose([(full, no_profile), cands[1]], m_full) == (0, None)
+  assert schedules.choose([(full, no_profile), cands[1]], m_cheap) == (0, None)
 
 
 def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
