@@ -104,7 +104,6 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   loaded = common.load_model(workdir, model, checkpoint)
   model_cfg, mean_shape = loaded.model_config, loaded.mean_shape
   info = common.model_provenance(loaded)    # with checkpoint_chosen_on for 'best'
-  params, mesh = eval_lib.on_devices(loaded)
   capacities = None
   if budget_mmacs is not None:       # another schedule of the weights may serve it better
     other = schedules.for_budget_mmacs(loaded, budget_mmacs)
@@ -114,6 +113,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
       info["schedule"] = list(model_cfg.patches_per_stage)
       print(f"--budget_mmacs: the schedule {model_cfg.patches_per_stage} serves it "
             f"({'its full cascade' if budget is None else f'{budget:.3f} mean iterations'})")
+  params, mesh = eval_lib.on_devices(loaded)   # after the choice: a schedule may have own stages
   if budget is not None or budget_mmacs is not None:
     try:
       budget = budget_lib.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)

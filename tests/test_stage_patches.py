@@ -320,3 +320,23 @@ def test_a_schedule_with_its_own_stages_leaves_the_model_as_it_was(
   (other / path.name).write_bytes(path.read_bytes())
   with pytest.raises(app.UsageError, match="made for other weights"):
     common.load_model(None, f"{other}@1_2")
+
+
+def test_an_installed_policy_compares_schedules_on_the_held_out_val_faces(tmp_path):
+  # The schedule choice reads "nme_profile": the held-out val faces' NME per mean
+  # iterations, not the augmented stream's (kept as "nme_profile_stream").
+  from experiments import fit_quit_head_lib  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+
+  def data(faces, start):
+    nme = np.stack([np.full(faces, start), np.full(faces, start / 2), np.full(faces, 0.03)])
+    return {"E": nme + rng.uniform(0, 1e-3, nme.shape), "nme": nme,
+            "feats": np.zeros((3, faces, 4))}
+  sets = {"val": data(40, 0.20), "held_out": data(10, 0.08)}
+  fit_quit_head_lib._install("E", {}, sets, {"budget": {}, "command": "test"},  # noqa: SLF001
+                             tmp_path, 3)
+  _, info = quit_head.load(tmp_path, 3, 8)
+  held, stream = np.asarray(info["nme_profile"]), np.asarray(info["nme_profile_stream"])
+  assert held[:, 1].max() == pytest.approx(0.08) and stream[:, 1].max() == pytest.approx(0.20)
+  assert held[np.argmax(held[:, 0]), 1] == pytest.approx(0.03)
+  assert "val split" in info["profile_faces"]
