@@ -12,8 +12,8 @@ by `save_stages` / `experiments.attach_schedule`): a run that trained only those
 (`--train_stages=0,1`) with the rest frozen, so the model's own weights, and its full
 cascade's accuracy, stay exactly as they were; `with_schedule` puts them in place.
 
-A budget in MMACs then picks the schedule: `choose` compares, on the validation stream
-the policies were fitted on (their "nme_profile": policy NME per mean iterations), each
+A budget in MMACs then picks the schedule: `choose` compares, on the held-out val faces
+(each policy's "nme_profile": its NME per mean iterations there; `fit_quit_head --install`), each
 schedule's dial at that budget (its full cascade when that costs less) and takes the
 lowest NME. `Predictor.predict(budget_mmacs=...)` does this, so one dial spans from the
 cheap schedule's first iteration to the full schedule's whole cascade.
