@@ -29,7 +29,6 @@ import ml_dtypes
 import numpy as np
 
 from musica_jax import atomic_io
-
 from musica_jax import budget as budget_lib
 from musica_jax import cost
 from musica_jax import fast_inference
