@@ -39,9 +39,9 @@ def define_flags() -> None:
 
 def attach(model: str, workdir: str, checkpoint: str = "best"):
   """Writes the run's trained stages beside `model`; returns (path, schedule, stages)."""
-  base = common.load_model(None, model)
-  if base.path in (None, "") or schedules.split_model_name(model)[1] is not None:
+  if schedules.split_model_name(model)[1] is not None:
     raise app.UsageError(f"--model={model}: name a model directory (without a schedule)")
+  base = common.load_model(None, model)
   run = common.load_model(workdir, None, checkpoint)
   stages = run_config.load(workdir)["train_config"].train_stages
   cfg = run.model_config

@@ -27,8 +27,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import config_flags  # noqa: F401 (defines the model/training/loop/data flags)
 from data_pipelines import readers  # numpy-only: no TensorFlow
+from experiments import config_flags  # noqa: F401 (defines the model/training/loop/data flags)
 from experiments.flag_defs import define_flag  # THE flag helper (programs: common.define_flag)
 from musica_jax import atomic_io
 from musica_jax import model_io

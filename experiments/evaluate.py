@@ -205,11 +205,11 @@ def main(argv):
   if FLAGS["stage_patches"].present:
     # A model has its schedule; --stage_patches asks for another of its weights' (it was
     # silently ignored: the model's own config wins over the model flags).
-    if not model or schedules.split_model_name(model)[1] is not None:
+    if not model:
       raise app.UsageError("--stage_patches: only with --model (an exported directory or a "
-                           "shipped name, not a --workdir run: export_model --stage_patches)"
-                           if not model else f"--stage_patches and --model={model}: give the "
-                           "schedule once")
+                           "shipped name, not a --workdir run: export_model --stage_patches)")
+    if schedules.split_model_name(model)[1] is not None:
+      raise app.UsageError(f"--stage_patches and --model={model}: give the schedule once")
     model += "@" + "_".join(str(k) for k in FLAGS.stage_patches)
   evaluate(FLAGS.workdir, FLAGS.output_json, splits, data_cfg, FLAGS.ts, FLAGS.t_fail,
            FLAGS.checkpoint, model, FLAGS.with_dlib, FLAGS.dlib_box_fit_json,

@@ -141,8 +141,14 @@ def _sha256(path) -> str:
 
 
 def params_digest(directory) -> str:
-  """The SHA-256 of a model directory's params.npz (what model.json records)."""
-  return _sha256(pathlib.Path(directory) / PARAMS_FILE)
+  """The SHA-256 of a model directory's params.npz as model.json records it (`load_model`
+  checks the file against it); hashed when a model.json has none."""
+  d = pathlib.Path(directory)
+  try:
+    recorded = json.loads((d / CONFIG_FILE).read_text()).get("params_sha256")
+  except (OSError, ValueError):
+    recorded = None
+  return recorded or _sha256(d / PARAMS_FILE)
 
 
 def _jsonable(x):

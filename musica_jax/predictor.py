@@ -123,7 +123,8 @@ class Predictor:
     # per-call bookkeeping (~0.18 ms at batch 1 on the 2-core CPU).
     self._host_is_device = jax.default_backend() == "cpu"
     self._face_finder = face_finder
-    self._schedules: list = []     # the other schedules (LoadedModel each), from_loaded
+    self._schedules: list = []     # the other schedules' (config, quitting info), from_loaded
+    self._loaded = None            # the LoadedModel they are schedules of
     self._schedule_kwargs: dict = {}
     self._schedule_predictors: dict = {}   # index in _schedules -> Predictor, built on use
 
@@ -147,8 +148,8 @@ class Predictor:
     pred = cls(m.params, m.model_config, m.mean_shape, metadata=meta,
                quit_params=m.quit_head, quit_info=m.quit_info, **kwargs)
     if not m.from_workdir:     # the other schedules of its weights (`musica_jax.schedules`)
-      pred._schedules = [schedules.with_schedule(m, s) for s in schedules.available(m.path)]
-      pred._schedule_kwargs = kwargs
+      pred._schedules = schedules.policies(m)
+      pred._loaded, pred._schedule_kwargs = m, kwargs
     return pred
 
   @classmethod
@@ -199,13 +200,13 @@ class Predictor:
     schedule or the budget is none (`musica_jax.schedules.choose`)."""
     if budget_mmacs is None or not self._schedules:
       return self, None
-    i, it = schedules.choose([(self.model_config, self.quit_info)]
-                             + [(m.model_config, m.quit_info) for m in self._schedules],
+    i, it = schedules.choose([(self.model_config, self.quit_info)] + self._schedules,
                              budget_mmacs)
     if i == 0:
       return self, None
     if i - 1 not in self._schedule_predictors:
-      sub = Predictor.from_loaded(self._schedules[i - 1], **self._schedule_kwargs)
+      chosen = schedules.with_schedule(self._loaded, self._schedules[i - 1][0].stage_patches)
+      sub = Predictor.from_loaded(chosen, **self._schedule_kwargs)
       sub._schedules = []            # noqa: SLF001  (one level: the model's own decides)
       self._schedule_predictors[i - 1] = sub
     return self._schedule_predictors[i - 1], it

@@ -73,23 +73,43 @@ def available(path) -> list[tuple[int, ...]]:
                 for f in p.glob("quit_head@*.json"))
 
 
-def with_schedule(m: model_io.LoadedModel, stage_patches) -> model_io.LoadedModel:
-  """The same weights reading `stage_patches` (a ValueError naming the model when they do
-  not fit it), with that schedule's quitting policy (none when it has none)."""
+def _policy(m: model_io.LoadedModel, stage_patches):
+  """(config reading `stage_patches`, its suffix, quit head params, quitting info) of m (a
+  ValueError naming the model when the schedule does not fit it)."""
   try:
     cfg = dataclasses.replace(m.model_config, stage_patches=tuple(stage_patches))
   except ValueError as e:
     raise ValueError(f"model {m.path}: {e}") from e
   name = suffix(m.model_config, cfg)
-  if not name:
-    return m
   head = None
-  if not m.from_workdir:
+  if name and not m.from_workdir:
     try:
       head = quit_head.load(m.path, cfg.num_stages, cfg.hidden_size, name)
     except (ValueError, KeyError, OSError) as e:
       raise ValueError(f"model {m.path}: quit head of schedule {name[1:]}: {e}") from e
   q, info = (None, None) if head is None else head
+  return cfg, name, q, info
+
+
+def policies(m: model_io.LoadedModel) -> list[tuple[ModelConfig, dict | None]]:
+  """(config, quitting info) of each of m's other schedules (`available`), in that order:
+  what `choose` compares, without loading any schedule's own stages."""
+  if m.from_workdir:
+    return []
+  out = []
+  for s in available(m.path):
+    cfg, _, _, info = _policy(m, s)
+    out.append((cfg, info))
+  return out
+
+
+def with_schedule(m: model_io.LoadedModel, stage_patches) -> model_io.LoadedModel:
+  """The same weights reading `stage_patches` (a ValueError naming the model when they do
+  not fit it), with that schedule's quitting policy (none when it has none) and its own
+  early stages when it has them (`save_stages`)."""
+  cfg, name, q, info = _policy(m, stage_patches)
+  if not name:
+    return m
   params = m.params
   if not m.from_workdir and stages_path(m.path, name).is_file():
     params = _with_own_stages(m, name)
@@ -215,9 +235,8 @@ def for_budget_mmacs(m: model_io.LoadedModel, budget_mmacs: float
   """The loaded model's schedule that serves `budget_mmacs` best on validation (`choose`)
   and the mean iterations for its dial (None: its full cascade); None when that is the
   model's own schedule (or it has no other)."""
-  others = [] if m.from_workdir else available(m.path)
+  others = policies(m)
   if not others:
     return None
-  cands = [m] + [with_schedule(m, s) for s in others]
-  i, it = choose([(c.model_config, c.quit_info) for c in cands], budget_mmacs)
-  return None if i == 0 else (cands[i], it)
+  i, it = choose([(m.model_config, m.quit_info)] + others, budget_mmacs)
+  return None if i == 0 else (with_schedule(m, others[i - 1][0].stage_patches), it)
