@@ -70,7 +70,9 @@ _HELP = {
                  "model) or a training workdir (its latest EMA weights). The model flags must "
                  "match the source's but for --recurrent_rank (a dense source is factorised "
                  "by truncated SVD) and a grown patch set (--num_patches=68 from a 34-patch "
-                 "model: the new patches start with zero recurrent weights). Ignored when "
+                 "model: the new patches start with zero recurrent weights) or a shrunk one "
+                 "(--num_patches=34 from a 68-patch model: the others' rows are dropped). "
+                 "Ignored when "
                  "--workdir holds a checkpoint (the run resumes). Steps, schedule and EMA "
                  "warm-up count from 0; the initial shape is this run's training mean shape.",
     "iteration_weights": "Weights of the iterations' landmark losses, one per iteration "

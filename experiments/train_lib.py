@@ -197,7 +197,7 @@ def load_init(source: str, model_cfg: config_lib.ModelConfig):
   """The initial parameters of a new run from the model `source` (TrainConfig.init_from:
   a model directory, 'default' or a workdir, `model_io.load`), converted to `model_cfg`
   (`factorise.convert_params`: only recurrent_rank may differ, the patch set may
-  grow and the levels change). Returns (float32 numpy parameters, the source's mean
+  grow or shrink and the levels change). Returns (float32 numpy parameters, the source's mean
   shape, the record for run_config.json's "init_from" section). A bad source or a
   config that differs is a UserError naming --init_from."""
   try:
@@ -225,6 +225,9 @@ def _describe_init(record: dict) -> str:
   if record.get("new_patches"):
     how += (f"; {len(record['new_patches'])} new patches (landmarks "
             f"{record['new_patches']}) start with zero recurrent weights")
+  if record.get("dropped_patches"):
+    how += (f"; {len(record['dropped_patches'])} patches dropped (landmarks "
+            f"{record['dropped_patches']}): fine-tune after")
   if record.get("levels"):
     how += (f"; pyramid levels {tuple(record['levels']['source'])} -> "
             f"{tuple(record['levels']['new'])}")

@@ -19,9 +19,12 @@ MuSiCa34 -> MuSiCa68): the per-patch network is shared over patches, so only the
 recurrent layer's input rows change; each source patch keeps its rows (now at its
 position in the target's order) and every new patch gets zero rows, so the grown model
 computes exactly the source's function until fine-tuning teaches it to use the new
-patches. The pyramid levels may change for the same number of iterations (e.g. (2, 1, 0)
--> (2, 0, 0)): no parameter depends on the level, so each iteration keeps its weights and
-reads the new level (fine-tune after). Every other parameter is copied. numpy only (no
+patches. It may also shrink (a subset, e.g. MuSiCa68 -> the default's 34 patches): the
+kept patches keep their rows and the dropped ones' are removed, which changes the function
+(their descriptors no longer reach the hidden state): fine-tune after. The pyramid levels
+may change for the same number of iterations (e.g. (2, 1, 0) -> (2, 0, 0)): no parameter
+depends on the level, so each iteration keeps its weights and reads the new level
+(fine-tune after). Every other parameter is copied. numpy only (no
 jit); the SVD of the shipped model's 3 x [9216, 512] kernels takes about a second.
 """
 from __future__ import annotations
@@ -69,9 +72,16 @@ def dense_kernel(recurrent: dict) -> np.ndarray:
 
 def grows_patches(source: ModelConfig, target: ModelConfig) -> bool:
   """Whether the target's patch set is a strict superset of the source's (each patch
-  once): the one way the patch set may change in a conversion."""
+  once)."""
   a, b = tuple(source.patch_indices), tuple(target.patch_indices)
   return a != b and len(set(b)) == len(b) and set(a) < set(b)
+
+
+def shrinks_patches(source: ModelConfig, target: ModelConfig) -> bool:
+  """Whether the target's patch set is a strict subset of the source's (each patch
+  once)."""
+  a, b = tuple(source.patch_indices), tuple(target.patch_indices)
+  return a != b and len(set(b)) == len(b) and set(b) < set(a)
 
 
 def changes_levels(source: ModelConfig, target: ModelConfig) -> bool:
@@ -82,12 +92,13 @@ def changes_levels(source: ModelConfig, target: ModelConfig) -> bool:
 
 def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
   """ValueError naming the first field (other than CONVERTIBLE_FIELDS, patch_indices
-  when the target's patches include the source's, and levels of the same length) in
-  which the two configs differ."""
+  when the target's patches include the source's or are some of them, and levels of the
+  same length) in which the two configs differ."""
   for f in dataclasses.fields(ModelConfig):
     if f.name in CONVERTIBLE_FIELDS:
       continue
-    if f.name == "patch_indices" and grows_patches(source, target):
+    if f.name == "patch_indices" and (grows_patches(source, target)
+                                      or shrinks_patches(source, target)):
       continue
     if f.name == "levels" and changes_levels(source, target):
       continue
@@ -99,7 +110,8 @@ def check_compatible(source: ModelConfig, target: ModelConfig) -> None:
         name, a, b = "num_patches", len(a), len(b)
       raise ValueError(f"the model config differs from the source model's in {name} "
                        f"(source {_short(a)}, new {_short(b)}); only recurrent_rank may "
-                       f"differ, patch_indices may add patches to the source's and "
+                       f"differ, patch_indices may add patches to the source's or keep "
+                       f"some of them, and "
                        f"levels may change for as many iterations")
 
 
@@ -111,27 +123,29 @@ def _short(value) -> str:
 def convert_params(params: Any, source: ModelConfig, target: ModelConfig):
   """The stacked parameters of a `source` model -> (those of a `target` model (float32
   numpy), a dict saying what was done: "recurrent": "copied" | "factorised" | "densified"
-  | "refactorised", and for an SVD "relative_error" per stage; "new_patches": the
-  landmark indices of the added patches when the patch set grows). The configs must agree
-  in every field but recurrent_rank and a grown patch set (`check_compatible`)."""
+  | "refactorised", and for an SVD "relative_error" per stage; "new_patches" /
+  "dropped_patches": the landmark indices of the added / removed patches when the patch
+  set grows / shrinks). The configs must agree in every field but recurrent_rank and a
+  grown or shrunk patch set (`check_compatible`)."""
   check_compatible(source, target)
   out = dict(jax.tree.map(lambda x: np.asarray(x, np.float32), params))
   out, info = _convert(out, source.recurrent_rank, target.recurrent_rank)
-  if grows_patches(source, target):
-    out = _grow_patches(out, source, target)
-    info["new_patches"] = [int(i) for i in target.patch_indices
-                           if i not in set(source.patch_indices)]
+  if grows_patches(source, target) or shrinks_patches(source, target):
+    out = _relay_patches(out, source, target)
+    new = [int(i) for i in target.patch_indices if i not in set(source.patch_indices)]
+    dropped = [int(i) for i in source.patch_indices if i not in set(target.patch_indices)]
+    info.update({"new_patches": new} if new else {"dropped_patches": dropped})
   if changes_levels(source, target):
     info["levels"] = {"source": list(source.levels), "new": list(target.levels)}
   model_io.check_params(out, target, "source model")
   return out, info
 
 
-def _grow_patches(out: dict, source: ModelConfig, target: ModelConfig) -> dict:
+def _relay_patches(out: dict, source: ModelConfig, target: ModelConfig) -> dict:
   """The recurrent layer's input rows [S, P*D + H, ...] (the dense kernel or the factor u)
   re-laid for the target's patches: patch p's D rows at its target position, zeros for the
-  new patches, the hidden state's H rows last (stage_net: rec_in = concat(descriptors in
-  patch order, hidden))."""
+  new patches, none for the dropped ones, the hidden state's H rows last (stage_net: rec_in
+  = concat(descriptors in patch order, hidden))."""
   d = source.descriptor_size
   rec = dict(out["recurrent"])
   name = "kernel" if "kernel" in rec else "u"

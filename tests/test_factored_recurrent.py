@@ -292,8 +292,34 @@ def test_a_grown_patch_set_computes_the_source_model(source_rank, target_rank):
   for j in (2, 4, 7):                                   # landmarks 1, 3, 7: new patches
     assert not w[:, j * d:(j + 1) * d].any()
   assert w[:, 0:d].any() and w[:, -tgt_cfg.hidden_size:].any()
-  with pytest.raises(ValueError, match="patch_indices"):  # dropping a patch is refused
+  with pytest.raises(ValueError, match="patch_indices"):  # dropping one and adding one: refused
     factorise.convert_params(params, src_cfg, _cfg(target_rank, patch_indices=(0, 2, 4, 6, 8, 1)))
+
+
+@pytest.mark.parametrize("rank", [0, RANK])
+def test_a_shrunk_patch_set_keeps_the_kept_patches_rows(rank):
+  """MuSiCa68 -> MuSiCa34 style: shrinking a grown model back to its source's patches gives
+  the source's parameters exactly; shrinking a trained one drops the other patches' rows
+  (recorded), keeps every kept patch's rows and the hidden state's."""
+  src_cfg = _cfg(rank)
+  params = _params(src_cfg, seed=7)
+  big_cfg = _cfg(rank, patch_indices=(9, 0, 1, 2, 3, 4, 6, 7, 8))
+  grown, _ = factorise.convert_params(params, src_cfg, big_cfg)
+  back, info = factorise.convert_params(grown, big_cfg, src_cfg)
+  assert info["dropped_patches"] == [1, 3, 7] and "new_patches" not in info
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+  trained = _params(big_cfg, seed=8)
+  small_cfg = _cfg(rank, patch_indices=(8, 0, 3))
+  small, info = factorise.convert_params(trained, big_cfg, small_cfg)
+  assert info["dropped_patches"] == [9, 1, 2, 4, 6, 7]
+  name = "kernel" if rank == 0 else "u"
+  d, h = src_cfg.descriptor_size, src_cfg.hidden_size
+  w, w_small = np.asarray(trained["recurrent"][name]), small["recurrent"][name]
+  assert w_small.shape[1] == 3 * d + h
+  for j, pos in enumerate((8, 1, 4)):        # landmarks 8, 0, 3 in the 9-patch order
+    np.testing.assert_array_equal(w_small[:, j * d:(j + 1) * d], w[:, pos * d:(pos + 1) * d])
+  np.testing.assert_array_equal(w_small[:, -h:], w[:, -h:])
 
 
 def test_conversion_refuses_another_model():
