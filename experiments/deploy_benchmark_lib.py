@@ -181,7 +181,7 @@ def _profile_paths(pred, items, images) -> dict:
       f"{PROFILE}a trivial jitted call (dispatch floor)": lambda f: done(tiny(one))}
   for i in range(cfg.num_stages):
     level = cfg.levels[i]
-    paths[f"{PROFILE}device: iteration {i + 1} alone (level {level}, {cfg.num_patches} "
+    paths[f"{PROFILE}device: iteration {i + 1} alone (level {level}, {cfg.patches_per_stage[i]} "
           f"patches)"] = (lambda f, i=i, level=level: done(stages[i](
               fast.stage_params[i], levels[f][level], shape0, hidden0)))
   return paths
