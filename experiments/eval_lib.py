@@ -23,6 +23,12 @@ def _eval_fn(model_cfg: ModelConfig, scheme: LandmarkScheme, capacities=None):
                                    capacities=capacities))
 
 
+# Per-face outputs whose faces are on axis 1 ([S, F, ...], per iteration); the rest [F, ...].
+PER_ITERATION = ("nme_interpupil_per_iteration", "nme_interocular_per_iteration",
+                 "nme_box_per_iteration", "estimated_error", "true_error", "attention",
+                 "shapes")
+
+
 def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: LandmarkScheme,
               init_shape, mesh, ts=-np.inf, t_fail=np.inf, keep_landmarks: bool = False,
               quit_params=None, capacities=None) -> dict:
@@ -54,10 +60,7 @@ def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: Land
   mask = np.concatenate(masks).astype(bool)
   result = {}
   for key in chunks[0]:
-    # Per-iteration entries are [S, B, ...]; per-face ones [B, ...].
-    axis = 1 if key in ("nme_interpupil_per_iteration", "nme_interocular_per_iteration",
-                        "nme_box_per_iteration", "estimated_error", "true_error",
-                        "attention", "shapes") else 0
+    axis = 1 if key in PER_ITERATION else 0
     arr = np.concatenate([np.asarray(c[key]) for c in chunks], axis=axis)
     result[key] = np.compress(mask, arr, axis=axis)
   if jax.process_count() == 1:
@@ -65,6 +68,26 @@ def run_split(params, data_cfg, split: str, model_cfg: ModelConfig, scheme: Land
     result["crop_scale"] = np.concatenate([f[0] for f in frames])[mask]
     result["crop_offset"] = np.concatenate([f[1] for f in frames])[mask]
   return result
+
+
+def escalate(per_face: dict, again: dict, t: float) -> tuple[dict, np.ndarray]:
+  """`run_split`'s per-face outputs of a cheaper schedule with the faces whose final
+  estimated error is >= t (or not finite) taken from `again` (the model's own full cascade
+  on the same faces; `Predictor.predict`'s escalation), their iterations those of both.
+  -> (merged outputs, [F] bool: escalated)."""
+  if "file_id" in per_face and list(per_face["file_id"]) != list(again["file_id"]):
+    raise RuntimeError("escalation: the two cascades ran on different faces")
+  up = ~(per_face["estimated_error"][-1] < t)
+  out = {}
+  for key, v in per_face.items():
+    if key in ("file_id", "crop_scale", "crop_offset"):
+      out[key] = v
+      continue
+    axis = 1 if key in PER_ITERATION else 0
+    m = up.reshape((1,) * axis + (-1,) + (1,) * (np.ndim(v) - axis - 1))
+    out[key] = np.where(m, again[key], v)
+  out["iterations"] = per_face["iterations"] + np.where(up, again["iterations"], 0)
+  return out, up
 
 
 def summarise(per_face: dict, fr_thresholds=(0.08, 0.10), with_early_exit: bool = False) -> dict:

@@ -104,15 +104,20 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
   loaded = common.load_model(workdir, model, checkpoint)
   model_cfg, mean_shape = loaded.model_config, loaded.mean_shape
   info = common.model_provenance(loaded)    # with checkpoint_chosen_on for 'best'
-  capacities = None
+  capacities = own = escalate = None
   if budget_mmacs is not None:       # another schedule of the weights may serve it better
     other = schedules.for_budget_mmacs(loaded, budget_mmacs)
     if other is not None:
-      loaded, budget, budget_mmacs = other[0], other[1], None
+      own, (loaded, choice) = loaded, other
+      budget, budget_mmacs, escalate = choice.iterations, None, choice.escalate
       model_cfg = loaded.model_config
       info["schedule"] = list(model_cfg.patches_per_stage)
       print(f"--budget_mmacs: the schedule {model_cfg.patches_per_stage} serves it "
-            f"({'its full cascade' if budget is None else f'{budget:.3f} mean iterations'})")
+            f"({'its full cascade' if budget is None else f'{budget:.3f} mean iterations'})"
+            + ("" if escalate is None else f", escalating the faces whose estimated error "
+               f"is >= {escalate:.4f} to the model's own full cascade"))
+      if escalate is not None:
+        info["escalate"] = escalate
   params, mesh = eval_lib.on_devices(loaded)   # after the choice: a schedule may have own stages
   if budget is not None or budget_mmacs is not None:
     try:
@@ -149,7 +154,17 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
     per_face = eval_lib.run_split(params, data_cfg, split, model_cfg, scheme, mean_shape,
                                   mesh, ts_v, t_fail_v, quit_params=loaded.quit_head,
                                   capacities=capacities)
+    if escalate is not None:
+      again = eval_lib.run_split(eval_lib.on_devices(own)[0], data_cfg, split, own.model_config,
+                                 scheme, mean_shape, mesh, quit_params=own.quit_head)
+      per_face, up = eval_lib.escalate(per_face, again, escalate)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
+    if escalate is not None:
+      summary["escalated_fraction"] = float(up.mean())
+      summary["mmacs_escalation"] = (cost.cascade_macs(model_cfg)
+                                     + up.mean() * cost.cascade_macs(own.model_config)) / 1e6
+      print(f"  escalated {int(up.sum())} of {up.size} faces: "
+            f"{summary['mmacs_escalation']:.1f} MMACs per face")
     if early:
       summary["mmacs_early_exit"] = cost.mean_macs(model_cfg, per_face["iterations"]) / 1e6
     result["splits"][split] = summary

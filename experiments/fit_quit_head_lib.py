@@ -20,6 +20,7 @@ from experiments import early_exit_policies as eep
 from experiments import estimate_calibration
 from experiments import quit_head_fit
 from musica_jax import cascade
+from musica_jax import cost
 from musica_jax import metrics
 from musica_jax import quit_head
 from musica_jax import schedules
@@ -213,6 +214,11 @@ def _install(best: str, fitted: dict, sets: dict, result: dict, path, num_stages
     prof["nme_profile"] = profile(scores_of(best, held, fitted), num_stages,
                                   nme=held["nme"])["nme_profile"]
     faces += f"; nme_profile: the {held['nme'].shape[1]} faces of the val split"
+  if "escalation" in sets:
+    prof["escalation"] = sets["escalation"]
+    prof["escalation_columns"] = ["estimated error threshold", "fraction escalated",
+                                  "mean MMACs per face", "mean NME inter-ocular (fraction)"]
+    faces += " (and the escalation profile: the same faces)"
   if best == "E":
     head, info = None, {"design": "E", "kind": "estimated_error",
                         "score": "the network's estimated error E: quit when below Ts"}
@@ -235,7 +241,7 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
   if cfg.install_design and cfg.install_design not in ["E"] + [n for n, _ in DESIGNS]:
     raise app.UsageError(f"--install_design={cfg.install_design}: not one of E, "
                          f"{', '.join(n for n, _ in DESIGNS)}")
-  loaded = common.load_model(None, cfg.model)
+  loaded = own_loaded = common.load_model(None, cfg.model)
   own = loaded.model_config
   if cfg.stage_patches is not None:
     try:
@@ -252,6 +258,14 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
     print(f"held out: the {data_config.VAL_SPLIT} split (NME per mean iterations)", flush=True)
     sets["held_out"] = collect(input_pipeline.eval_iterator(data_cfg, data_config.VAL_SPLIT),
                                params, mcfg, scheme, init)
+    if schedules.suffix(own, mcfg):   # escalation from this schedule to the model's own
+      print("the model's own full cascade on the same faces (escalation profile)", flush=True)
+      own_held = collect(input_pipeline.eval_iterator(data_cfg, data_config.VAL_SPLIT),
+                         jax.tree.map(jnp.asarray, own_loaded.params), own, scheme, init)
+      held = sets["held_out"]
+      sets["escalation"] = schedules.escalation_profile(
+          held["E"][-1], held["nme"][-1], own_held["nme"][-1], cost.cascade_macs(mcfg) / 1e6,
+          cost.cascade_macs(own) / 1e6)
   result = {"command": command, "model": str(path), "budget": {
       "fit_faces": int(sets["fit"]["nme"].shape[1]),
       "val_faces": int(sets["val"]["nme"].shape[1]), "head_steps": cfg.head_steps,

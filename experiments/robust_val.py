@@ -72,7 +72,10 @@ def define_flags() -> None:
   define_condition_flags("Faces to build the conditions from (a validation split).")
   d = common.define_flag
   d("bool", "per_iteration", True, "Also NME and E after every iteration (a second pass "
-    "through the cascade).")
+    "through the model's own full cascade; off with --budget_mmacs).")
+  d("float", "budget_mmacs", None, "Run Predictor.predict(budget_mmacs=X): the schedule "
+    "that serves X MMACs per face on val, with its escalation; reports MMACs per face per "
+    "condition.")
   d("string", "output_json", None, "Where to write the JSON (required unless --from_json).")
   d("string", "output_md", None, "Also write the report (markdown).")
   d("string", "ced_png", None, "CED plot, one curve per condition.")
@@ -81,10 +84,13 @@ def define_flags() -> None:
 
 def config_from_flags() -> robust_val_lib.RobustValConfig:
   check_condition_flags()
+  common.finite_flag("budget_mmacs", FLAGS.budget_mmacs, positive=True)
   return robust_val_lib.RobustValConfig(
       output_json=FLAGS.output_json, model=FLAGS.model, split=FLAGS.split,
       conditions=tuple(FLAGS.conditions), max_faces=FLAGS.max_faces,
-      yaw_fraction=FLAGS.yaw_fraction, per_iteration=FLAGS.per_iteration,
+      yaw_fraction=FLAGS.yaw_fraction,
+      per_iteration=FLAGS.per_iteration and FLAGS.budget_mmacs is None,
+      budget_mmacs=FLAGS.budget_mmacs,
       ced_png=FLAGS.ced_png, quality_fail_nme=FLAGS.quality_fail_nme,
       min_flagged=FLAGS.min_flagged, max_false_alarms=FLAGS.max_false_alarms)
 

@@ -35,6 +35,7 @@ from data_pipelines import robust_val
 from experiments import common
 from experiments import estimate_calibration
 from musica_jax import cascade
+from musica_jax import cost
 from musica_jax import face_frame
 from musica_jax import images as images_lib
 from musica_jax import losses
@@ -60,6 +61,7 @@ class RobustValConfig:
   min_flagged: float = 0.5
   max_false_alarms: float = 0.02
   batch_size: int = 64
+  budget_mmacs: float | None = None  # predict(budget_mmacs=): the schedule (and escalation)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ def _estimate_stats(e, nme, target) -> dict:
 
 def score_condition(pred, faces, scheme, cfg: RobustValConfig) -> dict:
   """One condition's per-face arrays: NMEs, E, and per-iteration NME/E (optional)."""
-  p = pred.predict([f.image for f in faces], [f.box for f in faces], t_fail=np.inf)
+  p = pred.predict([f.image for f in faces], [f.box for f in faces], t_fail=np.inf,
+                   budget_mmacs=cfg.budget_mmacs)
   gt = np.stack([f.landmarks for f in faces])
   scale, offset = face_frame.crop_frames(np.stack([f.box for f in faces]))
   gt_crop = gt * scale[:, None, None] + offset[:, None, :]
@@ -294,10 +297,24 @@ def score_condition(pred, faces, scheme, cfg: RobustValConfig) -> dict:
          "target": target.astype(np.float64),
          "roll_deg": np.degrees(np.arctan2(d[:, 1], d[:, 0])).astype(np.float64),
          "file_ids": [f.file_id for f in faces]}
+  if cfg.budget_mmacs is not None:
+    out["mmacs"] = _mmacs_per_face(pred, cfg.budget_mmacs, p.iterations)
+    out["iterations"] = np.asarray(p.iterations)
   if cfg.per_iteration:
     out["nme_per_iteration"], out["estimated_per_iteration"] = _per_iteration(
         pred, faces, scheme, cfg.batch_size)
   return out
+
+
+def _mmacs_per_face(pred, budget_mmacs: float, iterations) -> np.ndarray:
+  """Multiply-adds per face (millions) of `pred.predict(budget_mmacs=...)`: the chosen
+  schedule's iterations, plus the model's own full cascade for a face that escalated
+  (more iterations than the cascade has)."""
+  sub, _, _ = pred.for_budget_mmacs(budget_mmacs)
+  s = sub.model_config.num_stages
+  it = np.asarray(iterations)
+  cum = np.concatenate([[0.0], np.cumsum(cost.iteration_macs(sub.model_config))]) / 1e6
+  return cum[np.minimum(it, s)] + np.where(it > s, cost.cascade_macs(pred.model_config) / 1e6, 0)
 
 
 def summarise_condition(s: dict) -> dict:
@@ -312,6 +329,9 @@ def summarise_condition(s: dict) -> dict:
     row["mean_estimated_per_iteration"] = [float(x.mean()) for x in s["estimated_per_iteration"]]
     row["failed_010_per_iteration"] = [int((~(x <= 0.10)).sum()) for x in s["nme_per_iteration"]]
   row["estimated_error"] = _estimate_stats(s["estimated"], io_, s["target"])
+  if "mmacs" in s:
+    row["mmacs_per_face"] = float(np.mean(s["mmacs"]))
+    row["mean_iterations"] = float(np.mean(s["iterations"]))
   return row
 
 
@@ -438,6 +458,12 @@ def run(cfg: RobustValConfig, data_cfg, command: str = "") -> dict:
   t0 = time.time()
   loaded = common.load_model(None, cfg.model)
   pred = predictor_lib.Predictor.from_loaded(loaded, max_batch=cfg.batch_size)
+  if cfg.budget_mmacs is not None:
+    try:
+      pred.for_budget_mmacs(cfg.budget_mmacs)
+      pred.budget_iterations(budget_mmacs=cfg.budget_mmacs)   # in range for the model's own
+    except ValueError as e:
+      raise app.UsageError(f"--budget_mmacs: {e}") from None
   scheme = schemes.get_scheme(pred.model_config.num_landmarks)
   faces = _load_faces(data_cfg, cfg.split, cfg.max_faces)
   print(f"{cfg.split}: {len(faces)} faces; {len(cfg.conditions)} conditions", flush=True)
@@ -573,8 +599,10 @@ def markdown_report(res: dict) -> str:
   """The per-condition table, the quality-score tables and the analysis."""
   rows, q, tr = res["conditions"], res["quality_score"], res["transforms"]
   per_it = any("nme_interocular_per_iteration" in r for r in rows.values())
+  budget = any("mmacs_per_face" in r for r in rows.values())
   head = ("| condition | faces | NME io % (vs clean) | NME ip % | FR@0.08 | FR@0.10 | AUC@0.10 "
           + ("| NME io per iteration " if per_it else "")
+          + ("| MMACs per face (mean iterations) " if budget else "")
           + "| median E | median true | Spearman(E, NME) |")
   lines = [f"# Robust-val: {res.get('model_name') or res.get('model_path')} on {res['split']} "
            f"({res['faces']} faces)", "", f"Command: `{res['command']}`", "",
@@ -598,6 +626,7 @@ def markdown_report(res: dict) -> str:
         f"{r['auc_010']:.3f} | "
         + (" / ".join(f"{x:.2f}" for x in r.get("nme_interocular_per_iteration", [])) + " | "
            if per_it else "")
+        + (f"{r['mmacs_per_face']:.1f} ({r['mean_iterations']:.2f}) | " if budget else "")
         + f"{e['median']:.3f} | {e['median_true_nme']:.3f} | {e['spearman']:.2f} |")
   lines += ["", f"CED: `{res.get('ced_png')}`", "", "## Quality score",
             f"Target: in every condition at least {q['min_flagged']:.0%} of the faces above "

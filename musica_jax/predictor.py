@@ -46,7 +46,8 @@ class Prediction:
   """Per face (faces of all images, in input order; F of them)."""
   landmarks: np.ndarray        # float32 [F, N, 2] image pixels (0-based, pixel centres)
   estimated_error: np.ndarray  # float32 [F] the model's estimate of its inter-ocular NME
-  iterations: np.ndarray       # int32 [F] iterations used (early exit with ts)
+  iterations: np.ndarray       # int32 [F] iterations used (early exit with ts; a face that
+  #                              escalated (budget_mmacs): both cascades' iterations)
   valid: np.ndarray            # bool [F] estimated_error < t_fail
   image_index: np.ndarray      # int32 [F] which input image
   boxes: np.ndarray            # float64 [F, 4] the input boxes
@@ -189,27 +190,29 @@ class Predictor:
              budget_mmacs: float | None = None) -> PredictorStream:
     """A sequence of calls (video frames, a folder face by face) that keeps `budget` (mean
     iterations, or MMACs, per face) over all the faces it sees (`PredictorStream`)."""
-    p, it = self.for_budget_mmacs(budget_mmacs)
+    p, it, _ = self.for_budget_mmacs(budget_mmacs, escalate=False)
     if p is not self:
       return PredictorStream(p, it)
     return PredictorStream(self, self.budget_iterations(budget, budget_mmacs))
 
-  def for_budget_mmacs(self, budget_mmacs: float | None) -> tuple[Predictor, float | None]:
+  def for_budget_mmacs(self, budget_mmacs: float | None, escalate: bool = True
+                       ) -> tuple[Predictor, float | None, float | None]:
     """(the predictor of the schedule that serves `budget_mmacs` best on validation, mean
-    iterations for it or None: its full cascade); (self, None) when the model has one
-    schedule or the budget is none (`musica_jax.schedules.choose`)."""
+    iterations for it or None: its full cascade, the escalation threshold or None: see
+    `predict`); (self, None, None) when the model has one schedule or the budget is none
+    (`musica_jax.schedules.choose`; `escalate=False`: without escalation points)."""
     if budget_mmacs is None or not self._schedules:
-      return self, None
-    i, it = schedules.choose([(self.model_config, self.quit_info)] + self._schedules,
-                             budget_mmacs)
+      return self, None, None
+    i, it, esc = schedules.choose([(self.model_config, self.quit_info)] + self._schedules,
+                                  budget_mmacs, escalate)
     if i == 0:
-      return self, None
+      return self, None, None
     if i - 1 not in self._schedule_predictors:
       chosen = schedules.with_schedule(self._loaded, self._schedules[i - 1][0].stage_patches)
       sub = Predictor.from_loaded(chosen, **self._schedule_kwargs)
       sub._schedules = []            # noqa: SLF001  (one level: the model's own decides)
       self._schedule_predictors[i - 1] = sub
-    return self._schedule_predictors[i - 1], it
+    return self._schedule_predictors[i - 1], it, esc
 
   @staticmethod
   def _thresholds(ts: float, t_fail: float) -> None:
@@ -314,16 +317,42 @@ class Predictor:
       (one face alone: the validation faces' threshold; keep a budget over a sequence of
       calls with `stream`). A model with cheaper schedules of its weights (quitting
       policies quit_head@...: `musica_jax.schedules`) runs, for budget_mmacs, the schedule
-      most accurate at that cost on validation (its whole cascade when it costs less).
+      most accurate at that cost on validation (its whole cascade when it costs less),
+      possibly escalating: the faces whose estimated error after the cheap cascade is
+      high run this model's full cascade too (the budget is then the mean over faces like
+      the validation ones; harder faces escalate more often and cost more). Not in a
+      `stream`, which keeps its budget exactly.
     t_fail: valid = final estimated error < t_fail; None: the model's `default_t_fail`
       (chosen on validation data, see experiments.choose_t_fail; inf when it has none).
     Both dials skip the computation of the faces that quit (they save time).
     """
-    p, it = self.for_budget_mmacs(budget_mmacs)
+    p, it, esc = self.for_budget_mmacs(budget_mmacs)
     if p is not self:          # another schedule of the same weights serves this budget
-      return p._predict(images, boxes, ts, t_fail, it, None)  # noqa: SLF001
+      out = p._predict(images, boxes, ts, t_fail, it, None)  # noqa: SLF001
+      return out if esc is None else self._escalate(out, images, ts, t_fail, esc)
     return self._predict(images, boxes, ts, t_fail, self.budget_iterations(budget, budget_mmacs),
                          None)
+
+  def _escalate(self, out: Prediction, images, ts, t_fail, t: float) -> Prediction:
+    """`out` (a cheaper schedule's) with the faces whose estimated error is >= t (or not
+    finite) run again through this model's own full cascade: their landmarks, estimate
+    and validity from it, their iterations those of both cascades."""
+    idx = np.flatnonzero(~(out.estimated_error < t))
+    if idx.size == 0:
+      return out
+    photos, _ = images_lib.photo_list(images)
+    again = self._predict([photos[out.image_index[j]] for j in idx],
+                          [[out.boxes[j]] for j in idx], ts, t_fail, None, None)
+
+    def put(field, value):
+      a = np.array(getattr(out, field))
+      a[idx] = value
+      return a
+    return dataclasses.replace(
+        out, landmarks=put("landmarks", again.landmarks),
+        estimated_error=put("estimated_error", again.estimated_error),
+        valid=put("valid", again.valid), crop_landmarks=put("crop_landmarks", again.crop_landmarks),
+        iterations=put("iterations", out.iterations[idx] + again.iterations))
 
   def _predict(self, images, boxes, ts, t_fail, budget, stream) -> Prediction:
     t_fail = self.default_t_fail if t_fail is None else t_fail

@@ -17,12 +17,22 @@ A budget in MMACs then picks the schedule: `choose` compares, on the held-out va
 schedule's dial at that budget (its full cascade when that costs less) and takes the
 lowest NME. `Predictor.predict(budget_mmacs=...)` does this, so one dial spans from the
 cheap schedule's first iteration to the full schedule's whole cascade.
+
+Escalation: a cheap schedule is weakest where a face starts far off (large rotations, loose
+boxes), and its own estimated error says so. Its policy may carry an "escalation" profile
+(`escalation_profile`, measured on the val faces by `fit_quit_head --install`): per
+threshold t, the faces whose estimated error after the cheap cascade is >= t run the model's
+own full cascade as well, at the mean MMACs and NME listed. `choose` compares those points
+too: a budget between the cheap cascade and the full one may then run the cheap cascade
+for every face and the full one for its worst few. The budget is the mean over faces like
+the val faces; harder faces escalate more often and spend more (at most both cascades).
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import pathlib
+from typing import NamedTuple
 
 import jax
 import ml_dtypes
@@ -193,50 +203,92 @@ def _with_own_stages(m: model_io.LoadedModel, name: str):
   return jax.tree_util.tree_map_with_path(put, m.params)
 
 
-def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float) -> tuple[float, float | None]:
-  """(validation NME of this schedule's dial at budget_mmacs, mean iterations to ask for;
-  None: its full cascade, which costs no more). inf when the budget is below one
+class Choice(NamedTuple):
+  """What serves a budget (`choose`): the schedule (index into the candidates), the mean
+  iterations of its dial (None: its whole cascade) and the escalation threshold (None:
+  none; else the faces whose estimated error after that cascade is >= it run the model's
+  own full cascade too)."""
+  index: int
+  iterations: float | None = None
+  escalate: float | None = None
+
+
+def escalation_profile(estimated, nme_schedule, nme_own, schedule_mmacs: float,
+                       own_mmacs: float, points: int = 41) -> list[list[float]]:
+  """Rows [t, fraction escalated, mean MMACs per face, mean NME], by MMACs, of the rule
+  "after the schedule's whole cascade, a face whose estimated error is >= t also runs the
+  model's own full cascade (whose result it keeps)", on faces with the schedule's final
+  estimated errors `estimated` [F], the two cascades' NMEs `nme_schedule`, `nme_own` [F]:
+  t at `points` quantiles of the estimates, and t = inf (no face escalates). A non-finite
+  estimate always escalates (as `Predictor.predict` does)."""
+  e = np.asarray(estimated, np.float64)
+  a, b = np.asarray(nme_schedule, np.float64), np.asarray(nme_own, np.float64)
+  if not e.shape == a.shape == b.shape or e.ndim != 1 or e.size == 0:
+    raise ValueError(f"escalation_profile needs equal-length 1-D arrays, got {e.shape}, "
+                     f"{a.shape}, {b.shape}")
+  finite = e[np.isfinite(e)]
+  ts = np.unique(np.quantile(finite, np.linspace(0, 1, points))) if finite.size else []
+  rows = []
+  for t in list(ts) + [np.inf]:
+    up = ~(e < t)
+    rows.append([float(t), float(up.mean()), float(schedule_mmacs + up.mean() * own_mmacs),
+                 float(np.where(up, b, a).mean())])
+  return sorted(rows, key=lambda r: (r[2], -r[0]))
+
+
+def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float,
+            escalate: bool = True) -> tuple[float, Choice]:
+  """(validation NME of this schedule's dial at budget_mmacs, the choice that gets it:
+  mean iterations (None: its full cascade, which costs no more) and, with `escalate` and
+  the policy's "escalation" rows, the threshold of the escalation point of lowest NME
+  within the budget when it beats the cascade alone). inf when the budget is below one
   iteration or the policy has no NME profile."""
   prof = info.get("nme_profile") if info else None
   if not prof:
-    return np.inf, None
+    return np.inf, Choice(0)
   rows = np.asarray(prof, np.float64)
   rows = rows[np.argsort(rows[:, 0])]
   full = cost.cascade_macs(config) / 1e6
   if budget_mmacs >= full - 1e-9:
-    return float(rows[-1, 1]), None
+    best = (float(rows[-1, 1]), Choice(0))
+    for t, _, mmacs, nme in (info.get("escalation") or []) if escalate else []:
+      if t is None or not np.isfinite(t):      # the no-escalation row (inf: JSON null)
+        continue
+      if mmacs <= budget_mmacs + 1e-9 and nme < best[0] - 1e-12:
+        best = (float(nme), Choice(0, None, float(t)))
+    return best
   if budget_mmacs < cost.cascade_macs(config, 1) / 1e6:
-    return np.inf, None
+    return np.inf, Choice(0)
   it = budget_lib.mmacs_to_iterations(config, info, budget_mmacs)
-  return float(np.interp(it, rows[:, 0], rows[:, 1])), it
+  return float(np.interp(it, rows[:, 0], rows[:, 1])), Choice(0, it)
 
 
-def choose(candidates: list[tuple[ModelConfig, dict | None]], budget_mmacs: float
-           ) -> tuple[int, float | None]:
-  """(index of the schedule to run, mean iterations for its dial or None for its full
-  cascade) for a budget of `budget_mmacs` MMACs per face: the lowest validation NME
-  among candidates (config, quitting info); the first (the model's own) on ties and when
-  it has no NME profile (nothing to compare the others with: a policy fitted before
-  profiles were kept would otherwise lose to any schedule that has one, at every budget)."""
+def choose(candidates: list[tuple[ModelConfig, dict | None]], budget_mmacs: float,
+           escalate: bool = True) -> Choice:
+  """What serves a budget of `budget_mmacs` MMACs per face (`Choice`): the lowest
+  validation NME among candidates (config, quitting info), each at its dial, its whole
+  cascade, or (with `escalate`, for a schedule other than the first) its whole cascade
+  with escalation to the first's; the first (the model's own) on ties and when it has no
+  NME profile (nothing to compare the others with: a policy fitted before profiles were
+  kept would otherwise lose to any schedule that has one, at every budget)."""
   if not (candidates[0][1] or {}).get("nme_profile"):
-    return 0, None
-  best, best_nme, best_it = 0, np.inf, None
+    return Choice(0)
+  best, best_nme = Choice(0), np.inf
   for i, (cfg, info) in enumerate(candidates):
-    nme, it = _nme_at(cfg, info, budget_mmacs)
+    nme, c = _nme_at(cfg, info, budget_mmacs, escalate and i > 0)
     if nme < best_nme - 1e-12:
-      best, best_nme, best_it = i, nme, it
-  if not np.isfinite(best_nme):
-    return 0, None
-  return best, best_it
+      best, best_nme = c._replace(index=i), nme
+  return best if np.isfinite(best_nme) else Choice(0)
 
 
-def for_budget_mmacs(m: model_io.LoadedModel, budget_mmacs: float
-                     ) -> tuple[model_io.LoadedModel, float | None] | None:
-  """The loaded model's schedule that serves `budget_mmacs` best on validation (`choose`)
-  and the mean iterations for its dial (None: its full cascade); None when that is the
-  model's own schedule (or it has no other)."""
+def for_budget_mmacs(m: model_io.LoadedModel, budget_mmacs: float, escalate: bool = True
+                     ) -> tuple[model_io.LoadedModel, Choice] | None:
+  """The loaded model's schedule that serves `budget_mmacs` best on validation and how
+  (`choose`: the mean iterations of its dial, or None for its full cascade; the
+  escalation threshold or None); None when that is the model's own schedule (or it has
+  no other)."""
   others = policies(m)
   if not others:
     return None
-  i, it = choose([(m.model_config, m.quit_info)] + others, budget_mmacs)
-  return None if i == 0 else (with_schedule(m, others[i - 1][0].stage_patches), it)
+  c = choose([(m.model_config, m.quit_info)] + others, budget_mmacs, escalate)
+  return None if c.index == 0 else (with_schedule(m, others[c.index - 1][0].stage_patches), c)

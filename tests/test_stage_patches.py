@@ -202,20 +202,20 @@ def test_choose_takes_the_schedule_of_lowest_validation_nme_at_the_budget():
   m_full, m_cheap = cost.cascade_macs(full) / 1e6, cost.cascade_macs(cheap) / 1e6
   # At the cheap schedule's whole cascade: the full one's dial would have ~1.8 iterations
   # (NME ~0.044), the cheap cascade gives 0.039.
-  assert schedules.choose(cands, m_cheap) == (1, None)
-  i, it = schedules.choose(cands, 0.5 * (cost.cascade_macs(cheap, 1) + cost.cascade_macs(
+  assert schedules.choose(cands, m_cheap) == (1, None, None)
+  i, it, _ = schedules.choose(cands, 0.5 * (cost.cascade_macs(cheap, 1) + cost.cascade_macs(
       cheap, 2)) / 1e6)
   assert i == 1 and it == pytest.approx(1.5)
-  assert schedules.choose(cands, m_full) == (0, None)          # the most accurate
+  assert schedules.choose(cands, m_full) == (0, None, None)          # the most accurate
   # Below one iteration of the full schedule only the cheap one can serve.
   assert schedules.choose(cands, cost.cascade_macs(cheap, 1) / 1e6)[0] == 1
   # Without NME profiles: the model's own schedule.
-  assert schedules.choose([(full, None), (cheap, {})], m_cheap) == (0, None)
+  assert schedules.choose([(full, None), (cheap, {})], m_cheap) == (0, None, None)
   # The own policy without one (fitted before profiles were kept) is not compared with a
   # schedule that has one: it would lose at every budget, its full cascade included.
   no_profile = {k: v for k, v in cands[0][1].items() if k != "nme_profile"}
-  assert schedules.choose([(full, no_profile), cands[1]], m_full) == (0, None)
-  assert schedules.choose([(full, no_profile), cands[1]], m_cheap) == (0, None)
+  assert schedules.choose([(full, no_profile), cands[1]], m_full) == (0, None, None)
+  assert schedules.choose([(full, no_profile), cands[1]], m_cheap) == (0, None, None)
 
 
 def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
@@ -234,8 +234,8 @@ def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
   image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
   boxes = [[20, 20, 70, 70], [25, 15, 75, 68]]
   m_cheap = cost.cascade_macs(cheap) / 1e6
-  sub, it = p.for_budget_mmacs(m_cheap)
-  assert sub.model_config.stage_patches == (2, 4, 6) and it is None
+  sub, it, esc = p.for_budget_mmacs(m_cheap)
+  assert sub.model_config.stage_patches == (2, 4, 6) and it is None and esc is None
   assert sub.quit_info["nme_profile"][-1][1] == 0.039
   got = p.predict(image, boxes, budget_mmacs=m_cheap)
   ref = predictor_lib.Predictor(params, cheap, mean, max_batch=4).predict(image, boxes)
@@ -246,8 +246,8 @@ def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
                              .landmarks, plain.landmarks, atol=1e-4)
   assert p.stream(budget_mmacs=m_cheap).predictor is sub
   # evaluate --budget_mmacs makes the same choice on the loaded model.
-  loaded, it = schedules.for_budget_mmacs(model_io.load_model(d), m_cheap)
-  assert loaded.model_config.stage_patches == (2, 4, 6) and it is None
+  loaded, c = schedules.for_budget_mmacs(model_io.load_model(d), m_cheap)
+  assert loaded.model_config.stage_patches == (2, 4, 6) and c.iterations is None
   assert loaded.quit_info["nme_profile"][-1][1] == 0.039
   assert schedules.for_budget_mmacs(model_io.load_model(d), cost.cascade_macs(cfg) / 1e6) is None
   # A schedule that does not fit the model: one line naming the model.
@@ -332,10 +332,12 @@ def test_an_installed_policy_compares_schedules_on_the_held_out_val_faces(tmp_pa
     nme = np.stack([np.full(faces, start), np.full(faces, start / 2), np.full(faces, 0.03)])
     return {"E": nme + rng.uniform(0, 1e-3, nme.shape), "nme": nme,
             "feats": np.zeros((3, faces, 4))}
-  sets = {"val": data(40, 0.20), "held_out": data(10, 0.08)}
+  sets = {"val": data(40, 0.20), "held_out": data(10, 0.08),
+          "escalation": [[None, 0.0, 22.8, 0.03], [0.05, 0.1, 26.6, 0.029]]}
   fit_quit_head_lib._install("E", {}, sets, {"budget": {}, "command": "test"},  # noqa: SLF001
                              tmp_path, 3)
   _, info = quit_head.load(tmp_path, 3, 8)
+  assert info["escalation"] == sets["escalation"] and len(info["escalation_columns"]) == 4
   held, stream = np.asarray(info["nme_profile"]), np.asarray(info["nme_profile_stream"])
   assert held[:, 1].max() == pytest.approx(0.08) and stream[:, 1].max() == pytest.approx(0.20)
   assert held[np.argmax(held[:, 0]), 1] == pytest.approx(0.03)
