@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 
+from absl import app
 from absl import flags
 
 from experiments import common
@@ -45,7 +46,9 @@ def define_flags():
   d("integer", "latency_faces", 100, "Faces timed in the latency section.")
   d("integer", "latency_rounds", 3, "Rounds of the latency section (fastest kept).")
   d("list", "latency_ts", [], "Early-exit thresholds Ts timed at batch 1.")
-  d("list", "latency_budgets", ["2.75", "2.5"], "Budgets (mean iterations) timed at batch 1.")
+  d("list", "latency_budgets", ["2.75", "2.5"], "Budgets timed at batch 1: mean iterations "
+    "(2.5, through a stream) or MMACs per face (27.7mmacs, each face through predict: the "
+    "schedule that serves it, with escalation).")
   d("string", "dlib_box_fit_json", "results/dlib_300w_common.json", "The landmark -> dlib "
     "box fit (experiments.compare_dlib's output).")
   d("integer", "video_frames", 60, "Frames of the synthetic sequence.")
@@ -53,13 +56,20 @@ def define_flags():
   d("string", "compilation_cache", "", "Persistent XLA cache directory ('' = none).")
   d("integer", "predict_batch", 64, "Faces per predict call in the batch section.")
   d("integer", "batch_rounds", 5, "Rounds of the batch section (fastest kept).")
-  d("list", "batch_budgets", ["2.0"], "Budgets timed through predict in the batch section.")
+  d("list", "batch_budgets", ["2.0"], "Budgets timed through predict in the batch section "
+    "(mean iterations, or MMACs per face: 27.7mmacs).")
   d("string", "savedmodel", None, "Also time this SavedModel (export_model "
     "--format=savedmodel; DIR/saved_model) at batch 1 (imports TensorFlow).")
 
 
 def main(argv):
   common.start(argv)
+  for name in ("latency_budgets", "batch_budgets"):
+    for b in FLAGS[name].value:
+      try:
+        deploy_benchmark_lib.budget_kwargs(b)
+      except ValueError as e:
+        raise app.UsageError(f"--{name}: {e}") from None
   cfg = deploy_benchmark_lib.DeployConfig(
       data_dir=FLAGS.data_dir, split=FLAGS.eval_split or "common",
       sections=tuple(FLAGS.sections), model=FLAGS.model, max_faces=FLAGS.max_faces,

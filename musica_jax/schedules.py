@@ -24,8 +24,10 @@ boxes), and its own estimated error says so. Its policy may carry an "escalation
 threshold t, the faces whose estimated error after the cheap cascade is >= t run the model's
 own full cascade as well, at the mean MMACs and NME listed. `choose` compares those points
 too: a budget between the cheap cascade and the full one may then run the cheap cascade
-for every face and the full one for its worst few. The budget is the mean over faces like
-the val faces; harder faces escalate more often and spend more (at most both cascades).
+for every face and the full one for its worst few (the cheapest such point within
+ESCALATION_TOLERANCE of the lowest NME the budget affords: a cap, not a target). The budget
+is the mean over faces like the val faces; harder faces escalate more often and spend more
+(at most both cascades).
 """
 from __future__ import annotations
 
@@ -203,6 +205,14 @@ def _with_own_stages(m: model_io.LoadedModel, name: str):
   return jax.tree_util.tree_map_with_path(put, m.params)
 
 
+# A budget is a cap for escalation: the cheapest escalation point whose validation NME is
+# within this fraction of the lowest the budget affords. Past a few percent of the faces the
+# val curve is flat within its noise, and on a CPU each escalated face costs a second,
+# small-batch pass: spending the rest of the budget bought no accuracy and cost time
+# (32 MMACs ran slower than the full cascade, benchmarks/deploy_escalation_cpu_2core.json).
+ESCALATION_TOLERANCE = 0.01
+
+
 class Choice(NamedTuple):
   """What serves a budget (`choose`): the schedule (index into the candidates), the mean
   iterations of its dial (None: its whole cascade) and the escalation threshold (None:
@@ -250,13 +260,17 @@ def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float,
   rows = rows[np.argsort(rows[:, 0])]
   full = cost.cascade_macs(config) / 1e6
   if budget_mmacs >= full - 1e-9:
-    best = (float(rows[-1, 1]), Choice(0))
-    for t, _, mmacs, nme in (info.get("escalation") or []) if escalate else []:
-      if t is None or not np.isfinite(t):      # the no-escalation row (inf: JSON null)
-        continue
-      if mmacs <= budget_mmacs + 1e-9 and nme < best[0] - 1e-12:
-        best = (float(nme), Choice(0, None, float(t)))
-    return best
+    alone = float(rows[-1, 1])
+    # Escalation points within the budget (t None: the no-escalation row, inf in JSON).
+    ok = [r for r in ((info.get("escalation") or []) if escalate else [])
+          if r[0] is not None and np.isfinite(r[0]) and r[2] <= budget_mmacs + 1e-9]
+    if ok:
+      low = min(r[3] for r in ok)
+      t, _, _, nme = min((r for r in ok if r[3] <= low * (1 + ESCALATION_TOLERANCE)),
+                         key=lambda r: r[2])
+      if nme < alone - 1e-12:
+        return float(nme), Choice(0, None, float(t))
+    return alone, Choice(0)
   if budget_mmacs < cost.cascade_macs(config, 1) / 1e6:
     return np.inf, Choice(0)
   it = budget_lib.mmacs_to_iterations(config, info, budget_mmacs)

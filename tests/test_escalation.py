@@ -56,6 +56,12 @@ def test_choose_escalates_where_that_beats_every_dial():
   assert schedules.choose(cands, at, escalate=False) == (1, None, None)
   # With a quarter of the faces escalated affordable, the lowest NME within the budget wins.
   assert schedules.choose(cands, m_cheap + 0.3 * m_full) == (1, None, 0.03)
+  # A budget is a cap: a point within 1% of the lowest affordable NME that costs less wins.
+  low = dict(cands[1][1], escalation=cands[1][1]["escalation"] + [
+      [0.02, 0.4, m_cheap + 0.4 * m_full, 0.0364]])
+  nme, c = schedules._nme_at(cands[1][0], low, m_cheap + 0.4 * m_full)  # noqa: SLF001
+  assert schedules.ESCALATION_TOLERANCE == 0.01
+  assert (nme, c.escalate) == (0.0365, 0.03)
   # Above the own full cascade's cost it is the most accurate: no escalation.
   assert schedules.choose(cands, m_full + m_cheap) == (0, None, None)
   # The model's own schedule never escalates (to itself).
