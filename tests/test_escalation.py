@@ -9,11 +9,10 @@ import pytest
 from experiments import eval_lib
 from musica_jax import config as config_lib
 from musica_jax import cost
-from musica_jax import model_io
 from musica_jax import predictor as predictor_lib
 from musica_jax import quit_head
 from musica_jax import schedules
-from tests.test_stage_patches import CFG, _params, _policy
+from tests.test_stage_patches import _policy, tiny_model_dir
 
 
 def test_the_profile_prices_each_threshold():
@@ -70,12 +69,7 @@ def test_choose_escalates_where_that_beats_every_dial():
 
 
 def test_predict_escalates_exactly_the_faces_at_or_above_the_threshold(tmp_path):
-  cfg = dataclasses.replace(CFG, stage_patches=())
-  params = _params(cfg, scale=10.0)
-  mean = np.tile(np.linspace(20, 44, 10)[:, None], (1, 2)).astype(np.float32)
-  d = tmp_path / "m"
-  model_io.save_model(d, params, cfg, mean, {"name": "tiny"})
-  cheap = dataclasses.replace(cfg, stage_patches=(2, 4, 6))
+  d, cfg, params, mean, cheap = tiny_model_dir(tmp_path)
   rng = np.random.default_rng(3)
   images = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(2)]
   boxes = [[[20, 20, 70, 70], [25, 15, 75, 68], [10, 12, 80, 84]], [[18, 22, 66, 70]]]

@@ -218,13 +218,19 @@ def test_choose_takes_the_schedule_of_lowest_validation_nme_at_the_budget():
   assert schedules.choose([(full, no_profile), cands[1]], m_cheap) == (0, None, None)
 
 
-def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
+def tiny_model_dir(tmp_path):
+  """(directory of a saved tiny model reading every patch, its config, params, mean
+  shape, the config of its cheap schedule 2, 4, 6)."""
   cfg = dataclasses.replace(CFG, stage_patches=())
   params = _params(cfg, scale=10.0)
   mean = np.tile(np.linspace(20, 44, 10)[:, None], (1, 2)).astype(np.float32)
   d = tmp_path / "m"
   model_io.save_model(d, params, cfg, mean, {"name": "tiny"})
-  cheap = dataclasses.replace(cfg, stage_patches=(2, 4, 6))
+  return d, cfg, params, mean, dataclasses.replace(cfg, stage_patches=(2, 4, 6))
+
+
+def test_predict_with_budget_mmacs_runs_the_schedule_that_serves_it(tmp_path):
+  d, cfg, params, mean, cheap = tiny_model_dir(tmp_path)
   quit_head.save(d, None, _policy(cfg, 0.036, 0.046))
   quit_head.save(d, None, _policy(cheap, 0.039, 0.055), schedules.suffix(cfg, cheap))
   assert (d / "quit_head@2_4_6.json").is_file()
