@@ -250,9 +250,9 @@ def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float,
             escalate: bool = True) -> tuple[float, Choice]:
   """(validation NME of this schedule's dial at budget_mmacs, the choice that gets it:
   mean iterations (None: its full cascade, which costs no more) and, with `escalate` and
-  the policy's "escalation" rows, the threshold of the escalation point of lowest NME
-  within the budget when it beats the cascade alone). inf when the budget is below one
-  iteration or the policy has no NME profile."""
+  the policy's "escalation" rows, the threshold of the cheapest escalation point within
+  ESCALATION_TOLERANCE of the lowest NME the budget affords, when it beats the cascade
+  alone). inf when the budget is below one iteration or the policy has no NME profile."""
   prof = info.get("nme_profile") if info else None
   if not prof:
     return np.inf, Choice(0)
