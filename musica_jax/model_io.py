@@ -55,8 +55,8 @@ PARAMS_FILE = "params.npz"
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "default_model"
 # The models `load` accepts by name, each in musica_jax/<name>_model/: the default (the
-# fast one, whose dial and speed the docs measure) and MuSiCa68 (twice its multiply-adds,
-# more accurate; how it was built: results/recipe_10k_robust_val.md, last section).
+# fast one, whose dial and speed the docs measure; tracked) and MuSiCa68 (twice its
+# multiply-adds, more accurate; git-ignored and built locally: results/recipe_10k_robust_val.md).
 BUNDLED_MODELS = ("default", "musica68")
 
 

@@ -173,8 +173,7 @@ def test_no_default_model_message(tmp_path, monkeypatch):
     predictor_lib.Predictor.default("musica19")
 
 
-@pytest.mark.parametrize("name,patches", [
-    ("default", 34), pytest.param("musica68", 68, marks=pytest.mark.slow)])  # 68: ~20 s to compile
+@pytest.mark.parametrize("name,patches", [("default", 34), ("musica68", 68)])
 def test_shipped_models_on_real_test_faces(shared_data, name, patches):
   """Each shipped model localises real 300W common-set faces far better than its mean
   shape (the README's full-set numbers come from experiments.evaluate)."""
