@@ -119,6 +119,7 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
       if escalate is not None:
         info["escalate"] = escalate
   params, mesh = eval_lib.on_devices(loaded)   # after the choice: a schedule may have own stages
+  own_params = None if escalate is None else eval_lib.on_devices(own)[0]
   if budget is not None or budget_mmacs is not None:
     try:
       budget = budget_lib.budget_iterations(model_cfg, loaded.quit_info, budget, budget_mmacs)
@@ -155,14 +156,14 @@ def evaluate(workdir: str | None, output_json: str, splits: list[str], data_cfg,
                                   mesh, ts_v, t_fail_v, quit_params=loaded.quit_head,
                                   capacities=capacities)
     if escalate is not None:
-      again = eval_lib.run_split(eval_lib.on_devices(own)[0], data_cfg, split, own.model_config,
-                                 scheme, mean_shape, mesh, quit_params=own.quit_head)
+      again = eval_lib.run_split(own_params, data_cfg, split, own.model_config, scheme,
+                                 mean_shape, mesh, quit_params=own.quit_head)
       per_face, up = eval_lib.escalate(per_face, again, escalate)
     summary = eval_lib.summarise(per_face, with_early_exit=early)
     if escalate is not None:
       summary["escalated_fraction"] = float(up.mean())
-      summary["mmacs_escalation"] = (cost.cascade_macs(model_cfg)
-                                     + up.mean() * cost.cascade_macs(own.model_config)) / 1e6
+      summary["mmacs_escalation"] = float(schedules.escalated_mmacs(
+          model_cfg, own.model_config, per_face["iterations"]).mean())
       print(f"  escalated {int(up.sum())} of {up.size} faces: "
             f"{summary['mmacs_escalation']:.1f} MMACs per face")
     if early:

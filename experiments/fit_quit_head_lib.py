@@ -256,12 +256,12 @@ def run(cfg: QuitStudyConfig, data_cfg, command: str = "") -> dict:
   sets = _streams(cfg, data_cfg, params, mcfg, scheme, init)
   if cfg.install and data_cfg.val_fraction > 0:
     print(f"held out: the {data_config.VAL_SPLIT} split (NME per mean iterations)", flush=True)
-    sets["held_out"] = collect(input_pipeline.eval_iterator(data_cfg, data_config.VAL_SPLIT),
-                               params, mcfg, scheme, init)
+    val_batches = list(input_pipeline.eval_iterator(data_cfg, data_config.VAL_SPLIT))
+    sets["held_out"] = collect(val_batches, params, mcfg, scheme, init)
     if schedules.suffix(own, mcfg):   # escalation from this schedule to the model's own
       print("the model's own full cascade on the same faces (escalation profile)", flush=True)
-      own_held = collect(input_pipeline.eval_iterator(data_cfg, data_config.VAL_SPLIT),
-                         jax.tree.map(jnp.asarray, own_loaded.params), own, scheme, init)
+      own_held = collect(val_batches, jax.tree.map(jnp.asarray, own_loaded.params), own,
+                         scheme, init)
       held = sets["held_out"]
       sets["escalation"] = schedules.escalation_profile(
           held["E"][-1], held["nme"][-1], own_held["nme"][-1], cost.cascade_macs(mcfg) / 1e6,

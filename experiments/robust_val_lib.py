@@ -35,12 +35,12 @@ from data_pipelines import robust_val
 from experiments import common
 from experiments import estimate_calibration
 from musica_jax import cascade
-from musica_jax import cost
 from musica_jax import face_frame
 from musica_jax import images as images_lib
 from musica_jax import losses
 from musica_jax import metrics
 from musica_jax import predictor as predictor_lib
+from musica_jax import schedules
 from musica_jax import schemes
 
 TEST_SPLITS = ("test", "common", "challenging", "full")
@@ -311,10 +311,7 @@ def _mmacs_per_face(pred, budget_mmacs: float, iterations) -> np.ndarray:
   schedule's iterations, plus the model's own full cascade for a face that escalated
   (more iterations than the cascade has)."""
   sub, _, _ = pred.for_budget_mmacs(budget_mmacs)
-  s = sub.model_config.num_stages
-  it = np.asarray(iterations)
-  cum = np.concatenate([[0.0], np.cumsum(cost.iteration_macs(sub.model_config))]) / 1e6
-  return cum[np.minimum(it, s)] + np.where(it > s, cost.cascade_macs(pred.model_config) / 1e6, 0)
+  return schedules.escalated_mmacs(sub.model_config, pred.model_config, iterations)
 
 
 def summarise_condition(s: dict) -> dict:

@@ -246,6 +246,16 @@ def escalation_profile(estimated, nme_schedule, nme_own, schedule_mmacs: float,
   return sorted(rows, key=lambda r: (r[2], -r[0]))
 
 
+def escalated_mmacs(config: ModelConfig, own: ModelConfig, iterations) -> np.ndarray:
+  """Multiply-adds per face (millions) of faces that ran `iterations` of schedule `config`
+  and, where that is more than its cascade has (they escalated), the model's own full
+  cascade `own` too."""
+  it = np.asarray(iterations)
+  s = config.num_stages
+  cum = np.concatenate([[0.0], np.cumsum(cost.iteration_macs(config))]) / 1e6
+  return cum[np.minimum(it, s)] + np.where(it > s, cost.cascade_macs(own) / 1e6, 0.0)
+
+
 def _nme_at(config: ModelConfig, info: dict, budget_mmacs: float,
             escalate: bool = True) -> tuple[float, Choice]:
   """(validation NME of this schedule's dial at budget_mmacs, the choice that gets it:
